@@ -1,0 +1,150 @@
+"""One tier's slot pool: which block hash lives in which slot, and who uses it.
+
+State per slot is explicit: FREE, PENDING (a copy into it is in flight; the
+hash is reserved so nobody stores it twice, but lookups do not see it) or
+READY (visible to lookups). READY slots with refcount 0 sit in an LRU
+(``OrderedDict``: O(1) touch, O(1) evict). Nothing here is O(pool size) per
+call, so the scheduler can consult it every step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+
+class SlotState(Enum):
+    FREE = 0
+    PENDING = 1
+    READY = 2
+
+
+@dataclass
+class PoolStats:
+    stored: int = 0
+    evicted: int = 0
+    dropped: int = 0  # failed copies and bad slots
+
+
+class BlockPool:
+    """Registry hash→slot with refcounts and LRU eviction for one tier."""
+
+    def __init__(self, num_slots: int, name: str = "pool") -> None:
+        if num_slots <= 0:
+            raise ValueError(f"{name}: num_slots must be > 0, got {num_slots}")
+        self.name = name
+        self.num_slots = num_slots
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._slot_of: dict[int, int] = {}
+        self._hash_of: list[int | None] = [None] * num_slots
+        self._state: list[SlotState] = [SlotState.FREE] * num_slots
+        self._refs: list[int] = [0] * num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict()  # evictable slots, oldest first
+        self.stats = PoolStats()
+
+    # ---- lookups -------------------------------------------------------
+    def contains(self, block_hash: int) -> bool:
+        """True if the hash is stored or being stored (dedup check)."""
+        return block_hash in self._slot_of
+
+    def ready_slot(self, block_hash: int) -> int | None:
+        slot = self._slot_of.get(block_hash)
+        if slot is None or self._state[slot] is not SlotState.READY:
+            return None
+        return slot
+
+    def match_prefix(self, hashes: Sequence[int], start: int = 0) -> list[int]:
+        """Slots of the longest run of READY hashes beginning at ``hashes[start]``."""
+        slots: list[int] = []
+        for h in hashes[start:]:
+            slot = self.ready_slot(h)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
+    # ---- storing -------------------------------------------------------
+    def reserve(self, block_hash: int) -> int | None:
+        """Reserve a PENDING slot for ``block_hash``; None if stored already or full.
+
+        Evicts the least recently used unreferenced READY block when no slot
+        is free. A PENDING slot is invisible until :meth:`commit`.
+        """
+        if block_hash in self._slot_of:
+            return None
+        if self._free:
+            slot = self._free.pop()
+        elif self._lru:
+            slot, _ = self._lru.popitem(last=False)
+            del self._slot_of[self._hash_of[slot]]  # type: ignore[arg-type]
+            self.stats.evicted += 1
+        else:
+            return None
+        self._slot_of[block_hash] = slot
+        self._hash_of[slot] = block_hash
+        self._state[slot] = SlotState.PENDING
+        return slot
+
+    def commit(self, slot: int) -> None:
+        """The copy into ``slot`` completed: make it visible and evictable."""
+        if self._state[slot] is not SlotState.PENDING:
+            return
+        self._state[slot] = SlotState.READY
+        self.stats.stored += 1
+        if self._refs[slot] == 0:
+            self._lru[slot] = None
+
+    def drop(self, slot: int) -> None:
+        """Forget a slot's content (failed copy, corrupt data). Refs are kept
+        so a reader finishing later still releases cleanly."""
+        h = self._hash_of[slot]
+        if h is None:
+            return
+        if self._slot_of.get(h) == slot:
+            del self._slot_of[h]
+        self._hash_of[slot] = None
+        self._lru.pop(slot, None)
+        self.stats.dropped += 1
+        self._state[slot] = SlotState.FREE
+        if self._refs[slot] == 0:
+            self._free.append(slot)
+
+    # ---- readers -------------------------------------------------------
+    def acquire(self, slots: Iterable[int]) -> None:
+        """Pin slots for a reader (an onboard in flight) so they are not evicted."""
+        for slot in slots:
+            self._refs[slot] += 1
+            self._lru.pop(slot, None)
+
+    def release(self, slots: Iterable[int]) -> None:
+        for slot in slots:
+            self._refs[slot] -= 1
+            if self._refs[slot] > 0:
+                continue
+            if self._state[slot] is SlotState.READY:
+                self._lru[slot] = None  # most recently used
+            elif self._state[slot] is SlotState.FREE and self._hash_of[slot] is None:
+                self._free.append(slot)
+
+    def touch(self, slots: Iterable[int]) -> None:
+        """Mark slots most recently used (a lookup hit them)."""
+        for slot in slots:
+            if slot in self._lru:
+                self._lru.move_to_end(slot)
+
+    # ---- introspection -------------------------------------------------
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def refcount(self, slot: int) -> int:
+        return self._refs[slot]
+
+    def state(self, slot: int) -> SlotState:
+        return self._state[slot]
+
+    def lru_order(self) -> list[int]:
+        """Evictable slots, next victim first (for tests and debugging)."""
+        return list(self._lru)

@@ -1,0 +1,1 @@
+"""Where blocks live outside the GPU: the pinned host arena (G2)."""

@@ -1,0 +1,1 @@
+"""Moving blocks between tiers: layout description and copy engines."""

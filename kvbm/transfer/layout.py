@@ -1,0 +1,107 @@
+"""How one KV block is laid out in vLLM's per-layer cache tensors.
+
+vLLM hands ``register_kv_caches`` one tensor per layer whose shape depends on
+the attention backend: CPU ``[B, H, N, 2*D]``, FlashAttention ``[2, B, N, H, D]``,
+FlashInfer ``[B, 2, N, H, D]``, MLA ``[B, N, D]``. Instead of hard-coding
+those, we find the block dimension (the one whose extent is the engine's
+block count, or a multiple of it when kernel blocks are smaller than
+scheduler blocks) and view every layer as bytes ``[outer, num_blocks, inner]``.
+A block of a layer is then ``outer`` runs of ``inner`` bytes, one of which
+starts at ``base + o*outer_stride + block*block_stride``. The CPU copy engine
+and the CUDA kernels both work from this one description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+
+class LayoutError(ValueError):
+    """A KV cache tensor cannot be described as paged blocks."""
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    name: str
+    outer: int  # runs per block (2 for FlashAttention's separate K and V planes)
+    inner_bytes: int  # bytes per run
+    offset: int  # where this layer's bytes start inside a host block
+
+    @property
+    def block_bytes(self) -> int:
+        return self.outer * self.inner_bytes
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_blocks: int
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers of this worker (one host slot)."""
+        return sum(layer.block_bytes for layer in self.layers)
+
+    def describe(self) -> str:
+        first = self.layers[0]
+        return (
+            f"{len(self.layers)} layers x {first.outer} run(s) x {first.inner_bytes} B "
+            f"= {self.block_bytes} B per block, {self.num_blocks} GPU blocks"
+        )
+
+
+def find_block_dim(shape: tuple[int, ...], num_blocks: int) -> tuple[int, int]:
+    """Return (dim, kernel blocks per block). Prefers the leading dims, where
+    every known backend puts the block dimension."""
+    for dim, extent in enumerate(shape):
+        if extent == num_blocks:
+            return dim, 1
+    for dim, extent in enumerate(shape):
+        if num_blocks and extent % num_blocks == 0 and extent > num_blocks:
+            return dim, extent // num_blocks
+    raise LayoutError(
+        f"no dimension of a KV cache tensor of shape {tuple(shape)} has {num_blocks} "
+        "blocks; kvbm does not support this attention backend's layout"
+    )
+
+
+def as_block_view(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """View a layer's cache as uint8 ``[outer, num_blocks, inner_bytes]`` (no copy)."""
+    dim, per_block = find_block_dim(tuple(tensor.shape), num_blocks)
+    if not tensor.is_contiguous():
+        raise LayoutError(
+            f"KV cache tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} "
+            "is not contiguous; kvbm needs each layer's cache in one dense buffer"
+        )
+    outer = prod(tensor.shape[:dim])
+    inner = prod(tensor.shape[dim + 1 :]) * per_block * tensor.element_size()
+    flat = tensor.reshape(-1).view(torch.uint8)  # contiguous: a view, never a copy
+    return flat.view(outer, num_blocks, inner)
+
+
+def describe_kv_caches(
+    kv_caches: dict[str, torch.Tensor], num_blocks: int
+) -> tuple[KVLayout, list[torch.Tensor]]:
+    """Layout plus the per-layer byte views, in a stable (sorted) layer order."""
+    layers: list[LayerLayout] = []
+    views: list[torch.Tensor] = []
+    seen: set[int] = set()
+    offset = 0
+    for name in sorted(kv_caches):
+        tensor = kv_caches[name]
+        # Layers sharing one cache tensor (KV sharing) are stored once.
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        view = as_block_view(tensor, num_blocks)
+        outer, _, inner = view.shape
+        layers.append(LayerLayout(name=name, outer=outer, inner_bytes=inner, offset=offset))
+        views.append(view)
+        offset += outer * inner
+    if not layers:
+        raise LayoutError("vLLM registered no KV cache tensors")
+    return KVLayout(num_blocks=num_blocks, layers=tuple(layers)), views

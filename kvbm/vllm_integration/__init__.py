@@ -1,0 +1,1 @@
+"""Thin adapter from vLLM's KVConnectorBase_V1 to kvbm's leader and workers."""

@@ -1,0 +1,141 @@
+"""Scheduler-side half of the connector: vLLM's requests → the planner.
+
+Lives in vLLM's EngineCore process and runs every engine step, so it only
+does work proportional to the blocks that changed this step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kvbm.config import KvbmConfig
+from kvbm.core.hashing import engine_root, request_root
+from kvbm.core.planner import Planner
+from kvbm.core.pool import BlockPool
+from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
+from kvbm.vllm_integration.sizing import host_slots, model_identity
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_INTERVAL_S = 30.0
+
+
+class KvbmLeader:
+    def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError(
+                "kvbm supports models with one KV cache group (one attention type); "
+                f"this model has {len(kv_cache_config.kv_cache_groups)}. Remove the kvbm "
+                "kv-transfer-config for this model."
+            )
+        if config.has_disk_tier:
+            logger.warning("kvbm: DYN_KVBM_DISK_CACHE_* is set but this version has no disk tier; ignoring it")
+        self.config = config
+        self.block_size = vllm_config.cache_config.block_size
+        self.num_host_slots = host_slots(config, vllm_config, kv_cache_config)
+        self.planner = Planner(
+            BlockPool(self.num_host_slots, "G2"),
+            block_size=self.block_size,
+            world_size=vllm_config.parallel_config.world_size,
+        )
+        self._engine_root = engine_root(model_identity(vllm_config, kv_cache_config))
+        self._requests: dict[str, Request] = {}
+        self._last_summary = time.monotonic()
+        logger.info(
+            "kvbm leader: G2 %d blocks of %d tokens, %d worker(s)",
+            self.num_host_slots, self.block_size, vllm_config.parallel_config.world_size,
+        )
+
+    # ---- request lifecycle --------------------------------------------
+    def _track(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            return
+        self._requests[request.request_id] = request
+        root = None
+        if getattr(request, "prompt_embeds", None) is None:
+            lora = request.lora_request.lora_name if request.lora_request else None
+            mm_keys = [feature.identifier for feature in request.mm_features or ()]
+            root = request_root(self._engine_root, request.cache_salt, lora, mm_keys)
+        self.planner.add_request(request.request_id, root)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        self._track(request)
+        matched = self.planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
+        return matched, matched > 0
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self._track(request)
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        return self.planner.on_finished(request.request_id), None
+
+    # ---- per step -------------------------------------------------------
+    def build_connector_meta(self, so: SchedulerOutput) -> KvbmMetadata:
+        planner = self.planner
+        for req_id in so.preempted_req_ids or ():
+            planner.on_preempted(req_id)
+        for new in so.scheduled_new_reqs:
+            request = self._requests.get(new.req_id)
+            if request is None:
+                continue
+            planner.on_scheduled(
+                new.req_id, request.all_token_ids, new.block_ids[0], True,
+                new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0),
+            )
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            planner.on_scheduled(
+                req_id, request.all_token_ids, new_ids[0] if new_ids else None,
+                req_id in cached.resumed_req_ids,
+                cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0),
+            )
+        self._maybe_log_summary()
+        return KvbmMetadata(plan=planner.take_plan(), num_host_slots=self.num_host_slots)
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        meta = output.kv_connector_worker_meta
+        stored, failed_batches = {}, set()
+        if isinstance(meta, KvbmWorkerMetadata):
+            stored, failed_batches = meta.stored, meta.failed_batches
+        self.planner.on_worker_report(
+            stored=stored,
+            failed_batches=failed_batches,
+            finished_loads=output.finished_recving or (),
+            failed_loads=output.failed_recving or (),
+            released=output.finished_sending or (),
+        )
+
+    def has_pending_work(self) -> bool:
+        return self.planner.busy
+
+    def _maybe_log_summary(self) -> None:
+        now = time.monotonic()
+        if now - self._last_summary < SUMMARY_INTERVAL_S:
+            return
+        self._last_summary = now
+        s = self.planner.stats
+        hit = s.hit_blocks / s.lookup_blocks if s.lookup_blocks else 0.0
+        pool = self.planner.host
+        logger.info(
+            "kvbm: G2 hit rate %.1f%% (%d/%d blocks), onboarded %d, offloaded %d, "
+            "G2 used %d/%d, evicted %d",
+            100 * hit, s.hit_blocks, s.lookup_blocks, s.onboarded_blocks, s.offloaded_blocks,
+            pool.num_used, pool.num_slots, pool.stats.evicted,
+        )

@@ -1,0 +1,17 @@
+"""vLLM plugin hook: registers ``DynamoConnector`` by name.
+
+Installed as a ``vllm.general_plugins`` entry point, so
+``{"kv_connector":"DynamoConnector","kv_role":"kv_both"}`` works without
+``kv_connector_module_path``. vLLM calls this in every process it starts.
+"""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if "DynamoConnector" not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(
+            "DynamoConnector", "kvbm.vllm_integration.connector", "DynamoConnector"
+        )

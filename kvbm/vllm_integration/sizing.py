@@ -1,0 +1,44 @@
+"""Tier sizes derived from vLLM's KV cache config, identically on leader and workers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvbm.config import KvbmConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes one block takes across this rank's layers (what one G2 slot holds)."""
+    total = sum(tensor.size for tensor in kv_cache_config.kv_cache_tensors)
+    return max(1, total // max(1, kv_cache_config.num_blocks))
+
+
+def host_slots(config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
+    """G2 blocks. GB settings are totals over all ranks, each rank storing its shard."""
+    world = vllm_config.parallel_config.world_size
+    return config.host_blocks(bytes_per_block_per_rank(kv_cache_config) * world)
+
+
+def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+    """Everything that makes equal tokens produce different KV bytes."""
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    par = vllm_config.parallel_config
+    return "|".join(
+        str(part)
+        for part in (
+            model.model,
+            getattr(model, "revision", None),
+            model.dtype,
+            cache.cache_dtype,
+            cache.block_size,
+            par.tensor_parallel_size,
+            par.pipeline_parallel_size,
+            bytes_per_block_per_rank(kv_cache_config),
+            kv_cache_config.kv_cache_layout,
+        )
+    )
