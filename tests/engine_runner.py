@@ -1,0 +1,150 @@
+"""Run one real vLLM engine (in-process mode) through a list of phases; print JSON.
+
+Tests start this in a subprocess, once with kvbm and once without, so both
+sides of every comparison run in the same process mode with the same thread
+settings, and one engine serves a whole test module. Phases:
+
+* ``generate``: prompts (token ids), ``max_tokens``, optional ``salts``,
+  ``reset_prefix_cache`` before (drops vLLM's own G1 prefix cache).
+* ``abort``: submit prompts, step the engine ``steps`` times, abort the
+  ``abort`` indices, run the rest to completion.
+* ``corrupt_host``: overwrite kvbm's host arena with noise (negative control).
+
+After each phase it records kvbm's planner stats and leak checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kvbm.platform import prepare_cpu_process  # noqa: E402
+
+prepare_cpu_process()
+
+
+def _kvbm_state(llm) -> dict:
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    connector = scheduler.connector
+    if connector is None:
+        return {"preemptions": getattr(scheduler, "_kvbm_test_preemptions", 0)}
+    planner = connector._leader.planner
+    pool = planner.host
+    refs = sum(pool.refcount(s) for s in range(pool.num_slots))
+    return {
+        "stats": dict(vars(planner.stats)),
+        "pool_used": pool.num_used,
+        "pool_refs": refs,
+        "evicted": pool.stats.evicted,
+        "busy": planner.busy,
+        "tracked_requests": planner.num_tracked_requests(),
+        "vllm_requests": len(scheduler.requests),
+        "preemptions": getattr(scheduler, "_kvbm_test_preemptions", 0),
+    }
+
+
+def _count_preemptions(llm) -> None:
+    """Count vLLM's preemptions so tests can prove a scenario really preempted."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    original = scheduler._preempt_request
+    scheduler._kvbm_test_preemptions = 0
+
+    def counting(*args, **kwargs):
+        scheduler._kvbm_test_preemptions += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+
+
+def _generate(llm, phase: dict) -> dict:
+    from vllm import SamplingParams
+
+    if phase.get("reset_prefix_cache"):
+        llm.reset_prefix_cache()
+    sp = SamplingParams(temperature=0, max_tokens=phase.get("max_tokens", 16), ignore_eos=True)
+    salts = phase.get("salts") or [None] * len(phase["prompts"])
+    prompts = []
+    for ids, salt in zip(phase["prompts"], salts):
+        prompt = {"prompt_token_ids": ids}
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        prompts.append(prompt)
+    results = llm.generate(prompts, sp, use_tqdm=False)
+    outputs = [list(r.outputs[0].token_ids) for r in results]
+    cached = [r.num_cached_tokens or 0 for r in results]
+    return {"outputs": outputs, "cached": cached}
+
+
+def _abort(llm, phase: dict) -> dict:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=phase.get("max_tokens", 16), ignore_eos=True)
+    ids = [f"abort-{i}" for i in range(len(phase["prompts"]))]
+    for req_id, tokens in zip(ids, phase["prompts"]):
+        engine.add_request(req_id, {"prompt_token_ids": tokens}, sp)
+    finished: dict[str, list[int]] = {}
+    for _ in range(phase.get("steps", 1)):
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+    engine.abort_request([ids[i] for i in phase["abort"]])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+    # A few idle steps let in-flight copies report back.
+    for _ in range(3):
+        engine.step()
+    keep = [i for i in range(len(ids)) if i not in phase["abort"]]
+    return {"outputs": [finished.get(ids[i]) for i in keep]}
+
+
+def _corrupt_host(llm, phase: dict) -> dict:
+    import torch
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    if llm.llm_engine.engine_core.engine_core.scheduler.connector is None:
+        return {}  # the baseline has no host tier to corrupt
+    arena = get_kv_transfer_group()._worker.arena
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, arena.buffer.shape, dtype=torch.uint8, generator=generator)
+    arena.buffer.copy_(noise)
+    return {}
+
+
+PHASES = {"generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host}
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    from vllm import LLM
+
+    engine_args = dict(spec["engine"])
+    if spec.get("kvbm") is not None:
+        engine_args["kv_transfer_config"] = {
+            "kv_connector": "DynamoConnector",
+            "kv_role": "kv_both",
+            "kv_connector_module_path": "kvbm.vllm_integration.connector",
+            "kv_connector_extra_config": spec["kvbm"],
+        }
+    llm = LLM(**engine_args)
+    _count_preemptions(llm)
+    results = []
+    for phase in spec["phases"]:
+        result = PHASES[phase["type"]](llm, phase)
+        result["kvbm"] = _kvbm_state(llm)
+        results.append(result)
+    with open(sys.argv[2], "w") as out:
+        json.dump(results, out)
+
+
+if __name__ == "__main__":
+    main()
