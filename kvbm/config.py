@@ -9,6 +9,7 @@ mysterious OOM or an empty cache hours later.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,11 +82,13 @@ def _blocks(override: int | None, gb: float | None, bytes_per_block: int, var: s
 
 # name -> (parser, field)
 def _parse_float(name: str, raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4")
     try:
         value = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4") from None
-    if value != value or value < 0:  # NaN or negative
+    if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name}={raw!r} must be a number >= 0 (GB = 1e9 bytes), e.g. {name}=4")
     return value
 

@@ -197,10 +197,6 @@ def test_nan_gb(value):
     assert CPU_GB in _error({CPU_GB: value})
 
 
-@pytest.mark.xfail(
-    reason="_parse_float accepts 'inf'; host_blocks(inf) then raises OverflowError, not ConfigError",
-    strict=True,
-)
 def test_infinite_gb_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         load({CPU_GB: "inf"}).host_blocks(1_000_000)

@@ -11,6 +11,7 @@ latter is salted per process, and the disk tier must match across restarts.
 from __future__ import annotations
 
 import hashlib
+import json
 from array import array
 from collections.abc import Sequence
 
@@ -40,7 +41,8 @@ def request_root(
     """
     if not cache_salt and not lora_name and not extra_keys:
         return engine
-    tail = f"|salt={cache_salt or ''}|lora={lora_name or ''}|mm={','.join(extra_keys)}".encode()
+    # JSON keeps the parts unambiguous whatever characters users put in them.
+    tail = json.dumps([cache_salt or "", lora_name or "", list(extra_keys)]).encode()
     return _digest(engine.to_bytes(_DIGEST, "little") + tail)
 
 
@@ -57,8 +59,7 @@ def extend_hashes(
     every scheduler step: only the new blocks' tokens are read, and the cost is
     one BLAKE2b call per new block.
     """
-    if num_tokens is None:
-        num_tokens = len(tokens)
+    num_tokens = len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
     n_full = num_tokens // block_size
     start = len(hashes)
     if n_full <= start:

@@ -119,6 +119,8 @@ class Planner:
         if req is None or req.root is None:
             return 0
         bs = self.block_size
+        if num_computed % bs:
+            return 0  # vLLM passes block-aligned counts; anything else is not ours to extend
         # Never claim the whole prompt: vLLM must compute at least one token,
         # so the block holding the last token is always left to compute.
         max_blocks = (len(tokens) - 1) // bs
@@ -156,7 +158,6 @@ class Planner:
             if self.host.ready_slot(req.hashes[start + i]) != slot:
                 raise RuntimeError(f"kvbm: host slot {slot} changed under a pending load")
         self.host.acquire(slots)
-        self.host.touch(slots)
         self._loading[req_id] = slots
         self._plan.loads.append(
             LoadOp(req_id=req_id, host_slots=slots, gpu_blocks=list(gpu_blocks[start : start + n]))
@@ -194,11 +195,20 @@ class Planner:
             self._next_batch_id += 1
         for b in range(req.next_store, n_full):
             block_hash = req.hashes[b]
+            ready = self.host.ready_slot(block_hash)
+            if ready is not None:
+                # Stored already: write once, but keep it as fresh as the blocks
+                # stored after it, or storing this chain's tail could evict its head.
+                self.host.touch((ready,))
+                continue
             if self.host.contains(block_hash):
-                continue  # stored or being stored already: write once
+                continue  # being stored by another request
             slot = self.host.reserve(block_hash)
             if slot is None:
-                break  # every slot is pinned by loads; try again next time
+                # Every slot is pinned by loads or pending: resume from here next
+                # step (storing later blocks alone would be unreachable by prefix).
+                req.next_store = b
+                return
             store.gpu_blocks.append(req.gpu_blocks[b])
             store.host_slots.append(slot)
             req.last_batch = store.batch_id
@@ -259,7 +269,9 @@ class Planner:
             pending.reports += reports
             if pending.reports >= self.world_size:
                 del self._pending_batches[batch_id]
-                for slot in pending.host_slots:
+                # Newest first, so a chain's head is the most recently used and
+                # LRU eviction takes tails first (a head alone is still a hit).
+                for slot in reversed(pending.host_slots):
                     self.host.commit(slot)
                 self.stats.offloaded_blocks += len(pending.host_slots)
         failed = set(failed_loads)

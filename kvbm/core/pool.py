@@ -118,8 +118,9 @@ class BlockPool:
             self._refs[slot] += 1
             self._lru.pop(slot, None)
 
-    def release(self, slots: Iterable[int]) -> None:
-        for slot in slots:
+    def release(self, slots: Sequence[int]) -> None:
+        """Unpin; slots return to the LRU with the first of a chain most recent."""
+        for slot in reversed(slots):
             self._refs[slot] -= 1
             if self._refs[slot] > 0:
                 continue
