@@ -34,6 +34,10 @@ class KvbmConfig:
     disable_disk_offload_filter: bool = False
     disk_zerofill_fallback: bool = False
     disk_disable_o_direct: bool = False
+    #: Keep G3 across restarts: files named by model identity, an index journal.
+    disk_persist: bool = False
+    disk_offload_filter_decay_secs: float = 600.0
+    disk_offload_filter_max_entries: int = 1_000_000
     leader_worker_init_timeout_secs: float = 1800.0
     leader_zmq_host: str = "127.0.0.1"
     leader_zmq_pub_port: int = 56001
@@ -149,6 +153,9 @@ _FIELDS: dict[str, Any] = {
     "disable_disk_offload_filter": _parse_bool,
     "disk_zerofill_fallback": _parse_bool,
     "disk_disable_o_direct": _parse_bool,
+    "disk_persist": _parse_bool,
+    "disk_offload_filter_decay_secs": _parse_positive_float,
+    "disk_offload_filter_max_entries": _parse_count,
     "leader_worker_init_timeout_secs": _parse_positive_float,
     "leader_zmq_host": _parse_str,
     "leader_zmq_pub_port": _parse_port,
@@ -192,12 +199,8 @@ def load_config(
     if not config.has_host_tier and not config.has_disk_tier:
         raise ConfigError(
             "no kvbm cache tier is set: set DYN_KVBM_CPU_CACHE_GB (e.g. 4) or "
-            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS for the pinned host tier"
-        )
-    if not config.has_host_tier:
-        raise ConfigError(
-            "only a disk tier is set, and this kvbm version has no disk tier yet: set "
-            "DYN_KVBM_CPU_CACHE_GB (e.g. 4) or DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
+            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS for the pinned host tier, and/or "
+            "DYN_KVBM_DISK_CACHE_GB / DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS for the disk tier"
         )
     if config.leader_zmq_pub_port == config.leader_zmq_ack_port:
         raise ConfigError(

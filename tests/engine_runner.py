@@ -36,13 +36,20 @@ def _kvbm_state(llm) -> dict:
     if connector is None:
         return {"preemptions": getattr(scheduler, "_kvbm_test_preemptions", 0)}
     planner = connector._leader.planner
-    pool = planner.host
-    refs = sum(pool.refcount(s) for s in range(pool.num_slots))
+    pools = [p for p in (planner.host, planner.disk) if p is not None]
+    refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
     return {
-        "stats": dict(vars(planner.stats)),
-        "pool_used": pool.num_used,
+        "stats": {
+            **vars(planner.stats),
+            "hit_blocks": planner.stats.hit_blocks,
+            "onboarded_blocks": planner.stats.onboarded_blocks,
+            "offloaded_blocks": planner.stats.offloaded_blocks,
+        },
+        "pool_used": sum(pool.num_used for pool in pools),
         "pool_refs": refs,
-        "evicted": pool.stats.evicted,
+        "evicted": sum(pool.stats.evicted for pool in pools),
+        "host_used": planner.host.num_used if planner.host else 0,
+        "disk_used": planner.disk.num_used if planner.disk else 0,
         "busy": planner.busy,
         "tracked_requests": planner.num_tracked_requests(),
         "vllm_requests": len(scheduler.requests),

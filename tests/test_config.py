@@ -61,6 +61,9 @@ def test_all_settings_parse():
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
         "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "1",
         "DYN_KVBM_DISK_DISABLE_O_DIRECT": "Yes",
+        "DYN_KVBM_DISK_PERSIST": "1",
+        "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS": "120",
+        "DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES": "5000",
         "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "60",
         "DYN_KVBM_LEADER_ZMQ_HOST": "10.0.0.1",
         PUB: "7000",
@@ -244,10 +247,22 @@ def test_no_tier_set():
 
 
 @pytest.mark.parametrize("env", [{DISK_GB: "10"}, {DISK_N: "100"}])
-def test_disk_only_not_supported_yet(env):
-    msg = _error(env)
-    assert "disk" in msg
-    assert CPU_GB in msg
+def test_disk_only_is_a_valid_tier_setup(env):
+    config = load_config(environ=env)
+    assert config.has_disk_tier and not config.has_host_tier
+
+
+def test_disk_persist_and_filter_settings():
+    config = load_config(environ={
+        CPU_GB: "1", DISK_GB: "2", "DYN_KVBM_DISK_PERSIST": "true",
+        "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS": "30",
+        "DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES": "1000",
+    })
+    assert config.disk_persist
+    assert config.disk_offload_filter_decay_secs == 30
+    assert config.disk_offload_filter_max_entries == 1000
+    assert "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS" in _error(
+        {CPU_GB: "1", "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS": "0"})
 
 
 def test_equal_zmq_ports():

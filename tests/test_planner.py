@@ -157,7 +157,7 @@ def test_match_twice_with_different_num_computed():
     blocks = gpu(6)
     p.on_alloc("r", blocks, 3 * BS)
     plan = p.take_plan()
-    assert plan.loads == [LoadOp("r", slots[2:5], blocks[2:5])]
+    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5])]
     # And a third call after that is harmless too.
     assert p.match("r", tokens, 20) == 0
 
@@ -279,8 +279,8 @@ def test_prefill_stores_each_full_block_once():
     plan = prefill(p, "a", tokens, blocks)
     assert plan.store is not None
     assert plan.store.gpu_blocks == blocks[:2]
-    assert len(set(plan.store.host_slots)) == 2
-    for h, s in zip(hashes(tokens), plan.store.host_slots, strict=True):
+    assert len(set(plan.store.slots)) == 2
+    for h, s in zip(hashes(tokens), plan.store.slots, strict=True):
         assert pool.contains(h)
         assert pool.state(s) is SlotState.PENDING
     assert p.busy

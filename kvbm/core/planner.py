@@ -1,19 +1,24 @@
 """The leader's policy: turns "request X has these tokens and GPU blocks" into
-host-tier loads and stores, and keeps the G2 pool consistent with what the
+tier loads and stores, and keeps the tier pools consistent with what the
 workers have actually copied.
 
 Pure bookkeeping: no torch, no vLLM. The vLLM adapter
 (:mod:`kvbm.vllm_integration.leader`) feeds it plain ids and token lists.
 
+Tiers: G2 (host, ``host`` pool) and G3 (disk, ``disk`` pool); either may be
+absent. With both, blocks go G1→G2 as they fill and G2→G3 once the disk
+filter admits them; with disk only, G1→G3 directly.
+
 Invariants:
 
 * A block is visible to :meth:`Planner.match` only after every worker
   reported its store (``world_size`` reports): PENDING slots are invisible.
-* Host slots being read by an onboard are pinned (refcount) until the load is
-  reported finished, even if the request was aborted meanwhile.
+* Slots being read (an onboard, or a G2→G3 copy reading G2) are pinned
+  (refcount) until the copy is reported finished, even if the request was
+  aborted meanwhile.
 * A finished request whose stores are still in flight keeps its GPU blocks
   (``on_finished`` returns True) until the workers report them done.
-* Work per call is proportional to the blocks it touches, never to the pool.
+* Work per call is proportional to the blocks it touches, never to the pools.
 """
 
 from __future__ import annotations
@@ -22,28 +27,51 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import extend_hashes
 from kvbm.core.pool import BlockPool
 
 logger = logging.getLogger(__name__)
 
+HOST = "host"
+DISK = "disk"
+
 
 @dataclass
 class LoadOp:
-    """Copy host slots into GPU blocks for one request (G2→G1)."""
+    """Onboard one request's prefix: ``gpu_blocks[:len(host_slots)]`` from G2,
+    the rest from G3 (``disk_slots``, verified against ``disk_hashes``)."""
 
     req_id: str
-    host_slots: list[int]
     gpu_blocks: list[int]
+    host_slots: list[int]
+    disk_slots: list[int] = field(default_factory=list)
+    disk_hashes: list[int] = field(default_factory=list)
 
 
 @dataclass
 class StoreBatch:
-    """All G1→G2 copies of one engine step; completes as one unit per worker."""
+    """All G1→tier copies of one engine step; completes as one unit per worker.
+
+    ``tier`` is HOST (G1→G2) or DISK (G1→G3 in disk-only mode; ``hashes``
+    then travel along, since each disk block carries its hash).
+    """
 
     batch_id: int
+    tier: str
     gpu_blocks: list[int]
+    slots: list[int]
+    hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SpillBatch:
+    """G2→G3 copies decided this step (disk filter admitted them)."""
+
+    batch_id: int
     host_slots: list[int]
+    disk_slots: list[int]
+    hashes: list[int]
 
 
 @dataclass
@@ -52,6 +80,7 @@ class StepPlan:
 
     loads: list[LoadOp] = field(default_factory=list)
     store: StoreBatch | None = None
+    spill: SpillBatch | None = None
     #: (req_id, batch_id): report the request as finished sending once this
     #: worker completed that store batch (vLLM then frees its GPU blocks).
     release_after_store: list[tuple[str, int]] = field(default_factory=list)
@@ -60,7 +89,7 @@ class StepPlan:
     drain_stores: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.store or self.release_after_store or self.drain_stores)
+        return not (self.loads or self.store or self.spill or self.release_after_store or self.drain_stores)
 
 
 @dataclass
@@ -69,12 +98,30 @@ class PlannerStats:
 
     lookup_requests: int = 0
     lookup_blocks: int = 0  # blocks asked for beyond what the GPU had
-    hit_blocks: int = 0
+    host_hit_blocks: int = 0
+    disk_hit_blocks: int = 0
     matched_tokens: int = 0
-    onboarded_blocks: int = 0
-    offloaded_blocks: int = 0
+    onboarded_host_blocks: int = 0  # G2→G1
+    onboarded_disk_blocks: int = 0  # G3→G1
+    offloaded_host_blocks: int = 0  # G1→G2
+    offloaded_disk_blocks: int = 0  # G1→G3 (disk only)
+    spilled_blocks: int = 0  # G2→G3
+    filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    bad_disk_blocks: int = 0  # failed verification or I/O on read
+
+    @property
+    def hit_blocks(self) -> int:
+        return self.host_hit_blocks + self.disk_hit_blocks
+
+    @property
+    def onboarded_blocks(self) -> int:
+        return self.onboarded_host_blocks + self.onboarded_disk_blocks
+
+    @property
+    def offloaded_blocks(self) -> int:
+        return self.offloaded_host_blocks + self.offloaded_disk_blocks
 
 
 @dataclass
@@ -84,37 +131,66 @@ class _Request:
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
     last_batch: int = -1  # newest store batch holding one of its blocks
-    candidate: tuple[int, list[int]] | None = None  # (first block, host slots)
+    candidate: tuple[int, list[int], list[int]] | None = None  # (first block, G2 slots, G3 slots)
+    #: (num_computed, num_tokens, pool versions) of the last match, to answer
+    #: vLLM's repeated asks for a waiting request in O(1).
+    match_key: tuple[int, int, int, int] | None = None
+    last_match: tuple[int, list[int], list[int]] | None = None
 
 
 @dataclass
 class _PendingBatch:
-    host_slots: list[int]
+    pool: BlockPool
+    slots: list[int]
+    pinned_host: list[int] = field(default_factory=list)  # G2 slots read by a spill
+    hashes: list[int] = field(default_factory=list)
     reports: int = 0
+
+
+@dataclass
+class _Loading:
+    host_slots: list[int]
+    disk_slots: list[int]
 
 
 class Planner:
     """Scheduler-side state of kvbm for one engine."""
 
-    def __init__(self, host_pool: BlockPool, block_size: int, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        host_pool: BlockPool | None,
+        block_size: int,
+        world_size: int = 1,
+        disk_pool: BlockPool | None = None,
+        disk_filter: FrequencyFilter | None = None,
+    ) -> None:
+        if host_pool is None and disk_pool is None:
+            raise ValueError("Planner needs at least one tier")
         self.host = host_pool
+        self.disk = disk_pool
+        self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
         self.block_size = block_size
         self.world_size = world_size
         self.stats = PlannerStats()
         self._requests: dict[str, _Request] = {}
-        self._loading: dict[str, list[int]] = {}  # req_id -> pinned host slots
-        self._pending_batches: dict[int, _PendingBatch] = {}
+        self._loading: dict[str, _Loading] = {}
+        self._pending: dict[int, _PendingBatch] = {}
         self._awaiting_release: set[str] = set()
         self._next_batch_id = 0
         self._plan = StepPlan()
+        #: (hash, slot) of G3 blocks committed since the last take (for the journal).
+        self._disk_committed: list[tuple[int, int]] = []
 
     # ---- request lifecycle --------------------------------------------
     def add_request(self, req_id: str, root: int | None) -> None:
         self._requests[req_id] = _Request(root=root)
 
+    def _versions(self) -> tuple[int, int]:
+        return (self.host.version if self.host else 0, self.disk.version if self.disk else 0)
+
     def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond ``num_computed`` that G2 can supply (a multiple of the
-        block size). Safe to call repeatedly: it only records a candidate."""
+        """Tokens beyond ``num_computed`` that G2 then G3 can supply (a multiple
+        of the block size). Safe to call repeatedly: it only records a candidate."""
         req = self._requests.get(req_id)
         if req is None or req.root is None:
             return 0
@@ -128,10 +204,16 @@ class Planner:
         req.candidate = None
         if start >= max_blocks:
             return 0
-        extend_hashes(req.hashes, tokens, bs, req.root, max_blocks * bs)
-        slots = self.host.match_prefix(req.hashes[:max_blocks], start)
-        req.candidate = (start, slots)
-        return len(slots) * bs
+        key = (num_computed, len(tokens), *self._versions())
+        if key != req.match_key:
+            extend_hashes(req.hashes, tokens, bs, req.root, max_blocks * bs)
+            host = self.host.match_prefix(req.hashes, start, max_blocks) if self.host else []
+            disk = self.disk.match_prefix(req.hashes, start + len(host), max_blocks) if self.disk else []
+            req.last_match = (start, host, disk)
+            req.match_key = key
+        req.candidate = req.last_match
+        _, host, disk = req.last_match  # type: ignore[misc]
+        return (len(host) + len(disk)) * bs
 
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
@@ -144,26 +226,40 @@ class Planner:
             self.stats.lookup_blocks += max(0, len(req.hashes) - candidate[0])
         if num_external_tokens <= 0 or candidate is None:
             return
-        start, slots = candidate
+        start, host, disk = candidate
         n = num_external_tokens // self.block_size
-        if n > len(slots):
+        if n > len(host) + len(disk):
             raise RuntimeError(
                 f"kvbm: vLLM asked to load {n} blocks for {req_id} but only "
-                f"{len(slots)} were matched; this is a kvbm bug, please report it"
+                f"{len(host) + len(disk)} were matched; this is a kvbm bug, please report it"
             )
-        slots = slots[:n]
+        host = host[:n]
+        disk = disk[: n - len(host)]
         # Scheduling happens between match() and here without any eviction,
         # so the slots must still hold the hashes; check anyway, cheaply.
-        for i, slot in enumerate(slots):
-            if self.host.ready_slot(req.hashes[start + i]) != slot:
-                raise RuntimeError(f"kvbm: host slot {slot} changed under a pending load")
-        self.host.acquire(slots)
-        self._loading[req_id] = slots
-        self._plan.loads.append(
-            LoadOp(req_id=req_id, host_slots=slots, gpu_blocks=list(gpu_blocks[start : start + n]))
-        )
-        self.stats.hit_blocks += n
+        for pool, slots, first in ((self.host, host, start), (self.disk, disk, start + len(host))):
+            for i, slot in enumerate(slots):
+                if pool is None or pool.ready_slot(req.hashes[first + i]) != slot:
+                    raise RuntimeError(f"kvbm: slot {slot} changed under a pending load")
+        if self.host is not None:
+            self.host.acquire(host)
+        if self.disk is not None:
+            self.disk.acquire(disk)
+        self._loading[req_id] = _Loading(host, disk)
+        d0 = start + len(host)
+        self._plan.loads.append(LoadOp(
+            req_id=req_id,
+            gpu_blocks=list(gpu_blocks[start : start + n]),
+            host_slots=host,
+            disk_slots=disk,
+            disk_hashes=req.hashes[d0 : d0 + len(disk)],
+        ))
+        self.stats.host_hit_blocks += len(host)
+        self.stats.disk_hit_blocks += len(disk)
         self.stats.matched_tokens += n * self.block_size
+        if self.filter is not None:
+            for i, slot in enumerate(host):  # a hit is a sighting: hot blocks earn the disk
+                self._observe(req.hashes[start + i], slot)
 
     def on_scheduled(
         self,
@@ -189,29 +285,36 @@ class Planner:
         if n_full <= req.next_store:
             return
         extend_hashes(req.hashes, tokens, self.block_size, req.root, n_full * self.block_size)
-        store = self._plan.store
-        if store is None:
-            store = self._plan.store = StoreBatch(self._next_batch_id, [], [])
-            self._next_batch_id += 1
+        # Write-through goes to the first tier: G2, or G3 in disk-only mode.
+        pool, tier = (self.host, HOST) if self.host is not None else (self.disk, DISK)
+        assert pool is not None
         for b in range(req.next_store, n_full):
             block_hash = req.hashes[b]
-            ready = self.host.ready_slot(block_hash)
+            ready = pool.ready_slot(block_hash)
             if ready is not None:
                 # Stored already: write once, but keep it as fresh as the blocks
                 # stored after it, or storing this chain's tail could evict its head.
-                self.host.touch((ready,))
+                pool.touch((ready,))
+                if self.filter is not None:
+                    self._observe(block_hash, ready)  # computed again: a sighting
                 continue
-            if self.host.contains(block_hash):
+            if pool.contains(block_hash):
                 continue  # being stored by another request
-            slot = self.host.reserve(block_hash)
+            slot = pool.reserve(block_hash)
             if slot is None:
-                # Every slot is pinned by loads or pending: resume from here next
-                # step (storing later blocks alone would be unreachable by prefix).
+                # Every slot is pinned or pending: resume from here next step
+                # (storing later blocks alone would be unreachable by prefix).
                 req.next_store = b
                 return
+            store = self._plan.store
+            if store is None:
+                store = self._plan.store = StoreBatch(self._new_batch_id(), tier, [], [])
             store.gpu_blocks.append(req.gpu_blocks[b])
-            store.host_slots.append(slot)
+            store.slots.append(slot)
+            store.hashes.append(block_hash)
             req.last_batch = store.batch_id
+            if self.filter is not None:
+                self.filter.observe(block_hash)
         req.next_store = n_full
 
     def on_preempted(self, req_id: str) -> None:
@@ -230,20 +333,58 @@ class Planner:
         if req is None or req_id in self._loading:
             # An aborted load: vLLM itself waits for finished_recving.
             return False
-        if req.last_batch in self._pending_batches:
+        if req.last_batch in self._pending:
             self._plan.release_after_store.append((req_id, req.last_batch))
             self._awaiting_release.add(req_id)
             return True
         return False
 
+    # ---- G2 → G3 -------------------------------------------------------
+    def _observe(self, block_hash: int, host_slot: int) -> None:
+        """A sighting of a READY G2 block; spill it to G3 once the filter admits it."""
+        assert self.filter is not None
+        self.filter.observe(block_hash)
+        self._maybe_spill(block_hash, host_slot)
+
+    def _maybe_spill(self, block_hash: int, host_slot: int) -> None:
+        assert self.host is not None and self.disk is not None
+        if self.disk.contains(block_hash):
+            return
+        if self.filter is not None and not self.filter.should_offload(block_hash):
+            self.stats.filter_rejections += 1
+            return
+        disk_slot = self.disk.reserve(block_hash)
+        if disk_slot is None:
+            return
+        spill = self._plan.spill
+        if spill is None:
+            spill = self._plan.spill = SpillBatch(self._new_batch_id(), [], [], [])
+        self.host.acquire((host_slot,))  # the copy reads it: no eviction meanwhile
+        spill.host_slots.append(host_slot)
+        spill.disk_slots.append(disk_slot)
+        spill.hashes.append(block_hash)
+
     # ---- per step -------------------------------------------------------
+    def _new_batch_id(self) -> int:
+        self._next_batch_id += 1
+        return self._next_batch_id
+
     def take_plan(self) -> StepPlan:
         plan, self._plan = self._plan, StepPlan()
         if plan.store is not None:
-            if plan.store.host_slots:
-                self._pending_batches[plan.store.batch_id] = _PendingBatch(plan.store.host_slots)
-            else:
-                plan.store = None
+            pool = self.host if plan.store.tier == HOST else self.disk
+            assert pool is not None
+            self._pending[plan.store.batch_id] = _PendingBatch(
+                pool, plan.store.slots, hashes=plan.store.hashes
+            )
+            if plan.store.tier == HOST:
+                plan.store.hashes = []  # G2 rows carry no hash; don't ship them
+        if plan.spill is not None:
+            assert self.disk is not None
+            self._pending[plan.spill.batch_id] = _PendingBatch(
+                self.disk, plan.spill.disk_slots, pinned_host=plan.spill.host_slots,
+                hashes=plan.spill.hashes,
+            )
         return plan
 
     def on_worker_report(
@@ -253,44 +394,81 @@ class Planner:
         finished_loads: Iterable[str] = (),
         failed_loads: Iterable[str] = (),
         released: Iterable[str] = (),
+        bad_disk_slots: Iterable[int] = (),
     ) -> None:
         """Apply what the workers did. ``stored`` maps batch id to the number
         of workers that completed it in this report."""
         for batch_id in failed_batches:
-            pending = self._pending_batches.pop(batch_id, None)
+            pending = self._pending.pop(batch_id, None)
             if pending is not None:
-                self.stats.failed_stores += len(pending.host_slots)
-                for slot in pending.host_slots:
-                    self.host.drop(slot)
+                self.stats.failed_stores += len(pending.slots)
+                for slot in pending.slots:
+                    pending.pool.drop(slot)
+                if self.host is not None:
+                    self.host.release(pending.pinned_host)
         for batch_id, reports in (stored or {}).items():
-            pending = self._pending_batches.get(batch_id)
+            pending = self._pending.get(batch_id)
             if pending is None:
                 continue
             pending.reports += reports
             if pending.reports >= self.world_size:
-                del self._pending_batches[batch_id]
-                # Newest first, so a chain's head is the most recently used and
-                # LRU eviction takes tails first (a head alone is still a hit).
-                for slot in reversed(pending.host_slots):
-                    self.host.commit(slot)
-                self.stats.offloaded_blocks += len(pending.host_slots)
+                del self._pending[batch_id]
+                self._commit(pending)
+        bad = set(bad_disk_slots)
+        if bad and self.disk is not None:
+            self.stats.bad_disk_blocks += len(bad)
+            for slot in bad:
+                self.disk.drop(slot)  # frees once the failed load releases it
         failed = set(failed_loads)
         for req_id in finished_loads:
-            slots = self._loading.pop(req_id, None)
-            if slots is None:
+            loading = self._loading.pop(req_id, None)
+            if loading is None:
                 continue
-            self.host.release(slots)
+            if self.host is not None:
+                self.host.release(loading.host_slots)
+            if self.disk is not None:
+                self.disk.release(loading.disk_slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
             else:
-                self.stats.onboarded_blocks += len(slots)
+                self.stats.onboarded_host_blocks += len(loading.host_slots)
+                self.stats.onboarded_disk_blocks += len(loading.disk_slots)
         self._awaiting_release.difference_update(released)
+
+    def _commit(self, pending: _PendingBatch) -> None:
+        # Newest first, so a chain's head is the most recently used and LRU
+        # eviction takes tails first (a head alone is still a hit).
+        for slot in reversed(pending.slots):
+            pending.pool.commit(slot)
+        if pending.pool is self.disk:
+            self._disk_committed.extend(zip(pending.hashes, pending.slots))
+            if pending.pinned_host:
+                assert self.host is not None
+                self.host.release(pending.pinned_host)
+                self.stats.spilled_blocks += len(pending.slots)
+            else:
+                self.stats.offloaded_disk_blocks += len(pending.slots)
+            return
+        self.stats.offloaded_host_blocks += len(pending.slots)
+        if self.disk is not None:
+            for block_hash, slot in zip(pending.hashes, pending.slots):
+                self._maybe_spill(block_hash, slot)
+
+    def take_disk_commits(self) -> list[tuple[int, int]]:
+        """(hash, slot) of G3 blocks made visible since the last call (for the journal)."""
+        commits, self._disk_committed = self._disk_committed, []
+        return commits
+
+    def restore_disk(self, entries: dict[int, int]) -> int:
+        """Rebuild the G3 registry from a journal after a restart; returns blocks restored."""
+        assert self.disk is not None
+        return self.disk.restore(entries)
 
     # ---- introspection --------------------------------------------------
     @property
     def busy(self) -> bool:
         """Work is in flight that needs more engine steps to be reported."""
-        return bool(self._pending_batches or self._loading or self._awaiting_release)
+        return bool(self._pending or self._loading or self._awaiting_release)
 
     def num_tracked_requests(self) -> int:
         return len(self._requests)

@@ -43,6 +43,9 @@ class BlockPool:
         self._refs: list[int] = [0] * num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable slots, oldest first
         self.stats = PoolStats()
+        #: Bumped whenever the set of READY hashes changes, so callers can
+        #: cache lookups (vLLM re-asks for waiting requests every step).
+        self.version = 0
 
     # ---- lookups -------------------------------------------------------
     def contains(self, block_hash: int) -> bool:
@@ -55,11 +58,12 @@ class BlockPool:
             return None
         return slot
 
-    def match_prefix(self, hashes: Sequence[int], start: int = 0) -> list[int]:
-        """Slots of the longest run of READY hashes beginning at ``hashes[start]``."""
+    def match_prefix(self, hashes: Sequence[int], start: int = 0, stop: int | None = None) -> list[int]:
+        """Slots of the longest run of READY hashes in ``hashes[start:stop]``."""
         slots: list[int] = []
-        for h in hashes[start:]:
-            slot = self.ready_slot(h)
+        stop = len(hashes) if stop is None else min(stop, len(hashes))
+        for i in range(start, stop):
+            slot = self.ready_slot(hashes[i])
             if slot is None:
                 break
             slots.append(slot)
@@ -80,6 +84,7 @@ class BlockPool:
             slot, _ = self._lru.popitem(last=False)
             del self._slot_of[self._hash_of[slot]]  # type: ignore[arg-type]
             self.stats.evicted += 1
+            self.version += 1
         else:
             return None
         self._slot_of[block_hash] = slot
@@ -93,6 +98,7 @@ class BlockPool:
             return
         self._state[slot] = SlotState.READY
         self.stats.stored += 1
+        self.version += 1
         if self._refs[slot] == 0:
             self._lru[slot] = None
 
@@ -107,9 +113,32 @@ class BlockPool:
         self._hash_of[slot] = None
         self._lru.pop(slot, None)
         self.stats.dropped += 1
+        self.version += 1
         self._state[slot] = SlotState.FREE
         if self._refs[slot] == 0:
             self._free.append(slot)
+
+    def restore(self, entries: dict[int, int]) -> int:
+        """Adopt READY blocks at given slots (a persisted tier after a restart).
+
+        Only for an empty pool; one pass, so restoring a large tier stays
+        linear. Entries with an out-of-range or repeated slot are skipped.
+        Returns the number of blocks adopted.
+        """
+        if self._slot_of:
+            raise RuntimeError(f"{self.name}: restore() needs an empty pool")
+        taken: set[int] = set()
+        for block_hash, slot in entries.items():
+            if not 0 <= slot < self.num_slots or slot in taken:
+                continue
+            taken.add(slot)
+            self._slot_of[block_hash] = slot
+            self._hash_of[slot] = block_hash
+            self._state[slot] = SlotState.READY
+            self._lru[slot] = None
+        self._free = [slot for slot in range(self.num_slots - 1, -1, -1) if slot not in taken]
+        self.version += 1
+        return len(taken)
 
     # ---- readers -------------------------------------------------------
     def acquire(self, slots: Iterable[int]) -> None:

@@ -71,7 +71,7 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # Loads in about a second; for unit and integration tests.
+    # Weights load in milliseconds; for unit and integration tests.
     "test": ModelPreset(
         num_hidden_layers=2,
         hidden_size=128,
@@ -85,7 +85,7 @@ PRESETS: dict[str, ModelPreset] = {
     # Large enough that a ~2,000-token prefill costs about a second on 2 CPU
     # cores, so skipping it by reloading offloaded KV is visible in demos.
     "demo": ModelPreset(
-        num_hidden_layers=12,
+        num_hidden_layers=10,
         hidden_size=768,
         intermediate_size=2048,
         num_attention_heads=12,
@@ -118,8 +118,7 @@ _CONTENT_WORDS = (
     "run walk speak think build open close start stop give take make find keep "
     "watch carry follow learn teach remember forget believe explain measure"
 ).split()
-_ONSETS = ("b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
-           "br", "cl", "dr", "fl", "gr", "pl", "pr", "st", "str", "th", "tr", "sh", "ch")
+_ONSETS = tuple("b c d f g h k l m n p r s t v w br cl dr fl gr pl pr st str th tr sh ch".split())
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "io")
 _CODAS = ("", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng", "ck", "rt")
 _SUFFIXES = ("", "", "", "s", "ed", "ing", "er", "ly", "tion", "ness", "ment", "able")
@@ -129,8 +128,7 @@ def _made_up_words(rng: random.Random, count: int) -> list[str]:
     words: set[str] = set()
     while len(words) < count:
         syllables = rng.choices((1, 2, 3), (5, 4, 1))[0]
-        stem = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(syllables))
+        stem = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
         words.add(stem + rng.choice(_SUFFIXES))
     return sorted(words)
 
@@ -146,8 +144,7 @@ def _sentences(seed: int) -> Iterator[str]:
     rng = random.Random(seed)
     function_words, content_words = _lexicon(seed)
     # Zipf-like weights so frequent words become single tokens, as in real text.
-    cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** 0.8
-                                            for rank in range(len(content_words))))
+    cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** 0.8 for rank in range(len(content_words))))
     while True:
         words: list[str] = []
         for _ in range(rng.randint(5, 16)):
@@ -165,7 +162,7 @@ def generate_text(num_words: int, *, seed: int = 0) -> str:
     """Return deterministic English-ish text of about ``num_words`` words.
 
     Drawn from the same lexicon the tokenizers are trained on, so it tokenizes
-    at a stable ~1.3 tokens per word; handy for building prompts of a chosen length.
+    at about 2 tokens per word (1,000 words ~ 2,000 tokens); for prompts of a chosen length.
     """
     parts: list[str] = []
     count = 0
@@ -231,8 +228,7 @@ def _train_tokenizer(preset: ModelPreset, out_dir: Path) -> int:
     size = tokenizer.get_vocab_size()
     if size != preset.vocab_size:
         raise RuntimeError(
-            f"tokenizer trained to {size} tokens, wanted {preset.vocab_size}; "
-            "raise corpus_sentences for this preset"
+            f"tokenizer trained to {size} tokens, wanted {preset.vocab_size}; raise corpus_sentences for this preset"
         )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -355,10 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--preset`` and ``--cache-dir`` (shared with ``kvbm build-model``)."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="test",
-                        help="model size (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"where models are kept (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="test", help="model size (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"where models are kept (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})",
+    )
 
 
 if __name__ == "__main__":

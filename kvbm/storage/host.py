@@ -41,6 +41,16 @@ class HostArena:
             num_slots, block_bytes, total / 1e9, "pinned" if pin else "pageable", time.monotonic() - start,
         )
 
+    @classmethod
+    def wrap(cls, buffer: torch.Tensor) -> HostArena:
+        """An arena over an existing ``[num_slots, block_bytes]`` uint8 buffer
+        (staging rows for disk transfers), so the copy engines can use it."""
+        arena = cls.__new__(cls)
+        arena.num_slots, arena.block_bytes = buffer.shape
+        arena.pinned = buffer.is_pinned()
+        arena.buffer = buffer
+        return arena
+
     def segment(self, offset: int, outer: int, inner_bytes: int) -> torch.Tensor:
         """One layer's bytes across all slots: ``[num_slots, outer, inner_bytes]`` (a view)."""
         return self.buffer[:, offset : offset + outer * inner_bytes].view(self.num_slots, outer, inner_bytes)

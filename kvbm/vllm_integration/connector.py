@@ -54,6 +54,14 @@ class DynamoConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from kvbm.vllm_integration.leader import KvbmLeader
 
+            # A block that fails to load (a bad disk read) is a cache miss: the
+            # request must recompute it, not fail. vLLM reads this right after
+            # building the scheduler-side connector.
+            transfer = vllm_config.kv_transfer_config
+            if transfer.kv_load_failure_policy != "recompute":
+                logger.info("kvbm: setting kv_load_failure_policy=recompute (a cache miss never fails a request)")
+                transfer.kv_load_failure_policy = "recompute"
+
             self._leader = KvbmLeader(config, vllm_config, kv_cache_config)
         else:
             from kvbm.vllm_integration.worker import KvbmWorker

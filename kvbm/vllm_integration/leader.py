@@ -6,16 +6,20 @@ does work proportional to the blocks that changed this step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig
+from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
+from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import host_slots, model_identity
+from kvbm.vllm_integration.sizing import disk_slots, host_slots, model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -38,23 +42,44 @@ class KvbmLeader:
                 f"this model has {len(kv_cache_config.kv_cache_groups)}. Remove the kvbm "
                 "kv-transfer-config for this model."
             )
-        if config.has_disk_tier:
-            logger.warning("kvbm: DYN_KVBM_DISK_CACHE_* is set but this version has no disk tier; ignoring it")
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
         self.num_host_slots = host_slots(config, vllm_config, kv_cache_config)
+        self.num_disk_slots = disk_slots(config, vllm_config, kv_cache_config)
+        identity = model_identity(vllm_config, kv_cache_config)
+        disk_filter = None
+        if self.num_host_slots and self.num_disk_slots and not config.disable_disk_offload_filter:
+            disk_filter = FrequencyFilter(
+                decay_period_s=config.disk_offload_filter_decay_secs,
+                max_entries=config.disk_offload_filter_max_entries,
+            )
         self.planner = Planner(
-            BlockPool(self.num_host_slots, "G2"),
+            BlockPool(self.num_host_slots, "G2") if self.num_host_slots else None,
             block_size=self.block_size,
             world_size=vllm_config.parallel_config.world_size,
+            disk_pool=BlockPool(self.num_disk_slots, "G3") if self.num_disk_slots else None,
+            disk_filter=disk_filter,
         )
-        self._engine_root = engine_root(model_identity(vllm_config, kv_cache_config))
+        self.journal: DiskJournal | None = None
+        if self.num_disk_slots and config.disk_persist:
+            self.journal = self._open_journal(identity)
+        self._engine_root = engine_root(identity)
         self._requests: dict[str, Request] = {}
         self._last_summary = time.monotonic()
         logger.info(
-            "kvbm leader: G2 %d blocks of %d tokens, %d worker(s)",
-            self.num_host_slots, self.block_size, vllm_config.parallel_config.world_size,
+            "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s)",
+            self.num_host_slots, self.num_disk_slots, "on" if disk_filter else "off",
+            ", persistent" if self.journal else "", self.block_size, vllm_config.parallel_config.world_size,
         )
+
+    def _open_journal(self, identity: str) -> DiskJournal:
+        """Reload what a previous server left on disk (same model and layout only)."""
+        name = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+        os.makedirs(self.config.disk_cache_dir, mode=0o700, exist_ok=True)
+        journal = DiskJournal(os.path.join(self.config.disk_cache_dir, f"kvbm-g3-{name}.journal"), identity=identity)
+        restored = self.planner.restore_disk(journal.load())
+        logger.info("kvbm: reusing %d disk blocks from %s", restored, journal.path)
+        return journal
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:
@@ -107,20 +132,32 @@ class KvbmLeader:
                 cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0),
             )
         self._maybe_log_summary()
-        return KvbmMetadata(plan=planner.take_plan(), num_host_slots=self.num_host_slots)
+        return KvbmMetadata(
+            plan=planner.take_plan(), num_host_slots=self.num_host_slots, num_disk_slots=self.num_disk_slots
+        )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta
-        stored, failed_batches = {}, set()
-        if isinstance(meta, KvbmWorkerMetadata):
-            stored, failed_batches = meta.stored, meta.failed_batches
+        if not isinstance(meta, KvbmWorkerMetadata):
+            meta = KvbmWorkerMetadata()
         self.planner.on_worker_report(
-            stored=stored,
-            failed_batches=failed_batches,
+            stored=meta.stored,
+            failed_batches=meta.failed_batches,
             finished_loads=output.finished_recving or (),
             failed_loads=output.failed_recving or (),
             released=output.finished_sending or (),
+            bad_disk_slots=meta.bad_disk_slots,
         )
+        if meta.bad_disk_slots:
+            logger.warning(
+                "kvbm: %d disk block(s) failed verification or could not be read; they were "
+                "dropped and their requests recompute (total so far: %d)",
+                len(meta.bad_disk_slots), self.planner.stats.bad_disk_blocks,
+            )
+        commits = self.planner.take_disk_commits()
+        if commits and self.journal is not None:
+            self.journal.record_stored(commits)
+            self.journal.flush()
 
     def has_pending_work(self) -> bool:
         return self.planner.busy
@@ -131,11 +168,13 @@ class KvbmLeader:
             return
         self._last_summary = now
         s = self.planner.stats
-        hit = s.hit_blocks / s.lookup_blocks if s.lookup_blocks else 0.0
-        pool = self.planner.host
-        logger.info(
-            "kvbm: G2 hit rate %.1f%% (%d/%d blocks), onboarded %d, offloaded %d, "
-            "G2 used %d/%d, evicted %d",
-            100 * hit, s.hit_blocks, s.lookup_blocks, s.onboarded_blocks, s.offloaded_blocks,
-            pool.num_used, pool.num_slots, pool.stats.evicted,
-        )
+        looked = max(1, s.lookup_blocks)
+        parts = [
+            f"hit rate G2 {100 * s.host_hit_blocks / looked:.1f}% G3 {100 * s.disk_hit_blocks / looked:.1f}% "
+            f"of {s.lookup_blocks} blocks looked up",
+            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}, spilled to disk {s.spilled_blocks}",
+        ]
+        for pool in (self.planner.host, self.planner.disk):
+            if pool is not None:
+                parts.append(f"{pool.name} {pool.num_used}/{pool.num_slots} used, {pool.stats.evicted} evicted")
+        logger.info("kvbm: %s", "; ".join(parts))

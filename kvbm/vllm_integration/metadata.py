@@ -17,8 +17,9 @@ class KvbmMetadata(KVConnectorMetadata):
     """Leader → workers: the step's loads and stores."""
 
     plan: StepPlan
-    #: The leader's G2 size; every worker checks it sized its arena alike.
+    #: The leader's G2/G3 sizes; every worker checks it sized its own alike.
     num_host_slots: int
+    num_disk_slots: int = 0
 
 
 @dataclass
@@ -31,10 +32,16 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
 
     stored: dict[int, int] = field(default_factory=dict)
     failed_batches: set[int] = field(default_factory=set)
+    #: G3 slots that failed verification or I/O on read: the leader drops them.
+    bad_disk_slots: set[int] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
         stored = dict(self.stored)
         for batch_id, count in other.stored.items():
             stored[batch_id] = stored.get(batch_id, 0) + count
-        return KvbmWorkerMetadata(stored=stored, failed_batches=self.failed_batches | other.failed_batches)
+        return KvbmWorkerMetadata(
+            stored=stored,
+            failed_batches=self.failed_batches | other.failed_batches,
+            bad_disk_slots=self.bad_disk_slots | other.bad_disk_slots,
+        )

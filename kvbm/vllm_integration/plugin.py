@@ -9,6 +9,11 @@ from __future__ import annotations
 
 
 def register() -> None:
+    # vLLM starts its engine and worker processes with spawn, which loses the
+    # AMX permission of the parent; this hook runs in each of them.
+    from kvbm.platform import prepare_cpu_process
+
+    prepare_cpu_process()
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     if "DynamoConnector" not in KVConnectorFactory._registry:

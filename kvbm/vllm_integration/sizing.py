@@ -23,6 +23,12 @@ def host_slots(config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVC
     return config.host_blocks(bytes_per_block_per_rank(kv_cache_config) * world)
 
 
+def disk_slots(config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
+    """G3 blocks, sized like G2."""
+    world = vllm_config.parallel_config.world_size
+    return config.disk_blocks(bytes_per_block_per_rank(kv_cache_config) * world)
+
+
 def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
     """Everything that makes equal tokens produce different KV bytes."""
     model = vllm_config.model_config

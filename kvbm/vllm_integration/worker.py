@@ -1,23 +1,35 @@
 """Worker-side half of the connector: one per tensor-parallel rank.
 
-Owns this rank's G2 arena and copy engine, executes the leader's plan each
-step, and reports completions back (store batches through worker metadata,
-loads through vLLM's finished_recving).
+Owns this rank's G2 arena, G3 file and copy engine, executes the leader's
+plan each step, and reports completions back (store batches through worker
+metadata, loads through vLLM's finished_recving).
+
+Disk I/O runs on a background thread so the engine step never waits on the
+SSD: G3 reads land in a staging buffer and are scattered into the GPU blocks
+when polled; G2→G3 spills read host slots the leader keeps pinned; disk-only
+stores gather the GPU blocks into staging synchronously (the blocks may be
+reused next step), then write in the background.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvbm.config import KvbmConfig
+from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
+from kvbm.storage.disk import DiskArena
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
-from kvbm.transfer.layout import describe_kv_caches
+from kvbm.transfer.layout import KVLayout, describe_kv_caches
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import host_slots
+from kvbm.vllm_integration.sizing import disk_slots, host_slots, model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -26,33 +38,87 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def disk_file_tag(config: KvbmConfig, identity: str, rank: int) -> str:
+    """Persistent files are named by model identity (a restart finds them);
+    others by process, so two servers sharing a directory never collide."""
+    if config.disk_persist:
+        return f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}-rank{rank}"
+    return f"pid{os.getpid()}-rank{rank}"
+
+
+@dataclass
+class _Load:
+    """One request's onboard: a G2 part (copy engine) and/or a G3 part (disk read, then scatter)."""
+
+    op: LoadOp
+    parts_left: int
+    error_blocks: list[int] = field(default_factory=list)
+    staging: torch.Tensor | None = None
+    read: Future | None = None  # G3 part: -> list[bool]
+
+
+@dataclass
+class _DiskWrite:
+    batch_id: int
+    write: Future  # -> list[bool]
+    keep_alive: list[torch.Tensor] = field(default_factory=list)
+
+
 class KvbmWorker:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self.config = config
         self._kv_cache_config = kv_cache_config
+        self._identity = model_identity(vllm_config, kv_cache_config)
         self.num_host_slots = host_slots(config, vllm_config, kv_cache_config)
+        self.num_disk_slots = disk_slots(config, vllm_config, kv_cache_config)
+        self.layout: KVLayout | None = None
+        self._views: list[torch.Tensor] = []
         self.engine: CopyEngine | None = None
         self.arena: HostArena | None = None
+        self.disk: DiskArena | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-disk")
+        self._loads: dict[str, _Load] = {}
+        self._disk_writes: list[_DiskWrite] = []
         self._inflight_batches: set[int] = set()
         self._release_after: dict[str, int] = {}  # req_id -> store batch to wait for
         self._finished_loads: set[str] = set()
         self._failed_loads: set[str] = set()
-        self._load_blocks: dict[str, list[int]] = {}
         self._load_error_blocks: set[int] = set()
         self._report = KvbmWorkerMetadata()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layout, views = describe_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
-        logger.info("kvbm worker: KV layout %s", layout.describe())
-        self.arena = HostArena(self.num_host_slots, layout.block_bytes)
-        self.engine = TorchCopyEngine(layout, views, self.arena)
+        self.layout, self._views = describe_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
+        logger.info("kvbm worker: KV layout %s", self.layout.describe())
+        if self.num_host_slots:
+            self.arena = HostArena(self.num_host_slots, self.layout.block_bytes)
+            self.engine = TorchCopyEngine(self.layout, self._views, self.arena)
+        if self.num_disk_slots:
+            cfg = self.config
+            self.disk = DiskArena(
+                cfg.disk_cache_dir, self.num_disk_slots, self.layout.block_bytes,
+                file_tag=disk_file_tag(cfg, self._identity, _rank()),
+                zerofill_fallback=cfg.disk_zerofill_fallback,
+                disable_o_direct=cfg.disk_disable_o_direct,
+            )
+
+    def _staging(self, rows: int) -> torch.Tensor:
+        """Host rows for blocks on their way to or from G3."""
+        assert self.layout is not None
+        return torch.empty((rows, self.layout.block_bytes), dtype=torch.uint8)
 
     # ---- per step -------------------------------------------------------
     def _check(self, meta: KvbmMetadata) -> None:
-        if meta.num_host_slots != self.num_host_slots:
+        if (meta.num_host_slots, meta.num_disk_slots) != (self.num_host_slots, self.num_disk_slots):
             raise RuntimeError(
-                f"kvbm: leader sized G2 at {meta.num_host_slots} blocks but this worker at "
-                f"{self.num_host_slots}; start all processes with the same DYN_KVBM_* settings"
+                f"kvbm: leader sized G2/G3 at {meta.num_host_slots}/{meta.num_disk_slots} blocks but "
+                f"this worker at {self.num_host_slots}/{self.num_disk_slots}; start all processes "
+                "with the same DYN_KVBM_* settings"
             )
 
     def handle_preemptions(self, meta: KvbmMetadata) -> None:
@@ -61,20 +127,82 @@ class KvbmWorker:
 
     def start_load(self, meta: KvbmMetadata) -> None:
         self._check(meta)
-        assert self.engine is not None, "register_kv_caches was not called"
         for op in meta.plan.loads:
-            self._load_blocks[op.req_id] = op.gpu_blocks
-            self.engine.load(op.req_id, op.host_slots, op.gpu_blocks)
+            load = self._loads[op.req_id] = _Load(op, parts_left=bool(op.host_slots) + bool(op.disk_slots))
+            if op.host_slots:
+                assert self.engine is not None
+                self.engine.load(op.req_id, op.host_slots, op.gpu_blocks[: len(op.host_slots)])
+            if op.disk_slots:
+                assert self.disk is not None
+                load.staging = self._staging(len(op.disk_slots))
+                items = [(slot, h, load.staging[i].numpy())
+                         for i, (slot, h) in enumerate(zip(op.disk_slots, op.disk_hashes))]
+                load.read = self._io.submit(self.disk.read_blocks, items)
 
     def save(self, meta: KvbmMetadata) -> None:
         plan = meta.plan
-        if plan.store is not None and self.engine is not None:
+        if plan.store is not None:
             self._inflight_batches.add(plan.store.batch_id)
-            self.engine.store(plan.store.batch_id, plan.store.gpu_blocks, plan.store.host_slots)
+            if plan.store.tier == DISK:
+                self._store_to_disk(plan.store)
+            else:
+                assert self.engine is not None
+                self.engine.store(plan.store.batch_id, plan.store.gpu_blocks, plan.store.slots)
+        if plan.spill is not None:
+            self._spill(plan.spill)
         for req_id, batch_id in plan.release_after_store:
             self._release_after[req_id] = batch_id
 
+    def _store_to_disk(self, store: StoreBatch) -> None:
+        """G1→G3 (disk-only mode): gather now, write in the background."""
+        assert self.disk is not None
+        assert self.layout is not None
+        staging = self._staging(len(store.slots))
+        engine = TorchCopyEngine(self.layout, self._views, HostArena.wrap(staging))
+        engine.store(store.batch_id, store.gpu_blocks, list(range(len(store.slots))))
+        engine.drain()
+        if not all(done.ok for done in engine.poll()):
+            self._report.failed_batches.add(store.batch_id)
+            self._inflight_batches.discard(store.batch_id)
+            return
+        items = [(slot, h, staging[i].numpy()) for i, (slot, h) in enumerate(zip(store.slots, store.hashes))]
+        self._disk_writes.append(_DiskWrite(store.batch_id, self._submit_write(items), [staging]))
+
+    def _spill(self, spill: SpillBatch) -> None:
+        """G2→G3: the leader keeps the host slots pinned until we report."""
+        assert self.disk is not None and self.arena is not None
+        rows = self.arena.buffer
+        items = [(d, h, rows[s].numpy()) for s, d, h in zip(spill.host_slots, spill.disk_slots, spill.hashes)]
+        self._disk_writes.append(_DiskWrite(spill.batch_id, self._submit_write(items)))
+
+    def _submit_write(self, items: list) -> Future:
+        assert self.disk is not None
+        disk = self.disk
+        persist = self.config.disk_persist
+
+        def write() -> list[bool]:
+            ok = disk.write_blocks(items)
+            if persist and all(ok):
+                disk.sync()  # durable before the leader journals it
+            return ok
+
+        return self._io.submit(write)
+
     def _poll(self) -> None:
+        for load in [load for load in self._loads.values() if load.read is not None and load.read.done()]:
+            self._finish_disk_read(load)
+        still = []
+        for write in self._disk_writes:
+            if not write.write.done():
+                still.append(write)
+                continue
+            ok = _result(write.write)
+            if ok is not None and all(ok):
+                self._report.stored[write.batch_id] = self._report.stored.get(write.batch_id, 0) + 1
+            else:
+                self._report.failed_batches.add(write.batch_id)
+            self._inflight_batches.discard(write.batch_id)
+        self._disk_writes = still
         if self.engine is None:
             return
         for done in self.engine.poll():
@@ -84,13 +212,40 @@ class KvbmWorker:
                     self._report.stored[done.key] = self._report.stored.get(done.key, 0) + 1  # type: ignore[index]
                 else:
                     self._report.failed_batches.add(done.key)  # type: ignore[arg-type]
-            else:
-                req_id = str(done.key)
-                self._finished_loads.add(req_id)
-                blocks = self._load_blocks.pop(req_id, [])
-                if not done.ok:
-                    self._failed_loads.add(req_id)
-                    self._load_error_blocks.update(blocks)
+            elif done.key in self._loads:
+                self._part_done(self._loads[done.key], done.ok)  # type: ignore[index]
+
+    def _finish_disk_read(self, load: _Load) -> None:
+        """The G3 part is read (or not): scatter what verified, recompute the rest."""
+        op, staging = load.op, load.staging
+        assert load.read is not None and staging is not None and self.layout is not None
+        ok = _result(load.read) or [False] * len(op.disk_slots)
+        good = ok.index(False) if False in ok else len(ok)
+        self._report.bad_disk_slots.update(slot for slot, fine in zip(op.disk_slots, ok) if not fine)
+        first = len(op.host_slots)
+        if good:
+            engine = TorchCopyEngine(self.layout, self._views, HostArena.wrap(staging))
+            engine.load(op.req_id, list(range(good)), op.gpu_blocks[first : first + good])
+            engine.drain()
+            if not all(done.ok for done in engine.poll()):
+                good = 0
+        # vLLM recomputes from the first block that did not arrive.
+        load.error_blocks.extend(op.gpu_blocks[first + good :])
+        load.read = load.staging = None
+        self._part_done(load)
+
+    def _part_done(self, load: _Load, ok: bool = True) -> None:
+        if not ok:  # a failed G2 part: the whole prefix is recomputed
+            load.error_blocks.extend(load.op.gpu_blocks)
+        load.parts_left -= 1
+        if load.parts_left > 0:
+            return
+        req_id = load.op.req_id
+        del self._loads[req_id]
+        self._finished_loads.add(req_id)
+        if load.error_blocks:
+            self._failed_loads.add(req_id)
+            self._load_error_blocks.update(load.error_blocks)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving) since last call."""
@@ -108,10 +263,27 @@ class KvbmWorker:
 
     def take_report(self) -> KvbmWorkerMetadata | None:
         report, self._report = self._report, KvbmWorkerMetadata()
-        if not report.stored and not report.failed_batches:
+        if not (report.stored or report.failed_batches or report.bad_disk_slots):
             return None
         return report
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.drain()
+        self._io.shutdown(wait=True)
+        if self.disk is not None:
+            path = self.disk.path
+            self.disk.close()
+            if not self.config.disk_persist:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def _result(future: Future) -> list[bool] | None:
+    try:
+        return future.result()
+    except Exception:
+        logger.exception("kvbm: disk transfer failed")
+        return None

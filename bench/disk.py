@@ -1,0 +1,253 @@
+"""Disk tier (G3) throughput: DiskArena against the raw device, on one directory.
+
+(a) baseline: plain sequential O_DIRECT write then read of a SIZE file with
+    large aligned buffers (one thread, CHUNK bytes per call): what a simple
+    reader/writer gets from this filesystem;
+(b) DiskArena.write_blocks / read_blocks of the same amount of data, in
+    batches of BATCH blocks, slots in random order, for each block size
+    (default 2 MiB = one 16-token block of Llama-3.1-8B in bf16, all 32
+    layers, K and V; and 128 KiB, a small model's block), from page-aligned
+    host memory (as pinned G2 rows are: zero-copy) and from memory that is
+    not page-aligned (staged through an aligned buffer);
+(c) for reference, raw random-slot O_DIRECT pwrite/preadv of the same slots
+    with the same number of threads and no checksum or copy: the device's own
+    limit for that access pattern. It separates "the drive is slower at random
+    blocks of this size" from "DiskArena costs".
+
+Variants run interleaved, REPEAT rounds, and the median is reported (virtual
+disks drift a lot). Writes include the final fdatasync. Ratios are to the
+sequential baseline (goal >= 0.9). The single-core cost of the per-block CPU
+work (CRC-32, memcpy) is printed to tell a CPU limit from a device limit.
+Without O_DIRECT the run says so (the page cache is then dropped with
+posix_fadvise before reads, which is best effort).
+
+Run: ``python bench/disk.py [--dir DIR] [--size-gib 1] [--block-sizes 2MiB,128KiB]
+[--batch 64] [--threads 4] [--repeat 5]``. No torch, no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from kvbm.storage.disk import DiskArena
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+Result = tuple[float, float]  # write GB/s, read GB/s
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    for suffix, mult in (("kib", 1 << 10), ("mib", 1 << 20), ("gib", 1 << 30),
+                         ("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    return int(text)
+
+
+def fmt_size(n: int) -> str:
+    for unit, mult in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult} {unit}"
+    return f"{n} B"
+
+
+def drop_cache(fd: int) -> None:
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def open_file(path: str, size: int, direct: bool) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | (_O_DIRECT if direct else 0), 0o600)
+    if os.fstat(fd).st_size < size:
+        os.posix_fallocate(fd, 0, size)
+    return fd
+
+
+def baseline(path: str, size: int, chunk: int, direct: bool) -> Result:
+    """Sequential write (+fdatasync) and read of ``size`` bytes, one thread."""
+    fd = open_file(path, size, direct)
+    buf = mmap.mmap(-1, chunk)
+    buf.write(np.random.default_rng(0).integers(0, 256, chunk, dtype=np.uint8).tobytes())
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, size, chunk):
+            os.pwrite(fd, buf, off)
+        os.fdatasync(fd)
+        write = size / (time.perf_counter() - t0) / 1e9
+        if not direct:
+            drop_cache(fd)
+        t0 = time.perf_counter()
+        for off in range(0, size, chunk):
+            os.preadv(fd, [buf], off)
+        read = size / (time.perf_counter() - t0) / 1e9
+    finally:
+        buf.close()
+        os.close(fd)
+    return write, read
+
+
+def raw_random(path: str, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
+               rng: np.random.Generator) -> Result:
+    """Whole-slot pwrite/preadv in random slot order, ``threads`` at once, no checksum or copy."""
+    fd = open_file(path, slots * slot_size, direct)
+    bufs = [mmap.mmap(-1, slot_size) for _ in range(threads)]
+
+    def timed(op: Callable[[mmap.mmap, int], object], sync: bool) -> float:
+        order = iter(rng.permutation(slots).tolist())  # shared: threads pull the next slot
+
+        def worker(buf: mmap.mmap) -> None:
+            for s in order:
+                op(buf, s * slot_size)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(worker, b) for b in bufs]:
+                f.result()
+        if sync:
+            os.fdatasync(fd)
+        return slots * bb / (time.perf_counter() - t0) / 1e9
+
+    try:
+        write = timed(lambda b, off: os.pwrite(fd, b, off), sync=True)
+        if not direct:
+            drop_cache(fd)
+        read = timed(lambda b, off: os.preadv(fd, [b], off), sync=False)
+    finally:
+        for b in bufs:
+            b.close()
+        os.close(fd)
+    return write, read
+
+
+def host_rows(rows: int, bb: int, aligned: bool, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` blocks of one host buffer: page-aligned rows (like pinned G2
+    memory) or shifted by 64 bytes so that no row is page-aligned."""
+    shift = 0 if aligned else 64
+    mm = mmap.mmap(-1, rows * bb + 4096)
+    arr = np.frombuffer(mm, dtype=np.uint8)[shift : shift + rows * bb].reshape(rows, bb)
+    arr[:] = rng.integers(0, 256, arr.shape, dtype=np.uint8)
+    return arr
+
+
+def arena_run(arena: DiskArena, batch: int, aligned: bool, rng: np.random.Generator) -> Result:
+    """Write every slot once (random order, batches), sync, read them all back."""
+    n, bb = arena.num_slots, arena.block_bytes
+    src = host_rows(batch, bb, aligned, rng)
+    dst = host_rows(batch, bb, aligned, rng)
+    hashes = [(s * 0x9E3779B97F4A7C15 + 1) % (1 << 64) for s in range(n)]
+    order = rng.permutation(n).tolist()
+    t0 = time.perf_counter()
+    for lo in range(0, n, batch):
+        ok = arena.write_blocks([(s, hashes[s], src[i]) for i, s in enumerate(order[lo : lo + batch])])
+        assert all(ok), "write failed"
+    arena.sync()
+    write = n * bb / (time.perf_counter() - t0) / 1e9
+    if not arena.o_direct:
+        drop_cache(arena._fd)
+    order = rng.permutation(n).tolist()
+    t0 = time.perf_counter()
+    for lo in range(0, n, batch):
+        ok = arena.read_blocks([(s, hashes[s], dst[i]) for i, s in enumerate(order[lo : lo + batch])])
+        assert all(ok), "read failed verification"
+    read = n * bb / (time.perf_counter() - t0) / 1e9
+    return write, read
+
+
+def cpu_costs(block: int) -> dict[str, float]:
+    """Single-thread GB/s of the per-block CPU work."""
+    a = np.random.default_rng(1).integers(0, 256, block, dtype=np.uint8)
+    b = np.empty_like(a)
+    reps = max(1, (256 << 20) // block)
+    out = {}
+    for name, fn in (("crc32", lambda: zlib.crc32(a)), ("memcpy", lambda: np.copyto(b, a))):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out[name] = block * reps / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=None, help="parent directory (default $DYN_KVBM_DISK_CACHE_DIR or /tmp)")
+    p.add_argument("--size-gib", type=float, default=1.0, help="data per measurement")
+    p.add_argument("--block-sizes", default="2MiB,128KiB")
+    p.add_argument("--batch", type=int, default=64, help="blocks per write_blocks/read_blocks call")
+    p.add_argument("--threads", type=int, default=4, help="DiskArena io_threads")
+    p.add_argument("--chunk", default="64MiB", help="baseline buffer size")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--disable-o-direct", action="store_true")
+    args = p.parse_args()
+
+    parent = args.dir or os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp"
+    os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="kvbm-bench-disk-", dir=parent)
+    size = int(args.size_gib * (1 << 30)) // (1 << 20) * (1 << 20)
+    chunk = parse_size(args.chunk)
+    blocks = [parse_size(s) for s in args.block_sizes.split(",")]
+    probe = DiskArena.probe(workdir)
+    direct = bool(probe["o_direct"]) and not args.disable_o_direct
+    print(f"directory  {workdir} ({probe['filesystem']}, {probe['free_bytes'] / 1e9:.1f} GB free)")
+    print(f"setup      {os.cpu_count()} CPUs; {fmt_size(size)} per measurement; io_threads "
+          f"{args.threads}; batch {args.batch}; median of {args.repeat} interleaved rounds")
+    if direct:
+        print("I/O        O_DIRECT (page cache not involved)")
+    else:
+        why = "disabled by --disable-o-direct" if args.disable_o_direct else (
+            f"unavailable on this filesystem ({probe['o_direct_error']})")
+        print(f"I/O        NOTE: O_DIRECT {why}: buffered I/O; the page cache is dropped with "
+              f"posix_fadvise before reads (best effort), numbers may include cache effects")
+    rng = np.random.default_rng(0)
+    variants: dict[str, Callable[[], Result]] = {
+        f"baseline sequential {fmt_size(chunk)} I/O": lambda: baseline(
+            os.path.join(workdir, "baseline.bin"), size, chunk, direct),
+    }
+    arenas = []
+    try:
+        for b in blocks:
+            arena = DiskArena(workdir, size // b, b, file_tag=f"bench-{b}", io_threads=args.threads,
+                              disable_o_direct=not direct)
+            arenas.append(arena)
+            variants[f"raw random {fmt_size(b)} x{args.threads} threads"] = (
+                lambda a=arena: raw_random(os.path.join(workdir, f"raw-{a.block_bytes}.bin"), a.num_slots,
+                                           a.slot_size, a.block_bytes, args.threads, direct, rng))
+            variants[f"DiskArena {fmt_size(b)}, aligned host"] = (
+                lambda a=arena: arena_run(a, args.batch, True, rng))
+            variants[f"DiskArena {fmt_size(b)}, unaligned host"] = (
+                lambda a=arena: arena_run(a, args.batch, False, rng))
+        results: dict[str, list[Result]] = {k: [] for k in variants}
+        for _ in range(args.repeat):  # interleaved: drift hits every variant alike
+            for name, fn in variants.items():
+                results[name].append(fn())
+        med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
+               for k, v in results.items()}
+        bw, br = next(iter(med.values()))
+        print(f"\n{'':40s} {'write GB/s':>10s} {'ratio':>6s} {'read GB/s':>10s} {'ratio':>6s}")
+        for name, (w, r) in med.items():
+            print(f"{name:40s} {w:10.2f} {w / bw:6.2f} {r:10.2f} {r / br:6.2f}")
+        print("\nall rounds (write/read GB/s):")
+        for name, runs in results.items():
+            print(f"  {name:40s} " + " ".join(f"{w:.2f}/{r:.2f}" for w, r in runs))
+        print("\nsingle-thread CPU cost per block (GB/s):")
+        for b in blocks:
+            print(f"  {fmt_size(b)}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_costs(b).items()))
+    finally:
+        for arena in arenas:
+            arena.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

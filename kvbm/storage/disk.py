@@ -1,0 +1,811 @@
+"""The G3 data file of one worker rank: fixed-size slots on local disk.
+
+One preallocated file holds ``num_slots`` slots. A slot is a 64-byte header
+followed by one block's payload, padded to 4096 bytes so that every slot can be
+read and written with one O_DIRECT call. The header names the block it holds
+(hash, slot index, length) and carries a CRC-32 of the payload and of itself,
+so a read that does not verify (torn write after a crash, stale slot, bit rot,
+truncated file, a leader index that is out of date) is reported as a miss and
+never served: the reference system once served another request's KV after a
+failed disk transfer, and we must not.
+
+I/O goes through a small thread pool (``os.pwrite``/``os.preadv`` and
+``zlib.crc32`` release the GIL), each thread staging through its own
+page-aligned buffer because O_DIRECT needs aligned memory. I/O errors never
+raise out of :meth:`DiskArena.write_blocks` / :meth:`DiskArena.read_blocks`:
+they return per-block ``False`` (a dropped store, a miss to recompute) and are
+counted and logged once per kind. Set-up errors raise :class:`DiskSetupError`
+with a message that names the setting or path to change.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Slots, I/O sizes and buffers are aligned to this (O_DIRECT needs the
+#: device's logical block size; 4096 covers 512e and 4Kn drives).
+ALIGN = 4096
+HEADER_SIZE = 64
+MAGIC = b"KVBMG3\x00\x01"
+FORMAT_VERSION = 1
+#: magic, version, payload offset, payload crc32, slot, block hash, payload length
+_HDR_BODY = struct.Struct("<8sHHIQQQ")
+_HDR_CRC = struct.Struct("<I")
+_HDR_CRC_AT = _HDR_BODY.size  # header crc32 covers bytes [0, 40)
+
+_ZERO_CHUNK = 64 << 20  # zero-fill fallback: bytes per write
+_PROGRESS_EVERY_S = 5.0
+_U64 = 1 << 64
+
+# errnos meaning "this filesystem cannot preallocate" (as opposed to "no room").
+_FALLOCATE_REFUSED = {
+    errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS, errno.ENOTTY,
+}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+_CACHE_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+# Directories we already warned about (O_DIRECT refused): one warning per
+# directory per process, however many ranks or arenas live there.
+_warned_o_direct: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+class DiskSetupError(RuntimeError):
+    """The disk tier cannot be set up; the message names the setting to fix."""
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """Anonymous mmap: page-aligned, zero-filled, as O_DIRECT needs."""
+    mm = mmap.mmap(-1, nbytes)
+    return mm, np.frombuffer(mm, dtype=np.uint8)
+
+
+def _as_u8(obj: Any, *, writable: bool, what: str) -> np.ndarray:
+    """A flat uint8 view of ``obj`` (buffer protocol, numpy array, or CPU tensor)."""
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        try:
+            arr = np.frombuffer(obj, dtype=np.uint8)
+        except (TypeError, ValueError, BufferError):
+            arr = np.asarray(obj)  # e.g. a CPU torch tensor (via __array__)
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous memory, got a strided array of shape {arr.shape}")
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{what} is read-only; read_blocks needs a writable destination")
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _filesystem_of(path: str) -> str | None:
+    """Filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, best_len = None, -1
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= best_len:
+            best, best_len = right.split()[0], len(mount_point)
+    return best
+
+
+class DiskArena:
+    """``num_slots`` fixed-size slots in one file; blocks in, verified blocks out.
+
+    Thread safety: ``write_blocks``/``read_blocks`` may be called from several
+    threads at once, provided no slot is written while it is read or written by
+    another call (the leader's pool already guarantees that: a slot being
+    written is PENDING, a slot being read is pinned).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        num_slots: int,
+        block_bytes: int,
+        *,
+        file_tag: str,
+        zerofill_fallback: bool = False,
+        disable_o_direct: bool = False,
+        io_threads: int = 4,
+        fallocate: Callable[[int, int, int], Any] = os.posix_fallocate,
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"DiskArena: num_slots must be > 0, got {num_slots}")
+        if block_bytes <= 0:
+            raise ValueError(f"DiskArena: block_bytes must be > 0, got {block_bytes}")
+        if io_threads <= 0:
+            raise ValueError(f"DiskArena: io_threads must be > 0, got {io_threads}")
+        if not file_tag or "/" in file_tag or "\x00" in file_tag or file_tag in (".", ".."):
+            raise ValueError(f"DiskArena: file_tag {file_tag!r} must be a plain file-name fragment")
+        start = time.monotonic()
+        self.directory = os.path.abspath(directory)
+        self.num_slots = num_slots
+        self.block_bytes = block_bytes
+        # Payload right after the 64-byte header, or, when the block is a whole
+        # number of pages, on the next page: same slot size (the header needs
+        # a page of its own either way) and the payload can then move straight
+        # between the caller's page-aligned memory (pinned host rows) and the
+        # file, with no staging copy.
+        self._payload_off = ALIGN if block_bytes % ALIGN == 0 else HEADER_SIZE
+        self._slot_size = round_up(self._payload_off + block_bytes)
+        self._path = os.path.join(self.directory, f"kvbm-g3-{file_tag}.bin")
+        self._io_threads = io_threads
+        self._fd = -1
+        self._closed = False
+        self._lock = threading.Lock()
+        self._logged: set[tuple[str, str]] = set()
+        self._local = threading.local()
+        self._buffers: list[mmap.mmap] = []
+
+        # counters (updated under self._lock by the calling thread)
+        self.read_failures = 0  # OSError or short read (truncated file)
+        self.checksum_failures = 0  # header or payload CRC mismatch: corruption or torn write
+        self.mismatches = 0  # the slot holds another block (or none): stale index
+        self.write_failures = 0
+        self.blocks_written = 0
+        self.blocks_read = 0
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self.write_seconds = 0.0
+        self.read_seconds = 0.0
+
+        self._prepare_directory()
+        total = num_slots * self._slot_size
+        created = self._open(disable_o_direct)
+        try:
+            self._reserve(total, fallocate, zerofill_fallback)
+            if self._o_direct:
+                self._check_o_direct_io()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            if created:
+                try:
+                    os.unlink(self._path)
+                except OSError:
+                    pass
+            raise
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-g3-io")
+        logger.info(
+            "kvbm: disk cache (G3) ready: %s, %d slots x %d B (block %d B) = %s, %s, in %.2f s",
+            self._path, num_slots, self._slot_size, block_bytes, _gb(total),
+            "O_DIRECT" if self._o_direct else "buffered I/O", time.monotonic() - start,
+        )
+
+    # ---- set-up ----------------------------------------------------------
+    def _prepare_directory(self) -> None:
+        d = self.directory
+        if os.path.lexists(d):
+            if not os.path.isdir(d):
+                raise DiskSetupError(
+                    f"disk cache directory {d} exists but is not a directory; set {_CACHE_DIR_VAR} "
+                    f"to a directory on a local SSD (it is created if missing)"
+                )
+        else:
+            try:
+                parent = os.path.dirname(d)
+                os.makedirs(parent, exist_ok=True)
+                os.mkdir(d, 0o700)
+                os.chmod(d, 0o700)  # mkdir's mode is narrowed by the umask, never widened; be exact
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise DiskSetupError(
+                        f"disk cache directory {d} exists but is not a directory; set {_CACHE_DIR_VAR} "
+                        f"to a directory on a local SSD"
+                    ) from None
+            except OSError as e:
+                raise DiskSetupError(
+                    f"cannot create disk cache directory {d}: {e.strerror} (errno {e.errno}); "
+                    f"set {_CACHE_DIR_VAR} to a writable directory on a local SSD"
+                ) from e
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise DiskSetupError(
+                f"disk cache directory {d} is not writable by this process (uid {os.getuid()}); "
+                f"fix its permissions or set {_CACHE_DIR_VAR} to a writable directory"
+            )
+
+    def _open_fd(self, direct: bool) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        if direct:
+            flags |= _O_DIRECT
+        return os.open(self._path, flags, 0o600)
+
+    def _open(self, disable_o_direct: bool) -> bool:
+        """Open (or create) the data file, lock it, and choose O_DIRECT or buffered I/O.
+
+        Returns True if the file was created by this call (so a failed set-up
+        can remove it again).
+        """
+        existed = os.path.lexists(self._path)
+        want_direct = bool(_O_DIRECT) and not disable_o_direct
+        try:
+            try:
+                fd = self._open_fd(want_direct)
+            except OSError as e:
+                if not (want_direct and e.errno == errno.EINVAL):
+                    raise
+                self._warn_o_direct(f"open with O_DIRECT failed: {e.strerror}")
+                want_direct = False
+                fd = self._open_fd(False)
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.ELOOP:
+                hint = " (it is a symbolic link; kvbm refuses to follow links for its data file)"
+            raise DiskSetupError(
+                f"cannot open disk cache file {self._path}: {e.strerror} (errno {e.errno}){hint}; "
+                f"remove it or set {_CACHE_DIR_VAR} to another directory"
+            ) from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DiskSetupError(
+                    f"disk cache file {self._path} exists but is not a regular file; remove it "
+                    f"or set {_CACHE_DIR_VAR} to another directory"
+                )
+            if st.st_uid != os.geteuid():
+                raise DiskSetupError(
+                    f"disk cache file {self._path} belongs to uid {st.st_uid}, not to this process "
+                    f"(uid {os.geteuid()}); remove it or set {_CACHE_DIR_VAR} to a private directory"
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DiskSetupError(
+                    f"disk cache file {self._path} is in use by another process (another kvbm "
+                    f"instance with the same directory and rank?); give each instance its own "
+                    f"{_CACHE_DIR_VAR}"
+                ) from None
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._o_direct = want_direct
+        return not existed
+
+    def _warn_o_direct(self, why: str) -> None:
+        with _warned_lock:
+            first = self.directory not in _warned_o_direct
+            _warned_o_direct.add(self.directory)
+        if first:
+            logger.warning(
+                "kvbm: the filesystem of %s does not support O_DIRECT (%s); using buffered I/O "
+                "(the page cache will also hold disk-tier data). Put %s on a filesystem that "
+                "supports O_DIRECT (ext4, xfs on a local SSD), or set "
+                "DYN_KVBM_DISK_DISABLE_O_DIRECT=true to choose buffered I/O and silence this warning.",
+                self.directory, why, _CACHE_DIR_VAR,
+            )
+
+    def _reserve(self, total: int, fallocate: Callable[[int, int, int], Any], zerofill: bool) -> None:
+        size = os.fstat(self._fd).st_size
+        if size > total:
+            os.ftruncate(self._fd, total)  # a previous run had a bigger cache; slots beyond are gone
+        try:
+            fallocate(self._fd, 0, total)
+            return
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise DiskSetupError(self._no_space_message(total, e)) from e
+            if e.errno not in _FALLOCATE_REFUSED:
+                raise DiskSetupError(
+                    f"cannot reserve {_gb(total)} for disk cache file {self._path}: {e.strerror} "
+                    f"(errno {e.errno}); set {_CACHE_DIR_VAR} to a directory on a local SSD"
+                ) from e
+            if not zerofill:
+                raise DiskSetupError(
+                    f"the filesystem of {self.directory} refused fallocate for {self._path} "
+                    f"({e.strerror}, errno {e.errno}). Set DYN_KVBM_DISK_ZEROFILL_FALLBACK=true to "
+                    f"reserve the {_gb(total)} by writing zeros instead (slower start-up), or set "
+                    f"{_CACHE_DIR_VAR} to a filesystem that supports fallocate (ext4, xfs)."
+                ) from e
+            logger.warning(
+                "kvbm: fallocate refused on %s (%s); DYN_KVBM_DISK_ZEROFILL_FALLBACK is set, "
+                "writing %s of zeros instead", self.directory, e.strerror, _gb(total),
+            )
+        self._zero_fill(min(size, total) // ALIGN * ALIGN, total)
+
+    def _zero_fill(self, start: int, total: int) -> None:
+        """Write zeros over ``[start, total)`` in large aligned chunks, logging progress.
+
+        Starting at the current file size makes an interrupted fill resume
+        where it stopped on the next start.
+        """
+        if start >= total:
+            return
+        mm = mmap.mmap(-1, min(_ZERO_CHUNK, round_up(total - start)))  # page-aligned, zeros
+        try:
+            t0 = last = time.monotonic()
+            offset = start
+            while offset < total:
+                n = min(len(mm), total - offset)
+                view = memoryview(mm)[:n]
+                try:
+                    written = os.pwrite(self._fd, view, offset)
+                except OSError as e:
+                    if e.errno in _NO_SPACE:
+                        raise DiskSetupError(self._no_space_message(total, e)) from e
+                    raise DiskSetupError(
+                        f"writing zeros to disk cache file {self._path} failed at {_gb(offset)}: "
+                        f"{e.strerror} (errno {e.errno}); set {_CACHE_DIR_VAR} to another directory"
+                    ) from e
+                finally:
+                    view.release()
+                if written <= 0:
+                    raise DiskSetupError(f"writing zeros to {self._path} made no progress at {_gb(offset)}")
+                offset += written
+                now = time.monotonic()
+                if now - last >= _PROGRESS_EVERY_S:
+                    last = now
+                    logger.info(
+                        "kvbm: zero-filling disk cache %s: %.0f%% (%s of %s, %.2f GB/s)",
+                        self._path, 100.0 * offset / total, _gb(offset), _gb(total),
+                        (offset - start) / 1e9 / (now - t0),
+                    )
+            os.fdatasync(self._fd)
+            elapsed = time.monotonic() - t0
+            logger.info(
+                "kvbm: zero-filled %s of disk cache in %.1f s (%.2f GB/s)",
+                _gb(total - start), elapsed, (total - start) / 1e9 / max(elapsed, 1e-9),
+            )
+        finally:
+            mm.close()
+
+    def _no_space_message(self, total: int, e: OSError) -> str:
+        try:
+            st = os.statvfs(self.directory)
+            free = f"{_gb(st.f_bavail * st.f_frsize)} free"
+        except OSError:
+            free = "free space unknown"
+        return (
+            f"not enough space for the disk cache in {self.directory}: {_gb(total)} requested for "
+            f"{self._path}, {free} ({e.strerror}). Lower DYN_KVBM_DISK_CACHE_GB or "
+            f"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS, free space, or set {_CACHE_DIR_VAR} to a "
+            f"larger filesystem."
+        )
+
+    def _check_o_direct_io(self) -> None:
+        """Some filesystems accept O_DIRECT at open and refuse it on I/O: find out now."""
+        mm = mmap.mmap(-1, ALIGN)
+        try:
+            os.preadv(self._fd, [mm], 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise DiskSetupError(
+                    f"cannot read disk cache file {self._path}: {e.strerror} (errno {e.errno}); "
+                    f"set {_CACHE_DIR_VAR} to another directory"
+                ) from e
+            self._warn_o_direct(f"O_DIRECT read failed: {e.strerror}")
+            os.close(self._fd)
+            self._fd = -1
+            self._open(disable_o_direct=True)
+        finally:
+            mm.close()
+
+    # ---- properties ------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def slot_size(self) -> int:
+        """Bytes per slot on disk: header + payload rounded up to 4096."""
+        return self._slot_size
+
+    @property
+    def payload_offset(self) -> int:
+        """Where the payload starts in a slot: 64, or 4096 for page-multiple blocks."""
+        return self._payload_off
+
+    @property
+    def o_direct(self) -> bool:
+        """True if I/O bypasses the page cache (O_DIRECT)."""
+        return self._o_direct
+
+    @property
+    def file_size(self) -> int:
+        return self.num_slots * self._slot_size
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics (bandwidth = bytes / seconds per direction)."""
+        with self._lock:
+            return {
+                "blocks_written": self.blocks_written,
+                "blocks_read": self.blocks_read,
+                "bytes_written": self.bytes_written,
+                "bytes_read": self.bytes_read,
+                "write_seconds": self.write_seconds,
+                "read_seconds": self.read_seconds,
+                "write_failures": self.write_failures,
+                "read_failures": self.read_failures,
+                "checksum_failures": self.checksum_failures,
+                "mismatches": self.mismatches,
+            }
+
+    # ---- I/O ---------------------------------------------------------------
+    def _stage(self) -> tuple[mmap.mmap, np.ndarray]:
+        """This thread's page-aligned staging buffer of one slot."""
+        staged = getattr(self._local, "buf", None)
+        if staged is None:
+            staged = _aligned_buffer(self._slot_size)
+            self._local.buf = staged
+            with self._lock:
+                self._buffers.append(staged[0])
+        return staged
+
+    def _header_page(self) -> mmap.mmap:
+        """This thread's page-aligned header buffer (the zero-copy path)."""
+        page = getattr(self._local, "page", None)
+        if page is None:
+            page = mmap.mmap(-1, ALIGN)
+            self._local.page = page
+            with self._lock:
+                self._buffers.append(page)
+        return page
+
+    def _zero_copy(self, arr: np.ndarray) -> bool:
+        """Can ``arr`` be the payload iovec itself? Always with buffered I/O;
+        with O_DIRECT only for page-multiple blocks in page-aligned memory."""
+        if not self._o_direct:
+            return True
+        return self._payload_off == ALIGN and arr.__array_interface__["data"][0] % ALIGN == 0
+
+    def _pack_header(self, buf: mmap.mmap, slot: int, block_hash: int, payload_crc: int) -> None:
+        _HDR_BODY.pack_into(
+            buf, 0, MAGIC, FORMAT_VERSION, self._payload_off, payload_crc, slot, block_hash, self.block_bytes,
+        )
+        _HDR_CRC.pack_into(buf, _HDR_CRC_AT, zlib.crc32(buf[:_HDR_CRC_AT]))
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"{self._path}: slot {slot} out of range [0, {self.num_slots})")
+
+    def _check_hash(self, block_hash: int) -> None:
+        if not 0 <= block_hash < _U64:
+            raise ValueError(f"block hash {block_hash} is not an unsigned 64-bit integer")
+
+    def _run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Apply ``fn`` to every item over the thread pool, results in order."""
+        n = len(items)
+        if n == 1:
+            return [fn(items[0])]
+        results: list[Any] = [None] * n
+        indices = iter(range(n))  # shared: next() is atomic, threads pull work as they free up
+
+        def worker() -> None:
+            for i in indices:
+                results[i] = fn(items[i])
+
+        futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, n))]
+        for f in futures:
+            f.result()
+        return results
+
+    def _failed(self, op: str, e: OSError) -> str:
+        kind = errno.errorcode.get(e.errno or 0, str(e.errno))
+        with self._lock:
+            first = (op, kind) not in self._logged
+            self._logged.add((op, kind))
+        if first:
+            logger.warning(
+                "kvbm: disk cache %s failed on %s: %s (errno %s); the block is dropped (stores) or "
+                "recomputed (loads). Further %s errors of this kind are only counted.",
+                op, self._path, e.strerror, e.errno, op,
+            )
+        return "io"
+
+    def _log_once(self, op: str, kind: str, msg: str, *args: Any) -> None:
+        with self._lock:
+            first = (op, kind) not in self._logged
+            self._logged.add((op, kind))
+        if first:
+            logger.warning(msg + " Further ones are only counted.", *args)
+
+    def write_blocks(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+        """Write ``(slot, block_hash, data)`` items; per-item success, never raises on I/O errors.
+
+        ``data`` is ``block_bytes`` of any C-contiguous buffer (bytes, memoryview,
+        numpy array, CPU tensor). A failed item leaves its slot unreadable (it
+        will not verify), so the caller must simply not publish it. Raises
+        ValueError/IndexError only for caller bugs (bad size, slot or hash,
+        the same slot twice in one batch).
+        """
+        self._ensure_open()
+        prepared = []
+        seen: set[int] = set()
+        for slot, block_hash, data in items:
+            self._check_slot(slot)
+            self._check_hash(block_hash)
+            if slot in seen:
+                raise ValueError(f"slot {slot} appears twice in one write_blocks batch")
+            seen.add(slot)
+            src = _as_u8(data, writable=False, what=f"data for slot {slot}")
+            if src.size != self.block_bytes:
+                raise ValueError(f"data for slot {slot} has {src.size} bytes, expected {self.block_bytes}")
+            prepared.append((slot, block_hash, src, self._zero_copy(src)))
+        if not prepared:
+            return []
+        t0 = time.perf_counter()
+        results = self._run(self._write_one, prepared)
+        elapsed = time.perf_counter() - t0
+        ok = [r is None for r in results]
+        good = sum(ok)
+        with self._lock:
+            self.write_failures += len(ok) - good
+            self.blocks_written += good
+            self.bytes_written += good * self.block_bytes
+            self.write_seconds += elapsed
+        return ok
+
+    def _write_one(self, item: tuple[int, int, np.ndarray, bool]) -> str | None:
+        slot, block_hash, src, direct = item
+        off = self._payload_off
+        if direct:
+            page = self._header_page()
+            self._pack_header(page, slot, block_hash, zlib.crc32(src))
+            iov: list[Any] = [memoryview(page)[:off], src]
+            want = off + self.block_bytes
+        else:  # O_DIRECT from memory that is not page-aligned: stage it
+            mm, buf = self._stage()
+            payload = buf[off : off + self.block_bytes]
+            np.copyto(payload, src)
+            self._pack_header(mm, slot, block_hash, zlib.crc32(payload))
+            iov = [mm]
+            want = self._slot_size
+        try:
+            n = os.pwritev(self._fd, iov, slot * self._slot_size)
+        except OSError as e:
+            return self._failed("write", e)
+        finally:
+            iov.clear()
+        if n != want:
+            self._log_once(
+                "write", "short", "kvbm: short write to disk cache %s (slot %d: %d of %d bytes).",
+                self._path, slot, n, want,
+            )
+            return "short"
+        return None
+
+    def read_blocks(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+        """Read ``(slot, expected_block_hash, dest)`` items; per-item True only if verified.
+
+        False means a miss (recompute): I/O error, short read, a slot holding
+        another block or nothing, or a checksum mismatch. The contents of a
+        failed item's ``dest`` are unspecified (page-aligned destinations are
+        read into directly, before verification): never use them. Raises
+        ValueError/IndexError only for caller bugs (bad size, slot or hash,
+        read-only destination).
+        """
+        self._ensure_open()
+        prepared = []
+        for slot, block_hash, dest in items:
+            self._check_slot(slot)
+            self._check_hash(block_hash)
+            dst = _as_u8(dest, writable=True, what=f"destination for slot {slot}")
+            if dst.size != self.block_bytes:
+                raise ValueError(
+                    f"destination for slot {slot} has {dst.size} bytes, expected {self.block_bytes}"
+                )
+            prepared.append((slot, block_hash, dst, self._zero_copy(dst)))
+        if not prepared:
+            return []
+        t0 = time.perf_counter()
+        results = self._run(self._read_one, prepared)
+        elapsed = time.perf_counter() - t0
+        ok = [r is None for r in results]
+        good = sum(ok)
+        with self._lock:
+            self.read_failures += sum(r in ("io", "short") for r in results)
+            self.checksum_failures += sum(r == "checksum" for r in results)
+            self.mismatches += sum(r == "mismatch" for r in results)
+            self.blocks_read += good
+            self.bytes_read += good * self.block_bytes
+            self.read_seconds += elapsed
+        return ok
+
+    def _read_one(self, item: tuple[int, int, np.ndarray, bool]) -> str | None:
+        slot, block_hash, dst, direct = item
+        off = self._payload_off
+        if direct:
+            hdr = self._header_page()
+            iov: list[Any] = [memoryview(hdr)[:off], dst]
+            want = off + self.block_bytes
+            payload = dst
+        else:
+            hdr, buf = self._stage()
+            iov = [hdr]
+            want = off + self.block_bytes  # the slot's padding may lie past a truncated end
+            payload = buf[off : off + self.block_bytes]
+        try:
+            n = os.preadv(self._fd, iov, slot * self._slot_size)
+        except OSError as e:
+            return self._failed("read", e)
+        finally:
+            iov.clear()
+        if n < want:
+            self._log_once(
+                "read", "short", "kvbm: short read from disk cache %s (slot %d: %d of %d bytes; "
+                "file truncated?).", self._path, slot, n, want,
+            )
+            return "short"
+        magic, version, payload_off, payload_crc, h_slot, h_hash, length = _HDR_BODY.unpack_from(hdr, 0)
+        if magic != MAGIC:
+            return "mismatch"  # never written (zeros) or not ours
+        (header_crc,) = _HDR_CRC.unpack_from(hdr, _HDR_CRC_AT)
+        if header_crc != zlib.crc32(hdr[:_HDR_CRC_AT]):
+            self._log_once(
+                "read", "header-crc", "kvbm: corrupt block header in disk cache %s (slot %d).",
+                self._path, slot,
+            )
+            return "checksum"
+        if version != FORMAT_VERSION or payload_off != off:
+            return "mismatch"
+        if h_slot != slot or h_hash != block_hash or length != self.block_bytes:
+            return "mismatch"  # the slot holds another block: the index is stale
+        if zlib.crc32(payload) != payload_crc:
+            self._log_once(
+                "read", "payload-crc", "kvbm: checksum mismatch in disk cache %s (slot %d, block "
+                "%016x): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash,
+            )
+            return "checksum"
+        if not direct:
+            np.copyto(dst, payload)
+        return None
+
+    def sync(self) -> None:
+        """Make written blocks durable (fdatasync): data, and the extent
+        conversions of preallocated space that O_DIRECT writes alone do not
+        persist. Needed before a leader journals them as stored."""
+        self._ensure_open()
+        os.fdatasync(self._fd)
+
+    def _ensure_open(self) -> None:
+        if self._closed or self._fd < 0:
+            raise RuntimeError(f"DiskArena {self._path} is closed")
+
+    def close(self) -> None:
+        """Stop the I/O threads and close the file (which stays on disk)."""
+        if self._closed:
+            return
+        self._closed = True
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)  # also drops the flock
+            self._fd = -1
+        self._buffers.clear()
+
+    def __enter__(self) -> DiskArena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and self._fd >= 0:
+                self.close()
+        except Exception:
+            pass
+
+    # ---- diagnostics -------------------------------------------------------
+    @staticmethod
+    def probe(directory: str) -> dict[str, Any]:
+        """What a disk cache in ``directory`` would get, without creating the real file.
+
+        Tests fallocate and O_DIRECT with a small temporary file (removed
+        again) and reports free space. If ``directory`` does not exist yet,
+        the nearest existing parent (where it would be created) is probed.
+        For ``kvbm doctor``.
+        """
+        directory = os.path.abspath(directory)
+        report: dict[str, Any] = {
+            "directory": directory,
+            "exists": os.path.isdir(directory),
+            "probed": None,
+            "filesystem": None,
+            "writable": False,
+            "free_bytes": None,
+            "total_bytes": None,
+            "fallocate": None,
+            "fallocate_error": None,
+            "o_direct": None,
+            "o_direct_error": None,
+            "error": None,
+        }
+        if os.path.lexists(directory) and not os.path.isdir(directory):
+            report["error"] = f"{directory} exists but is not a directory; fix {_CACHE_DIR_VAR}"
+            return report
+        probed = directory
+        while not os.path.isdir(probed):
+            probed = os.path.dirname(probed)
+        report["probed"] = probed
+        report["filesystem"] = _filesystem_of(probed)
+        try:
+            st = os.statvfs(probed)
+            report["free_bytes"] = st.f_bavail * st.f_frsize
+            report["total_bytes"] = st.f_blocks * st.f_frsize
+        except OSError as e:
+            report["error"] = f"statvfs({probed}) failed: {e.strerror}"
+        report["writable"] = os.access(probed, os.W_OK | os.X_OK)
+        if not report["writable"]:
+            report["error"] = f"{probed} is not writable by uid {os.getuid()}; fix {_CACHE_DIR_VAR}"
+            return report
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".kvbm-probe-", dir=probed)
+        except OSError as e:
+            report["writable"] = False
+            report["error"] = f"cannot create a file in {probed}: {e.strerror}"
+            return report
+        dfd = -1
+        mm = mmap.mmap(-1, ALIGN)
+        try:
+            try:
+                dfd = os.open(tmp, os.O_RDWR | _O_DIRECT) if _O_DIRECT else -1
+            except OSError as e:
+                report["o_direct"] = False
+                report["o_direct_error"] = f"open: {e.strerror} (errno {e.errno})"
+            # fallocate on the fd kvbm would use (glibc emulates it on buffered fds).
+            try:
+                os.posix_fallocate(dfd if dfd >= 0 else fd, 0, 1 << 20)
+                report["fallocate"] = True
+            except OSError as e:
+                report["fallocate"] = False
+                report["fallocate_error"] = f"{e.strerror} (errno {e.errno})"
+            if dfd >= 0:
+                try:
+                    os.pwrite(dfd, mm, 0)
+                    os.preadv(dfd, [mm], 0)
+                    report["o_direct"] = True
+                except OSError as e:
+                    report["o_direct"] = False
+                    report["o_direct_error"] = f"I/O: {e.strerror} (errno {e.errno})"
+            elif not _O_DIRECT:
+                report["o_direct"] = False
+                report["o_direct_error"] = "O_DIRECT is not available on this platform"
+        finally:
+            mm.close()
+            if dfd >= 0:
+                os.close(dfd)
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return report

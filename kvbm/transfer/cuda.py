@@ -1,0 +1,686 @@
+"""CUDA copy engine: batched G1 (GPU KV cache) <-> G2 (pinned host arena) copies.
+
+Every layer is described by :mod:`kvbm.transfer.layout` as bytes
+``[outer, num_blocks, inner]``; a host slot holds, for each layer at
+``LayerLayout.offset``, ``outer`` runs of ``inner`` bytes. So a batch of ``n``
+blocks is ``n x sum(outer)`` contiguous runs ("planes"), ``inner`` bytes each on
+both sides, scattered over the GPU but gathered into one row per slot on the
+host.
+
+One Triton kernel moves such a batch: a persistent grid of ``ctas`` programs
+walks the work items ``(block i, plane s, chunk c)`` and copies ``chunk_bytes``
+per item with 16-byte vector accesses, addressing every layer through a small
+device table built once (plane base, block stride, offset inside a host row).
+All addresses are offsets from one anchor pointer, which is valid because GPU
+memory, pinned host memory and registered host memory share one unified
+virtual address space. Two ways to use it, per direction:
+
+``mode="dma"`` (default): the kernel gathers (store) or scatters (load) between
+    the KV cache and a small device staging buffer laid out exactly like host
+    rows, and the copy engines move whole rows with one batched DMA call
+    (``cuMemcpyBatchAsync``) per staging buffer; consecutive host slots are
+    merged into one DMA. Two staging buffers per direction and two streams per
+    direction overlap the kernel of one chunk with the DMA of the next. The
+    PCIe traffic is then plain large DMA (same speed as one big ``cudaMemcpy``,
+    both ways at once too), and the SMs are busy only for the HBM-speed
+    gather/scatter, so the forward pass running beside it barely slows. A batch
+    that fits in one staging buffer is exactly one kernel launch plus one
+    batched DMA call.
+``mode="kernel"``: zero-copy. The same kernel reads/writes the pinned arena
+    directly over PCIe; one launch per batch, no staging memory; about 0.92 to
+    0.95 of DMA speed one way, but GPU-initiated PCIe reads share the link badly
+    with writes (both ways at once ~0.8), and the copy holds SMs for its whole
+    duration.
+
+Ordering: ``store``/``load`` record an event on the caller's current (compute)
+stream and the copy's first GPU-side step waits on it, so a store sees
+everything the forward pass queued before it, and a load never overwrites
+blocks that earlier queued work still uses. Completion is an event after the
+last step, observed by ``poll`` through ``event.query()``; nothing but
+``drain`` synchronizes. Block/slot indices go through preallocated pinned
+buffers and one ``non_blocking`` upload per batch.
+
+Nothing heavy is imported at module import: Triton (and CuPy, for the optional
+``backend="cupy"``) are imported when an engine is built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvbm.transfer.engine import Completion
+
+if TYPE_CHECKING:
+    from kvbm.storage.host import HostArena
+    from kvbm.transfer.layout import KVLayout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CudaCopyEngine", "DEFAULT_CTAS", "DEFAULT_CHUNK_BYTES", "DEFAULT_STAGING_BYTES"]
+
+# Defaults, from bench/transfer.py on an H200 (docs/gpu-data-plane.md).
+DEFAULT_CTAS = 132  # zero-copy kernel: programs per launch
+DEFAULT_STAGING_CTAS = 264  # gather/scatter into staging (HBM speed)
+DEFAULT_CHUNK_BYTES = 16384  # bytes per work item
+DEFAULT_STAGING_BYTES = 64 << 20  # per staging buffer; 2 per direction
+_NUM_WARPS = 4
+_CUPY_THREADS = 256
+_IDX_POOL = 16  # preallocated small index buffers (plus two for the largest batch)
+_IDX_SMALL = 2048  # values (int64) per small index buffer
+
+# --------------------------------------------------------------------------
+# Kernels, built on first use.
+
+_TRITON_KERNEL: Any = None
+_CUPY_KERNELS: dict[int, Any] = {}
+
+
+def _triton_kernel() -> Any:
+    """The Triton gather/scatter kernel (compiled per direction and alignment on first launch)."""
+    global _TRITON_KERNEL, tl
+    if _TRITON_KERNEL is not None:
+        return _TRITON_KERNEL
+    import triton
+    import triton.language as tl  # noqa: F811  (the kernel below reads ``tl`` from module globals)
+
+    @triton.jit(do_not_specialize=["n", "host_base", "host_row", "num_segs", "chunks_per_seg"])
+    def _kvbm_copy_kernel(
+        anchor,  # *elem: every address is anchor + an element offset (one UVA space)
+        seg_dev,  # *i64 [S]: device plane start, elements from anchor
+        seg_stride,  # *i64 [S]: device elements per block
+        seg_host,  # *i64 [S]: offset of this plane inside a host row, elements
+        seg_len,  # *i64 [S]: elements per run
+        idx,  # *i64 [2, n]: GPU block ids, then host rows
+        n,
+        host_base,  # first host row, elements from anchor (arena or staging buffer)
+        host_row,  # elements per host row
+        num_segs,
+        chunks_per_seg,
+        TO_HOST: tl.constexpr,
+        BLOCK: tl.constexpr,  # elements per work item
+        VEC: tl.constexpr,  # elements per aligned vector (16 B when the layout allows)
+        EVEN: tl.constexpr,  # every run is a whole number of BLOCKs: no masks
+    ):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        per_blk = num_segs * chunks_per_seg
+        total = n * per_blk
+        lane = tl.arange(0, BLOCK)
+        for w in range(pid, total, nprog):
+            i = w // per_blk
+            r = w - i * per_blk
+            s = r // chunks_per_seg
+            c = r - s * chunks_per_seg
+            gpu_blk = tl.load(idx + i)
+            row = tl.load(idx + n + i)
+            start = c * BLOCK
+            dev_off = tl.multiple_of(tl.load(seg_dev + s) + gpu_blk * tl.load(seg_stride + s) + start, VEC)
+            host_off = tl.multiple_of(host_base + row * host_row + tl.load(seg_host + s) + start, VEC)
+            if EVEN:
+                if TO_HOST:
+                    v = tl.load(anchor + dev_off + lane, eviction_policy="evict_first")
+                    tl.store(anchor + host_off + lane, v)
+                else:
+                    v = tl.load(anchor + host_off + lane, eviction_policy="evict_first")
+                    tl.store(anchor + dev_off + lane, v)
+            else:
+                length = tl.multiple_of(tl.load(seg_len + s), VEC)
+                mask = (start + lane) < length
+                if TO_HOST:
+                    v = tl.load(anchor + dev_off + lane, mask=mask, eviction_policy="evict_first")
+                    tl.store(anchor + host_off + lane, v, mask=mask)
+                else:
+                    v = tl.load(anchor + host_off + lane, mask=mask, eviction_policy="evict_first")
+                    tl.store(anchor + dev_off + lane, v, mask=mask)
+
+    _TRITON_KERNEL = _kvbm_copy_kernel
+    return _TRITON_KERNEL
+
+
+_CUPY_SOURCE = r"""
+extern "C" __global__ void __launch_bounds__(THREADS)
+kvbm_copy(const long long* __restrict__ seg_dev, const long long* __restrict__ seg_stride,
+          const long long* __restrict__ seg_host, const long long* __restrict__ seg_len,
+          const long long* __restrict__ idx, long long n, long long host_base, long long host_row,
+          int num_segs, int chunks_per_seg, int to_host, unsigned long long anchor)
+{
+    // Byte offsets from ``anchor``; every run, base and stride is 16-byte aligned.
+    const long long per_blk = (long long)num_segs * chunks_per_seg;
+    const long long total = n * per_blk;
+    for (long long w = blockIdx.x; w < total; w += gridDim.x) {
+        const long long i = w / per_blk;
+        const long long r = w - i * per_blk;
+        const int s = (int)(r / chunks_per_seg);
+        const int c = (int)(r - (long long)s * chunks_per_seg);
+        const long long start = (long long)c * CHUNK;
+        const long long len = seg_len[s];
+        const unsigned long long dev = anchor + seg_dev[s] + idx[i] * seg_stride[s] + start;
+        const unsigned long long host = anchor + host_base + idx[n + i] * host_row + seg_host[s] + start;
+        const uint4* __restrict__ src = (const uint4*)(to_host ? dev : host);
+        uint4* __restrict__ dst = (uint4*)(to_host ? host : dev);
+        long long rem = len - start;
+        const int nvec = (int)((rem < CHUNK ? rem : CHUNK) >> 4);
+        uint4 v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int k = threadIdx.x + u * THREADS;
+            if (k < nvec) v[u] = __ldcs(src + k);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int k = threadIdx.x + u * THREADS;
+            if (k < nvec) dst[k] = v[u];
+        }
+    }
+}
+"""
+
+
+def _cupy_kernel(chunk_bytes: int) -> Any:
+    if chunk_bytes in _CUPY_KERNELS:
+        return _CUPY_KERNELS[chunk_bytes]
+    import cupy
+
+    unroll = chunk_bytes // (16 * _CUPY_THREADS)
+    if unroll < 1 or unroll * 16 * _CUPY_THREADS != chunk_bytes:
+        raise ValueError(f"cupy backend needs chunk_bytes a multiple of {16 * _CUPY_THREADS}")
+    kernel = cupy.RawKernel(
+        _CUPY_SOURCE, "kvbm_copy",
+        options=(f"-DTHREADS={_CUPY_THREADS}", f"-DCHUNK={chunk_bytes}", f"-DUNROLL={unroll}"),
+    )
+    _CUPY_KERNELS[chunk_bytes] = kernel
+    return kernel
+
+
+# --------------------------------------------------------------------------
+# Batched DMA through the driver API (ctypes: no cuda-python needed).
+
+
+class _MemLoc(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _MemcpyAttributes(ctypes.Structure):
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", _MemLoc),
+        ("dstLocHint", _MemLoc),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CU_MEM_LOCATION_TYPE_DEVICE = 1
+_CU_MEM_LOCATION_TYPE_HOST = 2
+
+
+class _BatchCopier:
+    """``cuMemcpyBatchAsync`` (one call for many copies), else one ``cuMemcpyAsync`` per copy."""
+
+    def __init__(self, device_index: int) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        self._batch = None
+        self._failidx = False
+        for name, failidx in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                continue
+            fn.restype = ctypes.c_int
+            self._batch, self._failidx = fn, failidx
+            break
+        self._single = lib.cuMemcpyAsync
+        self._single.restype = ctypes.c_int
+        self._single.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self._attrs = {}
+        for to_host in (True, False):
+            attr = _MemcpyAttributes()
+            attr.srcAccessOrder = _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+            dev = _MemLoc(_CU_MEM_LOCATION_TYPE_DEVICE, device_index)
+            host = _MemLoc(_CU_MEM_LOCATION_TYPE_HOST, 0)
+            attr.srcLocHint, attr.dstLocHint = (dev, host) if to_host else (host, dev)
+            attr.flags = 0
+            self._attrs[to_host] = attr
+        self._zero = (ctypes.c_size_t * 1)(0)
+
+    @property
+    def batched(self) -> bool:
+        return self._batch is not None
+
+    def copy(self, dsts: list[int], srcs: list[int], sizes: list[int], to_host: bool, stream: int) -> None:
+        count = len(dsts)
+        if count == 0:
+            return
+        if self._batch is not None and count > 1:
+            args: list[Any] = [
+                (ctypes.c_uint64 * count)(*dsts), (ctypes.c_uint64 * count)(*srcs),
+                (ctypes.c_size_t * count)(*sizes), ctypes.c_size_t(count),
+                ctypes.byref(self._attrs[to_host]), self._zero, ctypes.c_size_t(1),
+            ]
+            if self._failidx:
+                args.append(ctypes.byref(ctypes.c_size_t(0)))
+            args.append(ctypes.c_void_p(stream))
+            err = self._batch(*args)
+            if err == 0:
+                return
+            logger.warning("kvbm: cuMemcpyBatchAsync failed (CUresult %d); using cuMemcpyAsync", err)
+            self._batch = None
+        for d, s, z in zip(dsts, srcs, sizes, strict=True):
+            err = self._single(d, s, z, stream)
+            if err != 0:
+                raise RuntimeError(f"cuMemcpyAsync failed (CUresult {err})")
+
+
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Inflight:
+    event: torch.cuda.Event
+    completion: Completion
+    idx: _IdxBuf | None
+
+
+@dataclass
+class _IdxBuf:
+    host: torch.Tensor  # pinned int64
+    dev: torch.Tensor  # device int64
+
+
+def _alignment(values: list[int]) -> int:
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+class CudaCopyEngine:
+    """Asynchronous G1↔G2 copies for CUDA KV caches (see the module docstring).
+
+    ``views`` are the per-layer uint8 ``[outer, num_blocks, inner]`` views from
+    :func:`kvbm.transfer.layout.describe_kv_caches` (CUDA tensors);
+    ``arena.buffer`` is the ``[num_slots, row_bytes >= block_bytes]`` host
+    arena, pinned (registered here, with a warning, if it is not).
+
+    Options: ``store_mode`` / ``load_mode``: ``"dma"`` (default) or
+    ``"kernel"`` (zero-copy). ``staging_bytes``: size of each of the two
+    staging buffers per direction in dma mode (rounded to whole rows, at least
+    one). ``backend``: ``"triton"`` or ``"cupy"`` (CUDA C through CuPy; needs
+    16-byte alignment). ``ctas``: programs per zero-copy launch (the copy never
+    holds more of the GPU than that); ``staging_ctas``: the same for the
+    gather/scatter into staging. ``chunk_bytes``: bytes per work item.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        views: list[torch.Tensor],
+        arena: HostArena,
+        *,
+        store_mode: str = "dma",
+        load_mode: str = "dma",
+        staging_bytes: int | None = None,
+        backend: str = "triton",
+        ctas: int | None = None,
+        staging_ctas: int | None = None,
+        chunk_bytes: int | None = None,
+        load_priority: int = 0,
+        warmup: bool = True,
+    ) -> None:
+        if not views or not all(v.is_cuda for v in views):
+            raise ValueError("CudaCopyEngine needs CUDA tensors; use TorchCopyEngine on CPU")
+        if len(views) != len(layout.layers):
+            raise ValueError(f"{len(views)} views for {len(layout.layers)} layers")
+        if backend not in ("triton", "cupy"):
+            raise ValueError(f"unknown backend {backend!r}")
+        for mode in (store_mode, load_mode):
+            if mode not in ("dma", "kernel"):
+                raise ValueError(f"unknown mode {mode!r}: 'dma' or 'kernel'")
+        self.layout = layout
+        self.device = views[0].device
+        self._views = views
+        self._arena = arena
+        buf = arena.buffer
+        if buf.dim() != 2 or buf.dtype != torch.uint8 or buf.stride(1) != 1:
+            raise ValueError("arena.buffer must be a uint8 [num_slots, row_bytes] tensor with dense rows")
+        if buf.shape[1] < layout.block_bytes:
+            raise ValueError(f"host slots of {buf.shape[1]} B cannot hold blocks of {layout.block_bytes} B")
+        self.num_slots = buf.shape[0]
+        self._registered_here = False
+        if not buf.is_pinned():
+            logger.warning("kvbm: host arena is not pinned; registering it with CUDA (slow for large arenas)")
+            self._register(buf)
+        self.backend = backend
+        self.store_mode, self.load_mode = store_mode, load_mode
+        self.ctas = int(ctas or DEFAULT_CTAS)
+        self.staging_ctas = int(staging_ctas or DEFAULT_STAGING_CTAS)
+        chunk = int(chunk_bytes or DEFAULT_CHUNK_BYTES)
+        if chunk & (chunk - 1):
+            raise ValueError("chunk_bytes must be a power of two")
+        self.chunk_bytes = chunk
+        self._row_bytes = buf.stride(0)
+        self._arena_ptr = buf.data_ptr()
+        self._dev_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+        with torch.cuda.device(self.device):
+            self._store_stream = torch.cuda.Stream(self.device)  # kernel side of stores
+            self._load_stream = torch.cuda.Stream(self.device, priority=load_priority)  # kernel side of loads
+            self._store_dma_stream = torch.cuda.Stream(self.device)
+            self._load_dma_stream = torch.cuda.Stream(self.device, priority=load_priority)
+            uses_dma = "dma" in (store_mode, load_mode)
+            self._rows_per_staging = 0
+            self._staging: dict[bool, list[torch.Tensor]] = {}
+            if uses_dma:
+                want = int(staging_bytes or DEFAULT_STAGING_BYTES)
+                self._rows_per_staging = max(1, want // self._row_bytes)
+                for to_host, mode in ((True, store_mode), (False, load_mode)):
+                    if mode == "dma":
+                        self._staging[to_host] = [
+                            torch.empty(self._rows_per_staging * self._row_bytes, dtype=torch.uint8,
+                                        device=self.device)
+                            for _ in range(2)
+                        ]
+                self._copier = _BatchCopier(self._dev_index)
+            self._build_tables(views, buf)
+            big = max(_IDX_SMALL, 2 * layout.num_blocks)
+            self._idx_free = [self._new_idx(_IDX_SMALL) for _ in range(_IDX_POOL)]
+            self._idx_free += [self._new_idx(big) for _ in range(2)]
+        # per direction, per staging buffer: the event after its last consumer
+        self._staging_free: dict[bool, list[torch.cuda.Event | None]] = {True: [None, None],
+                                                                         False: [None, None]}
+        self._staging_next = {True: 0, False: 0}
+        self._store_q: deque[_Inflight] = deque()
+        self._load_q: deque[_Inflight] = deque()
+        self._ready: list[Completion] = []
+        logger.info(
+            "kvbm: CUDA copy engine (store %s, load %s, %s, %d B vectors, staging %d rows x 2): "
+            "%d planes x %d B per block",
+            store_mode, load_mode, backend, self.align, self._rows_per_staging, len(self._planes),
+            layout.block_bytes,
+        )
+        if warmup:
+            self._warmup()
+
+    # ---- setup ----------------------------------------------------------
+    def _register(self, buf: torch.Tensor) -> None:
+        base = buf.data_ptr()
+        size = buf.shape[0] * buf.stride(0)
+        err = torch.cuda.cudart().cudaHostRegister(base, size, 0x1 | 0x2)
+        if int(err) != 0:
+            raise RuntimeError(f"kvbm: cudaHostRegister of the host arena failed (CUDA error {int(err)})")
+        self._registered_here = True
+        self._registered_ptr = base
+
+    def _new_idx(self, cap: int) -> _IdxBuf:
+        return _IdxBuf(torch.empty(cap, dtype=torch.int64, pin_memory=True),
+                       torch.empty(cap, dtype=torch.int64, device=self.device))
+
+    def _build_tables(self, views: list[torch.Tensor], buf: torch.Tensor) -> None:
+        anchor = views[0]
+        anchor_ptr = anchor.data_ptr()
+        planes = []  # (device address of block 0, device block stride, offset in a host row, length)
+        for layer, view in zip(self.layout.layers, views, strict=True):
+            outer, nb, inner = view.shape
+            if (outer, inner) != (layer.outer, layer.inner_bytes) or nb != self.layout.num_blocks:
+                raise ValueError(f"layer {layer.name}: view {tuple(view.shape)} disagrees with the layout")
+            if view.stride(2) != 1:
+                raise ValueError(f"layer {layer.name}: runs must be contiguous")
+            if view.device != self.device:
+                raise ValueError("all KV cache layers must be on one device")
+            for o in range(outer):
+                base = view.data_ptr() + o * view.stride(0)
+                planes.append((base, view.stride(1), layer.offset + o * inner, inner))
+        self._planes = planes
+        bases = [self._arena_ptr] + [t.data_ptr() for ts in self._staging.values() for t in ts]
+        align = _alignment([anchor_ptr, self._row_bytes, *bases, *(x for p in planes for x in p)])
+        if self.backend == "cupy" and align < 16:
+            logger.warning("kvbm: layout is only %d-byte aligned; using the triton backend", align)
+            self.backend = "triton"
+        self.align = align
+        esize = 4 if align >= 4 else align  # int32 elements (4 per 16 B vector), else int16/uint8
+        self._esize = esize
+        self._vec = max(1, align // esize)
+        unit = 1 if self.backend == "cupy" else esize  # the cupy kernel works in bytes
+        self._unit = unit
+
+        def col(k: int, rel: int = 0) -> torch.Tensor:
+            return torch.tensor([(p[k] - rel) // unit for p in planes], dtype=torch.int64, device=self.device)
+
+        self._seg_dev, self._seg_stride = col(0, anchor_ptr), col(1)
+        self._seg_host, self._seg_len = col(2), col(3)
+        self._host_row = self._row_bytes // unit
+        self._host_base = {"arena": (self._arena_ptr - anchor_ptr) // unit}
+        for to_host, ts in self._staging.items():
+            for k, t in enumerate(ts):
+                self._host_base[(to_host, k)] = (t.data_ptr() - anchor_ptr) // unit
+        elem = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[esize]
+        self._anchor = anchor.reshape(-1).view(elem)
+        self._anchor_ptr = anchor_ptr
+        lengths = [p[3] for p in planes]
+        self._chunks_per_seg = -(-max(lengths) // self.chunk_bytes)
+        self._even = all(x % self.chunk_bytes == 0 for x in lengths)
+
+    def _warmup(self) -> None:
+        """Compile every kernel variant now rather than inside the first engine step."""
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            empty = self._idx_free[0].dev[:0]
+            for to_host, mode in ((True, self.store_mode), (False, self.load_mode)):
+                if mode == "kernel":
+                    self._launch(empty, 0, to_host, "arena", self.ctas, stream)
+                else:
+                    for k in range(2):
+                        self._launch(empty, 0, to_host, (to_host, k), self.staging_ctas, stream)
+            stream.synchronize()
+
+    # ---- launching ------------------------------------------------------
+    def _launch(self, idx: torch.Tensor, n: int, to_host: bool, target: Any, ctas: int,
+                stream: torch.cuda.Stream) -> None:
+        num_segs = self._seg_len.numel()
+        total = n * num_segs * self._chunks_per_seg
+        grid = max(1, min(ctas, total))
+        host_base = self._host_base[target]
+        if self.backend == "triton":
+            kernel = _triton_kernel()
+            with torch.cuda.stream(stream):
+                kernel[(grid,)](
+                    self._anchor, self._seg_dev, self._seg_stride, self._seg_host, self._seg_len,
+                    idx, n, host_base, self._host_row, num_segs, self._chunks_per_seg,
+                    TO_HOST=to_host, BLOCK=self.chunk_bytes // self._esize, VEC=self._vec,
+                    EVEN=self._even, num_warps=_NUM_WARPS,
+                )
+        else:
+            import cupy
+            import numpy as np
+
+            kernel = _cupy_kernel(self.chunk_bytes)
+            with cupy.cuda.Device(self._dev_index), self._cupy_stream(stream):
+                kernel(
+                    (grid,), (_CUPY_THREADS,),
+                    (
+                        np.uint64(self._seg_dev.data_ptr()), np.uint64(self._seg_stride.data_ptr()),
+                        np.uint64(self._seg_host.data_ptr()), np.uint64(self._seg_len.data_ptr()),
+                        np.uint64(idx.data_ptr()), np.int64(n), np.int64(host_base), np.int64(self._host_row),
+                        np.int32(num_segs), np.int32(self._chunks_per_seg), np.int32(1 if to_host else 0),
+                        np.uint64(self._anchor_ptr),
+                    ),
+                )
+
+    def _cupy_stream(self, stream: torch.cuda.Stream) -> Any:
+        cache = self.__dict__.setdefault("_cupy_streams", {})
+        handle = stream.cuda_stream
+        if handle not in cache:
+            import warnings
+
+            import cupy
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                cache[handle] = cupy.cuda.ExternalStream(handle, self._dev_index)
+        return cache[handle]
+
+    def _upload(self, values: list[int], stream: torch.cuda.Stream) -> _IdxBuf:
+        """Indices to the device through a preallocated pinned buffer (no allocation, no sync)."""
+        m = len(values)
+        fits = [k for k, cand in enumerate(self._idx_free) if cand.host.numel() >= m]
+        if fits:  # the smallest that fits
+            buf = self._idx_free.pop(min(fits, key=lambda k: self._idx_free[k].host.numel()))
+        else:  # rare: more batches in flight than the pool holds
+            logger.debug("kvbm: growing the index pool (%d values)", m)
+            buf = self._new_idx(max(m, _IDX_SMALL))
+        buf.host[:m].copy_(torch.tensor(values, dtype=torch.int64))
+        with torch.cuda.stream(stream):
+            buf.dev[:m].copy_(buf.host[:m], non_blocking=True)
+        return buf
+
+    def _release(self, item: _Inflight) -> _Inflight:
+        if item.idx is not None:
+            self._idx_free.append(item.idx)
+            item.idx = None
+        return item
+
+    def _submit(self, kind: str, key: int | str, blocks: list[int], slots: list[int]) -> None:
+        n = len(blocks)
+        if n != len(slots):
+            raise ValueError(f"{n} GPU blocks but {len(slots)} host slots")
+        if n and (min(blocks) < 0 or max(blocks) >= self.layout.num_blocks):
+            raise IndexError(f"GPU block id out of range [0, {self.layout.num_blocks})")
+        if n and (min(slots) < 0 or max(slots) >= self.num_slots):
+            raise IndexError(f"host slot out of range [0, {self.num_slots})")
+        to_host = kind == "store"
+        queue = self._store_q if to_host else self._load_q
+        kstream = self._store_stream if to_host else self._load_stream
+        with torch.cuda.device(self.device):
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            kstream.wait_event(ready)
+            mode = self.store_mode if to_host else self.load_mode
+            if n == 0:
+                done, idx = torch.cuda.Event(), None
+                done.record(kstream)
+            elif mode == "kernel":
+                idx = self._upload(list(blocks) + list(slots), kstream)
+                self._launch(idx.dev, n, to_host, "arena", self.ctas, kstream)
+                done = torch.cuda.Event()
+                done.record(kstream)
+            else:
+                done, idx = self._submit_staged(to_host, blocks, slots, kstream)
+        queue.append(_Inflight(done, Completion(kind, key, True), idx))
+
+    def _submit_staged(self, to_host: bool, blocks: list[int], slots: list[int],
+                       kstream: torch.cuda.Stream) -> tuple[torch.cuda.Event, _IdxBuf]:
+        """Chunks of up to one staging buffer: kernel <-> staging on ``kstream``, DMA on the DMA stream."""
+        dstream = self._store_dma_stream if to_host else self._load_dma_stream
+        rows = self._rows_per_staging
+        pairs = sorted(zip(slots, blocks, strict=True))  # consecutive slots -> one DMA
+        chunks = [pairs[c : c + rows] for c in range(0, len(pairs), rows)]
+        values: list[int] = []
+        for chunk in chunks:
+            values += [b for _, b in chunk]
+            values += range(len(chunk))
+        idx = self._upload(values, kstream)
+        row, arena = self._row_bytes, self._arena_ptr
+        offset = 0
+        last = None
+        for chunk in chunks:
+            m = len(chunk)
+            k = self._staging_next[to_host]
+            self._staging_next[to_host] = 1 - k
+            staging = self._staging[to_host][k]
+            free = self._staging_free[to_host][k]
+            # DMA runs: consecutive host slots <-> consecutive staging rows
+            dsts, srcs, sizes = [], [], []
+            j = 0
+            while j < m:
+                e = j + 1
+                while e < m and chunk[e][0] == chunk[e - 1][0] + 1:
+                    e += 1
+                host_addr, stage_addr = arena + chunk[j][0] * row, staging.data_ptr() + j * row
+                dsts.append(host_addr if to_host else stage_addr)
+                srcs.append(stage_addr if to_host else host_addr)
+                sizes.append((e - j) * row)
+                j = e
+            sub = idx.dev[offset : offset + 2 * m]
+            offset += 2 * m
+            if to_host:  # gather (kernel stream) -> DMA (dma stream)
+                if free is not None:
+                    kstream.wait_event(free)
+                self._launch(sub, m, True, (True, k), self.staging_ctas, kstream)
+                gathered = torch.cuda.Event()
+                gathered.record(kstream)
+                dstream.wait_event(gathered)
+                self._copier.copy(dsts, srcs, sizes, True, dstream.cuda_stream)
+                last = torch.cuda.Event()
+                last.record(dstream)
+            else:  # DMA (dma stream) -> scatter (kernel stream)
+                if free is not None:
+                    dstream.wait_event(free)
+                self._copier.copy(dsts, srcs, sizes, False, dstream.cuda_stream)
+                landed = torch.cuda.Event()
+                landed.record(dstream)
+                kstream.wait_event(landed)
+                self._launch(sub, m, False, (False, k), self.staging_ctas, kstream)
+                last = torch.cuda.Event()
+                last.record(kstream)
+            self._staging_free[to_host][k] = last
+        assert last is not None
+        return last, idx
+
+    # ---- CopyEngine -----------------------------------------------------
+    def store(self, batch_id: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
+        """Start copying GPU blocks into host slots (G1→G2); returns at once."""
+        try:
+            self._submit("store", batch_id, gpu_blocks, host_slots)
+        except Exception:  # a failed store is a miss later, never a crash now
+            logger.exception("kvbm: store batch %d failed; its blocks will not be cached", batch_id)
+            self._ready.append(Completion("store", batch_id, False))
+
+    def load(self, req_id: str, host_slots: list[int], gpu_blocks: list[int]) -> None:
+        """Start copying host slots into GPU blocks (G2→G1); returns at once."""
+        try:
+            self._submit("load", req_id, gpu_blocks, host_slots)
+        except Exception:
+            logger.exception("kvbm: load for request %s failed; it will be recomputed", req_id)
+            self._ready.append(Completion("load", req_id, False))
+
+    def poll(self) -> list[Completion]:
+        """Completions since the last poll, by event query; never blocks."""
+        done, self._ready = self._ready, []
+        for queue in (self._store_q, self._load_q):
+            while queue and queue[0].event.query():  # one stream per queue: completes in order
+                done.append(self._release(queue.popleft()).completion)
+        return done
+
+    def drain(self) -> None:
+        """Block until every submitted copy has completed (completions still come from poll)."""
+        for stream in (self._store_stream, self._store_dma_stream, self._load_stream, self._load_dma_stream):
+            stream.synchronize()
+
+    # ---- extras ---------------------------------------------------------
+    @property
+    def store_stream(self) -> torch.cuda.Stream:
+        """The stream on which a store batch's completion event is recorded."""
+        return self._store_dma_stream if self.store_mode == "dma" else self._store_stream
+
+    @property
+    def load_stream(self) -> torch.cuda.Stream:
+        """The stream on which a load's completion event is recorded."""
+        return self._load_stream
+
+    @property
+    def staging_bytes(self) -> int:
+        """GPU memory held for staging (all buffers)."""
+        return sum(t.numel() for ts in self._staging.values() for t in ts)
+
+    def close(self) -> None:
+        """Drain, and undo a registration this engine made (if any)."""
+        self.drain()
+        if self._registered_here:
+            torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
+            self._registered_here = False

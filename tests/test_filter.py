@@ -1,0 +1,188 @@
+"""The disk offload filter (spec §4), driven by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvbm.core.filter import CAP, FrequencyFilter
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+PERIOD = 600.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, **kw) -> FrequencyFilter:
+    return FrequencyFilter(clock=clock, decay_period_s=PERIOD, **kw)
+
+
+def test_sightings_double(clock):
+    f = make(clock)
+    assert [f.observe(7) for _ in range(5)] == [1, 2, 4, 8, 16]
+    assert f.frequency(7) == 16
+    assert f.frequency(8) == 0
+    assert len(f) == 1
+
+
+def test_offload_after_second_sighting(clock):
+    f = make(clock)
+    assert not f.should_offload(1)  # never seen
+    f.observe(1)
+    assert not f.should_offload(1)
+    f.observe(1)
+    assert f.should_offload(1)
+    assert f.stats.rejections == 2
+    assert f.stats.admitted == 1
+
+
+def test_threshold_is_configurable(clock):
+    f = make(clock, threshold=4)
+    f.observe(1)
+    f.observe(1)
+    assert not f.should_offload(1)  # 2 < 4
+    f.observe(1)
+    assert f.should_offload(1)  # 4
+
+
+def test_decay_subtracts_one_per_period_and_forgets(clock):
+    f = make(clock)
+    f.observe(1)
+    f.observe(1)  # 2
+    f.observe(2)  # 1
+    clock.advance(PERIOD - 1)
+    assert f.frequency(1) == 2  # not yet
+    clock.advance(1)
+    assert f.frequency(1) == 1
+    assert 2 not in f  # 1 - 1 = 0: forgotten
+    assert not f.should_offload(1)
+    clock.advance(PERIOD)
+    assert len(f) == 0
+    assert f.stats.decays == 2
+    assert f.stats.forgotten == 2
+    # a forgotten block starts over
+    assert f.observe(2) == 1
+
+
+def test_decay_catches_up_missed_periods(clock):
+    f = make(clock)
+    for _ in range(4):
+        f.observe(1)  # 8
+    f.observe(2)
+    f.observe(2)  # 2
+    clock.advance(3 * PERIOD + 10)  # three periods missed
+    assert f.frequency(1) == 5
+    assert 2 not in f
+    assert f.stats.decays == 3
+    # the 10 s left over count toward the next period
+    clock.advance(PERIOD - 10)
+    assert f.frequency(1) == 4
+
+
+def test_partial_periods_accumulate(clock):
+    f = make(clock)
+    f.observe(1)
+    f.observe(1)  # 2
+    clock.advance(PERIOD / 2)
+    assert f.frequency(1) == 2
+    clock.advance(PERIOD / 2)
+    assert f.frequency(1) == 1
+
+
+def test_doubling_after_decay(clock):
+    f = make(clock)
+    f.observe(1)
+    f.observe(1)
+    f.observe(1)  # 4
+    clock.advance(PERIOD)  # 3
+    assert f.observe(1) == 6
+
+
+def test_bound_triggers_early_decay(clock):
+    f = make(clock, max_entries=3)
+    f.observe("a")
+    f.observe("b")
+    f.observe("b")
+    f.observe("b")  # b = 4
+    f.observe("c")
+    assert len(f) == 3
+    f.observe("d")  # would be a 4th entry: one decay step frees a and c
+    assert len(f) == 2
+    assert f.frequency("b") == 3
+    assert f.frequency("d") == 1
+    assert f.stats.decays == 1
+    assert f.stats.early_decays == 1
+    # the early decay restarts the period
+    clock.advance(PERIOD - 1)
+    assert f.frequency("b") == 3
+    clock.advance(1)
+    assert f.frequency("b") == 2
+
+
+def test_bound_repeats_decay_until_under(clock):
+    f = make(clock, max_entries=2)
+    for _ in range(3):
+        f.observe("a")  # 4
+    f.observe("b")
+    f.observe("b")  # 2
+    f.observe("c")  # two decay steps are needed before anything is forgotten
+    assert f.stats.early_decays == 2
+    assert f.frequency("a") == 2
+    assert "b" not in f
+    assert f.frequency("c") == 1
+    assert len(f) == 2
+
+
+def test_existing_entries_do_not_trigger_bound(clock):
+    f = make(clock, max_entries=2)
+    f.observe(1)
+    f.observe(2)
+    f.observe(1)  # already present: no decay
+    assert f.stats.decays == 0
+    assert f.frequency(1) == 2
+
+
+def test_bound_holds_under_churn(clock):
+    f = make(clock, max_entries=100)
+    for i in range(10_000):
+        f.observe(i % 357)
+        assert len(f) <= 100
+
+
+def test_saturation(clock):
+    f = make(clock)
+    for _ in range(100):
+        freq = f.observe(1)
+    assert freq == CAP
+    clock.advance(PERIOD)
+    assert f.frequency(1) == CAP - 1
+    assert f.observe(1) == CAP
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="threshold"):
+        FrequencyFilter(threshold=0)
+    with pytest.raises(ValueError, match="decay_period_s"):
+        FrequencyFilter(decay_period_s=0)
+    with pytest.raises(ValueError, match="max_entries"):
+        FrequencyFilter(max_entries=0)
+
+
+def test_defaults_match_reference():
+    f = FrequencyFilter()
+    assert f.threshold == 2
+    assert f.decay_period_s == 600.0
+    assert f.max_entries == 1_000_000
