@@ -67,8 +67,24 @@ def _run_build_model(args: argparse.Namespace) -> int:
     return 0
 
 
-# Later: "bench", "doctor", "demo".
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from kvbm.bench.demo import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kvbm.bench.demo import run
+
+    return run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "demo": Subcommand(
+        help="compare vLLM alone with vLLM + kvbm on a local model and a multi-round chat workload",
+        run=_run_demo,
+        configure=_configure_demo,
+    ),
     "serve": Subcommand(
         help="run vLLM's OpenAI server (all arguments go to `vllm serve`)",
         run=_run_serve,

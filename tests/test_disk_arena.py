@@ -161,6 +161,13 @@ def test_caller_bugs_raise(tmp_path):
         with pytest.raises(ValueError, match="read-only"):
             arena.read_blocks([(0, 1, bytes(100))])
         assert arena.write_blocks([]) == [] and arena.read_blocks([]) == []
+        # a bad buffer inside a batch: raised, the other items still done and counted
+        with pytest.raises(ValueError, match="expected 100"):
+            arena.write_blocks([(0, 1, bytes(100)), (1, 2, bytes(7)), (2, 3, bytes(100))])
+        assert arena.blocks_written == 2 and arena.write_failures == 0
+        with pytest.raises(ValueError, match="read-only"):
+            arena.read_blocks([(0, 1, bytearray(100)), (2, 3, bytes(100))])
+        assert arena.blocks_read == 1 and arena.read_failures == 0
     with pytest.raises(RuntimeError, match="closed"):
         arena.read_blocks([(0, 1, bytearray(100))])
 

@@ -167,7 +167,7 @@ MODES = [
 
 def _small_staging(kind: str, dtype: torch.dtype) -> int:
     """Staging of 5 rows: a 33-block batch takes 7 chunks, reusing both buffers."""
-    layout, _ = describe_kv_caches(_make_caches(kind, dtype, "cpu", 0, num_blocks=2), 2)
+    layout, _ = describe_kv_caches(_make_caches(kind, dtype, "cpu", 0, num_blocks=3), 3)
     return 5 * layout.block_bytes
 
 

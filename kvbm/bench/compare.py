@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # Same settings on both sides: vLLM reserves an extra core when a connector is
 # configured, which on small machines changes the thread count and with it
 # both speed and bf16 rounding.
-COMMON_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1"}
+COMMON_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
 @dataclass

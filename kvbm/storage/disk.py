@@ -508,8 +508,13 @@ class DiskArena:
         indices = iter(range(n))  # shared: next() is atomic, threads pull work as they free up
 
         def worker() -> None:
+            # An exception (a caller bug found while converting an item) becomes
+            # that item's result, so the other items still complete and are counted.
             for i in indices:
-                results[i] = fn(items[i])
+                try:
+                    results[i] = fn(items[i])
+                except Exception as e:
+                    results[i] = e
 
         futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, n))]
         for f in futures:
@@ -540,42 +545,52 @@ class DiskArena:
         """Write ``(slot, block_hash, data)`` items; per-item success, never raises on I/O errors.
 
         ``data`` is ``block_bytes`` of any C-contiguous buffer (bytes, memoryview,
-        numpy array, CPU tensor). A failed item leaves its slot unreadable (it
-        will not verify), so the caller must simply not publish it. Raises
-        ValueError/IndexError only for caller bugs (bad size, slot or hash,
-        the same slot twice in one batch).
+        numpy array, CPU tensor); page-aligned memory (pinned host rows) of a
+        page-multiple block goes to disk without a staging copy. A failed item
+        leaves its slot unreadable (it will not verify), so the caller must
+        simply not publish it. Raises ValueError/IndexError only for caller
+        bugs: a bad slot or hash or the same slot twice in one batch (before
+        any I/O), or data of the wrong size or layout (found while the other
+        items are written; those are written and counted).
         """
         self._ensure_open()
-        prepared = []
-        seen: set[int] = set()
-        for slot, block_hash, data in items:
-            self._check_slot(slot)
-            self._check_hash(block_hash)
-            if slot in seen:
-                raise ValueError(f"slot {slot} appears twice in one write_blocks batch")
-            seen.add(slot)
-            src = _as_u8(data, writable=False, what=f"data for slot {slot}")
-            if src.size != self.block_bytes:
-                raise ValueError(f"data for slot {slot} has {src.size} bytes, expected {self.block_bytes}")
-            prepared.append((slot, block_hash, src, self._zero_copy(src)))
-        if not prepared:
+        items = list(items)
+        self._check_items(items, "write_blocks")
+        if not items:
             return []
         t0 = time.perf_counter()
-        results = self._run(self._write_one, prepared)
+        results = self._run(self._write_one, items)
         elapsed = time.perf_counter() - t0
         ok = [r is None for r in results]
         good = sum(ok)
+        errors = [r for r in results if isinstance(r, Exception)]
         with self._lock:
-            self.write_failures += len(ok) - good
+            self.write_failures += len(ok) - good - len(errors)
             self.blocks_written += good
             self.bytes_written += good * self.block_bytes
             self.write_seconds += elapsed
+        if errors:
+            raise errors[0]
         return ok
 
-    def _write_one(self, item: tuple[int, int, np.ndarray, bool]) -> str | None:
-        slot, block_hash, src, direct = item
+    def _check_items(self, items: list[tuple[int, int, Any]], op: str) -> None:
+        """Cheap checks done before any I/O (buffers are checked by the I/O threads,
+        so that converting them overlaps with other items' I/O)."""
+        seen: set[int] = set()
+        for slot, block_hash, _ in items:
+            self._check_slot(slot)
+            self._check_hash(block_hash)
+            if slot in seen:
+                raise ValueError(f"slot {slot} appears twice in one {op} batch")
+            seen.add(slot)
+
+    def _write_one(self, item: tuple[int, int, Any]) -> str | None:
+        slot, block_hash, data = item
+        src = _as_u8(data, writable=False, what=f"data for slot {slot}")
+        if src.size != self.block_bytes:
+            raise ValueError(f"data for slot {slot} has {src.size} bytes, expected {self.block_bytes}")
         off = self._payload_off
-        if direct:
+        if self._zero_copy(src):
             page = self._header_page()
             self._pack_header(page, slot, block_hash, zlib.crc32(src))
             iov: list[Any] = [memoryview(page)[:off], src]
@@ -608,39 +623,40 @@ class DiskArena:
         another block or nothing, or a checksum mismatch. The contents of a
         failed item's ``dest`` are unspecified (page-aligned destinations are
         read into directly, before verification): never use them. Raises
-        ValueError/IndexError only for caller bugs (bad size, slot or hash,
-        read-only destination).
+        ValueError/IndexError only for caller bugs: a bad slot or hash or the
+        same slot twice (before any I/O), or a destination of the wrong size
+        or read-only (found while the other items are read).
         """
         self._ensure_open()
-        prepared = []
-        for slot, block_hash, dest in items:
-            self._check_slot(slot)
-            self._check_hash(block_hash)
-            dst = _as_u8(dest, writable=True, what=f"destination for slot {slot}")
-            if dst.size != self.block_bytes:
-                raise ValueError(
-                    f"destination for slot {slot} has {dst.size} bytes, expected {self.block_bytes}"
-                )
-            prepared.append((slot, block_hash, dst, self._zero_copy(dst)))
-        if not prepared:
+        items = list(items)
+        self._check_items(items, "read_blocks")
+        if not items:
             return []
         t0 = time.perf_counter()
-        results = self._run(self._read_one, prepared)
+        results = self._run(self._read_one, items)
         elapsed = time.perf_counter() - t0
         ok = [r is None for r in results]
         good = sum(ok)
+        kinds = [r for r in results if isinstance(r, str)]
         with self._lock:
-            self.read_failures += sum(r in ("io", "short") for r in results)
-            self.checksum_failures += sum(r == "checksum" for r in results)
-            self.mismatches += sum(r == "mismatch" for r in results)
+            self.read_failures += sum(r in ("io", "short") for r in kinds)
+            self.checksum_failures += kinds.count("checksum")
+            self.mismatches += kinds.count("mismatch")
             self.blocks_read += good
             self.bytes_read += good * self.block_bytes
             self.read_seconds += elapsed
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
         return ok
 
-    def _read_one(self, item: tuple[int, int, np.ndarray, bool]) -> str | None:
-        slot, block_hash, dst, direct = item
+    def _read_one(self, item: tuple[int, int, Any]) -> str | None:
+        slot, block_hash, dest = item
+        dst = _as_u8(dest, writable=True, what=f"destination for slot {slot}")
+        if dst.size != self.block_bytes:
+            raise ValueError(f"destination for slot {slot} has {dst.size} bytes, expected {self.block_bytes}")
         off = self._payload_off
+        direct = self._zero_copy(dst)
         if direct:
             hdr = self._header_page()
             iov: list[Any] = [memoryview(hdr)[:off], dst]
