@@ -44,6 +44,7 @@ class KvbmConfig:
     leader_zmq_ack_port: int = 56002
     metrics: bool = False
     metrics_port: int = 6880
+    log_level: str = "INFO"
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -137,6 +138,13 @@ def _parse_str(name: str, raw: Any) -> str:
     return text
 
 
+def _parse_log_level(name: str, raw: Any) -> str:
+    level = str(raw).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{name}={raw!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
 def _parse_positive_float(name: str, raw: Any) -> float:
     value = _parse_float(name, raw)
     if value == 0:
@@ -162,6 +170,7 @@ _FIELDS: dict[str, Any] = {
     "leader_zmq_ack_port": _parse_port,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
+    "log_level": _parse_log_level,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)

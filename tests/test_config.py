@@ -70,6 +70,7 @@ def test_all_settings_parse():
         ACK: "7001",
         "DYN_KVBM_METRICS": "off",
         "DYN_KVBM_METRICS_PORT": "9100",
+        "DYN_KVBM_LOG_LEVEL": "debug",
     }
     cfg = load(env)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier

@@ -353,13 +353,14 @@ def test_write_on_full_disk_returns_false(mount, caplog):
         # Lose the reserved space (as if the file were truncated) and let
         # something else fill the filesystem: writes now hit ENOSPC.
         os.truncate(arena.path, 0)
-        with open(mnt / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             ok = arena.write_blocks([(i, i + 1, b) for i, b in enumerate(blocks)])
         assert ok == [False] * 8
@@ -473,7 +474,7 @@ def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
 
 
 # ---- probe ----------------------------------------------------------------------
-def test_probe(tmp_path, mount):
+def test_probe(tmp_path):
     report = DiskArena.probe(str(tmp_path))
     assert report["exists"] and report["writable"]
     assert report["fallocate"] is True and report["o_direct"] is True
@@ -487,6 +488,8 @@ def test_probe(tmp_path, mount):
     f.write_text("x")
     assert "not a directory" in DiskArena.probe(str(f))["error"]
 
+
+def test_probe_reports_missing_o_direct(mount):
     ramfs = mount("ramfs")
     report = DiskArena.probe(str(ramfs))
     assert report["o_direct"] is False and report["o_direct_error"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +203,49 @@ def test_auto_compaction(tmp_path, monkeypatch):
     assert j.num_records < 64
     assert path.stat().st_size < 64 * 32 + 200
     assert reopen(path) == {196: 0, 197: 1, 198: 2, 199: 3}
+
+
+def test_flush_failure_on_full_disk_is_retried(tmp_path):
+    """A real ENOSPC (a small tmpfs): flush returns False, nothing partial is left
+    behind, and the records go out once there is room again."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here ({r.stderr.strip()}); needs CAP_SYS_ADMIN")
+    try:
+        path = mnt / "j"
+        j = DiskJournal(str(path), identity=ID, auto_compact=False)
+        j.load()
+        j.record_stored([(1, 1)])
+        assert j.flush()
+        durable = path.stat().st_size
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        j.record_stored([(h, h % 64) for h in range(100, 400)])  # ~10 KB: cannot fit
+        assert not j.flush()
+        assert path.stat().st_size == durable  # cut back: no torn record hides later ones
+        assert reopen(path) == {1: 1}
+        filler.unlink()
+        assert j.flush()
+        j.close()
+        expected = {1: 1}
+        for h in range(100, 400):
+            expected = {k: v for k, v in expected.items() if v != h % 64}
+            expected[h] = h % 64
+        assert reopen(path) == expected
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 CHILD = textwrap.dedent(

@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import load_config
+from kvbm.logs import ensure_log_handler
 from kvbm.platform import prepare_cpu_process
 from kvbm.vllm_integration.metadata import KvbmMetadata
 
@@ -49,6 +50,7 @@ class DynamoConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         config = load_config(extra)
+        ensure_log_handler(config.log_level)
         self._leader = None
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
