@@ -57,6 +57,22 @@ def _kvbm_state(llm) -> dict:
     }
 
 
+def _settle(llm, timeout: float = 60.0) -> None:
+    """Step an idle engine until kvbm has no copies in flight.
+
+    A server's engine loop keeps stepping while the connector has pending work;
+    the offline ``LLM`` only steps inside ``generate``, so background disk
+    writes would otherwise be reported during the next phase.
+    """
+    import time
+
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    deadline = time.monotonic() + timeout
+    while connector is not None and connector.has_pending_push_work() and time.monotonic() < deadline:
+        llm.llm_engine.step()
+        time.sleep(0.005)
+
+
 def _count_preemptions(llm) -> None:
     """Count vLLM's preemptions so tests can prove a scenario really preempted."""
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -127,7 +143,34 @@ def _corrupt_host(llm, phase: dict) -> dict:
     return {}
 
 
-PHASES = {"generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host}
+def _worker_disk(llm):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    if llm.llm_engine.engine_core.engine_core.scheduler.connector is None:
+        return None
+    return get_kv_transfer_group()._worker.disk
+
+
+def _damage_disk(llm, phase: dict) -> dict:
+    """Real damage to the real G3 file: flip a byte in every used slot, or truncate it."""
+    disk = _worker_disk(llm)
+    if disk is None:
+        return {}
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.connector._leader.planner.disk
+    slots = [s for s in range(pool.num_slots) if pool.state(s).name == "READY"]
+    if phase["how"] == "flip":
+        with open(disk.path, "r+b") as f:
+            for slot in slots:
+                f.seek(slot * disk.slot_size + disk.slot_size // 2)  # inside the payload
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0xFF]))
+    elif phase["how"] == "truncate":
+        os.truncate(disk.path, 4096)
+    return {"damaged_slots": len(slots)}
+
+
+PHASES = {"generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk}
 
 
 def main() -> None:
@@ -147,6 +190,7 @@ def main() -> None:
     results = []
     for phase in spec["phases"]:
         result = PHASES[phase["type"]](llm, phase)
+        _settle(llm)
         result["kvbm"] = _kvbm_state(llm)
         results.append(result)
     with open(sys.argv[2], "w") as out:
