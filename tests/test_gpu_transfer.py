@@ -190,6 +190,14 @@ def test_round_trip_dma_in_many_chunks(kind: str) -> None:
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kind", ["flash", "mla"])
+def test_round_trip_dma_with_plain_memcpy(kind: str) -> None:
+    staging = _small_staging(kind, torch.bfloat16)
+    _round_trip(kind, torch.bfloat16, batches=2, dma_api="memcpy", staging_bytes=staging)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["flash", "mla", "odd"])
 def test_round_trip_shared_allocation_and_odd_alignment(kind: str, mode: dict) -> None:
@@ -235,6 +243,9 @@ def test_store_waits_for_compute_stream_and_does_not_block(mode: dict) -> None:
     engine, views, buf = _engine(**mode)
     blocks, slots = [5, 61, 2, 40], [3, 0, 9, 4]
     compute = torch.cuda.current_stream()
+    for view in views:  # load the fill kernel now: CUDA's lazy module loading may synchronize
+        view[:, 0] = 0
+    torch.cuda.synchronize()
     start, slept = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record(compute)
     torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time queued ahead of the writes
@@ -268,11 +279,15 @@ def test_load_is_ordered_after_compute_stream(mode: dict) -> None:
     engine, views, buf = _engine(**mode)
     slots, blocks = [1, 7], [10, 20]
     buf[slots] = 0x3C
+    for view in views:  # load the fill kernel now: CUDA's lazy module loading may synchronize
+        view[:, 0] = 0
+    torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)
     for view in views:  # queued before the load: the load must land after it
         for b in blocks:
             view[:, b] = 0x11
     engine.load("r", slots, blocks)
+    assert engine.poll() == [] and not torch.cuda.current_stream().query()
     assert _wait(engine, 1) == [Completion("load", "r", True)]
     for view in views:
         assert bool((view[:, blocks] == 0x3C).all())

@@ -223,11 +223,12 @@ _CU_MEM_LOCATION_TYPE_HOST = 2
 class _BatchCopier:
     """``cuMemcpyBatchAsync`` (one call for many copies), else one ``cuMemcpyAsync`` per copy."""
 
-    def __init__(self, device_index: int) -> None:
+    def __init__(self, device_index: int, use_batch: bool = True) -> None:
         lib = ctypes.CDLL("libcuda.so.1")
         self._batch = None
         self._failidx = False
-        for name, failidx in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
+        names = (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)) if use_batch else ()
+        for name, failidx in names:
             try:
                 fn = getattr(lib, name)
             except AttributeError:
@@ -315,6 +316,8 @@ class CudaCopyEngine:
     16-byte alignment). ``ctas``: programs per zero-copy launch (the copy never
     holds more of the GPU than that); ``staging_ctas``: the same for the
     gather/scatter into staging. ``chunk_bytes``: bytes per work item.
+    ``dma_api``: ``"batch"`` (one ``cuMemcpyBatchAsync`` per staging buffer) or
+    ``"memcpy"`` (one ``cuMemcpyAsync`` per run of consecutive host slots).
     """
 
     def __init__(
@@ -330,6 +333,7 @@ class CudaCopyEngine:
         ctas: int | None = None,
         staging_ctas: int | None = None,
         chunk_bytes: int | None = None,
+        dma_api: str = "batch",
         load_priority: int = 0,
         warmup: bool = True,
     ) -> None:
@@ -386,7 +390,9 @@ class CudaCopyEngine:
                                         device=self.device)
                             for _ in range(2)
                         ]
-                self._copier = _BatchCopier(self._dev_index)
+                if dma_api not in ("batch", "memcpy"):
+                    raise ValueError(f"unknown dma_api {dma_api!r}: 'batch' or 'memcpy'")
+                self._copier = _BatchCopier(self._dev_index, use_batch=dma_api == "batch")
             self._build_tables(views, buf)
             big = max(_IDX_SMALL, 2 * layout.num_blocks)
             self._idx_free = [self._new_idx(_IDX_SMALL) for _ in range(_IDX_POOL)]
