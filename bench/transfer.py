@@ -5,13 +5,17 @@ One run prints:
 1. baseline: one large pinned ``cudaMemcpyAsync`` (torch ``copy_``) of the same
    number of bytes as a batch, D2H, H2D, and both at once on two streams;
 2. kvbm: ``CudaCopyEngine.store`` (offload, D2H) and ``load`` (onboard, H2D)
-   of ``--batch`` random blocks of a Llama-3.1-8B-shaped cache (32 layers,
-   8 KV heads, head size 128, 16-token blocks, bf16, FlashAttention layout
-   ``[2, num_blocks, 16, 8, 128]`` per layer), each alone and both at once,
-   for each backend / grid size / chunk size, with the ratio to the baseline;
-   plus ``cuMemcpyBatchAsync`` (one batched DMA call, one entry per run) as an
-   alternative;
-3. the copy's effect on a concurrent bf16 GEMM loop (SM contention);
+   of ``--batch`` random blocks into random host slots, Llama-3.1-8B-shaped
+   cache (32 layers, 8 KV heads, head size 128, 16-token blocks, bf16,
+   FlashAttention layout ``[2, num_blocks, 16, 8, 128]`` per layer), each alone
+   and both at once (store submitted first, and load first), for the staged
+   DMA mode (staging size, ``cuMemcpyBatchAsync`` or ``cuMemcpyAsync``) and the
+   zero-copy kernel mode (grid size), Triton and CuPy kernels, with the ratio
+   to the baseline; plus ``cuMemcpyBatchAsync`` straight from the KV cache (one
+   entry per block and K/V plane, no kernel) as another alternative; every
+   variant is checked against the device bytes first;
+3. the copy's effect on a concurrent bf16 GEMM loop (SM contention), and the
+   copy's rate while the GEMMs run;
 4. pinned allocation of ``--alloc-gib`` GiB: ``allocate_pinned`` against
    ``torch.empty(..., pin_memory=True)``.
 
@@ -453,7 +457,8 @@ def main() -> None:
         variants.append((f"cupy dma {api} staging=32M",
                          {"backend": "cupy", "staging_bytes": 32 * M, "dma_api": api}))
     for ctas in ([16, 132, 264] if not args.quick else [132]):
-        variants.append((f"kernel ctas={ctas}", {"store_mode": "kernel", "load_mode": "kernel", "ctas": ctas}))
+        variants.append((f"kernel ctas={ctas}",
+                         {"store_mode": "kernel", "load_mode": "kernel", "ctas": ctas}))
     variants.append(("cupy kernel ctas=264",
                      {"backend": "cupy", "store_mode": "kernel", "load_mode": "kernel", "ctas": 264}))
 

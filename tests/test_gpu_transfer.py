@@ -7,7 +7,10 @@ on the GPU for every supported layout and dtype, describe them with
 * a store writes exactly what TorchCopyEngine writes (on CPU copies) into a
   host arena that starts from the same random bytes (so stray writes show),
 * a load into different block ids restores the blocks and touches nothing else,
-* copies are ordered after the compute stream's earlier work, and never block.
+* copies are ordered after the compute stream's earlier work, and never block,
+
+for both engine modes (staged DMA, zero-copy kernel), several staging, grid
+and chunk sizes, both kernel backends (Triton, CuPy) and both DMA APIs.
 
 The CPU tests check that the modules import without Triton/CuPy or a GPU and
 that the factory picks TorchCopyEngine for CPU tensors.

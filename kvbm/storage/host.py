@@ -13,9 +13,10 @@ import time
 
 import torch
 
+from kvbm.transfer.factory import make_host_arena_buffer
+
 logger = logging.getLogger(__name__)
 
-_TOUCH_CHUNK = 1 << 30  # fault pages in 1 GiB steps, logging progress
 
 
 class HostArena:
@@ -24,21 +25,24 @@ class HostArena:
             pin = torch.cuda.is_available()
         total = num_slots * block_bytes
         start = time.monotonic()
+        last_log = [start]
+
+        def progress(done: int, whole: int) -> None:
+            # Tens of GB take seconds: say how far along we are, every few seconds.
+            now = time.monotonic()
+            if now - last_log[0] >= 5 or done == whole:
+                last_log[0] = now
+                logger.info("kvbm: host cache %.1f/%.1f GB allocated", done / 1e9, whole / 1e9)
+
         self.num_slots = num_slots
         self.block_bytes = block_bytes
-        self.pinned = pin
-        self.buffer = torch.empty((num_slots, block_bytes), dtype=torch.uint8, pin_memory=pin)
-        if not pin:
-            # Fault the pages in now so the first offloads do not pay for it
-            # inside the engine step (and an overcommitted host fails here).
-            flat = self.buffer.view(-1)
-            for offset in range(0, total, _TOUCH_CHUNK):
-                flat[offset : offset + _TOUCH_CHUNK].zero_()
-                if total > 4 * _TOUCH_CHUNK:
-                    logger.info("kvbm: host cache %.1f/%.1f GB", (offset + _TOUCH_CHUNK) / 1e9, total / 1e9)
+        # Pages are faulted in (in parallel) now, so an overcommitted host fails
+        # at startup and the first offloads do not pay for it inside a step.
+        self.buffer = make_host_arena_buffer(num_slots, block_bytes, want_pinned=pin, progress=progress)
+        self.pinned = bool(pin and torch.cuda.is_available() and self.buffer.is_pinned())
         logger.info(
             "kvbm: host cache (G2) ready: %d blocks x %d B = %.3f GB, %s, in %.2f s",
-            num_slots, block_bytes, total / 1e9, "pinned" if pin else "pageable", time.monotonic() - start,
+            num_slots, block_bytes, total / 1e9, "pinned" if self.pinned else "pageable", time.monotonic() - start,
         )
 
     @classmethod
