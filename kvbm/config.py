@@ -44,6 +44,13 @@ class KvbmConfig:
     leader_zmq_ack_port: int = 56002
     metrics: bool = False
     metrics_port: int = 6880
+    #: Where /metrics listens. All interfaces by default, as the reference did:
+    #: Prometheus usually scrapes from another host or a container.
+    metrics_host: str = "0.0.0.0"
+    #: kvbm_*_cache_hit_rate cover the last this-many requests' lookups.
+    metrics_hit_rate_window: int = 1000
+    #: Seconds between one-line cache summaries in the log; 0 turns them off.
+    log_summary_secs: float = 30.0
     log_level: str = "INFO"
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -145,6 +152,36 @@ def _parse_log_level(name: str, raw: Any) -> str:
     return level
 
 
+def _parse_host(name: str, raw: Any) -> str:
+    host = _parse_str(name, raw)
+    if "://" in host or "/" in host or any(c.isspace() for c in host):
+        raise ConfigError(
+            f"{name}={raw!r} is not a bind address; give an IP or host name only, "
+            f"e.g. {name}=127.0.0.1 (this host only) or {name}=0.0.0.0 (all interfaces)"
+        )
+    return host
+
+
+def _parse_requests(name: str, raw: Any) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of requests; e.g. {name}=1000") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be a positive number of requests, e.g. {name}=1000")
+    return value
+
+
+def _parse_interval(name: str, raw: Any) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds; e.g. {name}=30 (0 turns it off)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}={raw!r} must be seconds >= 0, e.g. {name}=30 (0 turns it off)")
+    return value
+
+
 def _parse_positive_float(name: str, raw: Any) -> float:
     value = _parse_float(name, raw)
     if value == 0:
@@ -170,6 +207,9 @@ _FIELDS: dict[str, Any] = {
     "leader_zmq_ack_port": _parse_port,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
+    "metrics_host": _parse_host,
+    "metrics_hit_rate_window": _parse_requests,
+    "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
 }
 
@@ -215,5 +255,10 @@ def load_config(
         raise ConfigError(
             "DYN_KVBM_LEADER_ZMQ_PUB_PORT and DYN_KVBM_LEADER_ZMQ_ACK_PORT are both "
             f"{config.leader_zmq_pub_port}; give them different ports"
+        )
+    if config.metrics and config.metrics_port in (config.leader_zmq_pub_port, config.leader_zmq_ack_port):
+        raise ConfigError(
+            f"DYN_KVBM_METRICS_PORT={config.metrics_port} is also a kvbm ZMQ port "
+            "(DYN_KVBM_LEADER_ZMQ_PUB_PORT / DYN_KVBM_LEADER_ZMQ_ACK_PORT); give the metrics another port"
         )
     return config

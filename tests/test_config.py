@@ -70,6 +70,9 @@ def test_all_settings_parse():
         ACK: "7001",
         "DYN_KVBM_METRICS": "off",
         "DYN_KVBM_METRICS_PORT": "9100",
+        "DYN_KVBM_METRICS_HOST": "127.0.0.1",
+        "DYN_KVBM_METRICS_HIT_RATE_WINDOW": "50",
+        "DYN_KVBM_LOG_SUMMARY_SECS": "0",
         "DYN_KVBM_LOG_LEVEL": "debug",
     }
     cfg = load(env)
@@ -81,6 +84,8 @@ def test_all_settings_parse():
     assert cfg.leader_zmq_host == "10.0.0.1"
     assert (cfg.leader_zmq_pub_port, cfg.leader_zmq_ack_port) == (7000, 7001)
     assert cfg.metrics is False and cfg.metrics_port == 9100
+    assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
+    assert cfg.log_summary_secs == 0.0
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 
@@ -296,3 +301,53 @@ def test_empty_string_setting():
 
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# ---- metrics and log summary -------------------------------------------------------
+
+METRICS_HOST = "DYN_KVBM_METRICS_HOST"
+WINDOW = "DYN_KVBM_METRICS_HIT_RATE_WINDOW"
+SUMMARY = "DYN_KVBM_LOG_SUMMARY_SECS"
+
+
+def test_metrics_defaults():
+    cfg = load({CPU_GB: "1"})
+    assert cfg.metrics_port == 6880
+    assert cfg.metrics_host == "0.0.0.0"  # reachable by a Prometheus on another host or in a container
+    assert cfg.metrics_hit_rate_window == 1000
+    assert cfg.log_summary_secs == 30.0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "::", "localhost", "10.1.2.3"])
+def test_metrics_host_accepts_addresses(host):
+    assert load({CPU_GB: "1", METRICS_HOST: host}).metrics_host == host
+
+
+@pytest.mark.parametrize("host", ["http://127.0.0.1", "127.0.0.1/32", "a b"])
+def test_metrics_host_rejects_urls(host):
+    msg = _error({CPU_GB: "1", METRICS_HOST: host})
+    assert METRICS_HOST in msg and "127.0.0.1" in msg
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "lots"])
+def test_bad_hit_rate_window(value):
+    msg = _error({CPU_GB: "1", WINDOW: value})
+    assert WINDOW in msg and "requests" in msg
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("2.5", 2.5), ("600", 600.0)])
+def test_log_summary_interval(value, expected):
+    assert load({CPU_GB: "1", SUMMARY: value}).log_summary_secs == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "soon"])
+def test_bad_log_summary_interval(value):
+    msg = _error({CPU_GB: "1", SUMMARY: value})
+    assert SUMMARY in msg and "0 turns it off" in msg
+
+
+def test_metrics_port_must_differ_from_zmq_ports():
+    msg = _error({CPU_GB: "1", "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": "56001"})
+    assert "DYN_KVBM_METRICS_PORT" in msg and PUB in msg
+    # Metrics off: the port is unused, so no clash.
+    assert load({CPU_GB: "1", "DYN_KVBM_METRICS_PORT": "56001"}).metrics_port == 56001

@@ -465,6 +465,11 @@ class Planner:
         return self.disk.restore(entries)
 
     # ---- introspection --------------------------------------------------
+    def load_sources(self, req_id: str) -> tuple[int, int]:
+        """(G2 blocks, G3 blocks) of the request's in-flight load."""
+        loading = self._loading.get(req_id)
+        return (len(loading.host_slots), len(loading.disk_slots)) if loading else (0, 0)
+
     @property
     def busy(self) -> bool:
         """Work is in flight that needs more engine steps to be reported."""

@@ -84,6 +84,18 @@ class DynamoConnector(KVConnectorBase_V1):
         assert self._leader is not None
         self._leader.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """Split a hit between host and disk so vLLM's per-source metrics match kvbm's."""
+        assert self._leader is not None
+        if num_external_tokens == 0:
+            return {}
+        host, disk = self._leader.planner.load_sources(request.request_id)
+        block_size = self._leader.block_size
+        if (host + disk) * block_size != num_external_tokens:
+            return {self._cache_hit_source: num_external_tokens}
+        sources = {CacheHitSource.HOST: host * block_size, CacheHitSource.DISK: disk * block_size}
+        return {source: tokens for source, tokens in sources.items() if tokens}
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._leader is not None
         return self._leader.build_connector_meta(scheduler_output)
@@ -150,3 +162,5 @@ class DynamoConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._leader is not None:
+            self._leader.shutdown()

@@ -17,9 +17,10 @@ from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
+from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import disk_slots, host_slots, model_identity
+from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, disk_slots, host_slots, model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_INTERVAL_S = 30.0
 
 
 class KvbmLeader:
@@ -66,6 +65,19 @@ class KvbmLeader:
         self._engine_root = engine_root(identity)
         self._requests: dict[str, Request] = {}
         self._last_summary = time.monotonic()
+        world = vllm_config.parallel_config.world_size
+        self.metrics = CacheMetrics(
+            self.planner, window=config.metrics_hit_rate_window, world_size=world,
+            block_bytes=bytes_per_block_per_rank(kv_cache_config) * world,
+        )
+        #: One exporter per engine (this leader), never per rank: counts are not duplicated.
+        self.exporter: MetricsExporter | None = None
+        if config.metrics:
+            par = vllm_config.parallel_config
+            dp_local = par.data_parallel_rank_local if par.data_parallel_size > 1 else 0
+            self.exporter = MetricsExporter(
+                self.metrics, config.metrics_host, metrics_port(config, dp_local or 0)
+            )
         logger.info(
             "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s)",
             self.num_host_slots, self.num_disk_slots, "on" if disk_filter else "off",
@@ -95,7 +107,9 @@ class KvbmLeader:
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         self._track(request)
+        start = time.perf_counter()
         matched = self.planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
+        self.metrics.observe_lookup(time.perf_counter() - start)
         return matched, matched > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -131,6 +145,7 @@ class KvbmLeader:
                 req_id in cached.resumed_req_ids,
                 cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0),
             )
+        self.metrics.on_step()
         self._maybe_log_summary()
         return KvbmMetadata(
             plan=planner.take_plan(), num_host_slots=self.num_host_slots, num_disk_slots=self.num_disk_slots
@@ -148,6 +163,7 @@ class KvbmLeader:
             released=output.finished_sending or (),
             bad_disk_slots=meta.bad_disk_slots,
         )
+        self.metrics.on_worker_report(meta.transfer_bytes, meta.transfer_seconds, meta.disk_errors)
         if meta.bad_disk_slots:
             logger.warning(
                 "kvbm: %d disk block(s) failed verification or could not be read; they were "
@@ -163,18 +179,17 @@ class KvbmLeader:
         return self.planner.busy
 
     def _maybe_log_summary(self) -> None:
+        """One line every DYN_KVBM_LOG_SUMMARY_SECS, for users without Prometheus."""
+        interval = self.config.log_summary_secs
+        if interval <= 0:
+            return
         now = time.monotonic()
-        if now - self._last_summary < SUMMARY_INTERVAL_S:
+        if now - self._last_summary < interval:
             return
         self._last_summary = now
-        s = self.planner.stats
-        looked = max(1, s.lookup_blocks)
-        parts = [
-            f"hit rate G2 {100 * s.host_hit_blocks / looked:.1f}% G3 {100 * s.disk_hit_blocks / looked:.1f}% "
-            f"of {s.lookup_blocks} blocks looked up",
-            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}, spilled to disk {s.spilled_blocks}",
-        ]
-        for pool in (self.planner.host, self.planner.disk):
-            if pool is not None:
-                parts.append(f"{pool.name} {pool.num_used}/{pool.num_slots} used, {pool.stats.evicted} evicted")
-        logger.info("kvbm: %s", "; ".join(parts))
+        logger.info("kvbm: %s", self.metrics.summary())
+
+    def shutdown(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None

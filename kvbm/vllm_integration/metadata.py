@@ -34,6 +34,16 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     failed_batches: set[int] = field(default_factory=set)
     #: G3 slots that failed verification or I/O on read: the leader drops them.
     bad_disk_slots: set[int] = field(default_factory=set)
+    #: For metrics (bandwidth per direction, see kvbm.metrics.DIRECTIONS):
+    #: bytes this rank copied and seconds it spent copying since its last report.
+    transfer_bytes: dict[str, int] = field(default_factory=dict)
+    transfer_seconds: dict[str, float] = field(default_factory=dict)
+    #: G3 block failures by kind (kvbm.metrics.DISK_ERROR_KINDS) since the last report.
+    disk_errors: dict[str, int] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not (self.stored or self.failed_batches or self.bad_disk_slots or self.transfer_bytes
+                    or self.transfer_seconds or self.disk_errors)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
@@ -44,4 +54,15 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
             stored=stored,
             failed_batches=self.failed_batches | other.failed_batches,
             bad_disk_slots=self.bad_disk_slots | other.bad_disk_slots,
+            # Summed over ranks; the leader divides seconds by the rank count.
+            transfer_bytes=_add(self.transfer_bytes, other.transfer_bytes),
+            transfer_seconds=_add(self.transfer_seconds, other.transfer_seconds),
+            disk_errors=_add(self.disk_errors, other.disk_errors),
         )
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out.get(key, 0) + value
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,9 +25,11 @@ import torch
 
 from kvbm.config import KvbmConfig
 from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
+from kvbm.metrics import OFFLOAD_D2D, OFFLOAD_D2H, OFFLOAD_H2D, ONBOARD_D2D, ONBOARD_H2D
 from kvbm.storage.disk import DiskArena
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
+from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import disk_slots, host_slots, model_identity
@@ -36,6 +39,10 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = logging.getLogger(__name__)
+
+#: Staging rows for G1<->G3 transfers: at most this many blocks or bytes.
+STAGING_ROWS = 64
+STAGING_BYTES = 256 << 20
 
 
 def _rank() -> int:
@@ -91,14 +98,26 @@ class KvbmWorker:
         self._failed_loads: set[str] = set()
         self._load_error_blocks: set[int] = set()
         self._report = KvbmWorkerMetadata()
+        self._stage_rows: HostArena | None = None
+        self._stage_engine: CopyEngine | None = None
+        #: ("store", batch id) / ("load", req id) -> (submitted, finished if synchronous, bytes)
+        self._copy_times: dict[tuple[str, int | str], tuple[float, float | None, int]] = {}
+        self._disk_seen: dict[str, float] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout, self._views = describe_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
         logger.info("kvbm worker: KV layout %s", self.layout.describe())
         if self.num_host_slots:
             self.arena = HostArena(self.num_host_slots, self.layout.block_bytes)
-            self.engine = TorchCopyEngine(self.layout, self._views, self.arena)
+            self.engine = make_copy_engine(self.layout, self._views, self.arena)
         if self.num_disk_slots:
+            # Blocks cross between G1 and G3 through a bounded set of staging
+            # rows with their own engine (pinned on GPUs), built once: engines
+            # compile kernels and allocate at construction.
+            rows = max(1, min(STAGING_ROWS, STAGING_BYTES // self.layout.block_bytes))
+            on_gpu = bool(self._views) and self._views[0].is_cuda
+            self._stage_rows = HostArena.wrap(make_host_arena_buffer(rows, self.layout.block_bytes, on_gpu))
+            self._stage_engine = make_copy_engine(self.layout, self._views, self._stage_rows)
             cfg = self.config
             self.disk = DiskArena(
                 cfg.disk_cache_dir, self.num_disk_slots, self.layout.block_bytes,
@@ -108,9 +127,35 @@ class KvbmWorker:
             )
 
     def _staging(self, rows: int) -> torch.Tensor:
-        """Host rows for blocks on their way to or from G3."""
+        """Host rows for blocks on their way to or from G3 (owned by one transfer)."""
         assert self.layout is not None
         return torch.empty((rows, self.layout.block_bytes), dtype=torch.uint8)
+
+    def _gpu_to_host(self, gpu_blocks: list[int], out: torch.Tensor) -> bool:
+        """Gather GPU blocks into ``out`` rows now, through the staging rows."""
+        return self._through_staging(gpu_blocks, out, to_gpu=False)
+
+    def _host_to_gpu(self, rows: torch.Tensor, gpu_blocks: list[int]) -> bool:
+        """Scatter host rows into GPU blocks now, through the staging rows."""
+        return self._through_staging(gpu_blocks, rows, to_gpu=True)
+
+    def _through_staging(self, gpu_blocks: list[int], rows: torch.Tensor, to_gpu: bool) -> bool:
+        assert self._stage_rows is not None and self._stage_engine is not None
+        stage, engine, size = self._stage_rows.buffer, self._stage_engine, self._stage_rows.num_slots
+        ok = True
+        for start in range(0, len(gpu_blocks), size):
+            chunk = gpu_blocks[start : start + size]
+            n = len(chunk)
+            if to_gpu:
+                stage[:n].copy_(rows[start : start + n])
+                engine.load("stage", list(range(n)), chunk)
+            else:
+                engine.store(-1, chunk, list(range(n)))
+            engine.drain()
+            ok = all(done.ok for done in engine.poll()) and ok
+            if not to_gpu:
+                rows[start : start + n].copy_(stage[:n])
+        return ok
 
     # ---- per step -------------------------------------------------------
     def _check(self, meta: KvbmMetadata) -> None:
@@ -131,7 +176,9 @@ class KvbmWorker:
             load = self._loads[op.req_id] = _Load(op, parts_left=bool(op.host_slots) + bool(op.disk_slots))
             if op.host_slots:
                 assert self.engine is not None
+                start = time.perf_counter()
                 self.engine.load(op.req_id, op.host_slots, op.gpu_blocks[: len(op.host_slots)])
+                self._timed("load", op.req_id, start, len(op.host_slots))
             if op.disk_slots:
                 assert self.disk is not None
                 load.staging = self._staging(len(op.disk_slots))
@@ -147,21 +194,59 @@ class KvbmWorker:
                 self._store_to_disk(plan.store)
             else:
                 assert self.engine is not None
+                start = time.perf_counter()
                 self.engine.store(plan.store.batch_id, plan.store.gpu_blocks, plan.store.slots)
+                self._timed("store", plan.store.batch_id, start, len(plan.store.slots))
         if plan.spill is not None:
             self._spill(plan.spill)
         for req_id, batch_id in plan.release_after_store:
             self._release_after[req_id] = batch_id
+
+    def _timed(self, kind: str, key: int | str, start: float, blocks: int) -> None:
+        """Remember a G1<->G2 copy for bandwidth metrics. A synchronous engine
+        is done when the call returns; an asynchronous one when polled done."""
+        assert self.layout is not None
+        done = time.perf_counter() if isinstance(self.engine, TorchCopyEngine) else None
+        self._copy_times[(kind, key)] = (start, done, blocks * self.layout.block_bytes)
+
+    def _count_copy(self, kind: str, key: int | str, ok: bool) -> None:
+        timing = self._copy_times.pop((kind, key), None)
+        if timing is None or not ok:
+            return
+        start, done, nbytes = timing
+        direction = OFFLOAD_D2H if kind == "store" else ONBOARD_H2D
+        self._add_transfer(direction, nbytes, (done or time.perf_counter()) - start)
+
+    def _add_transfer(self, direction: str, nbytes: float, seconds: float) -> None:
+        report = self._report
+        report.transfer_bytes[direction] = report.transfer_bytes.get(direction, 0) + int(nbytes)
+        report.transfer_seconds[direction] = report.transfer_seconds.get(direction, 0.0) + seconds
+
+    def _collect_disk_counters(self) -> None:
+        """Disk traffic and errors since the last report, from the arena's own counters
+        (timed around the actual I/O). Writes are spills (G2→G3), or G1→G3 stores
+        in disk-only mode; reads are always onboards."""
+        if self.disk is None:
+            return
+        now = self.disk.stats()
+        seen, self._disk_seen = self._disk_seen, now
+        delta = {key: value - seen.get(key, 0) for key, value in now.items()}
+        if delta["bytes_written"] or delta["write_seconds"]:
+            self._add_transfer(OFFLOAD_H2D if self.arena is not None else OFFLOAD_D2D,
+                               delta["bytes_written"], delta["write_seconds"])
+        if delta["bytes_read"] or delta["read_seconds"]:
+            self._add_transfer(ONBOARD_D2D, delta["bytes_read"], delta["read_seconds"])
+        for kind, key in (("read", "read_failures"), ("checksum", "checksum_failures"),
+                          ("mismatch", "mismatches"), ("write", "write_failures")):
+            if delta[key]:
+                self._report.disk_errors[kind] = self._report.disk_errors.get(kind, 0) + int(delta[key])
 
     def _store_to_disk(self, store: StoreBatch) -> None:
         """G1→G3 (disk-only mode): gather now, write in the background."""
         assert self.disk is not None
         assert self.layout is not None
         staging = self._staging(len(store.slots))
-        engine = TorchCopyEngine(self.layout, self._views, HostArena.wrap(staging))
-        engine.store(store.batch_id, store.gpu_blocks, list(range(len(store.slots))))
-        engine.drain()
-        if not all(done.ok for done in engine.poll()):
+        if not self._gpu_to_host(store.gpu_blocks, staging):
             self._report.failed_batches.add(store.batch_id)
             self._inflight_batches.discard(store.batch_id)
             return
@@ -206,6 +291,7 @@ class KvbmWorker:
         if self.engine is None:
             return
         for done in self.engine.poll():
+            self._count_copy(done.kind, done.key, done.ok)
             if done.kind == "store":
                 self._inflight_batches.discard(done.key)  # type: ignore[arg-type]
                 if done.ok:
@@ -223,12 +309,8 @@ class KvbmWorker:
         good = ok.index(False) if False in ok else len(ok)
         self._report.bad_disk_slots.update(slot for slot, fine in zip(op.disk_slots, ok) if not fine)
         first = len(op.host_slots)
-        if good:
-            engine = TorchCopyEngine(self.layout, self._views, HostArena.wrap(staging))
-            engine.load(op.req_id, list(range(good)), op.gpu_blocks[first : first + good])
-            engine.drain()
-            if not all(done.ok for done in engine.poll()):
-                good = 0
+        if good and not self._host_to_gpu(staging[:good], op.gpu_blocks[first : first + good]):
+            good = 0
         # vLLM recomputes from the first block that did not arrive.
         load.error_blocks.extend(op.gpu_blocks[first + good :])
         load.read = load.staging = None
@@ -262,14 +344,17 @@ class KvbmWorker:
         return errors
 
     def take_report(self) -> KvbmWorkerMetadata | None:
+        self._collect_disk_counters()
         report, self._report = self._report, KvbmWorkerMetadata()
-        if not (report.stored or report.failed_batches or report.bad_disk_slots):
-            return None
-        return report
+        return None if report.is_empty() else report
 
     def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.drain()
+        for engine in (self.engine, self._stage_engine):
+            if engine is not None:
+                engine.drain()
+                close = getattr(engine, "close", None)
+                if close is not None:
+                    close()
         self._io.shutdown(wait=True)
         if self.disk is not None:
             path = self.disk.path

