@@ -79,6 +79,42 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _configure_doctor(parser: argparse.ArgumentParser) -> None:
+    from kvbm.doctor import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from kvbm.doctor import run
+
+    return run(args)
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    from kvbm.bench.cli import configure
+
+    configure(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from kvbm.bench.cli import run
+
+    return run(args)
+
+
+def _configure_router(parser: argparse.ArgumentParser) -> None:
+    from kvbm.disagg.router import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from kvbm.disagg.router import run
+
+    return run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         help="compare vLLM alone with vLLM + kvbm on a local model and a multi-round chat workload",
@@ -94,6 +130,21 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="build a small random-weight model for tests and demos; print its path",
         run=_run_build_model,
         configure=_configure_build_model,
+    ),
+    "doctor": Subcommand(
+        help="check this host for kvbm before starting a server (memory, disk, ports, GPU, vLLM)",
+        run=_run_doctor,
+        configure=_configure_doctor,
+    ),
+    "bench": Subcommand(
+        help="benchmark a server with multi-round chat (bench run), or vLLM with and without kvbm (bench compare)",
+        run=_run_bench,
+        configure=_configure_bench,
+    ),
+    "router": Subcommand(
+        help="OpenAI front end for disaggregated serving: prefill workers (kvbm + NIXL), then decode workers",
+        run=_run_router,
+        configure=_configure_router,
     ),
 }
 

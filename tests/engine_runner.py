@@ -9,6 +9,7 @@ settings, and one engine serves a whole test module. Phases:
 * ``abort``: submit prompts, step the engine ``steps`` times, abort the
   ``abort`` indices, run the rest to completion.
 * ``corrupt_host``: overwrite kvbm's host arena with noise (negative control).
+* ``worker_arenas``: each worker process's used G2 rows (works with tensor parallel).
 
 After each phase it records kvbm's planner stats and leak checks.
 """
@@ -170,7 +171,33 @@ def _damage_disk(llm, phase: dict) -> dict:
     return {"damaged_slots": len(slots)}
 
 
-PHASES = {"generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk}
+def _arena_summary(worker) -> dict:
+    """Runs inside each vLLM worker process (collective_rpc): this rank's G2 rows in use."""
+    import hashlib
+
+    import torch
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    rows = get_kv_transfer_group()._worker.arena.buffer
+    used = [i for i in range(rows.shape[0]) if bool(rows[i].any())]
+    return {
+        "rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+        "used_rows": used,
+        "digest": hashlib.blake2b(rows[used].numpy().tobytes(), digest_size=8).hexdigest(),
+    }
+
+
+def _worker_arenas(llm, phase: dict) -> dict:
+    """Per rank, which G2 rows hold data (tensor parallel: every rank stores its own heads)."""
+    if llm.llm_engine.engine_core.engine_core.scheduler.connector is None:
+        return {}
+    return {"ranks": llm.collective_rpc(_arena_summary)}
+
+
+PHASES = {
+    "generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk,
+    "worker_arenas": _worker_arenas,
+}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,20 @@ class VllmServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 600.0) -> None:
+    def start(self, timeout: float = 600.0, on_poll: Callable[[float], None] | None = None) -> None:
+        """Start the server and wait until ``/health`` answers.
+
+        ``on_poll(seconds_waited)`` is called about twice a second, for progress
+        displays: loading a model and allocating KV tiers can take minutes.
+        """
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while time.monotonic() < deadline:
+            if on_poll is not None:
+                on_poll(time.monotonic() - started)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {self.log_path}")
             try:
@@ -89,18 +97,47 @@ class VllmServer:
 
     def metrics(self) -> dict[str, float]:
         """vLLM's Prometheus counters, summed over label sets."""
+        return parse_prometheus(self.metrics_text())
+
+    def metrics_text(self) -> str:
+        """vLLM's ``/metrics`` page as text (labels kept, for :func:`parse_samples`)."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            return parse_prometheus(response.read().decode())
+            return response.read().decode()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log, for error messages."""
+        if self.log_path is None or not Path(self.log_path).exists():
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def scrape(url: str, timeout: float = 5.0) -> str | None:
+    """A Prometheus page's text, or None if nothing answers there (an exporter that is off)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode()
+    except OSError:
+        return None
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    values: dict[str, float] = {}
+def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a Prometheus text page as (name, labels, value)."""
+    samples = []
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
-            name, value = match.group(1), float(match.group(3))
-            values[name] = values.get(name, 0.0) + value
+            labels = dict(_LABEL.findall(match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sample values by metric name, summed over label sets (engines, models, ...)."""
+    values: dict[str, float] = {}
+    for name, _, value in parse_samples(text):
+        values[name] = values.get(name, 0.0) + value
     return values

@@ -19,8 +19,9 @@ from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.storage.journal import DiskJournal
+from kvbm.vllm_integration.handshake import LeaderHandshake
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, disk_slots, host_slots, model_identity
+from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -43,8 +44,12 @@ class KvbmLeader:
             )
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
-        self.num_host_slots = host_slots(config, vllm_config, kv_cache_config)
-        self.num_disk_slots = disk_slots(config, vllm_config, kv_cache_config)
+        # vLLM builds the scheduler only after every worker registered its KV
+        # caches, so all of them are waiting: size the tiers from their reports.
+        sizes = LeaderHandshake(
+            config, vllm_config.parallel_config.world_size, vllm_config.kv_transfer_config.engine_id
+        ).start().wait().sizes
+        self.num_host_slots, self.num_disk_slots = sizes.host_slots, sizes.disk_slots
         identity = model_identity(vllm_config, kv_cache_config)
         disk_filter = None
         if self.num_host_slots and self.num_disk_slots and not config.disable_disk_offload_filter:

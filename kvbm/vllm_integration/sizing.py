@@ -1,10 +1,8 @@
-"""Tier sizes derived from vLLM's KV cache config, identically on leader and workers."""
+"""What the leader derives from vLLM's KV cache config: bytes per block and the model identity."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-from kvbm.config import KvbmConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -15,18 +13,6 @@ def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
     """Bytes one block takes across this rank's layers (what one G2 slot holds)."""
     total = sum(tensor.size for tensor in kv_cache_config.kv_cache_tensors)
     return max(1, total // max(1, kv_cache_config.num_blocks))
-
-
-def host_slots(config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
-    """G2 blocks. GB settings are totals over all ranks, each rank storing its shard."""
-    world = vllm_config.parallel_config.world_size
-    return config.host_blocks(bytes_per_block_per_rank(kv_cache_config) * world)
-
-
-def disk_slots(config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> int:
-    """G3 blocks, sized like G2."""
-    world = vllm_config.parallel_config.world_size
-    return config.disk_blocks(bytes_per_block_per_rank(kv_cache_config) * world)
 
 
 def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,8 +32,9 @@ from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
+from kvbm.vllm_integration.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import disk_slots, host_slots, model_identity
+from kvbm.vllm_integration.sizing import model_identity
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -82,8 +84,12 @@ class KvbmWorker:
         self.config = config
         self._kv_cache_config = kv_cache_config
         self._identity = model_identity(vllm_config, kv_cache_config)
-        self.num_host_slots = host_slots(config, vllm_config, kv_cache_config)
-        self.num_disk_slots = disk_slots(config, vllm_config, kv_cache_config)
+        self._world_size = vllm_config.parallel_config.world_size
+        self._engine_id = vllm_config.kv_transfer_config.engine_id
+        #: Set from the leader's answer in the startup handshake (handshake.py).
+        self.num_host_slots = 0
+        self.num_disk_slots = 0
+        self._handshake: WorkerHandshake | None = None
         self.layout: KVLayout | None = None
         self._views: list[torch.Tensor] = []
         self.engine: CopyEngine | None = None
@@ -107,10 +113,46 @@ class KvbmWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout, self._views = describe_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
         logger.info("kvbm worker: KV layout %s", self.layout.describe())
-        if self.num_host_slots:
-            self.arena = HostArena(self.num_host_slots, self.layout.block_bytes)
+        # vLLM builds the scheduler (our leader) only after every worker has
+        # registered and warmed up: never block here. The first step waits.
+        report = WorkerLayout(
+            rank=_rank() % self._world_size, world_size=self._world_size,
+            bytes_per_block=self.layout.block_bytes, num_gpu_blocks=self._kv_cache_config.num_blocks,
+            layout=self.layout.describe(),
+        )
+        self._handshake = WorkerHandshake(self.config, self._engine_id, report, self._allocate).start()
+
+    def _allocate(
+        self, sizes: TierSizes, progress: Callable[[float], None]
+    ) -> tuple[HostArena | None, DiskArena | None]:
+        """On the handshake's thread, every rank at once: the slow part (pinning pages, fallocate)."""
+        assert self.layout is not None
+        if self._views and self._views[0].is_cuda:
+            torch.cuda.set_device(self._views[0].device)  # per thread: pin in this rank's CUDA context
+        arena = HostArena(sizes.host_slots, self.layout.block_bytes) if sizes.host_slots else None
+        disk = None
+        if sizes.disk_slots:
+            cfg = self.config
+            disk = DiskArena(
+                cfg.disk_cache_dir, sizes.disk_slots, self.layout.block_bytes,
+                file_tag=disk_file_tag(cfg, self._identity, _rank()),
+                zerofill_fallback=cfg.disk_zerofill_fallback,
+                disable_o_direct=cfg.disk_disable_o_direct,
+            )
+        return arena, disk
+
+    def _ensure_ready(self) -> None:
+        """First real step: take the agreed tiers. Bounded by DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS,
+        and instant in practice: the leader's constructor returned only after every rank acked."""
+        if self._handshake is None:
+            return
+        sizes, (self.arena, self.disk) = self._handshake.wait()
+        self._handshake = None
+        self.num_host_slots, self.num_disk_slots = sizes.host_slots, sizes.disk_slots
+        assert self.layout is not None
+        if self.arena is not None:
             self.engine = make_copy_engine(self.layout, self._views, self.arena)
-        if self.num_disk_slots:
+        if self.disk is not None:
             # Blocks cross between G1 and G3 through a bounded set of staging
             # rows with their own engine (pinned on GPUs), built once: engines
             # compile kernels and allocate at construction.
@@ -118,13 +160,6 @@ class KvbmWorker:
             on_gpu = bool(self._views) and self._views[0].is_cuda
             self._stage_rows = HostArena.wrap(make_host_arena_buffer(rows, self.layout.block_bytes, on_gpu))
             self._stage_engine = make_copy_engine(self.layout, self._views, self._stage_rows)
-            cfg = self.config
-            self.disk = DiskArena(
-                cfg.disk_cache_dir, self.num_disk_slots, self.layout.block_bytes,
-                file_tag=disk_file_tag(cfg, self._identity, _rank()),
-                zerofill_fallback=cfg.disk_zerofill_fallback,
-                disable_o_direct=cfg.disk_disable_o_direct,
-            )
 
     def _staging(self, rows: int) -> torch.Tensor:
         """Host rows for blocks on their way to or from G3 (owned by one transfer)."""
@@ -167,10 +202,12 @@ class KvbmWorker:
             )
 
     def handle_preemptions(self, meta: KvbmMetadata) -> None:
+        self._ensure_ready()
         if meta.plan.drain_stores and self.engine is not None:
             self.engine.drain()
 
     def start_load(self, meta: KvbmMetadata) -> None:
+        self._ensure_ready()
         self._check(meta)
         for op in meta.plan.loads:
             load = self._loads[op.req_id] = _Load(op, parts_left=bool(op.host_slots) + bool(op.disk_slots))
@@ -187,6 +224,7 @@ class KvbmWorker:
                 load.read = self._io.submit(self.disk.read_blocks, items)
 
     def save(self, meta: KvbmMetadata) -> None:
+        self._ensure_ready()
         plan = meta.plan
         if plan.store is not None:
             self._inflight_batches.add(plan.store.batch_id)
@@ -349,6 +387,8 @@ class KvbmWorker:
         return None if report.is_empty() else report
 
     def shutdown(self) -> None:
+        if self._handshake is not None:
+            self._handshake.close()
         for engine in (self.engine, self._stage_engine):
             if engine is not None:
                 engine.drain()

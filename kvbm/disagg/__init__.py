@@ -1,0 +1,9 @@
+"""Disaggregated serving with kvbm: prefill workers (kvbm + NIXL), decode workers (NIXL), a router.
+
+* :mod:`kvbm.disagg.connector` — the prefill worker's connector;
+* :mod:`kvbm.disagg.nixl` — vLLM's NixlConnector, with NIXL's idle spin optionally paced;
+* :mod:`kvbm.disagg.config` — the ``--kv-transfer-config`` of each worker kind;
+* :mod:`kvbm.disagg.router` — the OpenAI-compatible front end (``kvbm router``).
+
+Importing this package imports neither vLLM nor aiohttp.
+"""

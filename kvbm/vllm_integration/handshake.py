@@ -1,0 +1,615 @@
+"""Leader/worker startup handshake: agree on the G2/G3 sizes before traffic starts.
+
+Why a handshake: the tiers are sized from the bytes one block takes on *every*
+rank together (GB settings are totals across ranks), which only the workers
+know once vLLM has allocated their KV caches; and the leader must not plan a
+single copy before every worker owns its slice of host/disk memory.
+
+Order inside vLLM (v1 ``EngineCore.__init__``): workers build their KV caches
+and call ``register_kv_caches`` and vLLM warms the model up *before* the
+scheduler, and so the leader, exists. So neither side may block where the
+other cannot progress:
+
+* worker: :meth:`WorkerHandshake.start` in ``register_kv_caches`` returns at
+  once; a background thread waits for the leader, reports the layout,
+  allocates when told, and acks. The first real step calls
+  :meth:`WorkerHandshake.wait` (instant by then: the leader only finishes its
+  constructor after every rank acked).
+* leader: ``LeaderHandshake(...).start().wait()`` in the leader's constructor.
+  Every worker is already past ``register_kv_caches`` and waiting, so blocking
+  there delays only the engine's readiness, by the allocation time.
+
+Both sides give up after ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``, counted
+from their own ``start()``.
+
+Protocol (JSON, soft state, resent every heartbeat so message loss, late
+joiners and ordering never matter): the leader PUBlishes a *beacon*
+``{session, state, sizes, ...}`` on the pub endpoint; each worker PUSHes its
+*status* ``{rank, layout, state, ...}`` to the ack endpoint. States: leader
+``waiting → allocate → done`` (or ``failed``), worker ``joined → allocating →
+ready`` (or ``failed``). A peer silent for ``dead_after_s`` is dead; once a
+socket saw a peer disconnect (a killed process closes its sockets), silence
+longer than a few heartbeats is enough. A new leader session during the
+handshake (the scheduler restarted) makes workers drop their allocation and
+join again.
+
+Transport (see :func:`handshake_endpoints`): TCP on
+``DYN_KVBM_LEADER_ZMQ_HOST``/``_PUB_PORT``/``_ACK_PORT`` when any of them is
+set; otherwise Unix sockets in a private per-user directory, named by vLLM's
+``kv_transfer_config.engine_id`` (a fresh UUID per vLLM instance that the
+scheduler and every worker share), so two instances on one host never collide.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
+from dataclasses import asdict, dataclass, field
+from typing import Any, Generic, TypeVar
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from kvbm.config import ConfigError, KvbmConfig
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = 1
+TIMEOUT_VAR = "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS"
+HEARTBEAT_S = 0.25
+#: Silence after which a peer counts as dead (generous: a busy process may stall).
+DEAD_AFTER_S = 30.0
+#: Silence that suffices once its connection was seen closing.
+GONE_AFTER_DISCONNECT_HEARTBEATS = 8
+PROGRESS_LOG_S = 10.0
+_ZMQ_KEYS = ("leader_zmq_host", "leader_zmq_pub_port", "leader_zmq_ack_port")
+
+T = TypeVar("T")
+#: ``allocate(sizes, progress)``: builds this rank's tiers; ``progress(0..1)`` is optional.
+Allocate = Callable[["TierSizes", Callable[[float], None]], T]
+
+
+class HandshakeError(RuntimeError):
+    """The handshake failed; the message says which rank, why, and what to change."""
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """What one worker reports: enough for the leader to size and sanity-check the tiers."""
+
+    rank: int
+    world_size: int
+    #: Bytes one block takes on this rank (its heads, all its layers): one G2/G3 slot.
+    bytes_per_block: int
+    num_gpu_blocks: int
+    layout: str = ""
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+
+
+@dataclass(frozen=True)
+class TierSizes:
+    """The agreed tier sizes, in blocks; the same on every rank (block ids are shared)."""
+
+    host_slots: int
+    disk_slots: int
+    #: Sum over ranks of :attr:`WorkerLayout.bytes_per_block`: what GB settings are divided by.
+    bytes_per_block_all_ranks: int
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    sizes: TierSizes
+    workers: tuple[WorkerLayout, ...]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    pub: str
+    ack: str
+    #: Default (ipc) transport only: the leader holds this flock for its lifetime,
+    #: so a second leader with the same engine id fails instead of stealing the sockets.
+    lock: str | None = None
+
+
+def plan_tiers(config: KvbmConfig, layouts: Sequence[WorkerLayout]) -> TierSizes:
+    """Size G2/G3 from every rank's report: block counts win; GB is the total over ranks."""
+    blocks = {layout.num_gpu_blocks for layout in layouts}
+    if len(blocks) > 1:
+        detail = ", ".join(f"rank {w.rank}: {w.num_gpu_blocks}" for w in sorted(layouts, key=lambda w: w.rank))
+        raise HandshakeError(
+            f"kvbm: workers report different numbers of GPU blocks ({detail}); all ranks must share "
+            "block ids. Start every rank of one vLLM instance with the same settings."
+        )
+    total = sum(layout.bytes_per_block for layout in layouts)
+    try:
+        return TierSizes(config.host_blocks(total), config.disk_blocks(total), total)
+    except ConfigError as exc:
+        raise HandshakeError(str(exc)) from None
+
+
+def handshake_endpoints(config: KvbmConfig, engine_id: str | None) -> Endpoints:
+    """Where the leader binds and the workers connect.
+
+    Any of ``DYN_KVBM_LEADER_ZMQ_HOST/PUB_PORT/ACK_PORT`` set (env or extra
+    config), or no engine id: the reference TCP transport, needed when workers
+    run on other hosts. Otherwise Unix sockets named by the engine id: both
+    sides know it without any coordination, and two vLLM instances (distinct
+    UUIDs; data-parallel engines get a ``_dp<rank>`` suffix) cannot collide.
+    """
+    if not engine_id or any(key in config.sources for key in _ZMQ_KEYS):
+        host = config.leader_zmq_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literal
+        return Endpoints(f"tcp://{host}:{config.leader_zmq_pub_port}", f"tcp://{host}:{config.leader_zmq_ack_port}")
+    base = os.path.join(_private_dir(), hashlib.blake2b(engine_id.encode(), digest_size=8).hexdigest())
+    return Endpoints(f"ipc://{base}.pub", f"ipc://{base}.ack", f"{base}.lock")
+
+
+def _private_dir() -> str:
+    """``$TMPDIR/kvbm-<uid>``, mode 0700 and ours, so no other user can hijack the sockets."""
+    path = os.path.join(tempfile.gettempdir(), f"kvbm-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise HandshakeError(
+            f"kvbm: {path} must be a directory owned by this user with mode 0700 (it holds the "
+            "leader/worker sockets); remove it, or set DYN_KVBM_LEADER_ZMQ_PUB_PORT and "
+            "DYN_KVBM_LEADER_ZMQ_ACK_PORT to use TCP instead"
+        )
+    return path
+
+
+def _send(sock: zmq.Socket, message: dict[str, Any]) -> None:
+    """Fire and forget: state is resent every heartbeat, so a dropped message costs nothing."""
+    try:
+        sock.send(json.dumps(message).encode(), zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+
+
+def _drain(sock: zmq.Socket) -> list[dict[str, Any]]:
+    messages = []
+    while True:
+        try:
+            raw = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return messages
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            logger.warning("kvbm handshake: ignoring a malformed message (%d bytes)", len(raw))
+            continue
+        if isinstance(message, dict):
+            messages.append(message)
+
+
+class _Peer:
+    """Liveness of the other side: silence is death, sooner once its socket closed."""
+
+    def __init__(self, sock: zmq.Socket, heartbeat_s: float, dead_after_s: float) -> None:
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.dead_after_s = dead_after_s
+        self.gone_after_s = min(dead_after_s, GONE_AFTER_DISCONNECT_HEARTBEATS * heartbeat_s)
+        self.last_disconnect = float("-inf")
+
+    def poll_events(self) -> None:
+        while self.monitor.poll(0):
+            recv_monitor_message(self.monitor)
+            self.last_disconnect = time.monotonic()
+
+    def silent_too_long(self, last_seen: float, now: float) -> bool:
+        limit = self.gone_after_s if self.last_disconnect > last_seen else self.dead_after_s
+        return now - last_seen > limit
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+
+
+class _Handshake(Generic[T]):
+    """A background thread running ``_run`` and a future for its outcome."""
+
+    def __init__(self, config: KvbmConfig, engine_id: str | None, heartbeat_s: float, dead_after_s: float) -> None:
+        self.config = config
+        self.timeout_s = config.leader_worker_init_timeout_secs
+        self.endpoints = handshake_endpoints(config, engine_id)
+        self.heartbeat_s = heartbeat_s
+        self.dead_after_s = dead_after_s
+        self._future: Future[T] = Future()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._context = zmq.Context()
+
+    def _start(self, name: str) -> None:
+        self._deadline = time.monotonic() + self.timeout_s
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._future.set_result(self._run())
+        except BaseException as exc:  # handed to wait(); never lost in a thread
+            self._future.set_exception(exc)
+        finally:
+            self._context.term()  # after every socket is closed; flushes lingering messages
+
+    def _run(self) -> T:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until the handshake is done; raises :class:`HandshakeError` on failure.
+
+        Bounded by the configured timeout (plus a little for the thread to
+        report) even if ``timeout`` is None.
+        """
+        assert self._thread is not None, "call start() first"
+        limit = max(0.0, self._deadline - time.monotonic()) + 5.0
+        try:
+            return self._future.result(limit if timeout is None else min(limit, timeout))
+        except FutureTimeoutError:
+            raise HandshakeError(
+                f"kvbm: the leader/worker handshake did not finish within {TIMEOUT_VAR}="
+                f"{self.timeout_s:g}s; raise {TIMEOUT_VAR} if allocating the tiers is slow"
+            ) from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def close(self) -> None:
+        """Stop the thread (if running) and release the sockets."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _timeout_error(self, what: str) -> HandshakeError:
+        return HandshakeError(
+            f"kvbm: the leader/worker handshake timed out after {self.timeout_s:g}s "
+            f"({TIMEOUT_VAR}={self.timeout_s:g}): {what}. Raise {TIMEOUT_VAR} if startup or "
+            "allocating the tiers is just slow."
+        )
+
+
+class LeaderHandshake(_Handshake[HandshakeResult]):
+    """Scheduler side: wait for ``world_size`` workers, size the tiers, wait for their acks."""
+
+    def __init__(
+        self,
+        config: KvbmConfig,
+        world_size: int,
+        engine_id: str | None,
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        dead_after_s: float = DEAD_AFTER_S,
+    ) -> None:
+        super().__init__(config, engine_id, heartbeat_s, dead_after_s)
+        self.world_size = world_size
+        self.session = uuid.uuid4().hex
+        self._lock_fd: int | None = None
+
+    def start(self) -> LeaderHandshake:
+        """Bind now (a port in use fails here, in the caller) and run the handshake in the background."""
+        ep = self.endpoints
+        if ep.lock is not None:
+            self._lock_fd = os.open(ep.lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                self._context.term()
+                raise HandshakeError(
+                    f"kvbm: another vLLM instance on this host runs a kvbm leader for the same "
+                    f"kv_transfer_config.engine_id ({ep.lock} is locked). Give each instance its own "
+                    "engine_id (or leave it unset), or set DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+                ) from None
+        self._pub = self._context.socket(zmq.PUB)
+        self._ack = self._context.socket(zmq.PULL)
+        for sock, address, var in ((self._pub, ep.pub, "PUB"), (self._ack, ep.ack, "ACK")):
+            sock.linger = 1000  # let the final beacon reach the workers
+            try:
+                sock.bind(address)
+            except zmq.ZMQError as exc:
+                self._close_sockets()
+                self._context.term()
+                raise HandshakeError(
+                    f"kvbm leader cannot listen on {address}: {exc}. Another process (a second vLLM "
+                    f"instance?) uses it: give this instance other ports with "
+                    f"DYN_KVBM_LEADER_ZMQ_PUB_PORT / DYN_KVBM_LEADER_ZMQ_ACK_PORT (now {var} is taken), "
+                    "or unset all DYN_KVBM_LEADER_ZMQ_* to use collision-free local sockets"
+                ) from None
+        self._peers = _Peer(self._ack, self.heartbeat_s, self.dead_after_s)
+        logger.info(
+            "kvbm leader: waiting for %d worker(s) on %s (timeout %gs, %s)",
+            self.world_size, ep.ack, self.timeout_s, TIMEOUT_VAR,
+        )
+        self._start("kvbm-leader-handshake")
+        return self
+
+    def _close_sockets(self) -> None:
+        for name in ("_peers", "_pub", "_ack"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+        if self._lock_fd is not None:
+            # libzmq leaves socket files behind; remove them (and the lock) while
+            # still holding the lock, so a waiting leader starts from a clean slate.
+            ep = self.endpoints
+            for path in (ep.pub[len("ipc://"):], ep.ack[len("ipc://"):], ep.lock):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _beacon(self, state: str, sizes: TierSizes | None = None, error: str | None = None) -> None:
+        _send(self._pub, {
+            "protocol": PROTOCOL, "session": self.session, "world_size": self.world_size, "state": state,
+            "sizes": asdict(sizes) if sizes else None, "error": error,
+        })
+
+    def _run(self) -> HandshakeResult:
+        try:
+            result = self._handshake()
+        except HandshakeError as exc:
+            self._beacon("failed", error=str(exc))  # workers stop waiting and report it too
+            raise
+        finally:
+            self._close_sockets()
+        return result
+
+    def _handshake(self) -> HandshakeResult:
+        status: dict[int, dict[str, Any]] = {}
+        seen: dict[int, float] = {}
+        sizes: TierSizes | None = None
+        next_beacon = next_log = 0.0
+        started = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beacon:
+                self._beacon("allocate" if sizes else "waiting", sizes)
+                next_beacon = now + self.heartbeat_s
+            if self._ack.poll(self.heartbeat_s * 1000):
+                for message in _drain(self._ack):
+                    if message.get("session") != self.session:
+                        continue  # addressed to a previous leader; the worker re-joins on our beacon
+                    try:
+                        rank = self._check_worker(message, status)
+                    except (KeyError, TypeError):
+                        logger.warning("kvbm leader: ignoring a malformed worker status %r", message)
+                        continue
+                    status[rank], seen[rank] = message, time.monotonic()
+            self._peers.poll_events()
+            now = time.monotonic()
+            for rank, last in seen.items():
+                if self._peers.silent_too_long(last, now):
+                    raise HandshakeError(
+                        f"kvbm worker rank {rank} ({_who(status[rank])}) stopped responding during the "
+                        f"leader/worker handshake ({now - last:.1f}s silent, state "
+                        f"{status[rank]['state']!r}): the process probably died; see its log"
+                    )
+            if sizes is None and len(status) == self.world_size:
+                layouts = [_layout(status[r]) for r in range(self.world_size)]
+                sizes = plan_tiers(self.config, layouts)
+                logger.info(
+                    "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
+                    "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks,
+                    sizes.host_slots, sizes.disk_slots,
+                )
+                next_beacon = now  # tell them at once
+                continue
+            if sizes is not None and all(status[r]["state"] == "ready" for r in range(self.world_size)):
+                self._beacon("done", sizes)
+                logger.info("kvbm leader: all %d worker(s) allocated in %.1fs", self.world_size, now - started)
+                return HandshakeResult(sizes, tuple(_layout(status[r]) for r in range(self.world_size)))
+            if now >= next_log + PROGRESS_LOG_S:
+                next_log = now
+                if now - started >= PROGRESS_LOG_S:
+                    logger.info("kvbm leader: handshake after %.0fs: %s", now - started, self._progress(status))
+            if now >= self._deadline:
+                raise self._timeout_error(self._progress(status))
+        raise HandshakeError("kvbm leader handshake was closed before it finished")
+
+    def _check_worker(self, message: dict[str, Any], status: dict[int, dict[str, Any]]) -> int:
+        if message.get("protocol") != PROTOCOL:
+            raise HandshakeError(
+                f"kvbm worker ({_who(message)}) speaks handshake protocol {message.get('protocol')}, the leader "
+                f"{PROTOCOL}: leader and workers run different kvbm versions; install one version everywhere"
+            )
+        rank, world = message["rank"], message["world_size"]
+        if world != self.world_size or not 0 <= rank < world:
+            raise HandshakeError(
+                f"kvbm worker rank {rank} ({_who(message)}) reports world_size {world}, the leader expects "
+                f"{self.world_size}: a worker of another vLLM instance reached this leader. Give each instance "
+                "its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT (or unset them)"
+            )
+        if message["state"] == "failed":
+            raise HandshakeError(f"kvbm worker rank {rank} ({_who(message)}) failed: {message.get('error')}")
+        known = status.get(rank)
+        if known is not None and (known["pid"], known["host"]) != (message["pid"], message["host"]):
+            raise HandshakeError(
+                f"kvbm: two processes claim worker rank {rank} ({_who(known)} and {_who(message)}): two vLLM "
+                "instances share this leader's endpoints. Give each its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+            )
+        if known is None:
+            logger.info("kvbm leader: worker rank %d joined (%s)", rank, _who(message))
+        return rank
+
+    def _progress(self, status: dict[int, dict[str, Any]]) -> str:
+        missing = [r for r in range(self.world_size) if r not in status]
+        if missing:
+            return (
+                f"rank(s) {', '.join(map(str, missing))} of world_size {self.world_size} never joined "
+                f"(the leader listens on {self.endpoints.ack}; check that those workers started and use "
+                "the same DYN_KVBM_LEADER_ZMQ_* settings and engine_id)"
+            )
+        parts = []
+        for rank in range(self.world_size):
+            state, progress = status[rank]["state"], status[rank].get("progress")
+            parts.append(f"rank {rank} {state}" + (f" {100 * progress:.0f}%" if progress is not None else ""))
+        return "workers are still allocating: " + ", ".join(parts)
+
+
+class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
+    """One rank: report the layout, allocate what the leader asks, ack; all in the background."""
+
+    def __init__(
+        self,
+        config: KvbmConfig,
+        engine_id: str | None,
+        layout: WorkerLayout,
+        allocate: Allocate[T],
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        dead_after_s: float = DEAD_AFTER_S,
+    ) -> None:
+        super().__init__(config, engine_id, heartbeat_s, dead_after_s)
+        self.layout = layout
+        self._allocate = allocate
+
+    def start(self) -> WorkerHandshake[T]:
+        """Connect and return at once; the leader may not exist yet (vLLM builds it after the workers)."""
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a leader that is not there
+        self._push.linger = 1000  # a final "failed" status should still reach the leader
+        self._sub.linger = 0
+        self._sub.connect(self.endpoints.pub)
+        self._push.connect(self.endpoints.ack)
+        self._leader = _Peer(self._sub, self.heartbeat_s, self.dead_after_s)
+        self._start(f"kvbm-worker{self.layout.rank}-handshake")
+        return self
+
+    def _run(self) -> tuple[TierSizes, T]:
+        self._state = "waiting"
+        self._session: str | None = None
+        self._progress: float | None = None
+        try:
+            return self._handshake()
+        except HandshakeError as exc:
+            if self._session is not None:
+                self._status("failed", error=str(exc))
+            raise
+        finally:
+            for sock in (self._leader, self._sub, self._push):
+                sock.close()
+
+    def _status(self, state: str, error: str | None = None) -> None:
+        self._state = state
+        _send(self._push, {
+            "protocol": PROTOCOL, "session": self._session, **asdict(self.layout), "state": state,
+            "progress": self._progress, "error": error,
+        })
+
+    def _handshake(self) -> tuple[TierSizes, T]:
+        rank = self.layout.rank
+        sizes: TierSizes | None = None
+        allocation: Future[T] | None = None
+        last_leader = next_status = 0.0
+        while not self._stop.is_set():
+            if self._sub.poll(self.heartbeat_s * 1000):
+                for beacon in _drain(self._sub):
+                    last_leader = time.monotonic()
+                    if beacon.get("protocol") != PROTOCOL:
+                        raise HandshakeError(
+                            f"kvbm leader speaks handshake protocol {beacon.get('protocol')}, worker rank {rank} "
+                            f"{PROTOCOL}: install the same kvbm version for the scheduler and the workers"
+                        )
+                    if beacon["session"] != self._session:
+                        if self._session is not None:
+                            logger.warning(
+                                "kvbm worker rank %d: the leader restarted during the handshake; joining the "
+                                "new one (dropping this rank's allocation)", rank,
+                            )
+                        else:
+                            logger.info("kvbm worker rank %d: leader found at %s", rank, self.endpoints.pub)
+                        self._session, sizes, allocation, self._progress = beacon["session"], None, None, None
+                        self._status("joined")
+                        next_status = time.monotonic() + self.heartbeat_s
+                    # after joining, so the leader hears why
+                    if beacon["world_size"] != self.layout.world_size:
+                        raise HandshakeError(
+                            f"kvbm worker rank {rank}: the leader at {self.endpoints.pub} expects world_size "
+                            f"{beacon['world_size']}, this worker {self.layout.world_size}: it belongs to another "
+                            "vLLM instance. Give each instance its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+                        )
+                    if beacon["state"] == "failed":
+                        raise HandshakeError(f"kvbm leader failed the handshake: {beacon['error']}")
+                    if beacon["state"] in ("allocate", "done") and allocation is None:
+                        sizes = TierSizes(**beacon["sizes"])
+                        allocation = self._start_allocation(sizes)
+                        self._status("allocating")
+                    if beacon["state"] == "done":
+                        assert allocation is not None and sizes is not None
+                        if self._state == "ready":
+                            return sizes, allocation.result()
+            if allocation is not None and allocation.done() and self._state == "allocating":
+                if allocation.exception() is not None:
+                    exc = allocation.exception()
+                    raise HandshakeError(
+                        f"kvbm worker rank {rank} could not allocate its tiers ({sizes}): "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                self._status("ready")
+                logger.info("kvbm worker rank %d: tiers allocated, waiting for the other ranks", rank)
+            now = time.monotonic()
+            if self._session is not None and now >= next_status:
+                self._status(self._state)
+                next_status = now + self.heartbeat_s
+            self._leader.poll_events()
+            if self._session is not None and self._leader.silent_too_long(last_leader, now):
+                raise HandshakeError(
+                    f"kvbm worker rank {rank}: the leader at {self.endpoints.pub} stopped responding during the "
+                    f"handshake ({now - last_leader:.1f}s silent): the scheduler process died or restarted; "
+                    "see its log"
+                )
+            if now >= self._deadline:
+                raise self._timeout_error(
+                    f"worker rank {rank} never heard from a leader at {self.endpoints.pub} (is the scheduler "
+                    "side configured with the same DYN_KVBM_LEADER_ZMQ_* settings and engine_id? Workers on "
+                    "another host need DYN_KVBM_LEADER_ZMQ_HOST set to the leader's address)"
+                    if self._session is None else f"worker rank {rank} is still {self._state!r}"
+                )
+        raise HandshakeError(f"kvbm worker rank {rank} handshake was closed before it finished")
+
+    def _start_allocation(self, sizes: TierSizes) -> Future[T]:
+        """Allocate on its own thread, so heartbeats keep flowing while pages are faulted in."""
+        future: Future[T] = Future()
+
+        def progress(fraction: float) -> None:
+            self._progress = fraction
+
+        def run() -> None:
+            try:
+                future.set_result(self._allocate(sizes, progress))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        logger.info(
+            "kvbm worker rank %d: allocating G2 %d x %d B, G3 %d x %d B",
+            self.layout.rank, sizes.host_slots, self.layout.bytes_per_block,
+            sizes.disk_slots, self.layout.bytes_per_block,
+        )
+        threading.Thread(target=run, name=f"kvbm-worker{self.layout.rank}-allocate", daemon=True).start()
+        return future
+
+
+def _layout(message: dict[str, Any]) -> WorkerLayout:
+    return WorkerLayout(**{name: message[name] for name in WorkerLayout.__dataclass_fields__})
+
+
+def _who(message: dict[str, Any]) -> str:
+    return f"pid {message.get('pid')} on {message.get('host')}"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Aggregated serving: one vLLM worker with kvbm (host tier DYN_KVBM_CPU_CACHE_GB=20)
+# serving the OpenAI API on HTTP_PORT (8000). GPU: AGG_GPU [0].
+# CPU_ONLY=1 runs it on vLLM's CPU backend. More settings: launch/common.sh.
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+WORKER_HOST=$HTTP_HOST
+start_worker agg agg "${AGG_GPU:-0}" "$HTTP_PORT"
+log "1 aggregated worker of $MODEL; OpenAI API at http://$HTTP_HOST:$HTTP_PORT/v1 once /health answers 200"
+wait_any
