@@ -85,7 +85,7 @@ class KvbmLeader:
             )
         logger.info(
             "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s)",
-            self.num_host_slots, self.num_disk_slots, "on" if disk_filter else "off",
+            self.num_host_slots, self.num_disk_slots, "on" if disk_filter is not None else "off",
             ", persistent" if self.journal else "", self.block_size, vllm_config.parallel_config.world_size,
         )
 
