@@ -12,6 +12,7 @@ and register them in ``SUBCOMMANDS`` below. A subcommand marked
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -67,59 +68,20 @@ def _run_build_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    from kvbm.bench.demo import add_arguments
+def _lazy(module: str, name: str) -> Callable:
+    """A function that imports ``module`` only when called, keeping ``kvbm --help`` instant."""
 
-    add_arguments(parser)
+    def call(arg):  # type: ignore[no-untyped-def]
+        return getattr(importlib.import_module(module), name)(arg)
 
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from kvbm.bench.demo import run
-
-    return run(args)
-
-
-def _configure_doctor(parser: argparse.ArgumentParser) -> None:
-    from kvbm.doctor import add_arguments
-
-    add_arguments(parser)
-
-
-def _run_doctor(args: argparse.Namespace) -> int:
-    from kvbm.doctor import run
-
-    return run(args)
-
-
-def _configure_bench(parser: argparse.ArgumentParser) -> None:
-    from kvbm.bench.cli import configure
-
-    configure(parser)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from kvbm.bench.cli import run
-
-    return run(args)
-
-
-def _configure_router(parser: argparse.ArgumentParser) -> None:
-    from kvbm.disagg.router import add_arguments
-
-    add_arguments(parser)
-
-
-def _run_router(args: argparse.Namespace) -> int:
-    from kvbm.disagg.router import run
-
-    return run(args)
+    return call
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         help="compare vLLM alone with vLLM + kvbm on a local model and a multi-round chat workload",
-        run=_run_demo,
-        configure=_configure_demo,
+        run=_lazy("kvbm.bench.demo", "run"),
+        configure=_lazy("kvbm.bench.demo", "add_arguments"),
     ),
     "serve": Subcommand(
         help="run vLLM's OpenAI server (all arguments go to `vllm serve`)",
@@ -133,18 +95,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "doctor": Subcommand(
         help="check this host for kvbm before starting a server (memory, disk, ports, GPU, vLLM)",
-        run=_run_doctor,
-        configure=_configure_doctor,
+        run=_lazy("kvbm.doctor", "run"),
+        configure=_lazy("kvbm.doctor", "add_arguments"),
     ),
     "bench": Subcommand(
         help="benchmark a server with multi-round chat (bench run), or vLLM with and without kvbm (bench compare)",
-        run=_run_bench,
-        configure=_configure_bench,
+        run=_lazy("kvbm.bench.cli", "run"),
+        configure=_lazy("kvbm.bench.cli", "configure"),
     ),
     "router": Subcommand(
         help="OpenAI front end for disaggregated serving: prefill workers (kvbm + NIXL), then decode workers",
-        run=_run_router,
-        configure=_configure_router,
+        run=_lazy("kvbm.disagg.router", "run"),
+        configure=_lazy("kvbm.disagg.router", "add_arguments"),
     ),
 }
 
