@@ -15,7 +15,10 @@
 #   KVBM_PORT_BASE [56000]    kvbm worker i: ZMQ pub BASE+10*i+1, ack +2; metrics KVBM_METRICS_PORT_BASE [6880]+i
 #   DYN_KVBM_CPU_CACHE_GB [20; 1 in CPU mode]   kvbm's host (G2) tier per kvbm worker
 #   KVBM_NIXL_PROGRESS_DELAY_US [unset; 1000 in CPU mode]  pause of NIXL's progress thread between polls
-#   CPU_BIND           CPU mode: space-separated VLLM_CPU_OMP_THREADS_BIND values, one per worker, cycled
+#   CPU_BIND [nobind for disaggregated CPU mode]  CPU mode: space-separated VLLM_CPU_OMP_THREADS_BIND
+#                      values, one per worker, cycled (e.g. "0-7 8-15"). vLLM's automatic binding assumes
+#                      one engine per host: several engines would all pin their compute threads, and the
+#                      NIXL threads they start, to the same cores and starve each other for tens of seconds.
 #   LOG_DIR            if set, each process logs to LOG_DIR/<name>.log instead of this terminal
 #   STOP_TIMEOUT [20]  seconds between SIGTERM and SIGKILL when stopping
 #   STOP_ON_WORKER_EXIT [1]   0: a worker that dies is only reported (the router takes it out
@@ -144,6 +147,9 @@ run_disagg() {
   local prefill_gpus decode_gpus i gpu
   read -r -a prefill_gpus <<< "$1"
   read -r -a decode_gpus <<< "$2"
+  if [ "$CPU_ONLY" = 1 ] && [ "${#CPU_BIND_LIST[@]}" -eq 0 ]; then
+    CPU_BIND_LIST=(nobind) # several engines on one host: let the kernel spread them (see CPU_BIND above)
+  fi
   local router=("$PYTHON" -m kvbm router --host "$HTTP_HOST" --port "$HTTP_PORT")
   # Prefill workers have the hybrid KV cache manager off (kvbm does not support
   # it); NIXL refuses to pair workers that differ there, so decode workers match.

@@ -346,7 +346,10 @@ def two_p_two_d(stack):
         two.wait_ready()
         stack.timings["2p2d_ready"] = time.monotonic() - t0
         t1 = time.monotonic()
-        turns = run_conversations(two.url, stack.model, CONVERSATIONS["2p2d"], stack.reference["2p2d"])
+        try:
+            turns = run_conversations(two.url, stack.model, CONVERSATIONS["2p2d"], stack.reference["2p2d"])
+        except BaseException as exc:
+            raise AssertionError(f"2P2D requests failed ({exc!r}); logs:\n{two.tail(80)}") from exc
         stack.timings["2p2d_requests"] = time.monotonic() - t1
         yield two, turns
     finally:
