@@ -26,7 +26,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,6 +248,14 @@ class Deployment:
             out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
 
+    @contextmanager
+    def logs_on_failure(self, what: str) -> Iterator[None]:
+        """A failure inside (a timeout, a bad status) also shows every process's log tail."""
+        try:
+            yield
+        except Exception as exc:
+            raise AssertionError(f"{what} failed ({exc!r}); logs:\n{self.tail(80)}") from exc
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -320,8 +330,9 @@ def one_p_one_d(stack):
     """All conversations through the 1P1D router, then the workers' metrics."""
     one = stack.one
     t0 = time.monotonic()
-    turns = run_conversations(one.url, stack.model, CONVERSATIONS["1p1d"], stack.reference["1p1d"])
-    completions = run_completions(one.url, stack.model)
+    with one.logs_on_failure("1P1D requests"):
+        turns = run_conversations(one.url, stack.model, CONVERSATIONS["1p1d"], stack.reference["1p1d"])
+        completions = run_completions(one.url, stack.model)
     stack.timings["1p1d_requests"] = time.monotonic() - t0
     p, d = one.worker_url("prefill", 0), one.worker_url("decode", 0)
     return {
@@ -346,10 +357,8 @@ def two_p_two_d(stack):
         two.wait_ready()
         stack.timings["2p2d_ready"] = time.monotonic() - t0
         t1 = time.monotonic()
-        try:
+        with two.logs_on_failure("2P2D requests"):
             turns = run_conversations(two.url, stack.model, CONVERSATIONS["2p2d"], stack.reference["2p2d"])
-        except BaseException as exc:
-            raise AssertionError(f"2P2D requests failed ({exc!r}); logs:\n{two.tail(80)}") from exc
         stack.timings["2p2d_requests"] = time.monotonic() - t1
         yield two, turns
     finally:
