@@ -52,6 +52,8 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
+    #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
+    allow_untested_vllm: bool = False
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -211,9 +213,17 @@ _FIELDS: dict[str, Any] = {
     "metrics_hit_rate_window": _parse_requests,
     "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
+    "allow_untested_vllm": _parse_bool,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a config field, for messages outside this module."""
+    if key not in _FIELDS:
+        raise KeyError(key)
+    return PREFIX + key.upper()
 
 
 def load_config(

@@ -34,7 +34,7 @@ prepare_cpu_process()
 def _kvbm_state(llm) -> dict:
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     connector = scheduler.connector
-    if connector is None:
+    if connector is None or not hasattr(connector, "_leader"):
         return {"preemptions": getattr(scheduler, "_kvbm_test_preemptions", 0)}
     planner = connector._leader.planner
     pools = [p for p in (planner.host, planner.disk) if p is not None]
@@ -69,6 +69,8 @@ def _settle(llm, timeout: float = 60.0) -> None:
 
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     deadline = time.monotonic() + timeout
+    if not hasattr(connector, "_leader"):
+        connector = None  # another connector: nothing of kvbm's to wait for
     while connector is not None and connector.has_pending_push_work() and time.monotonic() < deadline:
         llm.llm_engine.step()
         time.sleep(0.005)
@@ -135,8 +137,8 @@ def _corrupt_host(llm, phase: dict) -> dict:
     import torch
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    if llm.llm_engine.engine_core.engine_core.scheduler.connector is None:
-        return {}  # the baseline has no host tier to corrupt
+    if not hasattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "_leader"):
+        return {}  # the baseline has no kvbm host tier to corrupt
     arena = get_kv_transfer_group()._worker.arena
     generator = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, arena.buffer.shape, dtype=torch.uint8, generator=generator)
@@ -205,7 +207,9 @@ def main() -> None:
     from vllm import LLM
 
     engine_args = dict(spec["engine"])
-    if spec.get("kvbm") is not None:
+    if spec.get("transfer") is not None:  # another connector, e.g. vLLM's own OffloadingConnector
+        engine_args["kv_transfer_config"] = spec["transfer"]
+    elif spec.get("kvbm") is not None:
         engine_args["kv_transfer_config"] = {
             "kv_connector": "DynamoConnector",
             "kv_role": "kv_both",

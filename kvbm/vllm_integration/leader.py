@@ -19,6 +19,7 @@ from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.storage.journal import DiskJournal
+from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.handshake import LeaderHandshake
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+VLLM = features()
 
 
 class KvbmLeader:
@@ -69,6 +71,7 @@ class KvbmLeader:
             self.journal = self._open_journal(identity)
         self._engine_root = engine_root(identity)
         self._requests: dict[str, Request] = {}
+        self._failed_loads: set[str] = set()
         self._last_summary = time.monotonic()
         world = vllm_config.parallel_config.world_size
         self.metrics = CacheMetrics(
@@ -160,11 +163,17 @@ class KvbmLeader:
         meta = output.kv_connector_worker_meta
         if not isinstance(meta, KvbmWorkerMetadata):
             meta = KvbmWorkerMetadata()
+        # A rank may report its failed load a step before vLLM reports the load finished
+        # on every rank: remember failures until the load finishes.
+        self._failed_loads |= meta.failed_loads | set(output.failed_recving if VLLM.output_has_failed_recving else ())
+        finished = output.finished_recving or ()
+        failed = self._failed_loads.intersection(finished)
+        self._failed_loads -= failed
         self.planner.on_worker_report(
             stored=meta.stored,
             failed_batches=meta.failed_batches,
-            finished_loads=output.finished_recving or (),
-            failed_loads=output.failed_recving or (),
+            finished_loads=finished,
+            failed_loads=failed,
             released=output.finished_sending or (),
             bad_disk_slots=meta.bad_disk_slots,
         )

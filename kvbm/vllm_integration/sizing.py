@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvbm.vllm_integration.compat import kv_cache_layout
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -31,6 +33,6 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> s
             par.tensor_parallel_size,
             par.pipeline_parallel_size,
             bytes_per_block_per_rank(kv_cache_config),
-            kv_cache_config.kv_cache_layout,
+            kv_cache_layout(kv_cache_config),
         )
     )

@@ -207,9 +207,19 @@ class KvbmWorker:
             self.engine.drain()
 
     def start_load(self, meta: KvbmMetadata) -> None:
+        """Every step, empty ones included: start the step's loads, and the plan's work that
+        does not depend on this step's forward pass (G2→G3 spills read committed G2 rows).
+        vLLM before 0.31 skips ``wait_for_save`` on steps without a forward pass, so work
+        left for :meth:`save` would be lost there; only stores of blocks this step computes
+        wait for it, and an empty step computes none."""
         self._ensure_ready()
         self._check(meta)
-        for op in meta.plan.loads:
+        plan = meta.plan
+        if plan.spill is not None:
+            self._spill(plan.spill)
+        for req_id, batch_id in plan.release_after_store:
+            self._release_after[req_id] = batch_id
+        for op in plan.loads:
             load = self._loads[op.req_id] = _Load(op, parts_left=bool(op.host_slots) + bool(op.disk_slots))
             if op.host_slots:
                 assert self.engine is not None
@@ -224,6 +234,7 @@ class KvbmWorker:
                 load.read = self._io.submit(self.disk.read_blocks, items)
 
     def save(self, meta: KvbmMetadata) -> None:
+        """After the forward pass: store the blocks this step filled (G1→G2, or G1→G3)."""
         self._ensure_ready()
         plan = meta.plan
         if plan.store is not None:
@@ -235,10 +246,6 @@ class KvbmWorker:
                 start = time.perf_counter()
                 self.engine.store(plan.store.batch_id, plan.store.gpu_blocks, plan.store.slots)
                 self._timed("store", plan.store.batch_id, start, len(plan.store.slots))
-        if plan.spill is not None:
-            self._spill(plan.spill)
-        for req_id, batch_id in plan.release_after_store:
-            self._release_after[req_id] = batch_id
 
     def _timed(self, kind: str, key: int | str, start: float, blocks: int) -> None:
         """Remember a G1<->G2 copy for bandwidth metrics. A synchronous engine
@@ -365,6 +372,7 @@ class KvbmWorker:
         self._finished_loads.add(req_id)
         if load.error_blocks:
             self._failed_loads.add(req_id)
+            self._report.failed_loads.add(req_id)
             self._load_error_blocks.update(load.error_blocks)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
