@@ -24,18 +24,39 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names it and the fix."""
 
 
+def default_disk_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/kvbm``, else ``~/.cache/kvbm``, else ``/var/tmp/kvbm-<uid>``.
+
+    Private by construction: inside the user's home no other user can create
+    the directory first (a fixed name in a shared ``/tmp`` or ``/var/tmp`` can
+    be pre-created or linked by anyone, which kvbm would then have to refuse);
+    it is where the XDG spec puts caches; and it survives a reboot, which
+    ``DYN_KVBM_DISK_PERSIST`` needs. Production setups point
+    ``DYN_KVBM_DISK_CACHE_DIR`` at a local NVMe drive instead.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "kvbm")
+    home = os.path.expanduser("~")
+    if os.path.isabs(home) and home != "/":
+        return os.path.join(home, ".cache", "kvbm")
+    return f"/var/tmp/kvbm-{os.geteuid()}"
+
+
 @dataclass(frozen=True)
 class KvbmConfig:
     cpu_cache_gb: float | None = None
     cpu_cache_override_num_blocks: int | None = None
     disk_cache_gb: float | None = None
     disk_cache_override_num_blocks: int | None = None
-    disk_cache_dir: str = "/tmp"
+    disk_cache_dir: str = field(default_factory=default_disk_cache_dir)
     disable_disk_offload_filter: bool = False
     disk_zerofill_fallback: bool = False
     disk_disable_o_direct: bool = False
     #: Keep G3 across restarts: files named by model identity, an index journal.
     disk_persist: bool = False
+    #: Testing only: fail/corrupt this share of G3 block I/O, as (kind, rate) pairs plus ("seed", n).
+    disk_fault_injection: tuple[tuple[str, float], ...] = ()
     disk_offload_filter_decay_secs: float = 600.0
     disk_offload_filter_max_entries: int = 1_000_000
     leader_worker_init_timeout_secs: float = 1800.0
@@ -147,6 +168,29 @@ def _parse_str(name: str, raw: Any) -> str:
     return text
 
 
+_FAULT_KINDS = ("read_error", "read_corrupt", "write_error", "write_corrupt")
+
+
+def _parse_faults(name: str, raw: Any) -> tuple[tuple[str, float], ...]:
+    example = f"{name}=read_error=0.02,write_corrupt=0.01,seed=1"
+    pairs = []
+    for item in str(raw).split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in (*_FAULT_KINDS, "seed"):
+            raise ConfigError(
+                f"{name}={raw!r}: {item.strip()!r} is not kind=rate; kinds are {', '.join(_FAULT_KINDS)} "
+                f"(and seed), e.g. {example}. Testing only: unset it in production."
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: {value!r} is not a number, e.g. {example}") from None
+        if key != "seed" and not 0.0 <= number <= 1.0:
+            raise ConfigError(f"{name}={raw!r}: {key} must be a rate between 0 and 1, e.g. {example}")
+        pairs.append((key, number))
+    return tuple(pairs)
+
+
 def _parse_log_level(name: str, raw: Any) -> str:
     level = str(raw).strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -201,6 +245,7 @@ _FIELDS: dict[str, Any] = {
     "disk_zerofill_fallback": _parse_bool,
     "disk_disable_o_direct": _parse_bool,
     "disk_persist": _parse_bool,
+    "disk_fault_injection": _parse_faults,
     "disk_offload_filter_decay_secs": _parse_positive_float,
     "disk_offload_filter_max_entries": _parse_count,
     "leader_worker_init_timeout_secs": _parse_positive_float,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from kvbm.config import ENV_VARS, ConfigError, KvbmConfig, load_config
+from kvbm.config import ENV_VARS, ConfigError, KvbmConfig, default_disk_cache_dir, load_config
 
 CPU_GB = "DYN_KVBM_CPU_CACHE_GB"
 CPU_N = "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
@@ -47,7 +49,30 @@ def test_defaults():
     assert cfg.leader_zmq_pub_port == 56001
     assert cfg.leader_zmq_ack_port == 56002
     assert cfg.metrics is False
-    assert cfg.disk_cache_dir == "/tmp"
+    assert cfg.disk_cache_dir == default_disk_cache_dir()
+    assert cfg.disk_fault_injection == ()
+
+
+def test_default_disk_dir_is_private_per_user(monkeypatch, tmp_path):
+    """Issue 13 item 5: not the shared /tmp, but the user's cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "xdg" / "kvbm")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "home" / ".cache" / "kvbm")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/not/allowed")  # the XDG spec ignores relative paths
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "home" / ".cache" / "kvbm")
+    monkeypatch.setenv("HOME", "/")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert load({CPU_GB: "1"}).disk_cache_dir == f"/var/tmp/kvbm-{os.geteuid()}"
+
+
+def test_disk_fault_injection_setting():
+    cfg = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_error=0.1, write_corrupt=0.05,seed=7"})
+    assert cfg.disk_fault_injection == (("read_error", 0.1), ("write_corrupt", 0.05), ("seed", 7.0))
+    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x"]:
+        with pytest.raises(ConfigError, match="DYN_KVBM_DISK_FAULT_INJECTION"):
+            load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": bad})
     assert cfg.leader_worker_init_timeout_secs == 1800.0
 
 
@@ -62,6 +87,7 @@ def test_all_settings_parse():
         "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "1",
         "DYN_KVBM_DISK_DISABLE_O_DIRECT": "Yes",
         "DYN_KVBM_DISK_PERSIST": "1",
+        "DYN_KVBM_DISK_FAULT_INJECTION": "read_error=0.5",
         "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS": "120",
         "DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES": "5000",
         "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "60",

@@ -200,22 +200,31 @@ def test_disk_dir_not_a_directory(tmp_path):
 
 def test_disk_dir_read_only(mount):
     point = mount("tmpfs", "size=4m,ro")
-    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point))["disk cache dir"]
+    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point / "g3"))["disk cache dir"]
     assert c.status == FAIL and "not writable" in c.detail
 
 
+def test_disk_dir_shared_with_other_users(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone can plant files and links in it
+    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(shared))["disk cache dir"]
+    assert c.status == FAIL and "writable by other users" in c.detail and "DYN_KVBM_DISK_CACHE_DIR" in c.detail
+
+
 def test_disk_free_space(mount):
-    point = mount("tmpfs", "size=16m")
+    point = mount("tmpfs", "size=16m") / "g3"  # the mount's root is 1777: not private
     assert disk("--disk-cache-gb", "0.008", "--disk-cache-dir", str(point))["disk free space"].status == PASS
     c = disk("--disk-cache-gb", "1", "--disk-cache-dir", str(point))["disk free space"]
     assert c.status == FAIL and "DYN_KVBM_DISK_CACHE_GB" in c.fix
 
 
 def test_fallocate_on_a_full_filesystem(mount):
-    point = mount("tmpfs", "size=4m")
+    mnt = mount("tmpfs", "size=4m")
+    point = mnt / "g3"  # the mount's root is 1777: not private
     c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point))
     assert c["fallocate"].status == PASS
-    with open(point / "filler", "wb") as f:  # fill it up for real
+    with open(mnt / "filler", "wb") as f:  # fill it up for real
         try:
             while True:
                 f.write(b"\0" * (1 << 20))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 #: Frequencies saturate here (doubling must not grow unboundedly).
@@ -61,7 +61,7 @@ class FrequencyFilter:
         self.decay_period_s = float(decay_period_s)
         self.max_entries = max_entries
         self._clock = clock
-        self._freq: dict[int, int] = {}
+        self._freq: dict[Hashable, int] = {}
         self._period_start = clock()
         self.stats = FilterStats()
 
@@ -101,7 +101,7 @@ class FrequencyFilter:
         self._period_start = self._clock()
 
     # ---- API -----------------------------------------------------------------
-    def observe(self, block_hash: int) -> int:
+    def observe(self, block_hash: Hashable) -> int:
         """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...)."""
         self._catch_up()
         self.stats.observed += 1
@@ -114,12 +114,12 @@ class FrequencyFilter:
         self._freq[block_hash] = new
         return new
 
-    def frequency(self, block_hash: int) -> int:
+    def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
         self._catch_up()
         return self._freq.get(block_hash, 0)
 
-    def should_offload(self, block_hash: int) -> bool:
+    def should_offload(self, block_hash: Hashable) -> bool:
         """True if the block has been seen often enough to be worth a disk write."""
         self._catch_up()
         ok = self._freq.get(block_hash, 0) >= self.threshold

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvbm.core.filter import FrequencyFilter
-from kvbm.core.hashing import extend_hashes
+from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.pool import BlockPool
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class LoadOp:
     gpu_blocks: list[int]
     host_slots: list[int]
     disk_slots: list[int] = field(default_factory=list)
-    disk_hashes: list[int] = field(default_factory=list)
+    disk_hashes: list[BlockHash] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +61,7 @@ class StoreBatch:
     tier: str
     gpu_blocks: list[int]
     slots: list[int]
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class SpillBatch:
     batch_id: int
     host_slots: list[int]
     disk_slots: list[int]
-    hashes: list[int]
+    hashes: list[BlockHash]
 
 
 @dataclass
@@ -126,8 +126,8 @@ class PlannerStats:
 
 @dataclass
 class _Request:
-    root: int | None  # None: never cached (e.g. prompt embeddings)
-    hashes: list[int] = field(default_factory=list)
+    root: BlockHash | None  # None: never cached (e.g. prompt embeddings)
+    hashes: list[BlockHash] = field(default_factory=list)
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
     last_batch: int = -1  # newest store batch holding one of its blocks
@@ -143,7 +143,7 @@ class _PendingBatch:
     pool: BlockPool
     slots: list[int]
     pinned_host: list[int] = field(default_factory=list)  # G2 slots read by a spill
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
     reports: int = 0
 
 
@@ -179,10 +179,10 @@ class Planner:
         self._next_batch_id = 0
         self._plan = StepPlan()
         #: (hash, slot) of G3 blocks committed since the last take (for the journal).
-        self._disk_committed: list[tuple[int, int]] = []
+        self._disk_committed: list[tuple[BlockHash, int]] = []
 
     # ---- request lifecycle --------------------------------------------
-    def add_request(self, req_id: str, root: int | None) -> None:
+    def add_request(self, req_id: str, root: BlockHash | None) -> None:
         self._requests[req_id] = _Request(root=root)
 
     def _versions(self) -> tuple[int, int]:
@@ -340,13 +340,13 @@ class Planner:
         return False
 
     # ---- G2 → G3 -------------------------------------------------------
-    def _observe(self, block_hash: int, host_slot: int) -> None:
+    def _observe(self, block_hash: BlockHash, host_slot: int) -> None:
         """A sighting of a READY G2 block; spill it to G3 once the filter admits it."""
         assert self.filter is not None
         self.filter.observe(block_hash)
         self._maybe_spill(block_hash, host_slot)
 
-    def _maybe_spill(self, block_hash: int, host_slot: int) -> None:
+    def _maybe_spill(self, block_hash: BlockHash, host_slot: int) -> None:
         assert self.host is not None and self.disk is not None
         if self.disk.contains(block_hash):
             return
@@ -454,12 +454,12 @@ class Planner:
             for block_hash, slot in zip(pending.hashes, pending.slots):
                 self._maybe_spill(block_hash, slot)
 
-    def take_disk_commits(self) -> list[tuple[int, int]]:
+    def take_disk_commits(self) -> list[tuple[BlockHash, int]]:
         """(hash, slot) of G3 blocks made visible since the last call (for the journal)."""
         commits, self._disk_committed = self._disk_committed, []
         return commits
 
-    def restore_disk(self, entries: dict[int, int]) -> int:
+    def restore_disk(self, entries: dict[BlockHash, int]) -> int:
         """Rebuild the G3 registry from a journal after a restart; returns blocks restored."""
         assert self.disk is not None
         return self.disk.restore(entries)

@@ -18,6 +18,7 @@ from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
+from kvbm.storage.files import ensure_private_dir
 from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.handshake import LeaderHandshake
@@ -95,8 +96,8 @@ class KvbmLeader:
     def _open_journal(self, identity: str) -> DiskJournal:
         """Reload what a previous server left on disk (same model and layout only)."""
         name = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
-        os.makedirs(self.config.disk_cache_dir, mode=0o700, exist_ok=True)
-        journal = DiskJournal(os.path.join(self.config.disk_cache_dir, f"kvbm-g3-{name}.journal"), identity=identity)
+        directory = ensure_private_dir(self.config.disk_cache_dir)
+        journal = DiskJournal(os.path.join(directory, f"kvbm-g3-{name}.journal"), identity=identity)
         restored = self.planner.restore_disk(journal.load())
         logger.info("kvbm: reusing %d disk blocks from %s", restored, journal.path)
         return journal
@@ -207,3 +208,6 @@ class KvbmLeader:
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
+        if self.journal is not None:
+            self.journal.close()  # flushes what is pending: fewer misses after a restart
+            self.journal = None

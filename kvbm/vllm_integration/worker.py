@@ -27,7 +27,7 @@ import torch
 from kvbm.config import KvbmConfig
 from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
 from kvbm.metrics import OFFLOAD_D2D, OFFLOAD_D2H, OFFLOAD_H2D, ONBOARD_D2D, ONBOARD_H2D
-from kvbm.storage.disk import DiskArena
+from kvbm.storage.disk import DiskArena, FaultInjector
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
@@ -133,11 +133,14 @@ class KvbmWorker:
         disk = None
         if sizes.disk_slots:
             cfg = self.config
+            faults = dict(cfg.disk_fault_injection)
+            seed = int(faults.pop("seed", 0)) + _rank()
             disk = DiskArena(
                 cfg.disk_cache_dir, sizes.disk_slots, self.layout.block_bytes,
                 file_tag=disk_file_tag(cfg, self._identity, _rank()),
                 zerofill_fallback=cfg.disk_zerofill_fallback,
                 disable_o_direct=cfg.disk_disable_o_direct,
+                fault_hook=FaultInjector(faults, seed) if faults else None,
             )
         return arena, disk
 
