@@ -774,3 +774,35 @@ def test_full_lifecycle_leaves_no_leaks():
     assert p.num_tracked_requests() == 0
     assert p.stats.onboarded_blocks > 0
     assert_no_leak(p, pool)
+
+
+# ---- lazy hashing in match (issue 13 item 3: a cheaper match) -------------------------
+def test_a_miss_hashes_only_the_first_window():
+    p, _ = make()
+    tokens = toks(400 * BS + 1)
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 0
+    assert len(p._requests["r"].hashes) <= 16  # not the 400 blocks of the prompt
+    # ...and the rest is hashed as it is computed, the same chain as hashing at once.
+    p.on_alloc("r", gpu(401), 0)
+    p.on_scheduled("r", tokens, gpu(401), True, len(tokens))
+    assert p._requests["r"].hashes == hashes(tokens)
+
+
+@pytest.mark.parametrize("host_blocks,disk_blocks", [(0, 0), (15, 0), (16, 0), (41, 30), (0, 70), (47, 152), (199, 0)])
+def test_match_across_windows_and_tiers(host_blocks, disk_blocks):
+    """G2 run then G3 continuation, ending anywhere relative to the doubling windows."""
+    host, disk = BlockPool(400, "g2"), BlockPool(400, "g3")
+    p = Planner(host, BS, disk_pool=disk)
+    tokens = toks(200 * BS + 1)
+    seed(host, tokens, blocks=set(range(host_blocks)))
+    seed(disk, tokens, blocks=set(range(host_blocks, host_blocks + disk_blocks)) | {150, 151})  # unreachable
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == (host_blocks + disk_blocks) * BS
+    p.on_alloc("r", gpu(201), (host_blocks + disk_blocks) * BS)
+    plan = p.take_plan()
+    if host_blocks + disk_blocks:
+        (load,) = plan.loads
+        assert len(load.host_slots) == host_blocks and len(load.disk_slots) == disk_blocks
+        assert load.disk_hashes == hashes(tokens)[host_blocks : host_blocks + disk_blocks]
+    assert p.stats.lookup_blocks == 200  # blocks asked for, however far hashing went

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import marshal
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from hashlib import blake2b
 
 #: A block hash: HASH_BYTES bytes.
@@ -42,6 +42,7 @@ HASH_BYTES = 16
 _VERSION_TAG = b"kvbm-v2|"
 _TOKEN_BYTES = 5  # marshal v2: b"i" + int32 little-endian
 _HEAD_BYTES = 5  # marshal v2 list header: b"[" + int32 length
+_CUT = slice(None, HASH_BYTES)
 
 
 def _digest(data: bytes) -> BlockHash:
@@ -72,23 +73,24 @@ def request_root(
     return _digest(engine + tail)
 
 
-def _block_bytes(tokens: Sequence[int], block_size: int) -> Iterable[bytes]:
-    """Each full block's canonical bytes: the marshal (v2) encoding of its token ids.
+def _encode_all(tokens: Sequence[int]) -> bytes | None:
+    """The marshal (v2) encoding of all ``tokens`` at 5 bytes each, or None.
 
-    Fast path: one ``marshal.dumps`` over all blocks, sliced at fixed offsets
-    (every id in int32 range). Otherwise (ids outside int32, non-list input,
-    numpy ints) each block is encoded on its own as Python ints: same bytes
-    for the same ids, just slower.
+    None when some id has no 5-byte encoding (outside int32, or not a Python
+    int) or the input is not a list: :func:`_encode_blocks` then encodes block
+    by block, to the same bytes.
     """
-    if type(tokens) is list:
-        try:
-            raw = marshal.dumps(tokens, 2)
-        except ValueError:  # an element marshal cannot write (e.g. a numpy int)
-            raw = b""
-        stride = block_size * _TOKEN_BYTES
-        if len(raw) == _HEAD_BYTES + len(tokens) * _TOKEN_BYTES:
-            starts = range(_HEAD_BYTES, len(raw), stride)
-            return map(raw.__getitem__, map(slice, starts, range(_HEAD_BYTES + stride, len(raw) + 1, stride)))
+    if type(tokens) is not list:
+        return None
+    try:
+        raw = marshal.dumps(tokens, 2)
+    except ValueError:  # an element marshal cannot write (e.g. a numpy int)
+        return None
+    return raw if len(raw) == _HEAD_BYTES + len(tokens) * _TOKEN_BYTES else None
+
+
+def _encode_blocks(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Each block's canonical bytes, one ``marshal.dumps`` per block (the slow path)."""
     return [
         marshal.dumps(list(map(operator.index, tokens[i : i + block_size])), 2)[_HEAD_BYTES:]
         for i in range(0, len(tokens), block_size)
@@ -113,9 +115,17 @@ def extend_hashes(
     start = len(hashes)
     if n_full <= start:
         return hashes
+    new = tokens[start * block_size : n_full * block_size]
     prev = hashes[-1] if hashes else root
-    append = hashes.append
-    for block in _block_bytes(tokens[start * block_size : n_full * block_size], block_size):
-        prev = blake2b(prev + block).digest()[:HASH_BYTES]
-        append(prev)
+    append, b2, cut = hashes.append, blake2b, _CUT  # locals: this loop is the match's hot path
+    data = _encode_all(new)
+    if data is not None:
+        stride = block_size * _TOKEN_BYTES
+        for off in range(_HEAD_BYTES, len(data), stride):
+            prev = b2(prev + data[off : off + stride]).digest()[cut]
+            append(prev)
+    else:
+        for block in _encode_blocks(new, block_size):
+            prev = b2(prev + block).digest()[cut]
+            append(prev)
     return hashes

@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 HOST = "host"
 DISK = "disk"
+#: A match hashes the prompt in windows of this many blocks, doubling, and
+#: stops at the window holding the first block no tier has: a miss costs one
+#: small window, not the whole prompt (its blocks are hashed later, as they
+#: are computed, by ``on_scheduled``).
+_FIRST_WINDOW = 16
 
 
 @dataclass
@@ -131,11 +136,12 @@ class _Request:
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
     last_batch: int = -1  # newest store batch holding one of its blocks
-    candidate: tuple[int, list[int], list[int]] | None = None  # (first block, G2 slots, G3 slots)
+    #: (first block, G2 slots, G3 slots, blocks asked for)
+    candidate: tuple[int, list[int], list[int], int] | None = None
     #: (num_computed, num_tokens, pool versions) of the last match, to answer
     #: vLLM's repeated asks for a waiting request in O(1).
     match_key: tuple[int, int, int, int] | None = None
-    last_match: tuple[int, list[int], list[int]] | None = None
+    last_match: tuple[int, list[int], list[int], int] | None = None
 
 
 @dataclass
@@ -206,14 +212,41 @@ class Planner:
             return 0
         key = (num_computed, len(tokens), *self._versions())
         if key != req.match_key:
-            extend_hashes(req.hashes, tokens, bs, req.root, max_blocks * bs)
-            host = self.host.match_prefix(req.hashes, start, max_blocks) if self.host else []
-            disk = self.disk.match_prefix(req.hashes, start + len(host), max_blocks) if self.disk else []
-            req.last_match = (start, host, disk)
+            host, disk = self._match_tiers(req, tokens, start, max_blocks)
+            req.last_match = (start, host, disk, max_blocks - start)
             req.match_key = key
         req.candidate = req.last_match
-        _, host, disk = req.last_match  # type: ignore[misc]
+        _, host, disk, _ = req.last_match  # type: ignore[misc]
         return (len(host) + len(disk)) * bs
+
+    def _match_tiers(
+        self, req: _Request, tokens: Sequence[int], start: int, max_blocks: int
+    ) -> tuple[list[int], list[int]]:
+        """G2 slots of the longest stored run from block ``start``, then G3 slots
+        continuing it; hashing only as far as the run reaches (doubling windows)."""
+        host: list[int] = []
+        disk: list[int] = []
+        pos, window = start, _FIRST_WINDOW
+        on_host = self.host is not None
+        while pos < max_blocks:
+            end = min(max_blocks, pos + window)
+            window *= 2
+            extend_hashes(req.hashes, tokens, self.block_size, req.root, end * self.block_size)
+            if on_host:
+                got = self.host.match_prefix(req.hashes, pos, end)  # type: ignore[union-attr]
+                host += got
+                pos += len(got)
+                if pos == end:
+                    continue
+                on_host = False  # the G2 run ended: G3 may continue it from here
+            if self.disk is None:
+                break
+            got = self.disk.match_prefix(req.hashes, pos, end)
+            disk += got
+            pos += len(got)
+            if pos < end:
+                break
+        return host, disk
 
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
@@ -223,10 +256,10 @@ class Planner:
         candidate, req.candidate = req.candidate, None
         if candidate is not None:
             self.stats.lookup_requests += 1
-            self.stats.lookup_blocks += max(0, len(req.hashes) - candidate[0])
+            self.stats.lookup_blocks += candidate[3]
         if num_external_tokens <= 0 or candidate is None:
             return
-        start, host, disk = candidate
+        start, host, disk, _ = candidate
         n = num_external_tokens // self.block_size
         if n > len(host) + len(disk):
             raise RuntimeError(
