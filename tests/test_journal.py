@@ -220,6 +220,7 @@ def test_pending_records_are_bounded_while_flushes_fail(tmp_path, caplog):
             assert j.num_pending <= 100
     assert j.dropped_records == 20 * 50 - 100
     assert sum("dropping the oldest" in r.getMessage() for r in caplog.records) == 1
+    assert sum("cannot write disk index" in r.getMessage() for r in caplog.records) == 1  # not one per step
     os.close(j._fd)
     j._fd = real_fd
     assert j.flush()

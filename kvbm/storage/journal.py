@@ -135,7 +135,8 @@ class DiskJournal:
         self._loaded = False
         #: Records dropped unwritten because flushes kept failing (each: a future miss).
         self.dropped_records = 0
-        self._dropping = False  # a drop was logged and no flush has succeeded since
+        self._dropped_logged = 0  # dropped_records when the last failure episode ended
+        self._failing = False  # a flush failed and none has succeeded since (log once per episode)
         #: Damaged records skipped by the last load (each: its blocks are misses).
         self.damaged_records = 0
 
@@ -347,9 +348,9 @@ class DiskJournal:
         if excess <= 0:
             return
         del self._pending[: excess * _REC_SIZE]
+        first_drop = self.dropped_records == self._dropped_logged
         self.dropped_records += excess
-        if not self._dropping:
-            self._dropping = True
+        if first_drop:
             logger.warning(
                 "kvbm: disk index %s cannot be written and %d records are pending; dropping the oldest "
                 "(those blocks will be misses after a restart, nothing worse). Dropped so far: %d.",
@@ -391,11 +392,13 @@ class DiskJournal:
             _write_all(self._fd, bytes(self._pending))
             os.fdatasync(self._fd)
         except OSError as e:
-            logger.warning(
-                "kvbm: cannot write disk index %s (%s); %d records kept for retry. A restart "
-                "would reuse fewer disk blocks, nothing worse.",
-                self.path, e.strerror or e, self.num_pending,
-            )
+            if not self._failing:
+                self._failing = True
+                logger.warning(
+                    "kvbm: cannot write disk index %s (%s); records are kept for retry (at most %d) and "
+                    "this is logged again only once writes work. A restart would reuse fewer disk "
+                    "blocks, nothing worse.", self.path, e.strerror or e, self._max_pending,
+                )
             try:
                 if self._fd >= 0:
                     os.ftruncate(self._fd, self._durable_size)
@@ -405,10 +408,11 @@ class DiskJournal:
         self._records += self.num_pending
         self._durable_size += len(self._pending)
         self._pending.clear()
-        if self._dropping:
-            self._dropping = False
-            logger.warning("kvbm: disk index %s writable again; %d records were dropped in all",
-                           self.path, self.dropped_records)
+        if self._failing:
+            self._failing = False
+            logger.warning("kvbm: disk index %s is writable again; %d record(s) were dropped meanwhile",
+                           self.path, self.dropped_records - self._dropped_logged)
+            self._dropped_logged = self.dropped_records
         if self._auto_compact and self._records >= max(
             _COMPACT_MIN_RECORDS, _COMPACT_RATIO * len(self._slot_of)
         ):
