@@ -526,3 +526,41 @@ def test_leader_shutdown_closes_the_journal(tmp_path):
     assert j._fd < 0 and leader.journal is None
     assert reopen(tmp_path / "j") == {7: 3}
     leader.shutdown()  # twice is fine
+
+
+def test_damaged_journal_on_a_full_disk_still_loads(tmp_path, caplog):
+    """The clean rewrite after damage needs room; without it the journal is used as it is."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here ({r.stderr.strip()}); needs CAP_SYS_ADMIN")
+    try:
+        path = mnt / "j"
+        j = DiskJournal(str(path), identity=ID)
+        j.load()
+        start = path.stat().st_size
+        j.record_stored(hs([(1000 + i, i) for i in range(100)]))
+        j.close()
+        flip(path, start + 9 * 40 + 20)
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    os.write(fd, b"\0" * 512)
+        finally:
+            os.close(fd)
+        expected = {1000 + i: i for i in range(100) if i != 9}
+        with caplog.at_level(logging.WARNING, logger="kvbm.storage.journal"):
+            assert reopen(path) == expected  # no exception, the damage still costs one record
+        assert "could not be rewritten" in caplog.text
+        (mnt / "filler").unlink()
+        j2 = DiskJournal(str(path), identity=ID)
+        j2.load()
+        j2.record_stored(hs([(7, 500)]))
+        j2.close()
+        assert reopen(path) == {**expected, 7: 500}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

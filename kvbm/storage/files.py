@@ -91,9 +91,9 @@ def ensure_private_dir(directory: str) -> str:
             f"disk cache directory {directory} {problem}: other local users could plant files or links "
             f"there that kvbm would write through; {_fix(directory)}"
         )
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
         raise DiskSetupError(
-            f"disk cache directory {directory} is not writable by this process (uid {os.getuid()}); "
+            f"disk cache directory {directory} is not readable and writable by this process (uid {os.getuid()}); "
             f"{_fix(directory)}"
         )
     return directory

@@ -211,12 +211,16 @@ class DiskJournal:
                 "their blocks will be misses. %d entries recovered; rewriting the index clean.",
                 self.path, self.damaged_records, lost, len(self._slot_of),
             )
-            self._rewrite_or_fail(self._live_records())
-            self._records = len(self._slot_of)
-        else:
+            try:
+                self._rewrite(self._live_records())
+                self._records = len(self._slot_of)
+            except OSError as e:  # no room to rewrite: append after the damage, which replay skips
+                logger.warning("kvbm: disk index %s could not be rewritten (%s); appending after the damage",
+                               self.path, e.strerror or e)
+        if self._fd < 0:
             try:
                 self._fd = open_private_file(self.path, os.O_WRONLY | os.O_APPEND, "disk index")
-                if end < len(data):
+                if end < len(data) and not self.damaged_records:
                     logger.warning(
                         "kvbm: disk index %s: ignoring %d bytes after the last valid record at offset %d "
                         "(torn write from a crash, or corruption); %d entries recovered",
@@ -224,11 +228,12 @@ class DiskJournal:
                     )
                     os.ftruncate(self._fd, end)
                     os.fsync(self._fd)
+                # Whatever follows the last valid record (after a failed rewrite) is skipped on replay.
+                self._durable_size = os.fstat(self._fd).st_size
             except OSError as e:
                 self._close_fd()
                 self._start_fresh(f"cannot open it for appending ({e.strerror})")
                 return {}
-            self._durable_size = end
         logger.info("kvbm: disk index %s: %d blocks recovered", self.path, len(self._slot_of))
         return dict(self._slot_of)
 
