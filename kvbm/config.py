@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "DYN_KVBM_"
+LOAD_MODES = ("auto", "sync", "async")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -52,6 +53,10 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
+    #: How onboarding runs: "auto" loads from G2 inside the step that matched (the request
+    #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
+    #: "sync" / "async" force one way for every tier.
+    load_mode: str = "auto"
     #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
     allow_untested_vllm: bool = False
     #: Where each value came from, for log lines and error messages.
@@ -154,6 +159,13 @@ def _parse_log_level(name: str, raw: Any) -> str:
     return level
 
 
+def _parse_load_mode(name: str, raw: Any) -> str:
+    mode = str(raw).strip().lower()
+    if mode not in LOAD_MODES:
+        raise ConfigError(f"{name}={raw!r} is not a load mode; use one of {', '.join(LOAD_MODES)}")
+    return mode
+
+
 def _parse_host(name: str, raw: Any) -> str:
     host = _parse_str(name, raw)
     if "://" in host or "/" in host or any(c.isspace() for c in host):
@@ -214,6 +226,7 @@ _FIELDS: dict[str, Any] = {
     "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
     "allow_untested_vllm": _parse_bool,
+    "load_mode": _parse_load_mode,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)

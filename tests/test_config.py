@@ -75,6 +75,7 @@ def test_all_settings_parse():
         "DYN_KVBM_LOG_SUMMARY_SECS": "0",
         "DYN_KVBM_LOG_LEVEL": "debug",
         "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
+        "DYN_KVBM_LOAD_MODE": "Sync",
     }
     cfg = load(env)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
@@ -87,7 +88,7 @@ def test_all_settings_parse():
     assert cfg.metrics is False and cfg.metrics_port == 9100
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
-    assert cfg.allow_untested_vllm is True
+    assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 
@@ -353,3 +354,9 @@ def test_metrics_port_must_differ_from_zmq_ports():
     assert "DYN_KVBM_METRICS_PORT" in msg and PUB in msg
     # Metrics off: the port is unused, so no clash.
     assert load({CPU_GB: "1", "DYN_KVBM_METRICS_PORT": "56001"}).metrics_port == 56001
+
+
+def test_load_mode_is_validated():
+    assert load({CPU_GB: "1"}).load_mode == "auto"
+    with pytest.raises(ConfigError, match="DYN_KVBM_LOAD_MODE.*auto, sync, async"):
+        load({CPU_GB: "1", "DYN_KVBM_LOAD_MODE": "fast"})

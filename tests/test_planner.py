@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
-from kvbm.core.planner import LoadOp, Planner, StepPlan
+from kvbm.core.planner import DISK, HOST, LoadOp, Planner, StepPlan
 from kvbm.core.pool import BlockPool, SlotState
 
 BS = 4
@@ -157,7 +157,7 @@ def test_match_twice_with_different_num_computed():
     blocks = gpu(6)
     p.on_alloc("r", blocks, 3 * BS)
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5])]
+    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5], sync=True)]
     # And a third call after that is harmless too.
     assert p.match("r", tokens, 20) == 0
 
@@ -174,6 +174,38 @@ def test_match_is_repeatable_and_records_no_pins():
 
 
 # ---- loads -------------------------------------------------------------------
+
+
+def test_g2_loads_are_synchronous_by_default_and_the_mode_is_per_tier():
+    tokens = toks(21)
+    for tiers, want_async in (((HOST,), False), ((), True), ((HOST, DISK), False)):
+        pool = BlockPool(64, "g2")
+        p = Planner(pool, BS, sync_load_tiers=tiers)
+        seed(pool, tokens)
+        p.add_request("r", ROOT)
+        assert p.match("r", tokens, 0) == 5 * BS
+        assert p.load_is_async("r") is want_async
+        p.on_alloc("r", gpu(6), 5 * BS)
+        assert p.take_plan().loads[0].sync is not want_async
+    assert make()[0].load_is_async("unknown")  # nothing matched: nothing to load
+
+
+def test_finished_right_after_a_sync_load_still_waits_for_its_stores():
+    """A request can finish in the step that loaded it synchronously (e.g. one output token):
+    its GPU blocks must stay with vLLM until that step's stores are reported."""
+    p, pool = make()
+    tokens = toks(21)
+    seed(pool, tokens, blocks={0, 1})
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 2 * BS
+    blocks = gpu(6)
+    p.on_alloc("r", blocks, 2 * BS)
+    p.on_scheduled("r", tokens, blocks, True, len(tokens))
+    plan = p.take_plan()
+    assert plan.loads[0].sync and plan.store is not None
+    assert p.on_finished("r") is True  # keep the blocks: the store still reads them
+    p.on_worker_report(stored={plan.store.batch_id: 1}, finished_loads=["r"], released=["r"])
+    assert not p.busy
 
 
 def test_on_alloc_without_external_tokens_queues_nothing():
@@ -203,7 +235,7 @@ def test_on_alloc_queues_load_and_pins_until_finished():
         assert s not in pool.lru_order()
     assert p.busy
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots, gpu_blocks=blocks[2:5])]
+    assert plan.loads == [LoadOp(req_id="r", host_slots=slots, gpu_blocks=blocks[2:5], sync=True)]
     assert plan.store is None
     assert p.stats.hit_blocks == 3
     assert p.stats.matched_tokens == 12

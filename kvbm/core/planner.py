@@ -47,6 +47,10 @@ class LoadOp:
     host_slots: list[int]
     disk_slots: list[int] = field(default_factory=list)
     disk_hashes: list[int] = field(default_factory=list)
+    #: Synchronous: the request is scheduled in this very step, so the copy must land
+    #: before the forward pass reads it (the worker orders it so); otherwise the
+    #: request waits, unscheduled, until the workers report the load finished.
+    sync: bool = False
 
 
 @dataclass
@@ -151,6 +155,7 @@ class _PendingBatch:
 class _Loading:
     host_slots: list[int]
     disk_slots: list[int]
+    sync: bool = False
 
 
 class Planner:
@@ -163,9 +168,14 @@ class Planner:
         world_size: int = 1,
         disk_pool: BlockPool | None = None,
         disk_filter: FrequencyFilter | None = None,
+        sync_load_tiers: Iterable[str] = (HOST,),
     ) -> None:
+        """``sync_load_tiers``: a load drawing only on these tiers runs inside the step that
+        matched it (the request is scheduled at once, as for a GPU prefix hit); a load that
+        touches any other tier is asynchronous (the request waits, other requests run)."""
         if host_pool is None and disk_pool is None:
             raise ValueError("Planner needs at least one tier")
+        self.sync_load_tiers = frozenset(sync_load_tiers)
         self.host = host_pool
         self.disk = disk_pool
         self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
@@ -215,6 +225,17 @@ class Planner:
         _, host, disk = req.last_match  # type: ignore[misc]
         return (len(host) + len(disk)) * bs
 
+    def load_is_async(self, req_id: str) -> bool:
+        """Whether the load of the match just made for ``req_id`` is asynchronous."""
+        req = self._requests.get(req_id)
+        if req is None or req.candidate is None:
+            return True
+        _, host, disk = req.candidate
+        return not self._sync(host, disk)
+
+    def _sync(self, host: Sequence[int], disk: Sequence[int]) -> bool:
+        return (not host or HOST in self.sync_load_tiers) and (not disk or DISK in self.sync_load_tiers)
+
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
         req = self._requests.get(req_id)
@@ -245,7 +266,8 @@ class Planner:
             self.host.acquire(host)
         if self.disk is not None:
             self.disk.acquire(disk)
-        self._loading[req_id] = _Loading(host, disk)
+        sync = self._sync(host, disk)
+        self._loading[req_id] = _Loading(host, disk, sync)
         d0 = start + len(host)
         self._plan.loads.append(LoadOp(
             req_id=req_id,
@@ -253,6 +275,7 @@ class Planner:
             host_slots=host,
             disk_slots=disk,
             disk_hashes=req.hashes[d0 : d0 + len(disk)],
+            sync=sync,
         ))
         self.stats.host_hit_blocks += len(host)
         self.stats.disk_hit_blocks += len(disk)
@@ -330,8 +353,10 @@ class Planner:
         """Returns True if vLLM must keep the request's GPU blocks until the
         workers report it (stores from them still in flight)."""
         req = self._requests.pop(req_id, None)
-        if req is None or req_id in self._loading:
-            # An aborted load: vLLM itself waits for finished_recving.
+        loading = self._loading.get(req_id)
+        if req is None or (loading is not None and not loading.sync):
+            # An aborted asynchronous load: vLLM itself waits for finished_recving.
+            # (A synchronous load has landed: the step that used it has run.)
             return False
         if req.last_batch in self._pending:
             self._plan.release_after_store.append((req_id, req.last_batch))

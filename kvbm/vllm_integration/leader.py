@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from kvbm.config import KvbmConfig
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
-from kvbm.core.planner import Planner
+from kvbm.core.planner import DISK, HOST, Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.storage.journal import DiskJournal
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 VLLM = features()
+
+#: DYN_KVBM_LOAD_MODE -> tiers whose loads run inside the step that matched them. G2 is
+#: pinned host memory: its copy takes a fraction of a step, and loading in-step saves the
+#: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
+#: could stall every request of the step, so they stay asynchronous unless forced.
+SYNC_LOAD_TIERS = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
 
 
 class KvbmLeader:
@@ -65,6 +71,7 @@ class KvbmLeader:
             world_size=vllm_config.parallel_config.world_size,
             disk_pool=BlockPool(self.num_disk_slots, "G3") if self.num_disk_slots else None,
             disk_filter=disk_filter,
+            sync_load_tiers=SYNC_LOAD_TIERS[config.load_mode],
         )
         self.journal: DiskJournal | None = None
         if self.num_disk_slots and config.disk_persist:
@@ -72,6 +79,8 @@ class KvbmLeader:
         self._engine_root = engine_root(identity)
         self._requests: dict[str, Request] = {}
         self._failed_loads: set[str] = set()
+        self._sync_reports: dict[str, int] = {}
+        self.world_size = vllm_config.parallel_config.world_size
         self._last_summary = time.monotonic()
         world = vllm_config.parallel_config.world_size
         self.metrics = CacheMetrics(
@@ -118,7 +127,7 @@ class KvbmLeader:
         start = time.perf_counter()
         matched = self.planner.match(request.request_id, request.all_token_ids, num_computed_tokens)
         self.metrics.observe_lookup(time.perf_counter() - start)
-        return matched, matched > 0
+        return matched, matched > 0 and self.planner.load_is_async(request.request_id)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._track(request)
@@ -166,7 +175,14 @@ class KvbmLeader:
         # A rank may report its failed load a step before vLLM reports the load finished
         # on every rank: remember failures until the load finishes.
         self._failed_loads |= meta.failed_loads | set(output.failed_recving if VLLM.output_has_failed_recving else ())
-        finished = output.finished_recving or ()
+        finished = set(output.finished_recving or ())
+        for req_id, reports in meta.sync_loaded.items():  # vLLM does not track synchronous loads
+            count = self._sync_reports.get(req_id, 0) + reports
+            if count >= self.world_size:
+                self._sync_reports.pop(req_id, None)
+                finished.add(req_id)
+            else:
+                self._sync_reports[req_id] = count
         failed = self._failed_loads.intersection(finished)
         self._failed_loads -= failed
         self.planner.on_worker_report(

@@ -103,6 +103,8 @@ class KvbmWorker:
         self._finished_loads: set[str] = set()
         self._failed_loads: set[str] = set()
         self._load_error_blocks: set[int] = set()
+        #: A synchronous load failed this step: its store batch is dropped (see save).
+        self._poisoned = False
         self._report = KvbmWorkerMetadata()
         self._stage_rows: HostArena | None = None
         self._stage_engine: CopyEngine | None = None
@@ -231,13 +233,28 @@ class KvbmWorker:
                 load.staging = self._staging(len(op.disk_slots))
                 items = [(slot, h, load.staging[i].numpy())
                          for i, (slot, h) in enumerate(zip(op.disk_slots, op.disk_hashes))]
-                load.read = self._io.submit(self.disk.read_blocks, items)
+                if op.sync:  # read now: the forward pass of this step reads these blocks
+                    load.read = Future()
+                    load.read.set_result(self.disk.read_blocks(items))
+                else:
+                    load.read = self._io.submit(self.disk.read_blocks, items)
+        if any(op.sync for op in plan.loads):
+            # Scatter synchronous G3 parts now, and see a G2 copy that failed to start
+            # (its blocks are then reported invalid in this step's output: vLLM recomputes).
+            self._poll()
+            if self.engine is not None:
+                self.engine.fence_loads()  # the forward pass waits for the copies, not the CPU
 
     def save(self, meta: KvbmMetadata) -> None:
         """After the forward pass: store the blocks this step filled (G1→G2, or G1→G3)."""
         self._ensure_ready()
         plan = meta.plan
-        if plan.store is not None:
+        poisoned, self._poisoned = self._poisoned, False
+        if plan.store is not None and poisoned:
+            # A synchronous load of this step failed: blocks computed on top of it are
+            # suspect. vLLM recomputes them; kvbm keeps none of them (a few misses).
+            self._report.failed_batches.add(plan.store.batch_id)
+        elif plan.store is not None:
             self._inflight_batches.add(plan.store.batch_id)
             if plan.store.tier == DISK:
                 self._store_to_disk(plan.store)
@@ -369,8 +386,12 @@ class KvbmWorker:
             return
         req_id = load.op.req_id
         del self._loads[req_id]
-        self._finished_loads.add(req_id)
+        if load.op.sync:  # vLLM scheduled it already; only the leader waits (to unpin slots)
+            self._report.sync_loaded[req_id] = self._report.sync_loaded.get(req_id, 0) + 1
+        else:
+            self._finished_loads.add(req_id)
         if load.error_blocks:
+            self._poisoned = self._poisoned or load.op.sync
             self._failed_loads.add(req_id)
             self._report.failed_loads.add(req_id)
             self._load_error_blocks.update(load.error_blocks)
