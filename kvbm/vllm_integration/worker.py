@@ -391,8 +391,10 @@ class KvbmWorker:
         else:
             self._finished_loads.add(req_id)
         if load.error_blocks:
-            self._poisoned = self._poisoned or load.op.sync
-            self._failed_loads.add(req_id)
+            if load.op.sync:
+                self._poisoned = True
+            else:  # vLLM 0.30+ hears of failed asynchronous loads as failed_recving
+                self._failed_loads.add(req_id)
             self._report.failed_loads.add(req_id)
             self._load_error_blocks.update(load.error_blocks)
 
