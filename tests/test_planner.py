@@ -208,6 +208,27 @@ def test_finished_right_after_a_sync_load_still_waits_for_its_stores():
     assert not p.busy
 
 
+def test_failed_sync_load_lets_the_recomputed_blocks_be_stored():
+    p, pool = make()
+    tokens = toks(21)
+    slots = seed(pool, tokens, blocks={0, 1, 2})
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 3 * BS
+    blocks = gpu(6)
+    p.on_alloc("r", blocks, 3 * BS)
+    p.on_scheduled("r", tokens, blocks, True, len(tokens))
+    plan = p.take_plan()
+    assert plan.store.slots  # blocks 3, 4 computed this step
+    # The worker reports the load failed: the step's store batch dropped, slot 1 unreadable.
+    pool.drop(slots[1])
+    p.on_worker_report(failed_batches=[plan.store.batch_id], finished_loads=["r"], failed_loads=["r"])
+    assert p.stats.failed_loads == 1 and not p.busy
+    # vLLM recomputes from the first bad block: those blocks are stored this time.
+    p.on_scheduled("r", tokens, None, False, len(tokens))
+    again = p.take_plan()
+    assert again.store is not None and len(again.store.slots) == 3  # blocks 1, 3, 4 (0 and 2 are still in G2)
+
+
 def test_on_alloc_without_external_tokens_queues_nothing():
     p, pool = make()
     tokens = toks(13)

@@ -156,6 +156,7 @@ class _Loading:
     host_slots: list[int]
     disk_slots: list[int]
     sync: bool = False
+    first_block: int = 0  # the request's block index where the load starts
 
 
 class Planner:
@@ -267,7 +268,7 @@ class Planner:
         if self.disk is not None:
             self.disk.acquire(disk)
         sync = self._sync(host, disk)
-        self._loading[req_id] = _Loading(host, disk, sync)
+        self._loading[req_id] = _Loading(host, disk, sync, start)
         d0 = start + len(host)
         self._plan.loads.append(LoadOp(
             req_id=req_id,
@@ -455,6 +456,11 @@ class Planner:
                 self.disk.release(loading.disk_slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
+                req = self._requests.get(req_id)
+                if loading.sync and req is not None:
+                    # The step that used it ran, and its stores were dropped; vLLM recomputes
+                    # from the first bad block. Store what it recomputes (it is good KV).
+                    req.next_store = min(req.next_store, loading.first_block)
             else:
                 self.stats.onboarded_host_blocks += len(loading.host_slots)
                 self.stats.onboarded_disk_blocks += len(loading.disk_slots)

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvbm.config import KvbmConfig
+from kvbm.config import KvbmConfig, env_name
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import DISK, HOST, Planner
@@ -40,6 +40,11 @@ VLLM = features()
 #: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
 #: could stall every request of the step, so they stay asynchronous unless forced.
 SYNC_LOAD_TIERS = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
+
+
+def _tier_names(tiers) -> str:
+    names = [{HOST: "G2", DISK: "G3"}[t] for t in tiers]
+    return "/".join(names) if names else "no tier"
 
 
 class KvbmLeader:
@@ -96,9 +101,13 @@ class KvbmLeader:
                 self.metrics, config.metrics_host, metrics_port(config, dp_local or 0)
             )
         logger.info(
-            "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s)",
+            "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s); "
+            "loads inside the step from %s, asynchronous from %s (%s=%s)",
             self.num_host_slots, self.num_disk_slots, "on" if disk_filter is not None else "off",
             ", persistent" if self.journal else "", self.block_size, vllm_config.parallel_config.world_size,
+            _tier_names(SYNC_LOAD_TIERS[config.load_mode]),
+            _tier_names(t for t in (HOST, DISK) if t not in SYNC_LOAD_TIERS[config.load_mode]),
+            env_name("load_mode"), config.load_mode,
         )
 
     def _open_journal(self, identity: str) -> DiskJournal:
