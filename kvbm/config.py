@@ -17,6 +17,7 @@ from typing import Any
 
 PREFIX = "DYN_KVBM_"
 LOAD_MODES = ("auto", "sync", "async")
+ONBOARD_POLICIES = ("cost", "always", "never")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -57,6 +58,9 @@ class KvbmConfig:
     #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
     #: "sync" / "async" force one way for every tier.
     load_mode: str = "auto"
+    #: Load or recompute a matched prefix: "cost" loads a tier's part only where that is
+    #: faster than recomputing it (measured rates); "always" / "never" force one way.
+    onboard_policy: str = "cost"
     #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
     allow_untested_vllm: bool = False
     #: Where each value came from, for log lines and error messages.
@@ -166,6 +170,13 @@ def _parse_load_mode(name: str, raw: Any) -> str:
     return mode
 
 
+def _parse_onboard_policy(name: str, raw: Any) -> str:
+    policy = str(raw).strip().lower()
+    if policy not in ONBOARD_POLICIES:
+        raise ConfigError(f"{name}={raw!r} is not an onboard policy; use one of {', '.join(ONBOARD_POLICIES)}")
+    return policy
+
+
 def _parse_host(name: str, raw: Any) -> str:
     host = _parse_str(name, raw)
     if "://" in host or "/" in host or any(c.isspace() for c in host):
@@ -227,6 +238,7 @@ _FIELDS: dict[str, Any] = {
     "log_level": _parse_log_level,
     "allow_untested_vllm": _parse_bool,
     "load_mode": _parse_load_mode,
+    "onboard_policy": _parse_onboard_policy,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)

@@ -76,6 +76,7 @@ def test_all_settings_parse():
         "DYN_KVBM_LOG_LEVEL": "debug",
         "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
         "DYN_KVBM_LOAD_MODE": "Sync",
+        "DYN_KVBM_ONBOARD_POLICY": "always",
     }
     cfg = load(env)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
@@ -88,7 +89,7 @@ def test_all_settings_parse():
     assert cfg.metrics is False and cfg.metrics_port == 9100
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
-    assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync"
+    assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync" and cfg.onboard_policy == "always"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 
@@ -360,3 +361,6 @@ def test_load_mode_is_validated():
     assert load({CPU_GB: "1"}).load_mode == "auto"
     with pytest.raises(ConfigError, match="DYN_KVBM_LOAD_MODE.*auto, sync, async"):
         load({CPU_GB: "1", "DYN_KVBM_LOAD_MODE": "fast"})
+    assert load({CPU_GB: "1"}).onboard_policy == "cost"
+    with pytest.raises(ConfigError, match="DYN_KVBM_ONBOARD_POLICY.*cost, always, never"):
+        load({CPU_GB: "1", "DYN_KVBM_ONBOARD_POLICY": "maybe"})

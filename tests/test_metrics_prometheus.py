@@ -116,6 +116,7 @@ def run(model_path, tmp_path_factory):
         "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8",  # 4 prompts x 5 blocks overflow G2 ...
         "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "200",  # ... into G3
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1",
+        "DYN_KVBM_ONBOARD_POLICY": "always",  # the exact counts below need every hit loaded
         "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
         "DYN_KVBM_METRICS": "1",
         "DYN_KVBM_METRICS_PORT": str(metrics_port),

@@ -827,3 +827,25 @@ def test_full_lifecycle_leaves_no_leaks():
     assert p.num_tracked_requests() == 0
     assert p.stats.onboarded_blocks > 0
     assert_no_leak(p, pool)
+
+
+def test_cost_rule_recomputes_a_slow_tier_and_counts_it():
+    from kvbm.core.cost import OnboardCost
+
+    host, disk = BlockPool(64, "g2"), BlockPool(64, "g3")
+    cost = OnboardCost(block_size=BS, block_bytes=1 << 20)
+    p = Planner(host, BS, disk_pool=disk, cost=cost)
+    tokens = toks(41)  # 10 full blocks: 4 in G2, then 6 in G3
+    hs = hashes(tokens)
+    for pool, idx in ((host, range(4)), (disk, range(4, 10))):
+        for i in idx:
+            pool.commit(pool.reserve(hs[i]))
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 10 * BS  # nothing measured yet: load it all
+    cost.observe_step(10_000, 1.0)
+    cost.observe_load(DISK, 1e6, 1.0)  # a crawling disk: 1 s per block
+    assert p.match("r", tokens, 0) == 4 * BS  # G2 only; G3's blocks are recomputed
+    p.on_alloc("r", gpu(11), 4 * BS)
+    assert p.stats.cost_skipped_disk_blocks == 6 and p.stats.cost_skipped_host_blocks == 0
+    assert p.take_plan().loads[0].disk_slots == []
+    assert all(disk.refcount(s) == 0 for s in range(disk.num_slots))  # nothing pinned in G3

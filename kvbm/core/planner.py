@@ -27,6 +27,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import extend_hashes
 from kvbm.core.pool import BlockPool
@@ -113,6 +114,9 @@ class PlannerStats:
     filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
+    cost_skipped_host_blocks: int = 0
+    cost_skipped_disk_blocks: int = 0
     bad_disk_blocks: int = 0  # failed verification or I/O on read
 
     @property
@@ -140,6 +144,8 @@ class _Request:
     #: vLLM's repeated asks for a waiting request in O(1).
     match_key: tuple[int, int, int, int] | None = None
     last_match: tuple[int, list[int], list[int]] | None = None
+    #: (G2, G3) blocks of the candidate that the cost rule left to recompute.
+    skipped: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -170,6 +176,7 @@ class Planner:
         disk_pool: BlockPool | None = None,
         disk_filter: FrequencyFilter | None = None,
         sync_load_tiers: Iterable[str] = (HOST,),
+        cost: OnboardCost | None = None,
     ) -> None:
         """``sync_load_tiers``: a load drawing only on these tiers runs inside the step that
         matched it (the request is scheduled at once, as for a GPU prefix hit); a load that
@@ -177,6 +184,8 @@ class Planner:
         if host_pool is None and disk_pool is None:
             raise ValueError("Planner needs at least one tier")
         self.sync_load_tiers = frozenset(sync_load_tiers)
+        #: Load-or-recompute per tier; None loads whatever matched.
+        self.cost = cost
         self.host = host_pool
         self.disk = disk_pool
         self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
@@ -212,7 +221,7 @@ class Planner:
         # so the block holding the last token is always left to compute.
         max_blocks = (len(tokens) - 1) // bs
         start = num_computed // bs
-        req.candidate = None
+        req.candidate, req.skipped = None, (0, 0)
         if start >= max_blocks:
             return 0
         key = (num_computed, len(tokens), *self._versions())
@@ -222,8 +231,12 @@ class Planner:
             disk = self.disk.match_prefix(req.hashes, start + len(host), max_blocks) if self.disk else []
             req.last_match = (start, host, disk)
             req.match_key = key
-        req.candidate = req.last_match
-        _, host, disk = req.last_match  # type: ignore[misc]
+        start, host, disk = req.last_match  # type: ignore[misc]
+        if self.cost is not None and (host or disk):
+            n_host, n_disk = self.cost.choose([(HOST, len(host)), (DISK, len(disk))])
+            req.skipped = (len(host) - n_host, len(disk) - n_disk)
+            host, disk = host[:n_host], disk[:n_disk]
+        req.candidate = (start, host, disk)
         return (len(host) + len(disk)) * bs
 
     def load_is_async(self, req_id: str) -> bool:
@@ -243,6 +256,9 @@ class Planner:
         if req is None:
             return
         candidate, req.candidate = req.candidate, None
+        skipped, req.skipped = req.skipped, (0, 0)
+        self.stats.cost_skipped_host_blocks += skipped[0]
+        self.stats.cost_skipped_disk_blocks += skipped[1]
         if candidate is not None:
             self.stats.lookup_requests += 1
             self.stats.lookup_blocks += max(0, len(req.hashes) - candidate[0])

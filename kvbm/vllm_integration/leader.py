@@ -13,11 +13,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig, env_name
+from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import DISK, HOST, Planner
 from kvbm.core.pool import BlockPool
-from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
+from kvbm.metrics import ONBOARD_D2D, ONBOARD_H2D, CacheMetrics, MetricsExporter, metrics_port
 from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.handshake import LeaderHandshake
@@ -77,7 +78,10 @@ class KvbmLeader:
             disk_pool=BlockPool(self.num_disk_slots, "G3") if self.num_disk_slots else None,
             disk_filter=disk_filter,
             sync_load_tiers=SYNC_LOAD_TIERS[config.load_mode],
+            cost=OnboardCost(policy=config.onboard_policy, block_size=self.block_size,
+                             block_bytes=bytes_per_block_per_rank(kv_cache_config)),
         )
+        self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self.journal: DiskJournal | None = None
         if self.num_disk_slots and config.disk_persist:
             self.journal = self._open_journal(identity)
@@ -150,6 +154,7 @@ class KvbmLeader:
     # ---- per step -------------------------------------------------------
     def build_connector_meta(self, so: SchedulerOutput) -> KvbmMetadata:
         planner = self.planner
+        self._time_step(sum(so.num_scheduled_tokens.values()))
         for req_id in so.preempted_req_ids or ():
             planner.on_preempted(req_id)
         for new in so.scheduled_new_reqs:
@@ -203,6 +208,11 @@ class KvbmLeader:
             bad_disk_slots=meta.bad_disk_slots,
         )
         self.metrics.on_worker_report(meta.transfer_bytes, meta.transfer_seconds, meta.disk_errors)
+        cost = self.planner.cost
+        if cost is not None:
+            for tier, direction in ((HOST, ONBOARD_H2D), (DISK, ONBOARD_D2D)):
+                if meta.transfer_seconds.get(direction):
+                    cost.observe_load(tier, meta.transfer_bytes.get(direction, 0), meta.transfer_seconds[direction])
         if meta.bad_disk_slots:
             logger.warning(
                 "kvbm: %d disk block(s) failed verification or could not be read; they were "
@@ -213,6 +223,21 @@ class KvbmLeader:
         if commits and self.journal is not None:
             self.journal.record_stored(commits)
             self.journal.flush()
+
+    def _time_step(self, tokens: int) -> None:
+        """The engine's prefill rate, for the load-or-recompute rule: the time from one step's
+        scheduling to the next one's, over the tokens the first computed (vLLM steps back to
+        back while it has work; an idle gap after a step only lowers one sample of an EWMA)."""
+        now = time.perf_counter()
+        last, self._last_step = self._last_step, (now, tokens)
+        cost = self.planner.cost
+        if cost is None or last is None:
+            return
+        seconds = now - last[0]
+        cost.observe_step(last[1], seconds)
+        for tier in (HOST, DISK):  # an asynchronous load costs at least one more step
+            if tier not in self.planner.sync_load_tiers and last[1] >= cost.min_prefill_tokens:
+                cost.extra_seconds[tier] = seconds
 
     def has_pending_work(self) -> bool:
         return self.planner.busy
