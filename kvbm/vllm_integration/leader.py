@@ -18,8 +18,8 @@ from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
+from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.storage.journal import DiskJournal
-from kvbm.vllm_integration.handshake import LeaderHandshake
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity
 

@@ -27,12 +27,12 @@ import torch
 from kvbm.config import KvbmConfig
 from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
 from kvbm.metrics import OFFLOAD_D2D, OFFLOAD_D2H, OFFLOAD_H2D, ONBOARD_D2D, ONBOARD_H2D
+from kvbm.runtime.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.storage.disk import DiskArena
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
-from kvbm.vllm_integration.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import model_identity
 
@@ -129,7 +129,7 @@ class KvbmWorker:
         assert self.layout is not None
         if self._views and self._views[0].is_cuda:
             torch.cuda.set_device(self._views[0].device)  # per thread: pin in this rank's CUDA context
-        arena = HostArena(sizes.host_slots, self.layout.block_bytes) if sizes.host_slots else None
+        arena = HostArena(sizes.host_slots, self.layout.block_bytes, on_progress=progress) if sizes.host_slots else None
         disk = None
         if sizes.disk_slots:
             cfg = self.config
