@@ -107,17 +107,23 @@ def _blocks(override: int | None, gb: float | None, bytes_per_block: int, var: s
 
 
 # name -> (parser, field)
-def _parse_float(name: str, raw: Any) -> float:
+def _parse_number(name: str, raw: Any, example: str) -> float:
     if isinstance(raw, bool):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}")
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4") from None
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}") from None
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={raw!r} must be a number >= 0 (GB = 1e9 bytes), e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} must be a number >= 0, e.g. {name}={example}")
+    return value
+
+
+def _parse_gb(name: str, raw: Any) -> float:
+    value = _parse_number(name, raw, "4")
     if value > MAX_GB:
-        raise ConfigError(f"{name}={raw!r} is more than any machine has (at most {MAX_GB:g} GB); e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} is more than any machine has (at most {MAX_GB:g} GB = 1e9 bytes each); "
+                          f"e.g. {name}=4")
     return value
 
 
@@ -206,7 +212,7 @@ def _parse_interval(name: str, raw: Any) -> float:
 
 def _parse_seconds(name: str, raw: Any) -> float:
     """A duration that must pass (timeouts, decay periods): > 0 and bounded."""
-    value = _parse_float(name, raw)
+    value = _parse_number(name, raw, "1800")
     if value == 0:
         raise ConfigError(f"{name}=0 would time out at once; give seconds > 0, e.g. {name}=1800")
     if value > MAX_SECONDS:
@@ -225,9 +231,9 @@ def _parse_secret(name: str, raw: Any) -> str:
 
 
 _FIELDS: dict[str, Any] = {
-    "cpu_cache_gb": _parse_float,
+    "cpu_cache_gb": _parse_gb,
     "cpu_cache_override_num_blocks": _parse_count,
-    "disk_cache_gb": _parse_float,
+    "disk_cache_gb": _parse_gb,
     "disk_cache_override_num_blocks": _parse_count,
     "disk_cache_dir": _parse_str,
     "disable_disk_offload_filter": _parse_bool,

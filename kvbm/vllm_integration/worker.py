@@ -34,7 +34,7 @@ from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import model_identity
+from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,11 +53,12 @@ def _rank() -> int:
     return 0
 
 
-def disk_file_tag(config: KvbmConfig, identity: str, rank: int) -> str:
-    """Persistent files are named by model identity (a restart finds them);
-    others by process, so two servers sharing a directory never collide."""
+def disk_file_tag(config: KvbmConfig, key: str, rank: int) -> str:
+    """Persistent files are named by the storage key (model and slot shape: a
+    restart finds them); others by process, so two servers sharing a directory
+    never collide."""
     if config.disk_persist:
-        return f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}-rank{rank}"
+        return f"{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}-rank{rank}"
     return f"pid{os.getpid()}-rank{rank}"
 
 
@@ -83,7 +84,7 @@ class KvbmWorker:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self.config = config
         self._kv_cache_config = kv_cache_config
-        self._identity = model_identity(vllm_config, kv_cache_config)
+        self._storage_key = storage_key(vllm_config, kv_cache_config)
         self._world_size = vllm_config.parallel_config.world_size
         self._engine_id = vllm_config.kv_transfer_config.engine_id
         #: Set from the leader's answer in the startup handshake (handshake.py).
@@ -135,7 +136,7 @@ class KvbmWorker:
             cfg = self.config
             disk = DiskArena(
                 cfg.disk_cache_dir, sizes.disk_slots, self.layout.block_bytes,
-                file_tag=disk_file_tag(cfg, self._identity, _rank()),
+                file_tag=disk_file_tag(cfg, self._storage_key, _rank()),
                 zerofill_fallback=cfg.disk_zerofill_fallback,
                 disable_o_direct=cfg.disk_disable_o_direct,
             )
