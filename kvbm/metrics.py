@@ -50,14 +50,17 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from kvbm.config import env_var
+
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.core.planner import Planner, PlannerStats
 
 logger = logging.getLogger(__name__)
 
-PORT_VAR = "DYN_KVBM_METRICS_PORT"
-HOST_VAR = "DYN_KVBM_METRICS_HOST"
+PORT_VAR = env_var("metrics_port")
+HOST_VAR = env_var("metrics_host")
+WINDOW_VAR = env_var("metrics_hit_rate_window")
 
 #: Transfer directions, named like the reference's block counters.
 OFFLOAD_D2H = "offload_d2h"  # G1 → G2 (GPU → host)
@@ -309,14 +312,12 @@ class KvbmCollector(Collector):
 
         yield GaugeMetricFamily(
             "kvbm_host_cache_hit_rate",
-            "Host (G2) hits / blocks looked up beyond the GPU cache, over the last "
-            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            f"Host (G2) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
             value=m.window.host_rate,
         )
         yield GaugeMetricFamily(
             "kvbm_disk_cache_hit_rate",
-            "Disk (G3) hits / blocks looked up beyond the GPU cache, over the last "
-            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            f"Disk (G3) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
             value=m.window.disk_rate,
         )
 
