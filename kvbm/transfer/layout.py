@@ -48,6 +48,18 @@ class KVLayout:
         """Bytes of one block across all layers of this worker (one host slot)."""
         return sum(layer.block_bytes for layer in self.layers)
 
+    def signature(self) -> str:
+        """The bytes of a slot, layer by layer, independent of the GPU pool's size: two servers
+        whose signatures differ must never read each other's persisted blocks."""
+        runs: list[list] = []  # consecutive identical layers once, with a count: bounded size
+        for layer in self.layers:
+            part = f"{layer.outer}x{layer.inner_bytes} {layer.physical}"
+            if runs and runs[-1][0] == part:
+                runs[-1][1] += 1
+            else:
+                runs.append([part, 1])
+        return ";".join(f"{count}*[{part}]" for part, count in runs)
+
     def describe(self) -> str:
         first = self.layers[0]
         return (
@@ -116,7 +128,9 @@ def describe_kv_caches(
         view = as_block_view(tensor, num_blocks)
         outer, _, inner = view.shape
         order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
-        physical = " ".join(f"{tensor.shape[d]}@{d}" for d in order) + f" {tensor.dtype}".replace("torch.", "")
+        block_dim, _ = find_block_dim(tuple(tensor.shape), num_blocks)
+        physical = " ".join("B" if d == block_dim else f"{tensor.shape[d]}@{d}" for d in order)
+        physical += " " + str(tensor.dtype).replace("torch.", "")
         layers.append(LayerLayout(name=name, outer=outer, inner_bytes=inner, offset=offset, physical=physical))
         views.append(view)
         offset += outer * inner

@@ -7,26 +7,31 @@ does work proportional to the blocks that changed this step.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
+import uuid
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from kvbm.config import KvbmConfig, env_name
+from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import DISK, HOST, Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import ONBOARD_D2D, ONBOARD_H2D, CacheMetrics, MetricsExporter, metrics_port
+from kvbm.runtime.fingerprint import fingerprint
+from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.compat import features
-from kvbm.vllm_integration.handshake import LeaderHandshake
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity
+from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.lora.request import LoRARequest
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -47,6 +52,9 @@ def _tier_names(tiers) -> str:
     names = [{HOST: "G2", DISK: "G3"}[t] for t in tiers]
     return "/".join(names) if names else "no tier"
 
+#: LoRA keys remembered per leader (one entry per distinct adapter; bounded for servers that load many).
+LORA_KEYS = 4096
+
 
 class KvbmLeader:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
@@ -60,11 +68,13 @@ class KvbmLeader:
         self.block_size = vllm_config.cache_config.block_size
         # vLLM builds the scheduler only after every worker registered its KV
         # caches, so all of them are waiting: size the tiers from their reports.
-        sizes = LeaderHandshake(
+        joined = LeaderHandshake(
             config, vllm_config.parallel_config.world_size, vllm_config.kv_transfer_config.engine_id
-        ).start().wait().sizes
+        ).start().wait()
+        sizes = joined.sizes
         self.num_host_slots, self.num_disk_slots = sizes.host_slots, sizes.disk_slots
-        identity = model_identity(vllm_config, kv_cache_config)
+        identity = model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.disk_persist,
+                                  kv_layout="|".join(w.layout for w in joined.workers))
         disk_filter = None
         if self.num_host_slots and self.num_disk_slots and not config.disable_disk_offload_filter:
             disk_filter = FrequencyFilter(
@@ -84,12 +94,13 @@ class KvbmLeader:
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self.journal: DiskJournal | None = None
         if self.num_disk_slots and config.disk_persist:
-            self.journal = self._open_journal(identity)
+            self.journal = self._open_journal(storage_key(vllm_config, kv_cache_config), identity)
         self._engine_root = engine_root(identity)
         self._requests: dict[str, Request] = {}
         self._failed_loads: set[str] = set()
         self._sync_reports: dict[str, int] = {}
         self.world_size = vllm_config.parallel_config.world_size
+        self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._last_summary = time.monotonic()
         world = vllm_config.parallel_config.world_size
         self.metrics = CacheMetrics(
@@ -111,12 +122,13 @@ class KvbmLeader:
             ", persistent" if self.journal else "", self.block_size, vllm_config.parallel_config.world_size,
             _tier_names(SYNC_LOAD_TIERS[config.load_mode]),
             _tier_names(t for t in (HOST, DISK) if t not in SYNC_LOAD_TIERS[config.load_mode]),
-            env_name("load_mode"), config.load_mode,
+            env_var("load_mode"), config.load_mode,
         )
 
-    def _open_journal(self, identity: str) -> DiskJournal:
-        """Reload what a previous server left on disk (same model and layout only)."""
-        name = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+    def _open_journal(self, key: str, identity: str) -> DiskJournal:
+        """Reload what a previous server left on disk: same files (``key``), and only
+        if the identity (weights, quantization, overrides, ...) is unchanged."""
+        name = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
         os.makedirs(self.config.disk_cache_dir, mode=0o700, exist_ok=True)
         journal = DiskJournal(os.path.join(self.config.disk_cache_dir, f"kvbm-g3-{name}.journal"), identity=identity)
         restored = self.planner.restore_disk(journal.load())
@@ -130,10 +142,35 @@ class KvbmLeader:
         self._requests[request.request_id] = request
         root = None
         if getattr(request, "prompt_embeds", None) is None:
-            lora = request.lora_request.lora_name if request.lora_request else None
+            lora = self._lora_key(request.lora_request) if request.lora_request else None
             mm_keys = [feature.identifier for feature in request.mm_features or ()]
             root = request_root(self._engine_root, request.cache_salt, lora, mm_keys)
         self.planner.add_request(request.request_id, root)
+
+    def _lora_key(self, lora: LoRARequest) -> str:
+        """Everything that tells adapters apart, folded into the request's hash root.
+
+        vLLM keys its own prefix cache on the adapter's name *and path*, so a
+        name re-pointed at another adapter never reuses KV; we add the int id
+        (vLLM's workers cache loaded adapters by it). When G3 persists across
+        restarts, or the request reloads the adapter in place, the same path
+        may hold other weights than before: the files' fingerprint goes in too
+        (read once per adapter, cached; unreadable ones are unique to this
+        process, so nothing is reused across restarts).
+        """
+        key = (lora.lora_name, lora.lora_int_id, getattr(lora, "lora_path", "") or "")
+        reload = bool(getattr(lora, "load_inplace", False))
+        cached = self._lora_keys.get(key)
+        if cached is None or reload:
+            weights = None
+            if self.config.disk_persist or reload:
+                weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
+            cached = json.dumps([*key, weights])
+            self._lora_keys[key] = cached
+            while len(self._lora_keys) > LORA_KEYS:
+                self._lora_keys.popitem(last=False)
+        self._lora_keys.move_to_end(key)
+        return cached
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         self._track(request)

@@ -27,14 +27,14 @@ import torch
 from kvbm.config import KvbmConfig
 from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
 from kvbm.metrics import OFFLOAD_D2D, OFFLOAD_D2H, OFFLOAD_H2D, ONBOARD_D2D, ONBOARD_H2D
+from kvbm.runtime.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.storage.disk import DiskArena
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
-from kvbm.vllm_integration.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import model_identity
+from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,11 +53,12 @@ def _rank() -> int:
     return 0
 
 
-def disk_file_tag(config: KvbmConfig, identity: str, rank: int) -> str:
-    """Persistent files are named by model identity (a restart finds them);
-    others by process, so two servers sharing a directory never collide."""
+def disk_file_tag(config: KvbmConfig, key: str, rank: int) -> str:
+    """Persistent files are named by the storage key (model and slot shape: a
+    restart finds them); others by process, so two servers sharing a directory
+    never collide."""
     if config.disk_persist:
-        return f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}-rank{rank}"
+        return f"{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}-rank{rank}"
     return f"pid{os.getpid()}-rank{rank}"
 
 
@@ -83,7 +84,7 @@ class KvbmWorker:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self.config = config
         self._kv_cache_config = kv_cache_config
-        self._identity = model_identity(vllm_config, kv_cache_config)
+        self._storage_key = storage_key(vllm_config, kv_cache_config)
         self._world_size = vllm_config.parallel_config.world_size
         self._engine_id = vllm_config.kv_transfer_config.engine_id
         #: Set from the leader's answer in the startup handshake (handshake.py).
@@ -120,7 +121,7 @@ class KvbmWorker:
         report = WorkerLayout(
             rank=_rank() % self._world_size, world_size=self._world_size,
             bytes_per_block=self.layout.block_bytes, num_gpu_blocks=self._kv_cache_config.num_blocks,
-            layout=self.layout.describe(),
+            layout=self.layout.signature(),
         )
         self._handshake = WorkerHandshake(self.config, self._engine_id, report, self._allocate).start()
 
@@ -131,13 +132,13 @@ class KvbmWorker:
         assert self.layout is not None
         if self._views and self._views[0].is_cuda:
             torch.cuda.set_device(self._views[0].device)  # per thread: pin in this rank's CUDA context
-        arena = HostArena(sizes.host_slots, self.layout.block_bytes) if sizes.host_slots else None
+        arena = HostArena(sizes.host_slots, self.layout.block_bytes, on_progress=progress) if sizes.host_slots else None
         disk = None
         if sizes.disk_slots:
             cfg = self.config
             disk = DiskArena(
                 cfg.disk_cache_dir, sizes.disk_slots, self.layout.block_bytes,
-                file_tag=disk_file_tag(cfg, self._identity, _rank()),
+                file_tag=disk_file_tag(cfg, self._storage_key, _rank()),
                 zerofill_fallback=cfg.disk_zerofill_fallback,
                 disable_o_direct=cfg.disk_disable_o_direct,
             )
