@@ -16,8 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "DYN_KVBM_"
+LOAD_MODES = ("auto", "sync", "async")
+ONBOARD_POLICIES = ("cost", "always", "never")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+#: Upper bounds: beyond them a value is a typo (``1e300``), and letting it
+#: through ends in a raw ``OverflowError`` deep inside the allocator or a
+#: thread wait instead of a message naming the setting.
+MAX_GB = 1e6  # 1 PB
+MAX_COUNT = 1 << 40
+MAX_SECONDS = 1e7  # ~115 days; threading waits overflow near 9e9
+#: A handshake secret shorter than this could be guessed offline from one captured message.
+MIN_SECRET_CHARS = 16
+MAX_SECRET_BYTES = 4096
 
 
 class ConfigError(ValueError):
@@ -63,6 +74,11 @@ class KvbmConfig:
     leader_zmq_host: str = "127.0.0.1"
     leader_zmq_pub_port: int = 56001
     leader_zmq_ack_port: int = 56002
+    #: TCP handshake only: the shared secret that signs every message (see
+    #: kvbm/runtime/wire.py), given directly or as a file; neither: a per-user
+    #: secret generated on first use in the private socket directory.
+    leader_zmq_secret: str | None = field(default=None, repr=False)
+    leader_zmq_secret_file: str | None = None
     metrics: bool = False
     metrics_port: int = 6880
     #: Where /metrics listens. All interfaces by default, as the reference did:
@@ -73,6 +89,13 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
+    #: How onboarding runs: "auto" loads from G2 inside the step that matched (the request
+    #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
+    #: "sync" / "async" force one way for every tier.
+    load_mode: str = "auto"
+    #: Load or recompute a matched prefix: "cost" loads a tier's part only where that is
+    #: faster than recomputing it (measured rates); "always" / "never" force one way.
+    onboard_policy: str = "cost"
     #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
     allow_untested_vllm: bool = False
     #: Where each value came from, for log lines and error messages.
@@ -116,15 +139,23 @@ def _blocks(override: int | None, gb: float | None, bytes_per_block: int, var: s
 
 
 # name -> (parser, field)
-def _parse_float(name: str, raw: Any) -> float:
+def _parse_number(name: str, raw: Any, example: str) -> float:
     if isinstance(raw, bool):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}")
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4") from None
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}") from None
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={raw!r} must be a number >= 0 (GB = 1e9 bytes), e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} must be a number >= 0, e.g. {name}={example}")
+    return value
+
+
+def _parse_gb(name: str, raw: Any) -> float:
+    value = _parse_number(name, raw, "4")
+    if value > MAX_GB:
+        raise ConfigError(f"{name}={raw!r} is more than any machine has (at most {MAX_GB:g} GB = 1e9 bytes each); "
+                          f"e.g. {name}=4")
     return value
 
 
@@ -137,6 +168,8 @@ def _parse_count(name: str, raw: Any) -> int:
         raise ConfigError(
             f"{name}={raw!r} must be a positive block count; unset it to size by GB instead"
         )
+    if value > MAX_COUNT:
+        raise ConfigError(f"{name}={raw!r} is too large (at most {MAX_COUNT}); e.g. {name}=1024")
     return value
 
 
@@ -198,6 +231,20 @@ def _parse_log_level(name: str, raw: Any) -> str:
     return level
 
 
+def _parse_load_mode(name: str, raw: Any) -> str:
+    mode = str(raw).strip().lower()
+    if mode not in LOAD_MODES:
+        raise ConfigError(f"{name}={raw!r} is not a load mode; use one of {', '.join(LOAD_MODES)}")
+    return mode
+
+
+def _parse_onboard_policy(name: str, raw: Any) -> str:
+    policy = str(raw).strip().lower()
+    if policy not in ONBOARD_POLICIES:
+        raise ConfigError(f"{name}={raw!r} is not an onboard policy; use one of {', '.join(ONBOARD_POLICIES)}")
+    return policy
+
+
 def _parse_host(name: str, raw: Any) -> str:
     host = _parse_str(name, raw)
     if "://" in host or "/" in host or any(c.isspace() for c in host):
@@ -213,8 +260,10 @@ def _parse_requests(name: str, raw: Any) -> int:
         value = int(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number of requests; e.g. {name}=1000") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be a positive number of requests, e.g. {name}=1000")
+    if not 0 < value <= MAX_COUNT:
+        raise ConfigError(
+            f"{name}={raw!r} must be a positive number of requests (at most {MAX_COUNT}), e.g. {name}=1000"
+        )
     return value
 
 
@@ -223,22 +272,37 @@ def _parse_interval(name: str, raw: Any) -> float:
         value = float(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds; e.g. {name}=30 (0 turns it off)") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={raw!r} must be seconds >= 0, e.g. {name}=30 (0 turns it off)")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise ConfigError(
+            f"{name}={raw!r} must be seconds from 0 to {MAX_SECONDS:g}, e.g. {name}=30 (0 turns it off)"
+        )
     return value
 
 
-def _parse_positive_float(name: str, raw: Any) -> float:
-    value = _parse_float(name, raw)
+def _parse_seconds(name: str, raw: Any) -> float:
+    """A duration that must pass (timeouts, decay periods): > 0 and bounded."""
+    value = _parse_number(name, raw, "1800")
     if value == 0:
         raise ConfigError(f"{name}=0 would time out at once; give seconds > 0, e.g. {name}=1800")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{name}={raw!r} is too long (at most {MAX_SECONDS:g} seconds); e.g. {name}=1800")
     return value
+
+
+def _parse_secret(name: str, raw: Any) -> str:
+    secret = str(raw).strip()
+    if len(secret) < MIN_SECRET_CHARS or len(secret.encode()) > MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{name} must be {MIN_SECRET_CHARS} to {MAX_SECRET_BYTES} characters (a short secret can be "
+            f"guessed from one captured message); generate one with e.g. `openssl rand -hex 32`"
+        )
+    return secret
 
 
 _FIELDS: dict[str, Any] = {
-    "cpu_cache_gb": _parse_float,
+    "cpu_cache_gb": _parse_gb,
     "cpu_cache_override_num_blocks": _parse_count,
-    "disk_cache_gb": _parse_float,
+    "disk_cache_gb": _parse_gb,
     "disk_cache_override_num_blocks": _parse_count,
     "disk_cache_dir": _parse_str,
     "disable_disk_offload_filter": _parse_bool,
@@ -246,12 +310,14 @@ _FIELDS: dict[str, Any] = {
     "disk_disable_o_direct": _parse_bool,
     "disk_persist": _parse_bool,
     "disk_fault_injection": _parse_faults,
-    "disk_offload_filter_decay_secs": _parse_positive_float,
+    "disk_offload_filter_decay_secs": _parse_seconds,
     "disk_offload_filter_max_entries": _parse_count,
-    "leader_worker_init_timeout_secs": _parse_positive_float,
+    "leader_worker_init_timeout_secs": _parse_seconds,
     "leader_zmq_host": _parse_str,
     "leader_zmq_pub_port": _parse_port,
     "leader_zmq_ack_port": _parse_port,
+    "leader_zmq_secret": _parse_secret,
+    "leader_zmq_secret_file": _parse_str,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
     "metrics_host": _parse_host,
@@ -259,16 +325,26 @@ _FIELDS: dict[str, Any] = {
     "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
     "allow_untested_vllm": _parse_bool,
+    "load_mode": _parse_load_mode,
+    "onboard_policy": _parse_onboard_policy,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)
 
 
-def env_name(key: str) -> str:
-    """The environment variable of a config field, for messages outside this module."""
+def env_var(key: str) -> str:
+    """The ``DYN_KVBM_*`` variable of a config field, for messages elsewhere
+    (this module is the only one that spells the names out)."""
     if key not in _FIELDS:
-        raise KeyError(key)
+        raise KeyError(f"no kvbm setting {key!r}")
     return PREFIX + key.upper()
+
+
+def _unknown_env(name: str) -> str:
+    exact = PREFIX + name[len(PREFIX):].upper()
+    if exact in ENV_VARS:
+        return f"{name} (variable names are case-sensitive: did you mean {exact}?)"
+    return name
 
 
 def load_config(
@@ -284,7 +360,9 @@ def load_config(
         if raw is not None and raw.strip() != "":
             values[key] = parse(var, raw)
             sources[key] = f"env {var}"
-    unknown = [k for k in environ if k.startswith(PREFIX) and k[len(PREFIX):].lower() not in _FIELDS]
+    # Exact names only: a variable that differs in case (DYN_KVBM_Disk_Cache_GB)
+    # would otherwise be silently ignored while the user thinks it is in effect.
+    unknown = [_unknown_env(k) for k in environ if k.upper().startswith(PREFIX) and k not in ENV_VARS]
     for key, raw in (extra_config or {}).items():
         short = key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
         if short not in _FIELDS:
@@ -292,6 +370,12 @@ def load_config(
                 unknown.append(f"kv_connector_extra_config[{key!r}]")
             continue  # other connectors' keys (e.g. under MultiConnector) are not ours
         name = f"kv_connector_extra_config[{key!r}]"
+        if short == "leader_zmq_secret":
+            raise ConfigError(
+                f"{name}: vLLM prints its kv_transfer_config in the startup log, so a secret there leaks; "
+                f"set {env_var('leader_zmq_secret')} in the environment or {env_var('leader_zmq_secret_file')} "
+                "to a file of mode 0600 instead"
+            )
         values[short] = _FIELDS[short](name, raw)
         sources[short] = name
     if unknown:

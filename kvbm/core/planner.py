@@ -27,6 +27,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.pool import BlockPool
@@ -52,6 +53,10 @@ class LoadOp:
     host_slots: list[int]
     disk_slots: list[int] = field(default_factory=list)
     disk_hashes: list[BlockHash] = field(default_factory=list)
+    #: Synchronous: the request is scheduled in this very step, so the copy must land
+    #: before the forward pass reads it (the worker orders it so); otherwise the
+    #: request waits, unscheduled, until the workers report the load finished.
+    sync: bool = False
 
 
 @dataclass
@@ -114,6 +119,9 @@ class PlannerStats:
     filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
+    cost_skipped_host_blocks: int = 0
+    cost_skipped_disk_blocks: int = 0
     bad_disk_blocks: int = 0  # failed verification or I/O on read
 
     @property
@@ -142,6 +150,8 @@ class _Request:
     #: vLLM's repeated asks for a waiting request in O(1).
     match_key: tuple[int, int, int, int] | None = None
     last_match: tuple[int, list[int], list[int], int] | None = None
+    #: (G2, G3) blocks of the candidate that the cost rule left to recompute.
+    skipped: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -157,6 +167,8 @@ class _PendingBatch:
 class _Loading:
     host_slots: list[int]
     disk_slots: list[int]
+    sync: bool = False
+    first_block: int = 0  # the request's block index where the load starts
 
 
 class Planner:
@@ -169,9 +181,17 @@ class Planner:
         world_size: int = 1,
         disk_pool: BlockPool | None = None,
         disk_filter: FrequencyFilter | None = None,
+        sync_load_tiers: Iterable[str] = (HOST,),
+        cost: OnboardCost | None = None,
     ) -> None:
+        """``sync_load_tiers``: a load drawing only on these tiers runs inside the step that
+        matched it (the request is scheduled at once, as for a GPU prefix hit); a load that
+        touches any other tier is asynchronous (the request waits, other requests run)."""
         if host_pool is None and disk_pool is None:
             raise ValueError("Planner needs at least one tier")
+        self.sync_load_tiers = frozenset(sync_load_tiers)
+        #: Load-or-recompute per tier; None loads whatever matched.
+        self.cost = cost
         self.host = host_pool
         self.disk = disk_pool
         self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
@@ -207,7 +227,7 @@ class Planner:
         # so the block holding the last token is always left to compute.
         max_blocks = (len(tokens) - 1) // bs
         start = num_computed // bs
-        req.candidate = None
+        req.candidate, req.skipped = None, (0, 0)
         if start >= max_blocks:
             return 0
         key = (num_computed, len(tokens), *self._versions())
@@ -215,8 +235,12 @@ class Planner:
             host, disk = self._match_tiers(req, tokens, start, max_blocks)
             req.last_match = (start, host, disk, max_blocks - start)
             req.match_key = key
-        req.candidate = req.last_match
-        _, host, disk, _ = req.last_match  # type: ignore[misc]
+        start, host, disk, asked = req.last_match  # type: ignore[misc]
+        if self.cost is not None and (host or disk):
+            n_host, n_disk = self.cost.choose([(HOST, len(host)), (DISK, len(disk))])
+            req.skipped = (len(host) - n_host, len(disk) - n_disk)
+            host, disk = host[:n_host], disk[:n_disk]
+        req.candidate = (start, host, disk, asked)
         return (len(host) + len(disk)) * bs
 
     def _match_tiers(
@@ -248,12 +272,26 @@ class Planner:
                 break
         return host, disk
 
+    def load_is_async(self, req_id: str) -> bool:
+        """Whether the load of the match just made for ``req_id`` is asynchronous."""
+        req = self._requests.get(req_id)
+        if req is None or req.candidate is None:
+            return True
+        _, host, disk, _ = req.candidate
+        return not self._sync(host, disk)
+
+    def _sync(self, host: Sequence[int], disk: Sequence[int]) -> bool:
+        return (not host or HOST in self.sync_load_tiers) and (not disk or DISK in self.sync_load_tiers)
+
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
         req = self._requests.get(req_id)
         if req is None:
             return
         candidate, req.candidate = req.candidate, None
+        skipped, req.skipped = req.skipped, (0, 0)
+        self.stats.cost_skipped_host_blocks += skipped[0]
+        self.stats.cost_skipped_disk_blocks += skipped[1]
         if candidate is not None:
             self.stats.lookup_requests += 1
             self.stats.lookup_blocks += candidate[3]
@@ -278,7 +316,8 @@ class Planner:
             self.host.acquire(host)
         if self.disk is not None:
             self.disk.acquire(disk)
-        self._loading[req_id] = _Loading(host, disk)
+        sync = self._sync(host, disk)
+        self._loading[req_id] = _Loading(host, disk, sync, start)
         d0 = start + len(host)
         self._plan.loads.append(LoadOp(
             req_id=req_id,
@@ -286,6 +325,7 @@ class Planner:
             host_slots=host,
             disk_slots=disk,
             disk_hashes=req.hashes[d0 : d0 + len(disk)],
+            sync=sync,
         ))
         self.stats.host_hit_blocks += len(host)
         self.stats.disk_hit_blocks += len(disk)
@@ -363,8 +403,10 @@ class Planner:
         """Returns True if vLLM must keep the request's GPU blocks until the
         workers report it (stores from them still in flight)."""
         req = self._requests.pop(req_id, None)
-        if req is None or req_id in self._loading:
-            # An aborted load: vLLM itself waits for finished_recving.
+        loading = self._loading.get(req_id)
+        if req is None or (loading is not None and not loading.sync):
+            # An aborted asynchronous load: vLLM itself waits for finished_recving.
+            # (A synchronous load has landed: the step that used it has run.)
             return False
         if req.last_batch in self._pending:
             self._plan.release_after_store.append((req_id, req.last_batch))
@@ -463,6 +505,11 @@ class Planner:
                 self.disk.release(loading.disk_slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
+                req = self._requests.get(req_id)
+                if loading.sync and req is not None:
+                    # The step that used it ran, and its stores were dropped; vLLM recomputes
+                    # from the first bad block. Store what it recomputes (it is good KV).
+                    req.next_store = min(req.next_store, loading.first_block)
             else:
                 self.stats.onboarded_host_blocks += len(loading.host_slots)
                 self.stats.onboarded_disk_blocks += len(loading.disk_slots)

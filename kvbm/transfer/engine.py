@@ -41,6 +41,10 @@ class CopyEngine(Protocol):
     def drain(self) -> None:
         """Block until every submitted copy has completed."""
 
+    def fence_loads(self) -> None:
+        """Order the compute stream after every load submitted so far, without blocking the
+        CPU: a synchronous load's blocks are read by the forward pass of the same step."""
+
 
 class TorchCopyEngine:
     """Synchronous engine built on torch indexing: one gather/scatter per layer per batch."""
@@ -84,3 +88,6 @@ class TorchCopyEngine:
 
     def drain(self) -> None:
         return None
+
+    def fence_loads(self) -> None:
+        return None  # copies are done when load() returns

@@ -23,7 +23,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from kvbm.config import env_name
+from kvbm.config import env_var
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def version_problem(version: str) -> tuple[str, str] | None:
     if release[:2] > NEWEST_SERIES:
         return "newer", (f"vLLM {version} is newer than kvbm was checked against ({SUPPORTED_TEXT}). Install a "
                          "supported release (`pip install 'vllm>=0.26,<0.34'`), or set "
-                         f"{env_name('allow_untested_vllm')}=1 to try it")
+                         f"{env_var('allow_untested_vllm')}=1 to try it")
     return None
 
 
@@ -130,7 +130,7 @@ def check_supported(allow_untested: bool = False) -> VllmFeatures:
         kind, message = problem
         if not (allow_untested and kind == "newer"):
             raise UnsupportedVllmError(f"kvbm: {message}")
-        logger.warning("kvbm: %s; continuing because %s is set", message, env_name("allow_untested_vllm"))
+        logger.warning("kvbm: %s; continuing because %s is set", message, env_var("allow_untested_vllm"))
     _log_gaps_once(found)
     return found
 
