@@ -483,3 +483,20 @@ def test_allocate_pinned_without_cuda_warns_and_falls_back() -> None:
     assert t.shape == (1 << 20,)
     t.fill_(1)
     assert int(t.sum()) == 1 << 20
+
+
+def test_torch_engine_copies_runs_and_rejects_bad_ids() -> None:
+    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+
+    caches = _make_caches("cpu", torch.float16, "cpu", seed=5)
+    original = {k: v.clone() for k, v in caches.items()}
+    layout, views = describe_kv_caches(caches, NUM_BLOCKS)
+    engine = make_copy_engine(layout, views, _arena(make_host_arena_buffer(8, layout.block_bytes, False)))
+    assert TorchCopyEngine._runs([5, 6, 7, 9, 2], [0, 1, 2, 3, 7]) == [(2, 7, 1), (5, 0, 3), (9, 3, 1)]
+    engine.store(1, [5, 6, 7, 9, 2], [0, 1, 2, 3, 7])
+    engine.load("r", [0, 1, 2, 3, 7], [20, 21, 22, 30, 31])
+    for name, t in caches.items():
+        assert torch.equal(t[[20, 21, 22, 30, 31]].view(torch.uint8), original[name][[5, 6, 7, 9, 2]].view(torch.uint8))
+    engine.store(2, [NUM_BLOCKS], [0])
+    engine.load("bad", [8], [0])
+    assert [(c.key, c.ok) for c in engine.poll()] == [(1, True), ("r", True), (2, False), ("bad", False)]

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig, env_var
-from kvbm.core.cost import OnboardCost
+from kvbm.core.cost import OnboardCost, Rate
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import DISK, HOST, Planner
@@ -93,6 +93,7 @@ class KvbmLeader:
                              block_bytes=bytes_per_block_per_rank(kv_cache_config)),
         )
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
+        self._step_seconds = Rate()  # steps per second, over every step
         self.journal: DiskJournal | None = None
         if self.num_disk_slots and config.disk_persist:
             self.journal = self._open_journal(storage_key(vllm_config, kv_cache_config), identity)
@@ -273,9 +274,13 @@ class KvbmLeader:
             return
         seconds = now - last[0]
         cost.observe_step(last[1], seconds)
-        for tier in (HOST, DISK):  # an asynchronous load costs at least one more step
-            if tier not in self.planner.sync_load_tiers and last[1] >= cost.min_prefill_tokens:
-                cost.extra_seconds[tier] = seconds
+        # An asynchronous load makes its request wait about one engine step, whatever that step
+        # computes for others (mostly short decode steps): the typical step, not a prefill step.
+        self._step_seconds.observe(1.0, seconds)
+        typical = 1.0 / self._step_seconds.value if self._step_seconds.value else 0.0
+        for tier in (HOST, DISK):
+            if tier not in self.planner.sync_load_tiers:
+                cost.extra_seconds[tier] = typical
 
     def has_pending_work(self) -> bool:
         return self.planner.busy
