@@ -219,7 +219,10 @@ def main() -> None:
         tmp = Path(tmp_dir)
         kvbm = {"cpu_cache_override_num_blocks": 32, "disk_cache_override_num_blocks": 1024,
                 "disable_disk_offload_filter": True, "disk_cache_dir": str(tmp / "g3"),
-                "disk_fault_injection": f"{args.faults},seed={args.seed}", "log_summary_secs": 0}
+                "disk_fault_injection": f"{args.faults},seed={args.seed}", "log_summary_secs": 0,
+                # The tiny model recomputes faster than G3 loads, so the default cost rule
+                # would skip most disk hits; the soak is about serving them.
+                "onboard_policy": "always"}
         ref = _side("vllm", tmp, {"engine": engine, "kvbm": None, "requests": requests, "aborts": False})
         got = _side("kvbm", tmp, {"engine": engine, "kvbm": kvbm, "requests": requests, "aborts": True})
         leftovers = sorted(p.name for p in (tmp / "g3").iterdir()) if (tmp / "g3").exists() else []
