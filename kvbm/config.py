@@ -209,16 +209,18 @@ def _parse_faults(name: str, raw: Any) -> tuple[tuple[str, float], ...]:
     pairs = []
     for item in str(raw).split(","):
         key, sep, value = item.strip().partition("=")
-        if not sep or key not in (*_FAULT_KINDS, "seed"):
+        if not sep or key not in (*_FAULT_KINDS, "seed", "read_delay_ms"):
             raise ConfigError(
                 f"{name}={raw!r}: {item.strip()!r} is not kind=rate; kinds are {', '.join(_FAULT_KINDS)} "
-                f"(and seed), e.g. {example}. Testing only: unset it in production."
+                f"(and seed, read_delay_ms), e.g. {example}. Testing only: unset it in production."
             )
         try:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={raw!r}: {value!r} is not a number, e.g. {example}") from None
-        if key != "seed" and not 0.0 <= number <= 1.0:
+        if key == "read_delay_ms" and not 0.0 <= number <= 10_000:
+            raise ConfigError(f"{name}={raw!r}: read_delay_ms must be 0-10000 milliseconds per block read")
+        if key not in ("seed", "read_delay_ms") and not 0.0 <= number <= 1.0:
             raise ConfigError(f"{name}={raw!r}: {key} must be a rate between 0 and 1, e.g. {example}")
         pairs.append((key, number))
     return tuple(pairs)

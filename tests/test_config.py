@@ -70,7 +70,9 @@ def test_default_disk_dir_is_private_per_user(monkeypatch, tmp_path):
 def test_disk_fault_injection_setting():
     cfg = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_error=0.1, write_corrupt=0.05,seed=7"})
     assert cfg.disk_fault_injection == (("read_error", 0.1), ("write_corrupt", 0.05), ("seed", 7.0))
-    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x"]:
+    slow = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_delay_ms=40"})
+    assert slow.disk_fault_injection == (("read_delay_ms", 40.0),)
+    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x", "read_delay_ms=-1"]:
         with pytest.raises(ConfigError, match="DYN_KVBM_DISK_FAULT_INJECTION"):
             load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": bad})
     assert cfg.leader_worker_init_timeout_secs == 1800.0

@@ -180,6 +180,15 @@ def test_fault_injector_rates():
         FaultInjector({"bogus": 1.0})
 
 
+def test_fault_injector_slows_reads_only():
+    import time
+
+    inj = FaultInjector({"read_delay_ms": 20.0})
+    start = time.perf_counter()
+    assert inj("read", 0) is None and inj("write", 0) is None
+    assert 0.02 <= time.perf_counter() - start < 0.2  # one read slept, the write did not
+
+
 # ---- format version ----------------------------------------------------------------
 def test_slot_of_format_1_is_a_miss_with_one_log_line(tmp_path, caplog):
     """Issue 13 item 3: a data file written with 64-bit hashes is never misread."""

@@ -109,16 +109,20 @@ FaultHook = Callable[[str, int], "str | None"]
 
 
 class FaultInjector:
-    """Test-only fault hook: fails or corrupts a random share of block I/O.
+    """Test-only fault hook: fails or corrupts a random share of block I/O, or slows reads.
 
     ``rates`` maps ``read_error``, ``read_corrupt``, ``write_error`` and
     ``write_corrupt`` to probabilities per block; ``seed`` makes runs
     repeatable. ``injected`` counts what was injected, per kind.
+    ``read_delay_ms`` (not a rate) sleeps that long per block read: a slow or
+    busy disk, for the load-or-recompute benchmark (bench/fast_hits.py).
     """
 
     KINDS = ("read_error", "read_corrupt", "write_error", "write_corrupt")
 
     def __init__(self, rates: Mapping[str, float], seed: int = 0) -> None:
+        rates = dict(rates)
+        self.read_delay_s = float(rates.pop("read_delay_ms", 0.0)) / 1e3
         unknown = set(rates) - set(self.KINDS)
         if unknown:
             raise ValueError(f"FaultInjector: unknown kinds {sorted(unknown)}; known: {', '.join(self.KINDS)}")
@@ -128,6 +132,8 @@ class FaultInjector:
         self._lock = threading.Lock()
 
     def __call__(self, op: str, slot: int) -> str | None:
+        if op == "read" and self.read_delay_s:
+            time.sleep(self.read_delay_s)
         with self._lock:
             draw = self._rng.random()
             error, corrupt = self.rates[f"{op}_error"], self.rates[f"{op}_corrupt"]
