@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 PREFIX = "DYN_KVBM_"
 LOAD_MODES = ("auto", "sync", "async")
@@ -33,6 +35,120 @@ MAX_SECRET_BYTES = 4096
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and the fix."""
+
+
+REMOTE_SCHEMES = ("redis", "rediss")
+REMOTE_DEFAULT_PORT = 6379
+#: Namespace characters: no ``{}`` (a Redis Cluster hash tag would put every key
+#: in one slot, so on one node) and no spaces or colons (the key separator).
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """Where G4 lives: one Redis server, or the seed nodes of a Redis Cluster.
+
+    Parsed from ``DYN_KVBM_REMOTE_URL``. ``str()`` hides the password, so the
+    target can go into log lines and error messages.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool = False
+    tls: bool = False
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        cred = ""
+        if self.username or self.password:
+            cred = f"{quote(self.username or '', safe='')}{':***' if self.password else ''}@"
+        parts = [f"{scheme}://{cred}{_host_port(h, p)}" for h, p in self.nodes]
+        if not self.cluster and self.db:
+            parts[0] += f"/{self.db}"
+        if self.cluster and len(self.nodes) == 1:
+            parts[0] += "?cluster=1"
+        return ",".join(parts)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _redact_url(raw: str) -> str:
+    """``raw`` with any password replaced, for messages about an invalid URL."""
+    return re.sub(r"(://[^:@/,]*:)[^@/,]*@", r"\1***@", raw)
+
+
+def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS; a Redis
+    Cluster is several comma-separated seed URLs or one URL with ``?cluster=1``."""
+    text = str(raw).strip()
+    shown = _redact_url(text)
+    example = f"e.g. {name}=redis://:PASSWORD@redis-host:6379 or, for a cluster, " \
+              f"{name}=redis://node1:6379,redis://node2:6379"
+    nodes: list[tuple[str, int]] = []
+    schemes, creds, dbs, cluster = set(), set(), set(), False
+    for part in text.split(","):
+        part = part.strip()
+        if "://" not in part:
+            raise ConfigError(f"{name}={shown!r}: {_redact_url(part)!r} lacks the redis:// (or rediss:// for TLS) "
+                              f"in front; {example}")
+        try:
+            url = urlsplit(part)
+            port = url.port
+        except ValueError as e:
+            raise ConfigError(f"{name}={shown!r}: {e} in {_redact_url(part)!r}; {example}") from None
+        if url.scheme not in REMOTE_SCHEMES:
+            raise ConfigError(f"{name}={shown!r}: scheme {url.scheme or '(none)'!r} is not redis:// or rediss:// "
+                              f"(TLS); {example}")
+        if not url.hostname:
+            raise ConfigError(f"{name}={shown!r}: no host in {_redact_url(part)!r}; {example}")
+        if port == 0:
+            raise ConfigError(f"{name}={shown!r}: port 0 is not a port; {example}")
+        path = url.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"{name}={shown!r}: {url.path!r} is not a database number (/0 .. /15); {example}")
+        for key, value in parse_qsl(url.query, keep_blank_values=True):
+            if key != "cluster":
+                raise ConfigError(f"{name}={shown!r}: unknown URL option {key!r} (only ?cluster=1 is understood)")
+            cluster = cluster or _parse_bool(f"{name} option cluster", value)
+        if url.fragment:
+            raise ConfigError(f"{name}={shown!r}: unexpected '#' in the URL; {example}")
+        schemes.add(url.scheme)
+        dbs.add(int(path or 0))
+        if url.username or url.password:
+            creds.add((unquote(url.username or "") or None, unquote(url.password or "") or None))
+        nodes.append((url.hostname, port or REMOTE_DEFAULT_PORT))
+    if len(schemes) > 1 or len(creds) > 1:
+        raise ConfigError(f"{name}={shown!r}: the seed nodes of one cluster must share the scheme and credentials")
+    cluster = cluster or len(nodes) > 1
+    db = dbs.pop() if len(dbs) == 1 else -1
+    if cluster and db != 0:
+        raise ConfigError(f"{name}={shown!r}: Redis Cluster has only database 0; drop the /N from the URLs")
+    username, password = creds.pop() if creds else (None, None)
+    return RemoteTarget(tuple(dict.fromkeys(nodes)), cluster=cluster, tls=schemes.pop() == "rediss", db=db,
+                        username=username, password=password)
+
+
+def _parse_namespace(name: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not _NAMESPACE_RE.fullmatch(text):
+        raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '.' or '-' (no ':' or braces: they "
+                          f"would break key parsing or pin every key to one cluster node), e.g. {name}=kvbm-prod")
+    return text
+
+
+def _parse_ttl(name: str, raw: Any) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of seconds; e.g. {name}=86400 (a day)") from None
+    if not 0 < value <= MAX_SECONDS:
+        raise ConfigError(f"{name}={raw!r} must be 1 to {MAX_SECONDS:g} seconds; unset it to keep keys "
+                          f"until Redis evicts them, e.g. {name}=86400")
+    return value
 
 
 def default_disk_cache_dir() -> str:
@@ -98,6 +214,18 @@ class KvbmConfig:
     onboard_policy: str = "cost"
     #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
     allow_untested_vllm: bool = False
+    #: G4, a KV tier shared by servers (Redis or Redis Cluster); None: no G4. Holds the password: not in repr.
+    remote_url: RemoteTarget | None = field(default=None, repr=False)
+    #: Key prefix: servers with the same namespace (and model identity) share blocks.
+    remote_namespace: str = "kvbm"
+    #: Seconds a G4 block lives after its last write; None: until Redis evicts it (allkeys-lru).
+    remote_ttl_secs: int | None = None
+    #: Best-effort bound on what this server writes to G4 (Redis's maxmemory is the hard one).
+    remote_budget_gb: float | None = None
+    #: Start without G4 when Redis is unreachable (it joins once Redis answers) instead of refusing.
+    remote_optional: bool = False
+    #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
+    remote_timeout_secs: float = 2.0
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -108,6 +236,10 @@ class KvbmConfig:
     @property
     def has_disk_tier(self) -> bool:
         return bool(self.disk_cache_gb) or bool(self.disk_cache_override_num_blocks)
+
+    @property
+    def has_remote_tier(self) -> bool:
+        return self.remote_url is not None
 
     def host_blocks(self, bytes_per_block_all_ranks: int) -> int:
         """G2 capacity in blocks. Block counts win over GB; GB is the total
@@ -329,6 +461,12 @@ _FIELDS: dict[str, Any] = {
     "allow_untested_vllm": _parse_bool,
     "load_mode": _parse_load_mode,
     "onboard_policy": _parse_onboard_policy,
+    "remote_url": parse_remote_url,
+    "remote_namespace": _parse_namespace,
+    "remote_ttl_secs": _parse_ttl,
+    "remote_budget_gb": _parse_gb,
+    "remote_optional": _parse_bool,
+    "remote_timeout_secs": _parse_seconds,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)
@@ -379,6 +517,11 @@ def load_config(
                 "to a file of mode 0600 instead"
             )
         values[short] = _FIELDS[short](name, raw)
+        if short == "remote_url" and values[short].password:
+            raise ConfigError(
+                f"{name}: vLLM prints its kv_transfer_config in the startup log, so the Redis password in this "
+                f"URL leaks; set {env_var('remote_url')} in the environment instead"
+            )
         sources[short] = name
     if unknown:
         raise ConfigError(

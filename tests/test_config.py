@@ -107,8 +107,19 @@ def test_all_settings_parse():
         "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
         "DYN_KVBM_LOAD_MODE": "Sync",
         "DYN_KVBM_ONBOARD_POLICY": "always",
+        "DYN_KVBM_REMOTE_URL": "rediss://kvbm:pw@redis.example:6380/2",
+        "DYN_KVBM_REMOTE_NAMESPACE": "prod-kv",
+        "DYN_KVBM_REMOTE_TTL_SECS": "86400",
+        "DYN_KVBM_REMOTE_BUDGET_GB": "50",
+        "DYN_KVBM_REMOTE_OPTIONAL": "1",
+        "DYN_KVBM_REMOTE_TIMEOUT_SECS": "0.5",
     }
     cfg = load(env)
+    assert cfg.has_remote_tier and cfg.remote_url.nodes == (("redis.example", 6380),)
+    assert cfg.remote_url.tls and cfg.remote_url.db == 2 and not cfg.remote_url.cluster
+    assert (cfg.remote_url.username, cfg.remote_url.password) == ("kvbm", "pw")
+    assert cfg.remote_namespace == "prod-kv" and cfg.remote_ttl_secs == 86400 and cfg.remote_budget_gb == 50
+    assert cfg.remote_optional is True and cfg.remote_timeout_secs == 0.5
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
     assert cfg.cpu_cache_override_num_blocks == 512 and cfg.disk_cache_override_num_blocks == 4096
     assert cfg.disk_cache_dir == "/var/cache/kvbm"
@@ -433,3 +444,71 @@ def test_secret_settings():
     assert config.leader_zmq_secret == "s" * 20
     assert "s" * 20 not in repr(config)
     assert "DYN_KVBM_LEADER_ZMQ_SECRET" in _error({CPU_GB: "1", "DYN_KVBM_LEADER_ZMQ_SECRET": "short"})
+
+
+REMOTE = "DYN_KVBM_REMOTE_URL"
+
+
+def test_remote_url_forms():
+    cfg = load({CPU_GB: "1"})
+    assert not cfg.has_remote_tier and cfg.remote_namespace == "kvbm" and cfg.remote_ttl_secs is None
+    target = load({CPU_GB: "1", REMOTE: "redis://127.0.0.1"}).remote_url
+    assert target.nodes == (("127.0.0.1", 6379),) and not target.cluster and not target.tls
+    target = load({CPU_GB: "1", REMOTE: "redis://:p%40ss@h1:7000,redis://:p%40ss@h2:7001"}).remote_url
+    assert target.cluster and target.nodes == (("h1", 7000), ("h2", 7001)) and target.password == "p@ss"
+    target = load({CPU_GB: "1", REMOTE: "redis://h1:7000?cluster=1"}).remote_url
+    assert target.cluster and target.nodes == (("h1", 7000),)
+    target = load({CPU_GB: "1", REMOTE: "redis://[::1]:7000"}).remote_url
+    assert target.nodes == (("::1", 7000),) and str(target) == "redis://[::1]:7000"
+    # str() (log lines, messages) hides the password; so does repr of the config
+    target = load({CPU_GB: "1", REMOTE: "redis://user:secret@h:1/3"}).remote_url
+    assert str(target) == "redis://user:***@h:1/3" and "secret" not in repr(target)
+    assert "hunter2" not in repr(load({CPU_GB: "1", REMOTE: "redis://:hunter2@h"}))
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("http://h:6379", "not redis:// or rediss://"),
+    ("h:6379", "lacks the redis://"),
+    ("redis://:6379", "no host"),
+    ("redis://h:notaport", "Port"),
+    ("redis://h:70000", "out of range"),
+    ("redis://h:0", "port 0"),
+    ("redis://h/abc", "database number"),
+    ("redis://h?timeout=1", "unknown URL option"),
+    ("redis://h?cluster=maybe", "not a boolean"),
+    ("redis://h1/1,redis://h2/1", "only database 0"),
+    ("redis://:a@h1,redis://:b@h2", "share the scheme and credentials"),
+    ("redis://h1,rediss://h2", "share the scheme"),
+])
+def test_remote_url_errors(url, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load({CPU_GB: "1", REMOTE: url})
+    assert REMOTE in str(err.value)
+
+
+def test_remote_url_error_hides_the_password():
+    with pytest.raises(ConfigError) as err:
+        load({CPU_GB: "1", REMOTE: "redis://:topsecret@h:notaport"})
+    assert "topsecret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_remote_password_not_in_extra_config():
+    with pytest.raises(ConfigError, match=f"startup log.*{REMOTE}"):
+        load({CPU_GB: "1"}, extra={"remote_url": "redis://:pw@h"})
+    assert load({CPU_GB: "1"}, extra={"remote_url": "redis://h"}).remote_url.nodes == (("h", 6379),)
+
+
+@pytest.mark.parametrize("var, value, needle", [
+    ("DYN_KVBM_REMOTE_NAMESPACE", "a:b", "no ':' or braces"),
+    ("DYN_KVBM_REMOTE_NAMESPACE", "{tag}", "no ':' or braces"),
+    ("DYN_KVBM_REMOTE_NAMESPACE", "x" * 65, "1-64"),
+    ("DYN_KVBM_REMOTE_TTL_SECS", "0", "1 to"),
+    ("DYN_KVBM_REMOTE_TTL_SECS", "1.5", "whole number"),
+    ("DYN_KVBM_REMOTE_BUDGET_GB", "-1", ">= 0"),
+    ("DYN_KVBM_REMOTE_OPTIONAL", "perhaps", "not a boolean"),
+    ("DYN_KVBM_REMOTE_TIMEOUT_SECS", "0", "time out at once"),
+])
+def test_remote_setting_errors(var, value, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load({CPU_GB: "1", REMOTE: "redis://h", var: value})
+    assert var in str(err.value)

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.core.hashing import HASH_BYTES, BlockHash
+from kvbm.storage.buffers import as_u8 as _as_u8
 from kvbm.storage.files import (
     CACHE_DIR_VAR,
     DirectoryLock,
@@ -155,22 +156,6 @@ def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     """Anonymous mmap: page-aligned, zero-filled, as O_DIRECT needs."""
     mm = mmap.mmap(-1, nbytes)
     return mm, np.frombuffer(mm, dtype=np.uint8)
-
-
-def _as_u8(obj: Any, *, writable: bool, what: str) -> np.ndarray:
-    """A flat uint8 view of ``obj`` (buffer protocol, numpy array, or CPU tensor)."""
-    if isinstance(obj, np.ndarray):
-        arr = obj
-    else:
-        try:
-            arr = np.frombuffer(obj, dtype=np.uint8)
-        except (TypeError, ValueError, BufferError):
-            arr = np.asarray(obj)  # e.g. a CPU torch tensor (via __array__)
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous memory, got a strided array of shape {arr.shape}")
-    if writable and not arr.flags.writeable:
-        raise ValueError(f"{what} is read-only; read_blocks needs a writable destination")
-    return arr.reshape(-1).view(np.uint8)
 
 
 def _filesystem_of(path: str) -> str | None:
