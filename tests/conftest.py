@@ -106,11 +106,11 @@ def redis_server(redis_factory):
     return redis_factory(extra=["--maxmemory-policy", "allkeys-lru"])
 
 
-def _cluster(directory: Path):
+def _cluster(directory: Path, replicas: int = 0):
     from tests.redis_procs import RedisCluster3
 
     _need_redis()
-    cluster = RedisCluster3(str(directory))
+    cluster = RedisCluster3(str(directory), replicas=replicas)
     yield cluster
     cluster.kill()
 
@@ -126,3 +126,9 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
 def fresh_redis_cluster(tmp_path: Path):
     """A 3-node Redis Cluster of this test's own."""
     yield from _cluster(tmp_path / "cluster")
+
+
+@pytest.fixture
+def replicated_redis_cluster(tmp_path: Path):
+    """A Redis Cluster of 3 primaries with one replica each, of this test's own."""
+    yield from _cluster(tmp_path / "cluster", replicas=1)

@@ -107,18 +107,31 @@ class RedisServer:
 
 
 class RedisCluster3:
-    """Three primaries, no replicas, ``cluster-require-full-coverage no``: a dead node's
-    slots are lost while the others keep serving theirs."""
+    """Three primaries (each with ``replicas`` replicas), ``cluster-require-full-coverage no``:
+    without replicas a dead node's slots are lost while the others keep serving theirs; with
+    them a replica takes over after ``cluster-node-timeout`` (1 s here)."""
 
-    def __init__(self, directory: str) -> None:
-        self.nodes = [RedisServer(os.path.join(directory, f"node{i}"), cluster=True) for i in range(3)]
+    def __init__(self, directory: str, replicas: int = 0) -> None:
+        self.nodes = [RedisServer(os.path.join(directory, f"node{i}"), cluster=True)
+                      for i in range(3 * (1 + replicas))]
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        self.nodes[0].cli("--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes")
+        self.nodes[0].cli("--cluster", "create", *addrs, "--cluster-replicas", str(replicas), "--cluster-yes")
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes):
+        while not all(self._ready(n) for n in self.nodes):
             if time.monotonic() > deadline:
-                raise RuntimeError("the 3-node Redis Cluster did not reach cluster_state:ok")
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok with replicas in sync")
             time.sleep(0.05)
+
+    @staticmethod
+    def _ready(node: RedisServer) -> bool:
+        if "cluster_state:ok" not in node.cli("CLUSTER", "INFO"):
+            return False
+        replication = node.cli("INFO", "replication")
+        return "role:master" in replication or "master_link_status:up" in replication
+
+    @property
+    def primaries(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.alive and "role:master" in n.cli("INFO", "replication")]
 
     @property
     def url(self) -> str:

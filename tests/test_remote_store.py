@@ -427,6 +427,34 @@ def test_cluster_node_killed(fresh_redis_cluster):
         assert ok == [not lost for lost in on_victim]
 
 
+def test_cluster_failover_to_a_replica(replicated_redis_cluster):
+    cluster = replicated_redis_cluster
+    n = 60
+    hashes, data = make_blocks(n)
+    with open_store(cluster.url, timeout_s=0.5) as store:
+        assert store.stats()["nodes"] == 3  # primaries only
+        assert store.write_blocks(list(zip(hashes, data))) == [True] * n
+        primaries = cluster.primaries
+        for node in primaries:  # replication is asynchronous: let the replicas catch up first
+            assert raw(node).execute_command("WAIT", 1, 10_000) == 1
+        victim = primaries[0]
+        on_victim = [owned_by(victim, store.key(h)) for h in hashes]
+        victim.kill()
+        ok = store.read_blocks(list(zip(hashes, empty(n))))
+        assert ok == [not lost for lost in on_victim]  # misses until a replica takes over
+
+        def all_served() -> bool:
+            dests = empty(n)
+            ok = store.read_blocks(list(zip(hashes, dests)))
+            assert same(dests, data, ok)
+            return all(ok)
+
+        wait_until(all_served, "the replica took over the dead primary's slots")
+        wait_until(lambda: store.is_up, "the dead primary dropped out of the topology")
+        assert store.contains_prefix(hashes) == n
+        assert store.write_blocks(list(zip(hashes, data))) == [True] * n
+
+
 # ---- doctor ------------------------------------------------------------------------------
 
 

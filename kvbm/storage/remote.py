@@ -54,7 +54,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -70,6 +70,11 @@ from redis.retry import Retry
 from kvbm.config import ConfigError, KvbmConfig, RemoteTarget, env_var, parse_remote_url
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8
+
+try:  # ISA-L's CRC-32: the same checksum as zlib's, ~5-10x faster (PCLMUL), so writes keep up with the network
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives identical values, only slower
+    _crc32 = zlib.crc32
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +144,62 @@ def _error_kind(e: BaseException) -> str:
 
 #: What a Redis call may raise on network, server or cluster trouble (never a kvbm bug).
 _FAULTS = (RedisError, RedisClusterException, OSError)
+
+#: Payloads at least this large go to the socket as they are; smaller ones are gathered into one write.
+_SEND_DIRECT_BYTES = 32 << 10
+_FLUSH_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A block's value: header and payload, sent without joining them."""
+
+    header: bytes
+    payload: np.ndarray
+
+
+def _frames(commands: list[tuple[Any, ...]]) -> Iterator[Any]:
+    """RESP for ``commands``, lazily: small pieces gathered into one write, large payloads
+    passed to the socket as they are."""
+    buf = bytearray()
+    for args in commands:
+        buf += b"*%d\r\n" % len(args)
+        for arg in args:
+            if isinstance(arg, _Value):
+                buf += b"$%d\r\n" % (HEADER_SIZE + arg.payload.size)
+                buf += arg.header
+                if arg.payload.size >= _SEND_DIRECT_BYTES:
+                    yield buf
+                    yield arg.payload
+                    buf = bytearray(b"\r\n")
+                else:
+                    buf += arg.payload.data
+                    buf += b"\r\n"
+                continue
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            buf += b"$%d\r\n" % len(data)
+            buf += data
+            buf += b"\r\n"
+        if len(buf) >= _FLUSH_BYTES:
+            yield buf
+            buf = bytearray()
+    if buf:
+        yield buf
+
+
+def _read_reply(conn: Any) -> Any:
+    try:
+        return conn.read_response()
+    except redis.exceptions.ResponseError as e:  # a refused command; the connection is still in step
+        return e
+
+
+def _get_connection(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command name
+        return pool.get_connection("_")
+
 
 #: A command's place in a result list when its node was down or failed: a miss.
 _DOWN = object()
@@ -335,8 +396,14 @@ class RemoteStore:
                 **kwargs)
         else:
             self._cluster.nodes_manager.initialize()
-        for node in self._cluster.get_primaries():
+        primaries = {f"{n.host}:{n.port}": n for n in self._cluster.get_primaries()}
+        for node in primaries.values():
             self._node(node.host, node.port)
+        with self._lock:  # a node that lost its slots (failed over) no longer counts, even if down
+            gone = [self._nodes.pop(name) for name in list(self._nodes) if name not in primaries]
+        for breaker in gone:
+            logger.info("kvbm: G4 Redis %s left the cluster's primaries; its slots are served elsewhere", breaker.name)
+            _quietly(breaker.client.close)
 
     def _advise_eviction_policy(self) -> None:
         for breaker in list(self._nodes.values()):
@@ -412,11 +479,11 @@ class RemoteStore:
         srcs = [as_u8(s, writable=False, what=f"data of block {h.hex()}") for h, s in items]
         admitted = self._admit([s.size + HEADER_SIZE for s in srcs])
         ex = ("EX", self.ttl_secs) if self.ttl_secs else ()
-        commands = [("SET", self._prefix + binascii.hexlify(h), self._pack(h, s), *ex)
+        commands = [("SET", self._prefix + binascii.hexlify(h), self._value(h, s), *ex)
                     for (h, _), s in zip(items[:admitted], srcs[:admitted])]
-        replies = self._execute("write", commands, sizes=[len(c[2]) for c in commands])
-        ok = [r is True for r in replies] + [False] * (len(items) - admitted)
-        stored = sum(len(c[2]) for c, good in zip(commands, ok) if good)
+        replies = self._execute("write", commands, sizes=[s.size + HEADER_SIZE for s in srcs[:admitted]])
+        ok = [r == b"OK" for r in replies] + [False] * (len(items) - admitted)
+        stored = sum(s.size + HEADER_SIZE for s, good in zip(srcs, ok) if good)
         self._charge(stored)
         good = sum(ok)
         self._count(write_blocks=len(items), written_blocks=good,
@@ -468,15 +535,11 @@ class RemoteStore:
         self.close()
 
     # ---- values ----------------------------------------------------------------
-    def _pack(self, block_hash: BlockHash, src: np.ndarray) -> bytearray:
-        """Header + payload in one buffer: SET takes one value, and one value is atomic."""
-        value = bytearray(HEADER_SIZE + src.size)
-        view = memoryview(value)
-        _HDR.pack_into(value, 0, MAGIC, FORMAT_VERSION, 0, block_hash, self._digest, src.size)
-        view[HEADER_SIZE:] = src.data
-        crc = zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:_HDR.size]))
-        _CRC.pack_into(value, _HDR.size, crc)
-        return value
+    def _value(self, block_hash: BlockHash, src: np.ndarray) -> _Value:
+        """The value of a block, sent as header + payload straight from ``src``: joining them
+        into a fresh buffer per block cost more than the checksum (page faults and a copy)."""
+        head = _HDR.pack(MAGIC, FORMAT_VERSION, 0, block_hash, self._digest, src.size)
+        return _Value(head + _CRC.pack(_crc32(src, _crc32(head))), src)
 
     def _verify(self, block_hash: BlockHash, value: Any, dst: np.ndarray) -> str | None:
         """None after copying a verified payload into ``dst``; else why it is a miss."""
@@ -490,7 +553,7 @@ class RemoteStore:
             return "foreign"
         view = memoryview(value)
         (crc,) = _CRC.unpack_from(value, _HDR.size)
-        if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:_HDR.size])) != crc:
+        if _crc32(view[HEADER_SIZE:], _crc32(view[:_HDR.size])) != crc:
             return "corrupt"
         np.copyto(dst, np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE))
         return None
@@ -588,23 +651,36 @@ class RemoteStore:
         return groups
 
     def _pipeline(self, breaker: _Breaker, op: str, commands: list[tuple[Any, ...]]) -> list[Any] | None:
-        """One round trip; None (and the node marked down) if it failed as a whole."""
+        """One round trip on a pooled connection; None (and the node marked down) if it failed as a whole.
+
+        Commands are framed here (RESP) rather than by redis-py's pipeline so
+        that a value's header and payload go out as they are; replies come
+        back raw: ``b"OK"``, ints, bytes or None, or the ResponseError of a
+        refused command.
+        """
         if breaker.down_since is not None:
             with self._lock:
                 breaker.skipped += len(commands)
                 self._counters["skipped_down"] += len(commands)
             return None
-        pipe = breaker.client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
+        pool = breaker.client.connection_pool
         start = time.perf_counter()
         try:
-            replies = pipe.execute(raise_on_error=False)
+            conn = _get_connection(pool)
         except _FAULTS as e:
             self._trip(breaker, e)
             return None
+        try:
+            conn.send_packed_command(_frames(commands), check_health=False)
+            replies = [_read_reply(conn) for _ in commands]
+        except BaseException as e:
+            conn.disconnect()  # replies may still be in flight: never reuse this connection
+            if not isinstance(e, _FAULTS):
+                raise
+            self._trip(breaker, e)
+            return None
         finally:
-            pipe.reset()
+            pool.release(conn)
         elapsed = time.perf_counter() - start
         with self._lock:
             self._latency[op].observe(elapsed)
@@ -691,6 +767,8 @@ class RemoteStore:
             with self._lock:
                 breaker.backoff = min(breaker.backoff * 2, self._max_backoff_s)
                 breaker.retry_at = time.monotonic() + breaker.backoff
+            if self._topology is not None and breaker is not self._topology:
+                self._refresh_due = True  # still down: maybe a replica took over its slots meanwhile
             return
         with self._lock:
             since, breaker.down_since = breaker.down_since, None
