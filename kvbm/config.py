@@ -132,7 +132,7 @@ def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
                         username=username, password=password)
 
 
-def _parse_namespace(name: str, raw: Any) -> str:
+def parse_remote_namespace(name: str, raw: Any) -> str:
     text = str(raw).strip()
     if not _NAMESPACE_RE.fullmatch(text):
         raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '.' or '-' (no ':' or braces: they "
@@ -462,7 +462,7 @@ _FIELDS: dict[str, Any] = {
     "load_mode": _parse_load_mode,
     "onboard_policy": _parse_onboard_policy,
     "remote_url": parse_remote_url,
-    "remote_namespace": _parse_namespace,
+    "remote_namespace": parse_remote_namespace,
     "remote_ttl_secs": _parse_ttl,
     "remote_budget_gb": _parse_gb,
     "remote_optional": _parse_bool,

@@ -111,6 +111,10 @@ def test_caller_bugs_raise_before_any_io(redis_server):
         with pytest.raises(ValueError, match="C-contiguous"):
             store.write_blocks([(hashes[0], np.zeros((BLOCK, 2), np.uint8)[:, 0])])
         assert store.stats()["round_trips"] == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        store.contains_prefix(hashes)
+    with pytest.raises(ConfigError, match="DYN_KVBM_REMOTE_NAMESPACE"):
+        RemoteStore(redis_server.url, "model-a", namespace="{pinned}")
 
 
 def test_one_round_trip_per_call_and_bounded_batches(redis_server, sends):
@@ -425,6 +429,10 @@ def test_cluster_node_killed(fresh_redis_cluster):
         # stores to the live nodes still work; the lost keys are simply absent
         ok = store.write_blocks(list(zip(hashes, data)))
         assert ok == [not lost for lost in on_victim]
+    # a server starting now comes up with the dead primary marked down, not with an error
+    with open_store(redis_cluster.url, timeout_s=0.5) as late:
+        assert late.stats()["down_nodes"] == [f"127.0.0.1:{victim.port}"]
+        assert late.read_blocks(list(zip(hashes, empty(n)))) == [not lost for lost in on_victim]
 
 
 def test_cluster_failover_to_a_replica(replicated_redis_cluster):

@@ -67,7 +67,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from kvbm.config import ConfigError, KvbmConfig, RemoteTarget, env_var, parse_remote_url
+from kvbm.config import ConfigError, KvbmConfig, RemoteTarget, env_var, parse_remote_namespace, parse_remote_url
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8
 
@@ -268,6 +268,7 @@ class RemoteStore:
     ) -> None:
         if isinstance(target, str):
             target = parse_remote_url(env_var("remote_url"), target)
+        namespace = parse_remote_namespace(env_var("remote_namespace"), namespace)
         if not 0 <= rank < world_size:
             raise ValueError(f"RemoteStore: rank {rank} is not in [0, {world_size})")
         if not identity:
@@ -361,20 +362,37 @@ class RemoteStore:
                         ttl_secs=config.remote_ttl_secs, budget_bytes=budget, timeout_s=config.remote_timeout_secs)
 
     def check(self) -> None:
-        """Connect and PING every node now; raise :class:`RemoteSetupError` saying what to fix."""
+        """Connect and PING every node now; raise :class:`RemoteSetupError` saying what to fix.
+
+        A cluster with some primaries unreachable starts with those marked
+        down (their keys are misses until they answer); none reachable, wrong
+        credentials or the wrong kind of server raise.
+        """
         try:
             if self._topology is not None:
                 self._connect_cluster()
-            for breaker in list(self._nodes.values()):
-                breaker.probe()
-                if not self.target.cluster and _cluster_enabled(breaker.client):
-                    raise RemoteSetupError(
-                        f"{env_var('remote_url')}={self.target}: this Redis is a Redis Cluster node; list "
-                        "several seed nodes (redis://h1:p1,redis://h2:p2) or add ?cluster=1 to the URL")
-        except RemoteSetupError:
-            raise
         except _FAULTS as e:
             raise _setup_error(self.target, e) from e
+        answered, unreachable = 0, []
+        for breaker in list(self._nodes.values()):
+            try:
+                breaker.probe()
+            except _FAULTS as e:
+                error = _setup_error(self.target, e)
+                if not error.unreachable:
+                    raise error from e
+                unreachable.append((breaker, error, e))
+                continue
+            answered += 1
+            if not self.target.cluster and _cluster_enabled(breaker.client):
+                raise RemoteSetupError(
+                    f"{env_var('remote_url')}={self.target}: this Redis is a Redis Cluster node; list "
+                    "several seed nodes (redis://h1:p1,redis://h2:p2) or add ?cluster=1 to the URL")
+        if unreachable and not answered:
+            _, error, cause = unreachable[0]
+            raise error from cause
+        for breaker, _, cause in unreachable:
+            self._trip(breaker, cause)
 
     def _node(self, host: str, port: int, db: int = 0) -> _Breaker:
         name = f"{host}:{port}"
@@ -421,7 +439,12 @@ class RemoteStore:
 
     def contains_prefix(self, hashes: Sequence[BlockHash]) -> int:
         """How many leading blocks of ``hashes`` G4 holds (all ranks' shards): one round trip
-        per node for the whole list (per ``lookup_batch_keys`` keys, stopping at a miss)."""
+        per node for the whole list (per ``lookup_batch_keys`` keys, stopping at a miss).
+
+        A hint, not a promise: a key may be evicted or expire before it is
+        read, and values are verified only when read (a miss then).
+        """
+        self._ensure_open()
         _check_hashes(hashes)
         found = 0
         per_chunk = max(1, self._lookup_batch_keys // self.world_size)
@@ -446,6 +469,7 @@ class RemoteStore:
         expired, node down, bad value): recompute; a failed item's ``dest`` is
         untouched. Raises ValueError only for caller bugs (bad hash or buffer).
         """
+        self._ensure_open()
         items = list(items)
         _check_hashes([h for h, _ in items])
         dests = [as_u8(d, writable=True, what=f"destination of block {h.hex()}") for h, d in items]
@@ -474,6 +498,7 @@ class RemoteStore:
         (e.g. out of memory with ``noeviction``), or over ``budget_bytes``;
         the block then simply stays absent. Raises ValueError only for caller bugs.
         """
+        self._ensure_open()
         items = list(items)
         _check_hashes([h for h, _ in items])
         srcs = [as_u8(s, writable=False, what=f"data of block {h.hex()}") for h, s in items]
@@ -512,8 +537,12 @@ class RemoteStore:
                 "budget_used_bytes": self._budget_used,
             }
 
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"RemoteStore {self.target} is closed")
+
     def close(self) -> None:
-        """Stop the prober and close the connections."""
+        """Stop the prober and close the connections (the store holds a thread until then)."""
         with self._lock:
             if self._closed:
                 return
