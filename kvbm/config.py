@@ -58,6 +58,8 @@ class RemoteTarget:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: rediss:// only: a CA bundle to verify the server with, instead of the system's.
+    ca_certs: str | None = None
 
     def __str__(self) -> str:
         scheme = "rediss" if self.tls else "redis"
@@ -67,8 +69,10 @@ class RemoteTarget:
         parts = [f"{scheme}://{cred}{_host_port(h, p)}" for h, p in self.nodes]
         if not self.cluster and self.db:
             parts[0] += f"/{self.db}"
-        if self.cluster and len(self.nodes) == 1:
-            parts[0] += "?cluster=1"
+        options = [("cluster", "1")] if self.cluster and len(self.nodes) == 1 else []
+        options += [("ssl_ca_certs", self.ca_certs)] if self.ca_certs else []
+        if options:
+            parts[0] += "?" + "&".join(f"{k}={v}" for k, v in options)
         return ",".join(parts)
 
 
@@ -82,14 +86,15 @@ def _redact_url(raw: str) -> str:
 
 
 def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
-    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS; a Redis
-    Cluster is several comma-separated seed URLs or one URL with ``?cluster=1``."""
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS (``?ssl_ca_certs=FILE``
+    to trust a private CA); a Redis Cluster is several comma-separated seed URLs or one URL
+    with ``?cluster=1``."""
     text = str(raw).strip()
     shown = _redact_url(text)
     example = f"e.g. {name}=redis://:PASSWORD@redis-host:6379 or, for a cluster, " \
               f"{name}=redis://node1:6379,redis://node2:6379"
     nodes: list[tuple[str, int]] = []
-    schemes, creds, dbs, cluster = set(), set(), set(), False
+    schemes, creds, dbs, cluster, ca_certs = set(), set(), set(), False, None
     for part in text.split(","):
         part = part.strip()
         if "://" not in part:
@@ -111,9 +116,13 @@ def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
         if path and not path.isdigit():
             raise ConfigError(f"{name}={shown!r}: {url.path!r} is not a database number (/0 .. /15); {example}")
         for key, value in parse_qsl(url.query, keep_blank_values=True):
-            if key != "cluster":
-                raise ConfigError(f"{name}={shown!r}: unknown URL option {key!r} (only ?cluster=1 is understood)")
-            cluster = cluster or _parse_bool(f"{name} option cluster", value)
+            if key == "cluster":
+                cluster = cluster or _parse_bool(f"{name} option cluster", value)
+            elif key == "ssl_ca_certs" and url.scheme == "rediss" and value:
+                ca_certs = value
+            else:
+                raise ConfigError(f"{name}={shown!r}: unknown URL option {key!r} (understood: ?cluster=1, and "
+                                  "?ssl_ca_certs=/path/ca.pem with rediss://)")
         if url.fragment:
             raise ConfigError(f"{name}={shown!r}: unexpected '#' in the URL; {example}")
         schemes.add(url.scheme)
@@ -129,7 +138,7 @@ def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
         raise ConfigError(f"{name}={shown!r}: Redis Cluster has only database 0; drop the /N from the URLs")
     username, password = creds.pop() if creds else (None, None)
     return RemoteTarget(tuple(dict.fromkeys(nodes)), cluster=cluster, tls=schemes.pop() == "rediss", db=db,
-                        username=username, password=password)
+                        username=username, password=password, ca_certs=ca_certs)
 
 
 def parse_remote_namespace(name: str, raw: Any) -> str:

@@ -43,12 +43,13 @@ class RedisServer:
     """One redis-server process; ``kill()`` and ``start()`` again on the same port."""
 
     def __init__(self, directory: str, *, port: int | None = None, password: str | None = None,
-                 cluster: bool = False, extra: Sequence[str] = ()) -> None:
+                 cluster: bool = False, tls: tuple[str, str] | None = None, extra: Sequence[str] = ()) -> None:
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
         self.port = port or free_port(cluster)
         self.password = password
         self.cluster = cluster
+        self.tls = tls  # (certificate, key); the certificate is its own CA
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -56,6 +57,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         cred = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{cred}127.0.0.1:{self.port}?ssl_ca_certs={self.tls[0]}"
         return f"redis://{cred}127.0.0.1:{self.port}"
 
     def args(self) -> list[str]:
@@ -64,6 +67,10 @@ class RedisServer:
                 "--logfile", os.path.join(self.dir, "redis.log"), "--databases", "16"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            cert, key = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
                      "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
@@ -84,6 +91,8 @@ class RedisServer:
         cmd = [REDIS_CLI or "redis-cli", "-h", "127.0.0.1", "-p", str(self.port)]
         if self.password:
             cmd += ["--no-auth-warning", "-a", self.password]
+        if self.tls:
+            cmd += ["--tls", "--cacert", self.tls[0]]
         out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30)
         if check and out.returncode != 0:
             raise RuntimeError(f"redis-cli {' '.join(args)} failed: {out.stderr or out.stdout}")

@@ -458,6 +458,8 @@ def test_remote_url_forms():
     assert target.cluster and target.nodes == (("h1", 7000), ("h2", 7001)) and target.password == "p@ss"
     target = load({CPU_GB: "1", REMOTE: "redis://h1:7000?cluster=1"}).remote_url
     assert target.cluster and target.nodes == (("h1", 7000),)
+    target = load({CPU_GB: "1", REMOTE: "rediss://h:7000?ssl_ca_certs=/etc/ca.pem"}).remote_url
+    assert target.tls and target.ca_certs == "/etc/ca.pem" and str(target) == "rediss://h:7000?ssl_ca_certs=/etc/ca.pem"
     target = load({CPU_GB: "1", REMOTE: "redis://[::1]:7000"}).remote_url
     assert target.nodes == (("::1", 7000),) and str(target) == "redis://[::1]:7000"
     # str() (log lines, messages) hides the password; so does repr of the config
@@ -475,6 +477,7 @@ def test_remote_url_forms():
     ("redis://h:0", "port 0"),
     ("redis://h/abc", "database number"),
     ("redis://h?timeout=1", "unknown URL option"),
+    ("redis://h?ssl_ca_certs=/etc/ca.pem", "with rediss://"),
     ("redis://h?cluster=maybe", "not a boolean"),
     ("redis://h1/1,redis://h2/1", "only database 0"),
     ("redis://:a@h1,redis://:b@h2", "share the scheme and credentials"),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from kvbm.config import KvbmConfig, parse_remote_url
 from kvbm.doctor import (
     FAIL,
     PASS,
@@ -32,6 +33,7 @@ from kvbm.doctor import (
     add_arguments,
     check_gpu,
     check_memlock,
+    check_remote,
     exit_code,
     probe_gpus,
     render,
@@ -377,3 +379,31 @@ def test_cli_prints_a_table():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0].split() == ["CHECK", "STATUS", "DETAIL"]
     assert "vLLM version" in proc.stdout
+
+
+def _probe(**overrides) -> dict:
+    probe = {"target": "redis://r:6379", "error": None, "unreachable": False, "mode": "single node", "nodes": 1,
+             "version": "7.0.15", "maxmemory": 10**9, "maxmemory_policy": "allkeys-lru", "latency_ms": 0.2}
+    return {**probe, **overrides}
+
+
+@pytest.mark.parametrize("overrides, name, status, needle", [
+    ({}, "G4 eviction", PASS, "allkeys-lru"),
+    ({"maxmemory_policy": None}, "G4 eviction", WARN, "CONFIG disabled"),
+    ({"maxmemory": 0}, "G4 eviction", WARN, "maxmemory is 0"),
+    ({"maxmemory_policy": "volatile-lru"}, "G4 eviction", WARN, "volatile-lru"),
+    ({"latency_ms": 12.0}, "G4 latency", WARN, "12.00 ms"),
+    ({}, "G4 latency", PASS, "0.20 ms"),
+])
+def test_remote_checks_read_the_probe(overrides, name, status, needle):
+    config = KvbmConfig(cpu_cache_gb=1, remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", "redis://r"))
+    checks = {c.name: c for c in check_remote(config, probe=_probe(**overrides))}
+    assert checks["G4 remote store"].status == PASS
+    assert checks[name].status == status and needle in checks[name].detail
+    if status == WARN:
+        assert checks[name].fix
+
+
+def test_remote_check_skipped_without_a_url():
+    checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_CPU_CACHE_GB": "1"})}
+    assert checks["G4 remote store"].status == SKIP

@@ -8,6 +8,8 @@ Redis itself. No timing asserts: waits poll for a state with a generous bound.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 
@@ -294,6 +296,26 @@ def test_unreachable_at_startup(redis_factory):
         wait_until(lambda: store.is_up, "G4 came back")
         assert store.write_blocks(list(zip(hashes, data))) == [True] * 3
         assert store.stats()["down_episodes"] == 1
+
+
+def test_tls(redis_factory, tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server = redis_factory(tls=(cert, key), password="tls-password")
+    hashes, data = make_blocks(3)
+    with open_store(server.url) as store:
+        assert store.write_blocks(list(zip(hashes, data))) == [True] * 3
+        dests = empty(3)
+        assert store.read_blocks(list(zip(hashes, dests))) == [True] * 3 and same(dests, data, [True] * 3)
+    with pytest.raises(RemoteSetupError, match="DYN_KVBM_REMOTE_URL.*not trusted.*ssl_ca_certs") as err:
+        open_store(server.url.split("?")[0], optional=True)  # the system CAs do not know this certificate
+    assert not err.value.unreachable and "tls-password" not in str(err.value)
+    with pytest.raises(RemoteSetupError, match="DYN_KVBM_REMOTE_URL"):
+        open_store(server.url.replace("rediss://", "redis://").split("?")[0], timeout_s=0.5)  # plain TCP to TLS
 
 
 def test_wrong_database_and_wrong_mode(redis_server):

@@ -292,6 +292,7 @@ class RemoteStore:
         self._prefix = self._prefixes[rank]
         self._client_kwargs: dict[str, Any] = dict(
             username=target.username, password=target.password, ssl=target.tls,
+            **({"ssl_ca_certs": target.ca_certs} if target.ca_certs else {}),
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
             client_name="kvbm-g4",
         )
@@ -883,6 +884,13 @@ def _setup_error(target: RemoteTarget, e: BaseException) -> RemoteSetupError:
             f"{var}={target}: Redis refused the credentials ({text}); put the right password in the URL "
             f"(redis://:PASSWORD@host:port, or redis://USER:PASSWORD@host:port with ACL users), or drop it if "
             "the server has none")
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return RemoteSetupError(
+            f"{var}={target}: the server's TLS certificate is not trusted ({text}); give its CA bundle with "
+            "?ssl_ca_certs=/path/ca.pem in the URL (or have the certificate name this host)")
+    if "wrong version number" in text or "WRONG_VERSION_NUMBER" in text:
+        return RemoteSetupError(f"{var}={target}: TLS to a server that speaks plain TCP ({text}); use redis:// "
+                                "for a server without TLS")
     if kind in ("connection", "timeout", "busy"):
         return RemoteSetupError(
             f"{var}={target}: cannot reach Redis ({text}). Check the host and port, that redis-server runs "
