@@ -111,14 +111,19 @@ def features() -> VllmFeatures:
     )
 
 
-def kv_cache_layout(kv_cache_config: Any) -> str | None:
+def kv_cache_layout(kv_cache_config: Any, vllm_config: Any) -> str | None:
     """The KV cache layout vLLM resolved: on the cache config since 0.29, a global
-    setting of the attention backends before."""
+    setting of the attention backends before (which reads the current vLLM config:
+    the scheduler process has none set, so set it for the call)."""
     layout = getattr(kv_cache_config, "kv_cache_layout", None)
     if layout is not None:
         return str(layout)
     getter = _optional("vllm.v1.attention.backends.utils", "get_kv_cache_layout")
-    return str(getter()) if getter is not None else None
+    current = _optional("vllm.config", "set_current_vllm_config")
+    if getter is None or current is None:
+        return None
+    with current(vllm_config):
+        return str(getter())
 
 
 def check_supported(allow_untested: bool = False) -> VllmFeatures:

@@ -52,7 +52,7 @@ def storage_key(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
             par.tensor_parallel_size,
             par.pipeline_parallel_size,
             bytes_per_block_per_rank(kv_cache_config),
-            kv_cache_layout(kv_cache_config),
+            kv_cache_layout(kv_cache_config, vllm_config),
         )
     )
 
