@@ -102,6 +102,10 @@ PLANNER_COUNTERS: dict[str, tuple[str, str]] = {
     "kvbm_failed_offload_blocks": ("failed_stores", "Blocks whose offload copy failed (not cached)"),
     "kvbm_bad_disk_blocks": (
         "bad_disk_blocks", "Disk blocks dropped after a failed read or verification (recomputed, never served)"),
+    "kvbm_cost_skipped_host_blocks": (
+        "cost_skipped_host_blocks", "G2 hits recomputed because loading them would have been slower"),
+    "kvbm_cost_skipped_disk_blocks": (
+        "cost_skipped_disk_blocks", "G3 hits recomputed because loading them would have been slower"),
 }
 
 #: Lookup latency buckets (seconds): a lookup hashes new blocks and walks the pools.
