@@ -52,6 +52,9 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
+    #: Append one line per finished request (timestamps, lengths, block hashes;
+    #: no text) to this file, for ``kvbm plan``. None: no trace.
+    trace_file: str | None = None
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -182,6 +185,18 @@ def _parse_interval(name: str, raw: Any) -> float:
     return value
 
 
+def _parse_trace_file(name: str, raw: Any) -> str:
+    path = os.path.abspath(os.path.expanduser(_parse_str(name, raw)))
+    if os.path.isdir(path):
+        raise ConfigError(f"{name}={raw!r} is a directory; give a file path, e.g. {name}={path}/kvbm-trace.jsonl")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(
+            f"{name}={raw!r}: directory {os.path.dirname(path)} does not exist; create it or point {name} "
+            "at a file in an existing directory"
+        )
+    return path
+
+
 def _parse_positive_float(name: str, raw: Any) -> float:
     value = _parse_float(name, raw)
     if value == 0:
@@ -211,9 +226,18 @@ _FIELDS: dict[str, Any] = {
     "metrics_hit_rate_window": _parse_requests,
     "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
+    "trace_file": _parse_trace_file,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)
+
+
+def env_var(key: str) -> str:
+    """The variable of a setting (``cpu_cache_gb`` -> ``DYN_KVBM_CPU_CACHE_GB``), for
+    messages and recommendations elsewhere: the names are spelled only here."""
+    if key not in _FIELDS:
+        raise KeyError(f"no kvbm setting {key!r}")
+    return PREFIX + key.upper()
 
 
 def load_config(

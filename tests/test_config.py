@@ -74,6 +74,7 @@ def test_all_settings_parse():
         "DYN_KVBM_METRICS_HIT_RATE_WINDOW": "50",
         "DYN_KVBM_LOG_SUMMARY_SECS": "0",
         "DYN_KVBM_LOG_LEVEL": "debug",
+        "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
     }
     cfg = load(env)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
@@ -86,6 +87,7 @@ def test_all_settings_parse():
     assert cfg.metrics is False and cfg.metrics_port == 9100
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
+    assert cfg.trace_file == "/tmp/kvbm-trace.jsonl"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 

@@ -182,8 +182,15 @@ class Planner:
         self._disk_committed: list[tuple[int, int]] = []
 
     # ---- request lifecycle --------------------------------------------
-    def add_request(self, req_id: str, root: int | None) -> None:
-        self._requests[req_id] = _Request(root=root)
+    def add_request(self, req_id: str, root: int | None, hashes: Sequence[int] = ()) -> None:
+        """Track a request. ``hashes``: its block hashes when already known (``kvbm plan``
+        replays a trace of hashes without tokens); blocks they cover are never hashed again."""
+        self._requests[req_id] = _Request(root=root, hashes=list(hashes))
+
+    def request_hashes(self, req_id: str) -> Sequence[int]:
+        """Hashes of the request's blocks computed so far (read-only; empty if untracked)."""
+        req = self._requests.get(req_id)
+        return req.hashes if req is not None else ()
 
     def _versions(self) -> tuple[int, int]:
         return (self.host.version if self.host else 0, self.disk.version if self.disk else 0)

@@ -18,6 +18,7 @@ from kvbm.core.hashing import engine_root, request_root
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
+from kvbm.plan.trace import TraceWriter
 from kvbm.storage.journal import DiskJournal
 from kvbm.vllm_integration.handshake import LeaderHandshake
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
@@ -83,6 +84,14 @@ class KvbmLeader:
             self.exporter = MetricsExporter(
                 self.metrics, config.metrics_host, metrics_port(config, dp_local or 0)
             )
+        #: Opt-in request log for ``kvbm plan`` (DYN_KVBM_TRACE_FILE).
+        self.trace: TraceWriter | None = None
+        if config.trace_file:
+            self.trace = TraceWriter(config.trace_file, {
+                "block_size": self.block_size, "gpu_blocks": kv_cache_config.num_blocks,
+                "bytes_per_block": self.metrics.block_bytes, "host_blocks": self.num_host_slots,
+                "disk_blocks": self.num_disk_slots,
+            })
         logger.info(
             "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s)",
             self.num_host_slots, self.num_disk_slots, "on" if disk_filter is not None else "off",
@@ -121,9 +130,14 @@ class KvbmLeader:
         self._track(request)
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
+        if self.trace is not None:
+            self.trace.scheduled(request.request_id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        if self.trace is not None:
+            self.trace.finished(request.request_id, request.num_prompt_tokens, request.num_output_tokens,
+                                self.planner.request_hashes(request.request_id))
         return self.planner.on_finished(request.request_id), None
 
     # ---- per step -------------------------------------------------------
@@ -195,6 +209,9 @@ class KvbmLeader:
         logger.info("kvbm: %s", self.metrics.summary())
 
     def shutdown(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None
