@@ -27,6 +27,7 @@ blocks never seen again.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -345,6 +346,7 @@ class TraceWriter:
         self._last_flush = clock()
         self.written = 0
         self.flush()
+        atexit.register(self.close)  # vLLM normally shuts the connector down first; this is the safety net
         logger.info("kvbm: writing a request trace to %s (timestamps, lengths and block hashes only)", path)
 
     def scheduled(self, req_id: Any) -> None:
@@ -383,6 +385,7 @@ class TraceWriter:
     def close(self) -> None:
         self.flush()
         self._close_fd()
+        atexit.unregister(self.close)
 
     def _close_fd(self) -> None:
         if self._fd is not None:
