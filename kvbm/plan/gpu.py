@@ -15,10 +15,15 @@ modelled, as vLLM 0.32 does it for one full-attention KV group:
 * full blocks are cached as they are computed, so running requests' blocks
   are hits for later ones too.
 
+* a block computed again while its hash is cached (a request never hits
+  its prompt's last block) is cached too: a hash may have several blocks,
+  lookups take the oldest still cached.
+
 Not modelled: vLLM queueing a request because the pool is full (the model
-then hands out what is free and counts a shortfall), preemption, and a
-second block cached under a hash already cached (vLLM keeps both; here the
-second one stays unhashed).
+then hands out what is free and counts a shortfall), chunked prefill
+allocating a long prompt's blocks over several steps, and preemption.
+``tests/test_plan_gpu_vllm.py`` drives this model and vLLM's own BlockPool
+with the same calls and compares them.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ class GpuPrefixCache:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self._refs = [0] * num_blocks
         self._hash_of: list[int | None] = [None] * num_blocks
+        #: hash -> its oldest cached block; later blocks with the same hash in ``_more``.
         self._block_of: dict[int, int] = {}
+        self._more: dict[int, list[int]] = {}
         #: Blocks requested while none was free (vLLM would have made the request wait).
         self.shortfall = 0
 
@@ -65,18 +72,34 @@ class GpuPrefixCache:
                 self.shortfall += n - len(blocks)
                 break
             block, _ = self._free.popitem(last=False)
-            old = self._hash_of[block]
-            if old is not None:
-                del self._block_of[old]
-                self._hash_of[block] = None
+            if self._hash_of[block] is not None:
+                self._evict(block)
             self._refs[block] = 1
             blocks.append(block)
         return blocks
 
+    def _evict(self, block: int) -> None:
+        block_hash = self._hash_of[block]
+        self._hash_of[block] = None
+        more = self._more.get(block_hash)
+        if self._block_of[block_hash] == block:
+            if more:
+                self._block_of[block_hash] = more.pop(0)
+            else:
+                del self._block_of[block_hash]
+        else:
+            more.remove(block)  # type: ignore[union-attr]
+        if more is not None and not more:
+            del self._more[block_hash]
+
     def cache(self, block: int, block_hash: int) -> None:
-        """The block is full: make it findable by hash (first block per hash only)."""
-        if self._hash_of[block] is None and block_hash not in self._block_of:
-            self._hash_of[block] = block_hash
+        """The block is full: make it findable by hash."""
+        if self._hash_of[block] is not None:
+            return
+        self._hash_of[block] = block_hash
+        if block_hash in self._block_of:
+            self._more.setdefault(block_hash, []).append(block)
+        else:
             self._block_of[block_hash] = block
 
     def free(self, blocks: Sequence[int]) -> None:

@@ -60,13 +60,11 @@ def parse_sizes(text: str, bytes_per_block: int | None, flag: str) -> list[int]:
     sizes = []
     for item in text.split(","):
         item = item.strip().upper()
+        in_gb = item.endswith("GB")
+        if in_gb and not bytes_per_block:
+            raise PlanError(f"{flag} {text!r}: sizes in GB need --model or --bytes-per-block")
         try:
-            if item.endswith("GB"):
-                if not bytes_per_block:
-                    raise PlanError(f"{flag} {text!r}: sizes in GB need --model or --bytes-per-block")
-                n = int(float(item[:-2]) * GB // bytes_per_block)
-            else:
-                n = int(item)
+            n = int(float(item[:-2]) * GB // bytes_per_block) if in_gb else int(item)  # type: ignore[operator]
         except ValueError:
             raise PlanError(f"{flag} {text!r}: expected block counts or GB sizes, e.g. {flag} 1000,4000 or "
                             f"{flag} 2GB,8GB") from None

@@ -127,7 +127,7 @@ def read_trace(path: str | Path, *, model: str | None = None, block_size: int | 
         raise TraceError(f"{path}: the trace is empty")
     head = _parse_line(first, path, 1)
     lines = _lines(path, limit=None)
-    if "kvbm_trace" in head:
+    if "kvbm_trace" in head or "hashes" in head:
         trace = _read_kvbm(lines, path, block_size, limit, progress)
     else:
         trace = _read_prompts(lines, path, model, block_size or 16, limit, progress)
