@@ -25,12 +25,12 @@ from kvbm.plan.trace import TraceWriter, read_trace  # noqa: E402
 def write_chat_trace(path: Path, requests: int, *, block_size: int = 16, active_users: int = 60, rounds: int = 12,
                      system_prompts: int = 4, system_tokens: int = 1000, history_tokens: int = 1500,
                      question_tokens: int = 60, answer_tokens: int = 150, qps: float = 20.0, seed: int = 0,
-                     gpu_blocks: int = 4000) -> None:
+                     gpu_blocks: int = 4000, bytes_per_block: int = 131072) -> None:
     """A chat trace with 128-bit-looking random hashes, as a server would log it."""
     rng = random.Random(seed)
     clock = [0.0]
     writer = TraceWriter(str(path), {"block_size": block_size, "gpu_blocks": gpu_blocks,
-                                     "bytes_per_block": 131072 * block_size // 16}, clock=lambda: clock[0])
+                                     "bytes_per_block": bytes_per_block}, clock=lambda: clock[0])
 
     def fresh(n: int) -> list[int]:
         return [rng.getrandbits(128) for _ in range(n)]

@@ -243,15 +243,21 @@ class Plan:
             return [f"No kvbm tier needed: vLLM's own prefix cache ({self.gpu_blocks} blocks) already serves "
                     f"{_pct(alone['g1'])} of prompt tokens, and a G2 holding every block of the trace would add only "
                     f"{_pct(top)}."]
-        lines = ["Recommended settings:"]
-        lines.append("  " + self._setting("cpu_cache", host.host_blocks))
-        final = host
         disk = self.recommended_disk()
+        host_blocks = host.host_blocks if disk is None else self.host_for_disk or host.host_blocks
+        lines = ["Recommended settings:", "  " + self._setting("cpu_cache", host_blocks)]
+        final = host
         if disk is not None:
             lines.append("  " + self._setting("disk_cache", disk.disk_blocks))
             if not disk.disk_filter:
-                lines.append(f"  {env_var('disable_disk_offload_filter')}=true   # the filter costs "
-                             f"{_pct(self._filter_cost(disk))} of prompt tokens here")
+                other = self._same_size(disk, disk_filter=True)
+                writes = f"; disk writes {self.size(disk.spilled_blocks)} vs {self.size(other.spilled_blocks)}" \
+                    if other is not None else ""
+                lines.append(f"  {env_var('disable_disk_offload_filter')}=true   # the filter would cost "
+                             f"{_pct(self._filter_cost(disk))} of prompt tokens here{writes}")
+            if host_blocks != host.host_blocks:
+                lines.append(f"  (G2 as given by --g2-for-g3; G2 alone serves {_pct(self.share(host, 'g2'))} "
+                             f"at {self.size(host.host_blocks)})")
             final = disk
         elif self.disk_sweep:
             lines.append("  no disk tier: it would add less than "
@@ -266,11 +272,12 @@ class Plan:
                          f"({self._rates_text()})")
         return lines
 
+    def _same_size(self, disk: PointResult, disk_filter: bool) -> PointResult | None:
+        return next((r for r in self.disk_curve(disk_filter) if r.disk_blocks == disk.disk_blocks), None)
+
     def _filter_cost(self, disk: PointResult) -> float:
-        other = next((r for r in self.disk_curve(True) if r.disk_blocks == disk.disk_blocks), None)
-        if other is None:
-            return 0.0
-        return self.share(disk, "g3") - self.share(other, "g3")
+        other = self._same_size(disk, disk_filter=True)
+        return 0.0 if other is None else self.share(disk, "g3") - self.share(other, "g3")
 
     def _setting(self, tier: str, blocks: int) -> str:
         count = env_var(f"{tier}_override_num_blocks")
@@ -359,7 +366,10 @@ def write_plots(plan: Plan, out_dir: Path) -> list[Path]:
     ax.axhline(100 * alone["computed"], color="0.2", ls="--", lw=0.8, label="computed, vLLM alone")
     rec = plan.recommended_host()
     if rec is not None:
-        ax.axvline(rec.host_blocks * scale, color="tab:green", lw=0.8, alpha=0.6, label="recommended")
+        ax.axvline(rec.host_blocks * scale, color="tab:green", lw=0.8, alpha=0.6, label="recommended, G2 alone")
+    if plan.disk_sweep and plan.host_for_disk and (rec is None or plan.host_for_disk != rec.host_blocks):
+        ax.axvline(plan.host_for_disk * scale, color="tab:orange", lw=0.8, alpha=0.6, ls="--",
+                   label="G2 of the G3 sweep")
     ax.set_xlabel(f"G2 (host) size, {unit}")
     ax.set_title("prompt tokens by source vs G2 size", fontsize=10)
     if plan.disk_sweep:
