@@ -9,8 +9,8 @@ simulator at the same sizes. The goal: predicted within 3 percentage points of m
 Shapes:
 * chat: the README demo (``kvbm demo``): LMBenchmark's multi-round chat, 3 users at a time, 6 in all,
   3 rounds, ~2,100-token conversations, vLLM's pool shrunk to 40 blocks of 128 tokens.
-* documents: RAG-like: 8 shared ~900-token documents picked with Zipf popularity, one new question
-  each, single round.
+* documents: RAG-like: 16 shared ~660-token documents picked with Zipf popularity, one new question
+  each, single round, 60 requests.
 
 Each server run takes the heavy-run lock (``--lock``) on its own, so other agents' vLLM runs interleave;
 do not wrap this script in ``flock`` on the same lock. ``--replay-only`` re-reads the traces and
@@ -47,7 +47,7 @@ ENGINE_ARGS = ["--enable-prefix-caching", "--block-size", "128", "--max-model-le
 ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
        "DYN_KVBM_LOG_SUMMARY_SECS": "0"}
 #: G2 sizes (blocks) per shape: below, around and above the knee of each shape's curve.
-SIZES = {"chat": [12, 30, 60], "documents": [8, 20, 48]}
+SIZES = {"chat": [50, 70, 100], "documents": [44, 52, 72]}
 
 
 # ---- workloads --------------------------------------------------------------------------
@@ -64,8 +64,8 @@ def run_chat(url: str, model: str) -> int:
     return len(warm.records) + len(result.records)
 
 
-def run_documents(url: str, model: str, *, docs: int = 8, words: int = 900, requests: int = 40,
-                  qps: float = 0.5, answer: int = 8, seed: int = 0) -> int:
+def run_documents(url: str, model: str, *, docs: int = 16, words: int = 660, requests: int = 60,
+                  qps: float = 0.6, answer: int = 8, seed: int = 0) -> int:
     """Shared documents with Zipf popularity, each request one document plus a new question."""
     texts = [filler_text(words, f"{seed}:doc:{d}") for d in range(docs)]
     rng = random.Random(seed)

@@ -125,6 +125,8 @@ def make_plan(args: argparse.Namespace):  # -> Plan
         raise PlanError("--host-budget-gb needs --model or --bytes-per-block")
     host_sizes = (parse_sizes(args.g2, bpb, "--g2") if args.g2
                   else grid(max(1, everything // 256), everything, args.points))
+    if trace.host_blocks and not args.g2:
+        host_sizes = sorted(set(host_sizes) | {trace.host_blocks})  # what the server had, for comparison
     if budget:
         host_sizes = sorted({s for s in host_sizes if s <= budget} | {budget})
     baseline = replay(trace, gpu, SizePoint(0))
@@ -154,6 +156,9 @@ def make_plan(args: argparse.Namespace):  # -> Plan
             points = [SizePoint(host_for_disk, s, f) for f in (True, False) for s in disk_sizes]
             plan.disk_sweep = sweep(trace, gpu, points, settings, jobs, progress, "G3 sizes")
             plan.host_for_disk = host_for_disk
+    if trace.host_blocks is not None:
+        plan.notes.append(f"the server that wrote the trace had G2 {plan.size(trace.host_blocks)}, "
+                          f"G3 {plan.size(trace.disk_blocks or 0)}")
     points = plan.host_sweep + plan.disk_sweep
     mean_s = sum(r.seconds for r in points) / len(points)
     plan.notes.append(

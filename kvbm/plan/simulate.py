@@ -6,8 +6,8 @@ cached alike), so each request's G1 hit is the same at every tier size. The
 kvbm pass runs once per size point and drives :class:`~kvbm.core.planner.Planner`
 as the vLLM adapter does (``match`` -> ``on_alloc`` -> ``on_scheduled`` ->
 ``take_plan`` -> ``on_worker_report``), with every copy reported complete at
-once: a request's prefill is stored when it is scheduled, its output blocks
-when it finishes. Requests are keyed by their index; tokens are never
+once: a hit is loaded before the request runs (vLLM's asynchronous load), its
+prefill is stored when it is scheduled, its output blocks when it finishes. Requests are keyed by their index; tokens are never
 needed, since the planner is handed the trace's block ids as hashes and
 lengths as ``range`` objects (nothing is ever hashed again).
 """
@@ -174,6 +174,9 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSetting
             prompt = range(tokens)
             external = planner.match(i, prompt, g * bs)
             planner.on_alloc(i, range(alloc_prompt), external)
+            if external:
+                # vLLM loads asynchronously: the request is scheduled only once its load is done.
+                _complete(planner)
             planner.on_scheduled(i, prompt, range(alloc_prompt), True, full_prompt * bs)
             _complete(planner)
         else:

@@ -72,6 +72,9 @@ class Trace:
     #: From kvbm's header: vLLM's GPU pool and bytes per block, as served.
     gpu_blocks: int | None = None
     bytes_per_block: int | None = None
+    #: kvbm's tiers on the server that wrote the trace (blocks; 0: off).
+    host_blocks: int | None = None
+    disk_blocks: int | None = None
     kind: str = "kvbm"
     notes: list[str] = field(default_factory=list)
 
@@ -221,7 +224,7 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
         raise TraceError(f"{path}:{number}: this part of the trace has {block_size}-token blocks, an earlier "
                          f"part {trace.block_size}; replay servers with different block sizes separately")
     trace.block_size = block_size
-    for key in ("gpu_blocks", "bytes_per_block"):
+    for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks"):
         if rec.get(key) is not None:
             value = _count(rec, key, path, number)
             old = getattr(trace, key)
