@@ -7,9 +7,10 @@ kvbm pass runs once per size point and drives :class:`~kvbm.core.planner.Planner
 as the vLLM adapter does (``match`` -> ``on_alloc`` -> ``on_scheduled`` ->
 ``take_plan`` -> ``on_worker_report``), with every copy reported complete at
 once: a hit is loaded before the request runs (vLLM's asynchronous load), its
-prefill is stored when it is scheduled, its output blocks when it finishes. Requests are keyed by their index; tokens are never
-needed, since the planner is handed the trace's block ids as hashes and
-lengths as ``range`` objects (nothing is ever hashed again).
+prefill is stored when it is scheduled, its output blocks when it finishes.
+Requests are keyed by their index; tokens are never needed, since the planner
+is handed the trace's block ids as hashes and lengths as ``range`` objects
+(nothing is ever hashed again).
 """
 
 from __future__ import annotations
