@@ -380,3 +380,10 @@ def test_kvbm_plan_errors_are_one_line(tmp_path, capsys):
     assert "--gpu-blocks" in capsys.readouterr().err
     assert kvbm_main(["plan", str(prompts), "--gpu-blocks", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--gpu-blocks must be > 0" in capsys.readouterr().err
+
+
+def test_binary_file_is_refused_cleanly(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b'{"kvbm_trace": 1, "block_size": 4}\n\xff\xfe\x00garbage\n')
+    with pytest.raises(TraceError, match=r":2: not UTF-8"):
+        read_trace(path, progress=False)

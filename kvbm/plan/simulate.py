@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.planner import Planner
@@ -154,7 +155,7 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSetting
     disk_filter = None
     if host is not None and disk is not None and point.disk_filter:
         disk_filter = FrequencyFilter(decay_period_s=settings.decay_period_s, max_entries=settings.max_entries,
-                                      clock=lambda: now[0])
+                                      clock=partial(now.__getitem__, 0))  # trace time; a C call, it runs per block
     result = PointResult(point.host_blocks, point.disk_blocks, point.disk_filter)
     if host is None and disk is None:  # vLLM alone
         _add_gpu_totals(result, trace, gpu)

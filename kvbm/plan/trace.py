@@ -113,37 +113,35 @@ def read_trace(path: str | Path, *, model: str | None = None, block_size: int | 
                limit: int | None = None, progress: bool | None = None) -> Trace:
     """Read either format (detected from the first line); requests sorted by time.
 
-    ``model`` (a local directory) is needed to tokenize prompt text;
-    ``block_size`` overrides the header's for kvbm's log only where it agrees
-    (hashes were computed at the served block size).
+    ``model`` (a local directory) tokenizes prompt text. ``block_size``: the
+    block size to hash prompt files at (default 16, vLLM's on GPUs); a kvbm
+    log was hashed at the served block size, which it must then match.
     """
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
-    with open(path, encoding="utf-8") as f:
-        first = ""
-        for line in f:
-            if line.strip():
-                first = line
-                break
-    if not first:
+    head = next(_lines(path), None)
+    if head is None:
         raise TraceError(f"{path}: the trace is empty")
-    head = _parse_line(first, path, 1)
-    lines = _lines(path, limit=None)
-    if "kvbm_trace" in head or "hashes" in head:
-        trace = _read_kvbm(lines, path, block_size, limit, progress)
+    if "kvbm_trace" in head[1] or "hashes" in head[1]:
+        trace = _read_kvbm(_lines(path), path, block_size, limit, progress)
     else:
-        trace = _read_prompts(lines, path, model, block_size or 16, limit, progress)
+        trace = _read_prompts(_lines(path), path, model, block_size or 16, limit, progress)
     if not trace.requests:
         raise TraceError(f"{path}: no request in the trace")
     trace.requests.sort(key=lambda r: r.time)
     return trace
 
 
-def _lines(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
+def _lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TraceError(f"{path}:{number}: not UTF-8 text; a trace is JSON lines") from None
                 yield number, _parse_line(line, path, number)
 
 
