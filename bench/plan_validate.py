@@ -115,34 +115,44 @@ def _totals(text: str | None) -> dict[str, float]:
     return values
 
 
-def measure(shape: str, g2_blocks: int, model: str, out: Path, lock: str) -> dict:
-    """Serve the shape with kvbm at this G2 size and a trace on; kvbm's and vLLM's counters at the end."""
-    name = f"{shape}-g2-{g2_blocks}"
+def run_name(shape: str, g2_blocks: int, g3_blocks: int = 0) -> str:
+    return f"{shape}-g2-{g2_blocks}" + (f"-g3-{g3_blocks}" if g3_blocks else "")
+
+
+def measure(shape: str, g2_blocks: int, g3_blocks: int, model: str, out: Path, lock: str) -> dict:
+    """Serve the shape with kvbm at these sizes and a trace on; kvbm's and vLLM's counters at the end."""
+    name = run_name(shape, g2_blocks, g3_blocks)
     trace = out / f"{name}.trace.jsonl"
     trace.unlink(missing_ok=True)
     port = free_port()
     env = {**ENV, "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": str(port), "DYN_KVBM_METRICS_HOST": "127.0.0.1"}
-    server = VllmServer(model, ENGINE_ARGS, env=env, log_path=out / f"{name}.server.log",
-                        kvbm_extra_config={"cpu_cache_override_num_blocks": g2_blocks, "trace_file": str(trace)})
+    kvbm = {"cpu_cache_override_num_blocks": g2_blocks, "trace_file": str(trace)}
+    if g3_blocks:
+        disk_dir = out / f"{name}.g3"
+        disk_dir.mkdir(exist_ok=True)
+        kvbm.update(disk_cache_override_num_blocks=g3_blocks, disk_cache_dir=str(disk_dir))
+    server = VllmServer(model, ENGINE_ARGS, env=env, log_path=out / f"{name}.server.log", kvbm_extra_config=kvbm)
     with heavy_lock(lock):
         started = time.monotonic()
         print(f"[{name}] serving ...", flush=True)
         try:
             server.start(timeout=900)
             sent = WORKLOADS[shape](server.url, server.model)
-            kvbm = _totals(scrape(f"http://127.0.0.1:{port}/metrics"))
+            counters = _totals(scrape(f"http://127.0.0.1:{port}/metrics"))
             vllm = _totals(server.metrics_text())
         finally:
             server.stop()
     sources = {s: vllm.get(f"vllm:prompt_tokens_by_source_total{{source={s}}}", 0.0)
                for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
     total = sum(sources.values()) or 1.0
-    looked = kvbm.get("kvbm_lookup_blocks_total", 0.0)
+    looked = counters.get("kvbm_lookup_blocks_total", 0.0)
+    host_hits = counters.get("kvbm_host_hit_blocks_total", 0.0)
+    disk_hits = counters.get("kvbm_disk_hit_blocks_total", 0.0)
     measured = {
-        "shape": shape, "g2_blocks": g2_blocks, "requests": sent, "trace": trace.name,
-        "seconds": time.monotonic() - started,
-        "host_hit_blocks": kvbm.get("kvbm_host_hit_blocks_total", 0.0), "looked_up_blocks": looked,
-        "host_hit_rate": kvbm.get("kvbm_host_hit_blocks_total", 0.0) / looked if looked else 0.0,
+        "shape": shape, "g2_blocks": g2_blocks, "g3_blocks": g3_blocks, "requests": sent, "trace": trace.name,
+        "seconds": time.monotonic() - started, "host_hit_blocks": host_hits, "disk_hit_blocks": disk_hits,
+        "looked_up_blocks": looked, "host_hit_rate": host_hits / looked if looked else 0.0,
+        "disk_hit_rate": disk_hits / looked if looked else 0.0,
         "g1_share": sources["local_cache_hit"] / total, "kvbm_share": sources["external_kv_transfer"] / total,
         "computed_share": sources["local_compute"] / total, "prompt_tokens": total,
     }
@@ -154,9 +164,11 @@ def measure(shape: str, g2_blocks: int, model: str, out: Path, lock: str) -> dic
 def predict(measured: dict, out: Path) -> dict:
     """Replay the run's own trace with kvbm plan's simulator at the run's sizes."""
     trace = read_trace(out / measured["trace"], progress=False)
-    result = replay(trace, gpu_pass(trace, trace.gpu_blocks or GPU_BLOCKS), SizePoint(measured["g2_blocks"]))
+    point = SizePoint(measured["g2_blocks"], measured.get("g3_blocks", 0))
+    result = replay(trace, gpu_pass(trace, trace.gpu_blocks or GPU_BLOCKS), point)
     f = result.fractions(trace.block_size)
-    return {"requests": len(trace.requests), "host_hit_rate": result.host_hit_rate, "g1_share": f["g1"],
+    return {"requests": len(trace.requests), "host_hit_rate": result.host_hit_rate,
+            "disk_hit_rate": result.disk_hit_rate, "g1_share": f["g1"],
             "kvbm_share": f["g2"] + f["g3"], "computed_share": f["computed"],
             "host_hit_blocks": result.host_hit_blocks, "looked_up_blocks": result.looked_up_blocks,
             "prompt_tokens": result.prompt_tokens}
@@ -169,21 +181,24 @@ def comparison(rows: list[tuple[dict, dict]]) -> str:
     """One line per run: each quantity measured, predicted and the difference in points."""
     quantities = [("host_hit_rate", "kvbm G2 hit rate"), ("g1_share", "from vLLM cache"),
                   ("kvbm_share", "from kvbm"), ("computed_share", "computed")]
-    head = f"{'shape':<10} {'G2':>4} {'reqs':>5} "
+    if any(m.get("g3_blocks") for m, _ in rows):
+        quantities.insert(1, ("disk_hit_rate", "kvbm G3 hit rate"))
+    head = f"{'shape':<10} {'G2+G3':>7} {'reqs':>5} "
     head += " ".join(f"{label:>26}" for _, label in quantities)
-    sub = f"{'':<10} {'blks':>4} {'':>5} " + " ".join(f"{'meas   pred   diff':>26}" for _ in quantities)
+    sub = f"{'':<10} {'blocks':>7} {'':>5} " + " ".join(f"{'meas   pred   diff':>26}" for _ in quantities)
     lines = [head, sub, "-" * len(head)]
     worst = 0.0
     for m, p in rows:
         cells = []
         for key, _ in quantities:
             diff = 100 * (p[key] - m[key])
-            if key == "host_hit_rate":
+            if key in ("host_hit_rate", "disk_hit_rate"):
                 worst = max(worst, abs(diff))
             cells.append(f"{100 * m[key]:6.1f}% {100 * p[key]:6.1f}% {diff:+5.1f}pp")
         reqs = f"{m['requests']}" if m["requests"] == p["requests"] else f"{m['requests']}/{p['requests']}"
-        lines.append(f"{m['shape']:<10} {m['g2_blocks']:>4} {reqs:>5} " + " ".join(f"{c:>26}" for c in cells))
-    lines.append(f"largest G2 hit-rate difference: {worst:.1f} points (goal: within 3)")
+        size = f"{m['g2_blocks']}" + (f"+{m['g3_blocks']}" if m.get("g3_blocks") else "")
+        lines.append(f"{m['shape']:<10} {size:>7} {reqs:>5} " + " ".join(f"{c:>26}" for c in cells))
+    lines.append(f"largest hit-rate difference: {worst:.1f} points (goal: within 3)")
     return "\n".join(lines)
 
 
@@ -191,7 +206,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="chat,documents", help="comma list of %(default)s")
     parser.add_argument("--sizes", action="append", default=[], metavar="SHAPE=N,N,N",
-                        help=f"G2 sizes in blocks for a shape (defaults: {SIZES})")
+                        help=f"G2 sizes in blocks for a shape, G2+G3 for a disk tier too, e.g. chat=50,50+100 "
+                             f"(defaults: {SIZES})")
     parser.add_argument("--model", default=None, help="model directory (default: build the demo preset)")
     parser.add_argument("--out", type=Path, default=Path("out/plan_validate"))
     parser.add_argument("--lock", default="/tmp/kvbm-heavy.lock", help="lock file per server run ('' for none)")
@@ -201,7 +217,7 @@ def main() -> int:
     sizes = dict(SIZES)
     for item in args.sizes:
         shape, _, values = item.partition("=")
-        sizes[shape] = [int(v) for v in values.split(",")]
+        sizes[shape] = values.split(",")
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in WORKLOADS]
     if unknown:
@@ -215,15 +231,17 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
     for shape in shapes:
-        for g2 in sizes[shape]:
-            path = args.out / f"{shape}-g2-{g2}.measured.json"
+        for size in sizes[shape]:
+            g2, _, g3 = str(size).partition("+")
+            g2, g3 = int(g2), int(g3 or 0)
+            path = args.out / f"{run_name(shape, g2, g3)}.measured.json"
             if args.replay_only:
                 if not path.exists():
-                    print(f"skipping {shape} G2 {g2}: no {path}")
+                    print(f"skipping {shape} {size}: no {path}")
                     continue
                 measured = json.loads(path.read_text())
             else:
-                measured = measure(shape, g2, model, args.out, args.lock)
+                measured = measure(shape, g2, g3, model, args.out, args.lock)
             rows.append((measured, predict(measured, args.out)))
     if not rows:
         return 1
