@@ -318,6 +318,8 @@ def test_grid_knee_and_sizes():
     sizes = [1, 2, 4, 8, 16, 32]
     assert knee(sizes, curve) == 2
     assert knee(sizes, [0.2] * 6) is None
+    # An S-curve: sizes too small to help do not hide the knee where it saturates.
+    assert knee([1, 2, 4, 8, 16, 32, 64], [0, 0, 0, 0.1, 0.9, 1.0, 1.0]) == 4
     assert parse_sizes("2GB, 100", 10**6, "--g2") == [100, 2000]
     with pytest.raises(PlanError, match="--g2"):
         parse_sizes("lots", 10**6, "--g2")

@@ -123,8 +123,9 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     budget = int(args.host_budget_gb * 1e9 // bpb) if args.host_budget_gb and bpb else None
     if args.host_budget_gb and not bpb:
         raise PlanError("--host-budget-gb needs --model or --bytes-per-block")
-    host_sizes = (parse_sizes(args.g2, bpb, "--g2") if args.g2
-                  else grid(max(1, everything // 256), everything, args.points))
+    # A G2 much smaller than vLLM's own pool holds little that the pool does not.
+    lowest = max(1, everything // 256, gpu_blocks // 2)
+    host_sizes = parse_sizes(args.g2, bpb, "--g2") if args.g2 else grid(lowest, everything, args.points)
     if trace.host_blocks and not args.g2:
         host_sizes = sorted(set(host_sizes) | {trace.host_blocks})  # what the server had, for comparison
     if budget:
@@ -151,8 +152,7 @@ def make_plan(args: argparse.Namespace):  # -> Plan
             rec = plan.recommended_host()
             host_for_disk = rec.host_blocks if rec is not None else None
         if host_for_disk is not None:
-            disk_sizes = (parse_sizes(args.g3, bpb, "--g3") if args.g3
-                          else grid(max(1, everything // 256), everything, args.points))
+            disk_sizes = parse_sizes(args.g3, bpb, "--g3") if args.g3 else grid(lowest, everything, args.points)
             points = [SizePoint(host_for_disk, s, f) for f in (True, False) for s in disk_sizes]
             plan.disk_sweep = sweep(trace, gpu, points, settings, jobs, progress, "G3 sizes")
             plan.host_for_disk = host_for_disk

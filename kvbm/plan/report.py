@@ -85,13 +85,18 @@ def grid(lo: int, hi: int, points: int) -> list[int]:
 
 def knee(sizes: Sequence[int], values: Sequence[float]) -> int | None:
     """Index of the knee (Kneedle on a log size axis): the point farthest above the chord
-    from the first point to the last; None for a flat or straight curve."""
+    from where the curve starts rising to its last point; None for a flat or straight curve."""
     if len(sizes) < 3 or values[-1] - values[0] <= 1e-9:
         return None
+    y0, y1 = values[0], values[-1]
+    # Sizes too small to help at all would bend the chord: start at the last of them.
+    start = max(0, next(i for i, v in enumerate(values) if v > y0 + 0.01 * (y1 - y0)) - 1)
     lx = [math.log(s) for s in sizes]
-    x0, x1, y0, y1 = lx[0], lx[-1], values[0], values[-1]
-    diffs = [(v - y0) / (y1 - y0) - (x - x0) / (x1 - x0) for x, v in zip(lx, values)]
-    best = max(range(len(diffs)), key=diffs.__getitem__)
+    x0, x1 = lx[start], lx[-1]
+    if x1 <= x0:
+        return None
+    diffs = {i: (values[i] - y0) / (y1 - y0) - (lx[i] - x0) / (x1 - x0) for i in range(start, len(sizes))}
+    best = max(diffs, key=diffs.__getitem__)
     return best if diffs[best] > 0.01 else None
 
 
