@@ -67,6 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.trace or Path(tmp) / "trace.jsonl"
+        path.unlink(missing_ok=True)  # the writer appends, as a server does
         started = time.perf_counter()
         write_chat_trace(path, args.requests)
         print(f"wrote {args.requests:,} requests ({path.stat().st_size / 1e6:.0f} MB) in "

@@ -191,10 +191,10 @@ def comparison(rows: list[tuple[dict, dict]]) -> str:
     for m, p in rows:
         cells = []
         for key, _ in quantities:
-            diff = 100 * (p[key] - m[key])
+            diff = 100 * (p[key] - m.get(key, 0.0))
             if key in ("host_hit_rate", "disk_hit_rate"):
                 worst = max(worst, abs(diff))
-            cells.append(f"{100 * m[key]:6.1f}% {100 * p[key]:6.1f}% {diff:+5.1f}pp")
+            cells.append(f"{100 * m.get(key, 0.0):6.1f}% {100 * p[key]:6.1f}% {diff:+5.1f}pp")
         reqs = f"{m['requests']}" if m["requests"] == p["requests"] else f"{m['requests']}/{p['requests']}"
         size = f"{m['g2_blocks']}" + (f"+{m['g3_blocks']}" if m.get("g3_blocks") else "")
         lines.append(f"{m['shape']:<10} {size:>7} {reqs:>5} " + " ".join(f"{c:>26}" for c in cells))
