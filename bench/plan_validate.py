@@ -1,6 +1,6 @@
 """Does ``kvbm plan`` predict what kvbm really does? Predicted vs measured hit rates, side by side.
 
-For each workload shape and each of three G2 sizes: start real vLLM + kvbm (``kvbm serve``, CPU) with
+For each workload shape, at three G2 sizes and one G2+G3 size: start real vLLM + kvbm (``kvbm serve``, CPU) with
 ``DYN_KVBM_TRACE_FILE`` set, run the workload, read kvbm's hit counters from its /metrics and vLLM's
 prompt-token sources from vLLM's /metrics (both cover everything the server saw, warm-up included,
 as does the trace), stop the server; then replay the trace that server wrote through ``kvbm plan``'s
@@ -46,8 +46,9 @@ ENGINE_ARGS = ["--enable-prefix-caching", "--block-size", "128", "--max-model-le
                "--seed", "0", "--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-num-seqs", "4"]
 ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
        "DYN_KVBM_LOG_SUMMARY_SECS": "0"}
-#: G2 sizes (blocks) per shape: below, around and above the knee of each shape's curve.
-SIZES = {"chat": [50, 70, 100], "documents": [44, 52, 72]}
+#: G2 sizes (blocks) per shape: below, around and above the knee of each shape's curve; then G2+G3
+#: (disk filter on) at the smallest.
+SIZES = {"chat": ["50", "70", "100", "50+80"], "documents": ["44", "52", "72", "44+60"]}
 
 
 # ---- workloads --------------------------------------------------------------------------

@@ -123,8 +123,8 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     budget = int(args.host_budget_gb * 1e9 // bpb) if args.host_budget_gb and bpb else None
     if args.host_budget_gb and not bpb:
         raise PlanError("--host-budget-gb needs --model or --bytes-per-block")
-    # A G2 much smaller than vLLM's own pool holds little that the pool does not.
-    lowest = max(1, everything // 256, gpu_blocks // 2)
+    # G2 starts to help around the size of vLLM's own pool (a smaller one holds little the pool does not).
+    lowest = min(max(1, gpu_blocks // 2), everything)
     host_sizes = parse_sizes(args.g2, bpb, "--g2") if args.g2 else grid(lowest, everything, args.points)
     if trace.host_blocks and not args.g2:
         host_sizes = sorted(set(host_sizes) | {trace.host_blocks})  # what the server had, for comparison
