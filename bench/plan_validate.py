@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvbm.bench.server import VllmServer, free_port, parse_samples, scrape  # noqa: E402
 from kvbm.bench.workload import OpenAIStreamClient, WorkloadSpec, filler_text, run_benchmark  # noqa: E402
+from kvbm.config import env_var  # noqa: E402
 from kvbm.plan.simulate import SizePoint, gpu_pass, replay  # noqa: E402
 from kvbm.plan.trace import read_trace  # noqa: E402
 
@@ -45,7 +46,7 @@ GPU_BLOCKS = 40
 ENGINE_ARGS = ["--enable-prefix-caching", "--block-size", "128", "--max-model-len", "4096", "--enforce-eager",
                "--seed", "0", "--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-num-seqs", "4"]
 ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
-       "DYN_KVBM_LOG_SUMMARY_SECS": "0"}
+       env_var("log_summary_secs"): "0"}
 #: G2 sizes (blocks) per shape: below, around and above the knee of each shape's curve; then G2+G3
 #: (disk filter on) at the smallest.
 SIZES = {"chat": ["50", "70", "100", "50+80"], "documents": ["44", "52", "72", "44+60"]}
@@ -126,7 +127,7 @@ def measure(shape: str, g2_blocks: int, g3_blocks: int, model: str, out: Path, l
     trace = out / f"{name}.trace.jsonl"
     trace.unlink(missing_ok=True)
     port = free_port()
-    env = {**ENV, "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": str(port), "DYN_KVBM_METRICS_HOST": "127.0.0.1"}
+    env = {**ENV, env_var("metrics"): "1", env_var("metrics_port"): str(port), env_var("metrics_host"): "127.0.0.1"}
     kvbm = {"cpu_cache_override_num_blocks": g2_blocks, "trace_file": str(trace)}
     if g3_blocks:
         disk_dir = out / f"{name}.g3"

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvbm.config import KvbmConfig
+from kvbm.config import KvbmConfig, env_var
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "traces:\n"
-        "  kvbm's own request log: serve with DYN_KVBM_TRACE_FILE=/path/trace.jsonl (block hashes and lengths,\n"
+        f"  kvbm's own request log: serve with {env_var('trace_file')}=/path/trace.jsonl (block hashes and lengths,\n"
         "  no text; block size, GPU pool and bytes per block come from its header)\n"
         "  or JSON lines of prompts: {\"prompt\": \"...\"} or {\"prompt_token_ids\": [...]}, optional \"timestamp\",\n"
         "  \"output_tokens\", \"end\"/\"duration\", \"cache_salt\", \"lora\" (needs --model, --gpu-blocks)\n"
