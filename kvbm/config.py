@@ -11,17 +11,172 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 PREFIX = "DYN_KVBM_"
+LOAD_MODES = ("auto", "sync", "async")
+ONBOARD_POLICIES = ("cost", "always", "never")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+#: Upper bounds: beyond them a value is a typo (``1e300``), and letting it
+#: through ends in a raw ``OverflowError`` deep inside the allocator or a
+#: thread wait instead of a message naming the setting.
+MAX_GB = 1e6  # 1 PB
+MAX_COUNT = 1 << 40
+MAX_SECONDS = 1e7  # ~115 days; threading waits overflow near 9e9
+#: A handshake secret shorter than this could be guessed offline from one captured message.
+MIN_SECRET_CHARS = 16
+MAX_SECRET_BYTES = 4096
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and the fix."""
+
+
+REMOTE_SCHEMES = ("redis", "rediss")
+REMOTE_DEFAULT_PORT = 6379
+#: Namespace characters: no ``{}`` (a Redis Cluster hash tag would put every key
+#: in one slot, so on one node) and no spaces or colons (the key separator).
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """Where G4 lives: one Redis server, or the seed nodes of a Redis Cluster.
+
+    Parsed from ``DYN_KVBM_REMOTE_URL``. ``str()`` hides the password, so the
+    target can go into log lines and error messages.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool = False
+    tls: bool = False
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: rediss:// only: a CA bundle to verify the server with, instead of the system's.
+    ca_certs: str | None = None
+
+    def __str__(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        cred = ""
+        if self.username or self.password:
+            cred = f"{quote(self.username or '', safe='')}{':***' if self.password else ''}@"
+        parts = [f"{scheme}://{cred}{_host_port(h, p)}" for h, p in self.nodes]
+        if not self.cluster and self.db:
+            parts[0] += f"/{self.db}"
+        options = [("cluster", "1")] if self.cluster and len(self.nodes) == 1 else []
+        options += [("ssl_ca_certs", self.ca_certs)] if self.ca_certs else []
+        if options:
+            parts[0] += "?" + "&".join(f"{k}={v}" for k, v in options)
+        return ",".join(parts)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _redact_url(raw: str) -> str:
+    """``raw`` with any password replaced, for messages about an invalid URL."""
+    return re.sub(r"(://[^:@/,]*:)[^@/,]*@", r"\1***@", raw)
+
+
+def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS (``?ssl_ca_certs=FILE``
+    to trust a private CA); a Redis Cluster is several comma-separated seed URLs or one URL
+    with ``?cluster=1``."""
+    text = str(raw).strip()
+    shown = _redact_url(text)
+    example = f"e.g. {name}=redis://:PASSWORD@redis-host:6379 or, for a cluster, " \
+              f"{name}=redis://node1:6379,redis://node2:6379"
+    nodes: list[tuple[str, int]] = []
+    schemes, creds, dbs, cluster, ca_certs = set(), set(), set(), False, None
+    for part in text.split(","):
+        part = part.strip()
+        if "://" not in part:
+            raise ConfigError(f"{name}={shown!r}: {_redact_url(part)!r} lacks the redis:// (or rediss:// for TLS) "
+                              f"in front; {example}")
+        try:
+            url = urlsplit(part)
+            port = url.port
+        except ValueError as e:
+            raise ConfigError(f"{name}={shown!r}: {e} in {_redact_url(part)!r}; {example}") from None
+        if url.scheme not in REMOTE_SCHEMES:
+            raise ConfigError(f"{name}={shown!r}: scheme {url.scheme or '(none)'!r} is not redis:// or rediss:// "
+                              f"(TLS); {example}")
+        if not url.hostname:
+            raise ConfigError(f"{name}={shown!r}: no host in {_redact_url(part)!r}; {example}")
+        if port == 0:
+            raise ConfigError(f"{name}={shown!r}: port 0 is not a port; {example}")
+        path = url.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"{name}={shown!r}: {url.path!r} is not a database number (/0 .. /15); {example}")
+        for key, value in parse_qsl(url.query, keep_blank_values=True):
+            if key == "cluster":
+                cluster = cluster or _parse_bool(f"{name} option cluster", value)
+            elif key == "ssl_ca_certs" and url.scheme == "rediss" and value:
+                ca_certs = value
+            else:
+                raise ConfigError(f"{name}={shown!r}: unknown URL option {key!r} (understood: ?cluster=1, and "
+                                  "?ssl_ca_certs=/path/ca.pem with rediss://)")
+        if url.fragment:
+            raise ConfigError(f"{name}={shown!r}: unexpected '#' in the URL; {example}")
+        schemes.add(url.scheme)
+        dbs.add(int(path or 0))
+        if url.username or url.password:
+            creds.add((unquote(url.username or "") or None, unquote(url.password or "") or None))
+        nodes.append((url.hostname, port or REMOTE_DEFAULT_PORT))
+    if len(schemes) > 1 or len(creds) > 1:
+        raise ConfigError(f"{name}={shown!r}: the seed nodes of one cluster must share the scheme and credentials")
+    cluster = cluster or len(nodes) > 1
+    db = dbs.pop() if len(dbs) == 1 else -1
+    if cluster and db != 0:
+        raise ConfigError(f"{name}={shown!r}: Redis Cluster has only database 0; drop the /N from the URLs")
+    username, password = creds.pop() if creds else (None, None)
+    return RemoteTarget(tuple(dict.fromkeys(nodes)), cluster=cluster, tls=schemes.pop() == "rediss", db=db,
+                        username=username, password=password, ca_certs=ca_certs)
+
+
+def parse_remote_namespace(name: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not _NAMESPACE_RE.fullmatch(text):
+        raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '.' or '-' (no ':' or braces: they "
+                          f"would break key parsing or pin every key to one cluster node), e.g. {name}=kvbm-prod")
+    return text
+
+
+def _parse_ttl(name: str, raw: Any) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of seconds; e.g. {name}=86400 (a day)") from None
+    if not 0 < value <= MAX_SECONDS:
+        raise ConfigError(f"{name}={raw!r} must be 1 to {MAX_SECONDS:g} seconds; unset it to keep keys "
+                          f"until Redis evicts them, e.g. {name}=86400")
+    return value
+
+
+def default_disk_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/kvbm``, else ``~/.cache/kvbm``, else ``/var/tmp/kvbm-<uid>``.
+
+    Private by construction: inside the user's home no other user can create
+    the directory first (a fixed name in a shared ``/tmp`` or ``/var/tmp`` can
+    be pre-created or linked by anyone, which kvbm would then have to refuse);
+    it is where the XDG spec puts caches; and it survives a reboot, which
+    ``DYN_KVBM_DISK_PERSIST`` needs. Production setups point
+    ``DYN_KVBM_DISK_CACHE_DIR`` at a local NVMe drive instead.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "kvbm")
+    home = os.path.expanduser("~")
+    if os.path.isabs(home) and home != "/":
+        return os.path.join(home, ".cache", "kvbm")
+    return f"/var/tmp/kvbm-{os.geteuid()}"
 
 
 @dataclass(frozen=True)
@@ -30,18 +185,25 @@ class KvbmConfig:
     cpu_cache_override_num_blocks: int | None = None
     disk_cache_gb: float | None = None
     disk_cache_override_num_blocks: int | None = None
-    disk_cache_dir: str = "/tmp"
+    disk_cache_dir: str = field(default_factory=default_disk_cache_dir)
     disable_disk_offload_filter: bool = False
     disk_zerofill_fallback: bool = False
     disk_disable_o_direct: bool = False
     #: Keep G3 across restarts: files named by model identity, an index journal.
     disk_persist: bool = False
+    #: Testing only: fail/corrupt this share of G3 block I/O, as (kind, rate) pairs plus ("seed", n).
+    disk_fault_injection: tuple[tuple[str, float], ...] = ()
     disk_offload_filter_decay_secs: float = 600.0
     disk_offload_filter_max_entries: int = 1_000_000
     leader_worker_init_timeout_secs: float = 1800.0
     leader_zmq_host: str = "127.0.0.1"
     leader_zmq_pub_port: int = 56001
     leader_zmq_ack_port: int = 56002
+    #: TCP handshake only: the shared secret that signs every message (see
+    #: kvbm/runtime/wire.py), given directly or as a file; neither: a per-user
+    #: secret generated on first use in the private socket directory.
+    leader_zmq_secret: str | None = field(default=None, repr=False)
+    leader_zmq_secret_file: str | None = None
     metrics: bool = False
     metrics_port: int = 6880
     #: Where /metrics listens. All interfaces by default, as the reference did:
@@ -52,6 +214,27 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
+    #: How onboarding runs: "auto" loads from G2 inside the step that matched (the request
+    #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
+    #: "sync" / "async" force one way for every tier.
+    load_mode: str = "auto"
+    #: Load or recompute a matched prefix: "cost" loads a tier's part only where that is
+    #: faster than recomputing it (measured rates); "always" / "never" force one way.
+    onboard_policy: str = "cost"
+    #: Start on a vLLM newer than the supported range (kvbm.vllm_integration.compat) instead of refusing.
+    allow_untested_vllm: bool = False
+    #: G4, a KV tier shared by servers (Redis or Redis Cluster); None: no G4. Holds the password: not in repr.
+    remote_url: RemoteTarget | None = field(default=None, repr=False)
+    #: Key prefix: servers with the same namespace (and model identity) share blocks.
+    remote_namespace: str = "kvbm"
+    #: Seconds a G4 block lives after its last write; None: until Redis evicts it (allkeys-lru).
+    remote_ttl_secs: int | None = None
+    #: Best-effort bound on what this server writes to G4 (Redis's maxmemory is the hard one).
+    remote_budget_gb: float | None = None
+    #: Start without G4 when Redis is unreachable (it joins once Redis answers) instead of refusing.
+    remote_optional: bool = False
+    #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
+    remote_timeout_secs: float = 2.0
     #: Append one line per finished request (timestamps, lengths, block hashes;
     #: no text) to this file, for ``kvbm plan``. None: no trace.
     trace_file: str | None = None
@@ -65,6 +248,10 @@ class KvbmConfig:
     @property
     def has_disk_tier(self) -> bool:
         return bool(self.disk_cache_gb) or bool(self.disk_cache_override_num_blocks)
+
+    @property
+    def has_remote_tier(self) -> bool:
+        return self.remote_url is not None
 
     def host_blocks(self, bytes_per_block_all_ranks: int) -> int:
         """G2 capacity in blocks. Block counts win over GB; GB is the total
@@ -96,15 +283,23 @@ def _blocks(override: int | None, gb: float | None, bytes_per_block: int, var: s
 
 
 # name -> (parser, field)
-def _parse_float(name: str, raw: Any) -> float:
+def _parse_number(name: str, raw: Any, example: str) -> float:
     if isinstance(raw, bool):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}")
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}=4") from None
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {name}={example}") from None
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={raw!r} must be a number >= 0 (GB = 1e9 bytes), e.g. {name}=4")
+        raise ConfigError(f"{name}={raw!r} must be a number >= 0, e.g. {name}={example}")
+    return value
+
+
+def _parse_gb(name: str, raw: Any) -> float:
+    value = _parse_number(name, raw, "4")
+    if value > MAX_GB:
+        raise ConfigError(f"{name}={raw!r} is more than any machine has (at most {MAX_GB:g} GB = 1e9 bytes each); "
+                          f"e.g. {name}=4")
     return value
 
 
@@ -117,6 +312,8 @@ def _parse_count(name: str, raw: Any) -> int:
         raise ConfigError(
             f"{name}={raw!r} must be a positive block count; unset it to size by GB instead"
         )
+    if value > MAX_COUNT:
+        raise ConfigError(f"{name}={raw!r} is too large (at most {MAX_COUNT}); e.g. {name}=1024")
     return value
 
 
@@ -148,11 +345,50 @@ def _parse_str(name: str, raw: Any) -> str:
     return text
 
 
+_FAULT_KINDS = ("read_error", "read_corrupt", "write_error", "write_corrupt")
+
+
+def _parse_faults(name: str, raw: Any) -> tuple[tuple[str, float], ...]:
+    example = f"{name}=read_error=0.02,write_corrupt=0.01,seed=1"
+    pairs = []
+    for item in str(raw).split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in (*_FAULT_KINDS, "seed", "read_delay_ms"):
+            raise ConfigError(
+                f"{name}={raw!r}: {item.strip()!r} is not kind=rate; kinds are {', '.join(_FAULT_KINDS)} "
+                f"(and seed, read_delay_ms), e.g. {example}. Testing only: unset it in production."
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: {value!r} is not a number, e.g. {example}") from None
+        if key == "read_delay_ms" and not 0.0 <= number <= 10_000:
+            raise ConfigError(f"{name}={raw!r}: read_delay_ms must be 0-10000 milliseconds per block read")
+        if key not in ("seed", "read_delay_ms") and not 0.0 <= number <= 1.0:
+            raise ConfigError(f"{name}={raw!r}: {key} must be a rate between 0 and 1, e.g. {example}")
+        pairs.append((key, number))
+    return tuple(pairs)
+
+
 def _parse_log_level(name: str, raw: Any) -> str:
     level = str(raw).strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{name}={raw!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+def _parse_load_mode(name: str, raw: Any) -> str:
+    mode = str(raw).strip().lower()
+    if mode not in LOAD_MODES:
+        raise ConfigError(f"{name}={raw!r} is not a load mode; use one of {', '.join(LOAD_MODES)}")
+    return mode
+
+
+def _parse_onboard_policy(name: str, raw: Any) -> str:
+    policy = str(raw).strip().lower()
+    if policy not in ONBOARD_POLICIES:
+        raise ConfigError(f"{name}={raw!r} is not an onboard policy; use one of {', '.join(ONBOARD_POLICIES)}")
+    return policy
 
 
 def _parse_host(name: str, raw: Any) -> str:
@@ -170,8 +406,10 @@ def _parse_requests(name: str, raw: Any) -> int:
         value = int(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number of requests; e.g. {name}=1000") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be a positive number of requests, e.g. {name}=1000")
+    if not 0 < value <= MAX_COUNT:
+        raise ConfigError(
+            f"{name}={raw!r} must be a positive number of requests (at most {MAX_COUNT}), e.g. {name}=1000"
+        )
     return value
 
 
@@ -180,8 +418,10 @@ def _parse_interval(name: str, raw: Any) -> float:
         value = float(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds; e.g. {name}=30 (0 turns it off)") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={raw!r} must be seconds >= 0, e.g. {name}=30 (0 turns it off)")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise ConfigError(
+            f"{name}={raw!r} must be seconds from 0 to {MAX_SECONDS:g}, e.g. {name}=30 (0 turns it off)"
+        )
     return value
 
 
@@ -197,35 +437,60 @@ def _parse_trace_file(name: str, raw: Any) -> str:
     return path
 
 
-def _parse_positive_float(name: str, raw: Any) -> float:
-    value = _parse_float(name, raw)
+def _parse_seconds(name: str, raw: Any) -> float:
+    """A duration that must pass (timeouts, decay periods): > 0 and bounded."""
+    value = _parse_number(name, raw, "1800")
     if value == 0:
         raise ConfigError(f"{name}=0 would time out at once; give seconds > 0, e.g. {name}=1800")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{name}={raw!r} is too long (at most {MAX_SECONDS:g} seconds); e.g. {name}=1800")
     return value
 
 
+def _parse_secret(name: str, raw: Any) -> str:
+    secret = str(raw).strip()
+    if len(secret) < MIN_SECRET_CHARS or len(secret.encode()) > MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{name} must be {MIN_SECRET_CHARS} to {MAX_SECRET_BYTES} characters (a short secret can be "
+            f"guessed from one captured message); generate one with e.g. `openssl rand -hex 32`"
+        )
+    return secret
+
+
 _FIELDS: dict[str, Any] = {
-    "cpu_cache_gb": _parse_float,
+    "cpu_cache_gb": _parse_gb,
     "cpu_cache_override_num_blocks": _parse_count,
-    "disk_cache_gb": _parse_float,
+    "disk_cache_gb": _parse_gb,
     "disk_cache_override_num_blocks": _parse_count,
     "disk_cache_dir": _parse_str,
     "disable_disk_offload_filter": _parse_bool,
     "disk_zerofill_fallback": _parse_bool,
     "disk_disable_o_direct": _parse_bool,
     "disk_persist": _parse_bool,
-    "disk_offload_filter_decay_secs": _parse_positive_float,
+    "disk_fault_injection": _parse_faults,
+    "disk_offload_filter_decay_secs": _parse_seconds,
     "disk_offload_filter_max_entries": _parse_count,
-    "leader_worker_init_timeout_secs": _parse_positive_float,
+    "leader_worker_init_timeout_secs": _parse_seconds,
     "leader_zmq_host": _parse_str,
     "leader_zmq_pub_port": _parse_port,
     "leader_zmq_ack_port": _parse_port,
+    "leader_zmq_secret": _parse_secret,
+    "leader_zmq_secret_file": _parse_str,
     "metrics": _parse_bool,
     "metrics_port": _parse_port,
     "metrics_host": _parse_host,
     "metrics_hit_rate_window": _parse_requests,
     "log_summary_secs": _parse_interval,
     "log_level": _parse_log_level,
+    "allow_untested_vllm": _parse_bool,
+    "load_mode": _parse_load_mode,
+    "onboard_policy": _parse_onboard_policy,
+    "remote_url": parse_remote_url,
+    "remote_namespace": parse_remote_namespace,
+    "remote_ttl_secs": _parse_ttl,
+    "remote_budget_gb": _parse_gb,
+    "remote_optional": _parse_bool,
+    "remote_timeout_secs": _parse_seconds,
     "trace_file": _parse_trace_file,
 }
 
@@ -233,11 +498,18 @@ ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)
 
 
 def env_var(key: str) -> str:
-    """The variable of a setting (``cpu_cache_gb`` -> ``DYN_KVBM_CPU_CACHE_GB``), for
-    messages and recommendations elsewhere: the names are spelled only here."""
+    """The ``DYN_KVBM_*`` variable of a config field, for messages elsewhere
+    (this module is the only one that spells the names out)."""
     if key not in _FIELDS:
         raise KeyError(f"no kvbm setting {key!r}")
     return PREFIX + key.upper()
+
+
+def _unknown_env(name: str) -> str:
+    exact = PREFIX + name[len(PREFIX):].upper()
+    if exact in ENV_VARS:
+        return f"{name} (variable names are case-sensitive: did you mean {exact}?)"
+    return name
 
 
 def load_config(
@@ -253,7 +525,9 @@ def load_config(
         if raw is not None and raw.strip() != "":
             values[key] = parse(var, raw)
             sources[key] = f"env {var}"
-    unknown = [k for k in environ if k.startswith(PREFIX) and k[len(PREFIX):].lower() not in _FIELDS]
+    # Exact names only: a variable that differs in case (DYN_KVBM_Disk_Cache_GB)
+    # would otherwise be silently ignored while the user thinks it is in effect.
+    unknown = [_unknown_env(k) for k in environ if k.upper().startswith(PREFIX) and k not in ENV_VARS]
     for key, raw in (extra_config or {}).items():
         short = key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
         if short not in _FIELDS:
@@ -261,7 +535,18 @@ def load_config(
                 unknown.append(f"kv_connector_extra_config[{key!r}]")
             continue  # other connectors' keys (e.g. under MultiConnector) are not ours
         name = f"kv_connector_extra_config[{key!r}]"
+        if short == "leader_zmq_secret":
+            raise ConfigError(
+                f"{name}: vLLM prints its kv_transfer_config in the startup log, so a secret there leaks; "
+                f"set {env_var('leader_zmq_secret')} in the environment or {env_var('leader_zmq_secret_file')} "
+                "to a file of mode 0600 instead"
+            )
         values[short] = _FIELDS[short](name, raw)
+        if short == "remote_url" and values[short].password:
+            raise ConfigError(
+                f"{name}: vLLM prints its kv_transfer_config in the startup log, so the Redis password in this "
+                f"URL leaks; set {env_var('remote_url')} in the environment instead"
+            )
         sources[short] = name
     if unknown:
         raise ConfigError(

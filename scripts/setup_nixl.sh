@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NIXL_VERSION=${NIXL_VERSION:-1.5.1}
-PY=.venv/bin/python
+PY=${KVBM_VENV:-.venv}/bin/python
 if [ ! -x "$PY" ]; then
-  echo "setup_nixl: .venv is missing; run scripts/setup.sh first" >&2
+  echo "setup_nixl: ${KVBM_VENV:-.venv} is missing; run scripts/setup.sh first" >&2
   exit 1
 fi
 have() {
@@ -26,7 +26,8 @@ if have; then
   echo "setup_nixl: nixl $NIXL_VERSION already installed"
   exit 0
 fi
-"$PY" -m pip install -q --no-deps "nixl==$NIXL_VERSION" "nixl-cu13==$NIXL_VERSION"
+"$PY" -m pip install -q --no-deps "nixl==$NIXL_VERSION" "nixl-cu13==$NIXL_VERSION" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 if ! have; then
   echo "setup_nixl: nixl $NIXL_VERSION installed but does not import; see: $PY -c 'import nixl._api'" >&2
   exit 1

@@ -69,3 +69,66 @@ def run_engine(tmp_path: Path, name: str, engine: dict, phases: list[dict], kvbm
 
 def token_prompt(rng: random.Random, n: int, vocab: int = 1500) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+# ---- real Redis for the G4 tests (tests/redis_procs.py) ------------------------------
+
+
+def _need_redis() -> None:
+    from tests.redis_procs import REDIS_CLI, REDIS_SERVER
+
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server / redis-cli not installed (apt-get install redis-server redis-tools)")
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install redis)")
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path):
+    """Start redis-server processes on free loopback ports: ``redis_factory(password=..., extra=[...])``."""
+    from tests.redis_procs import RedisServer
+
+    _need_redis()
+    servers: list[RedisServer] = []
+
+    def start(**kwargs) -> RedisServer:
+        server = RedisServer(str(tmp_path / f"redis{len(servers)}"), **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_factory):
+    """One single-node Redis (allkeys-lru, no persistence)."""
+    return redis_factory(extra=["--maxmemory-policy", "allkeys-lru"])
+
+
+def _cluster(directory: Path, replicas: int = 0):
+    from tests.redis_procs import RedisCluster3
+
+    _need_redis()
+    cluster = RedisCluster3(str(directory), replicas=replicas)
+    yield cluster
+    cluster.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A 3-node Redis Cluster (3 primaries, no replicas, full coverage not required), shared by a
+    module's tests (creating one takes seconds): tests that kill nodes use ``fresh_redis_cluster``."""
+    yield from _cluster(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def fresh_redis_cluster(tmp_path: Path):
+    """A 3-node Redis Cluster of this test's own."""
+    yield from _cluster(tmp_path / "cluster")
+
+
+@pytest.fixture
+def replicated_redis_cluster(tmp_path: Path):
+    """A Redis Cluster of 3 primaries with one replica each, of this test's own."""
+    yield from _cluster(tmp_path / "cluster", replicas=1)

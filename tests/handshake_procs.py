@@ -15,7 +15,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from kvbm.config import KvbmConfig
-from kvbm.vllm_integration.handshake import (
+from kvbm.runtime.handshake import (
     HandshakeError,
     LeaderHandshake,
     TierSizes,

@@ -10,6 +10,7 @@ from kvbm.bench.compare import (
     _delta,
     _flatten,
     _root_cause,
+    _without_pool_override,
     builtin_configurations,
     format_table,
     write_plots,
@@ -110,6 +111,22 @@ def test_table_side_by_side_with_ratios_and_failures():
     assert "offload: RuntimeError" in table and "server said: ValueError: CPU offloading" in table
     assert "working set: 3 conversations" in table and "vLLM's own KV pool: 5,120 tokens" in table
     assert "everything fits" not in table
+
+
+def test_floor_keeps_the_whole_pool_and_later_turns_compare_with_it():
+    (floor,) = builtin_configurations(["floor"], 4.0)
+    assert floor.full_pool and floor.kvbm is None
+    assert _without_pool_override(["--max-model-len", "8", "--num-gpu-blocks-override", "40", "-x"]) == [
+        "--max-model-len", "8", "-x"]
+    assert _without_pool_override(["--num-gpu-blocks-override=40", "-x"]) == ["-x"]
+    # 3 users: requests 0-2 are first turns, 3-5 later turns (their TTFTs are what a cache changes)
+    base = Outcome(Configuration("vllm"), result([1.0, 1.0, 1.0, 0.8, 0.8, 0.8]))
+    kvbm = Outcome(Configuration("kvbm-host", kvbm={}), result([1.0, 1.0, 1.0, 0.11, 0.11, 0.11]))
+    flo = Outcome(floor, result([1.0, 1.0, 1.0, 0.1, 0.1, 0.1]))
+    lines = format_table([base, kvbm, flo]).splitlines()
+    row = {line[:26].strip(): line[26:].split() for line in lines[2:]}
+    assert row["later-turn TTFT mean"] == ["0.800s", "0.110s", "(0.14x)", "0.100s", "(0.12x)"]
+    assert row["vs floor (mean / p90)"] == ["8.00x", "/", "8.00x", "1.10x", "/", "1.10x", "-"]
 
 
 def test_table_warns_when_everything_fits_vllms_pool():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from kvbm.config import ENV_VARS, ConfigError, KvbmConfig, load_config
+from kvbm.config import ENV_VARS, ConfigError, KvbmConfig, default_disk_cache_dir, load_config
 
 CPU_GB = "DYN_KVBM_CPU_CACHE_GB"
 CPU_N = "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
@@ -47,7 +49,32 @@ def test_defaults():
     assert cfg.leader_zmq_pub_port == 56001
     assert cfg.leader_zmq_ack_port == 56002
     assert cfg.metrics is False
-    assert cfg.disk_cache_dir == "/tmp"
+    assert cfg.disk_cache_dir == default_disk_cache_dir()
+    assert cfg.disk_fault_injection == ()
+
+
+def test_default_disk_dir_is_private_per_user(monkeypatch, tmp_path):
+    """Issue 13 item 5: not the shared /tmp, but the user's cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "xdg" / "kvbm")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "home" / ".cache" / "kvbm")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/not/allowed")  # the XDG spec ignores relative paths
+    assert load({CPU_GB: "1"}).disk_cache_dir == str(tmp_path / "home" / ".cache" / "kvbm")
+    monkeypatch.setenv("HOME", "/")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert load({CPU_GB: "1"}).disk_cache_dir == f"/var/tmp/kvbm-{os.geteuid()}"
+
+
+def test_disk_fault_injection_setting():
+    cfg = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_error=0.1, write_corrupt=0.05,seed=7"})
+    assert cfg.disk_fault_injection == (("read_error", 0.1), ("write_corrupt", 0.05), ("seed", 7.0))
+    slow = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_delay_ms=40"})
+    assert slow.disk_fault_injection == (("read_delay_ms", 40.0),)
+    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x", "read_delay_ms=-1"]:
+        with pytest.raises(ConfigError, match="DYN_KVBM_DISK_FAULT_INJECTION"):
+            load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": bad})
     assert cfg.leader_worker_init_timeout_secs == 1800.0
 
 
@@ -62,21 +89,38 @@ def test_all_settings_parse():
         "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "1",
         "DYN_KVBM_DISK_DISABLE_O_DIRECT": "Yes",
         "DYN_KVBM_DISK_PERSIST": "1",
+        "DYN_KVBM_DISK_FAULT_INJECTION": "read_error=0.5",
         "DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS": "120",
         "DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES": "5000",
         "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "60",
         "DYN_KVBM_LEADER_ZMQ_HOST": "10.0.0.1",
         PUB: "7000",
         ACK: "7001",
+        "DYN_KVBM_LEADER_ZMQ_SECRET": "s" * 32,
+        "DYN_KVBM_LEADER_ZMQ_SECRET_FILE": "/etc/kvbm/zmq-secret",
         "DYN_KVBM_METRICS": "off",
         "DYN_KVBM_METRICS_PORT": "9100",
         "DYN_KVBM_METRICS_HOST": "127.0.0.1",
         "DYN_KVBM_METRICS_HIT_RATE_WINDOW": "50",
         "DYN_KVBM_LOG_SUMMARY_SECS": "0",
         "DYN_KVBM_LOG_LEVEL": "debug",
+        "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
+        "DYN_KVBM_LOAD_MODE": "Sync",
+        "DYN_KVBM_ONBOARD_POLICY": "always",
+        "DYN_KVBM_REMOTE_URL": "rediss://kvbm:pw@redis.example:6380/2",
+        "DYN_KVBM_REMOTE_NAMESPACE": "prod-kv",
+        "DYN_KVBM_REMOTE_TTL_SECS": "86400",
+        "DYN_KVBM_REMOTE_BUDGET_GB": "50",
+        "DYN_KVBM_REMOTE_OPTIONAL": "1",
+        "DYN_KVBM_REMOTE_TIMEOUT_SECS": "0.5",
         "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
     }
     cfg = load(env)
+    assert cfg.has_remote_tier and cfg.remote_url.nodes == (("redis.example", 6380),)
+    assert cfg.remote_url.tls and cfg.remote_url.db == 2 and not cfg.remote_url.cluster
+    assert (cfg.remote_url.username, cfg.remote_url.password) == ("kvbm", "pw")
+    assert cfg.remote_namespace == "prod-kv" and cfg.remote_ttl_secs == 86400 and cfg.remote_budget_gb == 50
+    assert cfg.remote_optional is True and cfg.remote_timeout_secs == 0.5
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
     assert cfg.cpu_cache_override_num_blocks == 512 and cfg.disk_cache_override_num_blocks == 4096
     assert cfg.disk_cache_dir == "/var/cache/kvbm"
@@ -87,6 +131,7 @@ def test_all_settings_parse():
     assert cfg.metrics is False and cfg.metrics_port == 9100
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
+    assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync" and cfg.onboard_policy == "always"
     assert cfg.trace_file == "/tmp/kvbm-trace.jsonl"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
@@ -353,3 +398,122 @@ def test_metrics_port_must_differ_from_zmq_ports():
     assert "DYN_KVBM_METRICS_PORT" in msg and PUB in msg
     # Metrics off: the port is unused, so no clash.
     assert load({CPU_GB: "1", "DYN_KVBM_METRICS_PORT": "56001"}).metrics_port == 56001
+
+
+def test_load_mode_is_validated():
+    assert load({CPU_GB: "1"}).load_mode == "auto"
+    with pytest.raises(ConfigError, match="DYN_KVBM_LOAD_MODE.*auto, sync, async"):
+        load({CPU_GB: "1", "DYN_KVBM_LOAD_MODE": "fast"})
+    assert load({CPU_GB: "1"}).onboard_policy == "cost"
+    with pytest.raises(ConfigError, match="DYN_KVBM_ONBOARD_POLICY.*cost, always, never"):
+        load({CPU_GB: "1", "DYN_KVBM_ONBOARD_POLICY": "maybe"})
+
+
+# ---- hostile and mistyped values ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["DYN_KVBM_Disk_Cache_GB", "dyn_kvbm_disk_cache_gb", "DYN_KVBM_cpu_cache_gb"])
+def test_variable_names_differing_in_case_are_refused(name):
+    msg = _error({CPU_GB: "1", name: "4"})
+    assert name in msg and "case-sensitive" in msg
+    assert name.upper() in msg  # the right spelling
+
+
+@pytest.mark.parametrize("var, value", [
+    (CPU_GB, "1e300"), (DISK_GB, "1e7"),
+    ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "1e10"),
+    ("DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS", "1e300"),
+    ("DYN_KVBM_LOG_SUMMARY_SECS", "1e10"),
+    (CPU_N, "9" * 30), ("DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES", str(1 << 50)),
+    ("DYN_KVBM_METRICS_HIT_RATE_WINDOW", "9" * 40),
+])
+def test_huge_values_are_clear_errors(var, value):
+    env = {CPU_GB: "1", var: value}
+    assert var in _error(env)  # a ConfigError naming the variable, not an OverflowError later
+
+
+def test_largest_accepted_values_still_size_and_wait():
+    """The bounds keep every later computation finite: sizing in blocks and thread waits."""
+    import threading
+
+    config = load({CPU_GB: "1000000", "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "1e7"})
+    assert config.host_blocks(1) == 10**15
+    threading.Event().wait(min(config.leader_worker_init_timeout_secs, 0.001))  # no OverflowError
+
+
+def test_secret_settings():
+    config = load({CPU_GB: "1", "DYN_KVBM_LEADER_ZMQ_SECRET": "  " + "s" * 20 + "  "})
+    assert config.leader_zmq_secret == "s" * 20
+    assert "s" * 20 not in repr(config)
+    assert "DYN_KVBM_LEADER_ZMQ_SECRET" in _error({CPU_GB: "1", "DYN_KVBM_LEADER_ZMQ_SECRET": "short"})
+
+
+REMOTE = "DYN_KVBM_REMOTE_URL"
+
+
+def test_remote_url_forms():
+    cfg = load({CPU_GB: "1"})
+    assert not cfg.has_remote_tier and cfg.remote_namespace == "kvbm" and cfg.remote_ttl_secs is None
+    target = load({CPU_GB: "1", REMOTE: "redis://127.0.0.1"}).remote_url
+    assert target.nodes == (("127.0.0.1", 6379),) and not target.cluster and not target.tls
+    target = load({CPU_GB: "1", REMOTE: "redis://:p%40ss@h1:7000,redis://:p%40ss@h2:7001"}).remote_url
+    assert target.cluster and target.nodes == (("h1", 7000), ("h2", 7001)) and target.password == "p@ss"
+    target = load({CPU_GB: "1", REMOTE: "redis://h1:7000?cluster=1"}).remote_url
+    assert target.cluster and target.nodes == (("h1", 7000),)
+    target = load({CPU_GB: "1", REMOTE: "rediss://h:7000?ssl_ca_certs=/etc/ca.pem"}).remote_url
+    assert target.tls and target.ca_certs == "/etc/ca.pem" and str(target) == "rediss://h:7000?ssl_ca_certs=/etc/ca.pem"
+    target = load({CPU_GB: "1", REMOTE: "redis://[::1]:7000"}).remote_url
+    assert target.nodes == (("::1", 7000),) and str(target) == "redis://[::1]:7000"
+    # str() (log lines, messages) hides the password; so does repr of the config
+    target = load({CPU_GB: "1", REMOTE: "redis://user:secret@h:1/3"}).remote_url
+    assert str(target) == "redis://user:***@h:1/3" and "secret" not in repr(target)
+    assert "hunter2" not in repr(load({CPU_GB: "1", REMOTE: "redis://:hunter2@h"}))
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("http://h:6379", "not redis:// or rediss://"),
+    ("h:6379", "lacks the redis://"),
+    ("redis://:6379", "no host"),
+    ("redis://h:notaport", "Port"),
+    ("redis://h:70000", "out of range"),
+    ("redis://h:0", "port 0"),
+    ("redis://h/abc", "database number"),
+    ("redis://h?timeout=1", "unknown URL option"),
+    ("redis://h?ssl_ca_certs=/etc/ca.pem", "with rediss://"),
+    ("redis://h?cluster=maybe", "not a boolean"),
+    ("redis://h1/1,redis://h2/1", "only database 0"),
+    ("redis://:a@h1,redis://:b@h2", "share the scheme and credentials"),
+    ("redis://h1,rediss://h2", "share the scheme"),
+])
+def test_remote_url_errors(url, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load({CPU_GB: "1", REMOTE: url})
+    assert REMOTE in str(err.value)
+
+
+def test_remote_url_error_hides_the_password():
+    with pytest.raises(ConfigError) as err:
+        load({CPU_GB: "1", REMOTE: "redis://:topsecret@h:notaport"})
+    assert "topsecret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_remote_password_not_in_extra_config():
+    with pytest.raises(ConfigError, match=f"startup log.*{REMOTE}"):
+        load({CPU_GB: "1"}, extra={"remote_url": "redis://:pw@h"})
+    assert load({CPU_GB: "1"}, extra={"remote_url": "redis://h"}).remote_url.nodes == (("h", 6379),)
+
+
+@pytest.mark.parametrize("var, value, needle", [
+    ("DYN_KVBM_REMOTE_NAMESPACE", "a:b", "no ':' or braces"),
+    ("DYN_KVBM_REMOTE_NAMESPACE", "{tag}", "no ':' or braces"),
+    ("DYN_KVBM_REMOTE_NAMESPACE", "x" * 65, "1-64"),
+    ("DYN_KVBM_REMOTE_TTL_SECS", "0", "1 to"),
+    ("DYN_KVBM_REMOTE_TTL_SECS", "1.5", "whole number"),
+    ("DYN_KVBM_REMOTE_BUDGET_GB", "-1", ">= 0"),
+    ("DYN_KVBM_REMOTE_OPTIONAL", "perhaps", "not a boolean"),
+    ("DYN_KVBM_REMOTE_TIMEOUT_SECS", "0", "time out at once"),
+])
+def test_remote_setting_errors(var, value, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load({CPU_GB: "1", REMOTE: "redis://h", var: value})
+    assert var in str(err.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -323,3 +324,71 @@ def test_chat_rendering_keeps_earlier_turns_as_a_prefix():
     short = prompt_text("chat", chat(["hello"]))
     longer = prompt_text("chat", chat(["hello", "more"]))
     assert longer.startswith(short)
+
+
+# ---- hostile clients -----------------------------------------------------------
+@run(1, 1)
+async def test_deeply_nested_json_is_a_400_not_a_500(client, router, prefill, decode):
+    for depth in (100_000, 500):  # beyond the parser's stack, and beyond what the router forwards
+        body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+        resp = await client.post("/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, await resp.text()
+        assert "nests deeper" in (await resp.json())["error"]["message"]
+    assert prefill[0].requests == []
+    resp = await client.post("/v1/completions", data=b"null", headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and "object" in (await resp.json())["error"]["message"]
+
+
+def test_half_sent_connections_are_bounded_and_closed(monkeypatch):
+    """300 connections that never finish their headers, and a few that never finish their body:
+    the router holds at most its bound, closes them by itself, and serves real requests meanwhile."""
+    import threading
+
+    from kvbm.disagg import router as router_module
+    from kvbm.disagg.router import ConnectionGuard, start_site
+
+    monkeypatch.setattr(router_module, "BODY_TIMEOUT_S", 1.0)
+
+    async def body() -> None:
+        workers = [FakeWorker("P0"), FakeWorker("D0")]
+        urls = [await w.start() for w in workers]
+        router = Router(RouterConfig(urls[:1], urls[1:], health_interval_s=0.2))
+        guard = ConnectionGuard(max_connections=64, header_timeout_s=1.0)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runner = await start_site(router.make_app(guard), "127.0.0.1", port, guard=guard)
+        threads = threading.active_count()
+        stalled = []
+        try:
+            for _ in range(300):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never end
+                stalled.append((reader, writer))
+            half_bodies = []
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"prompt\"")  # body never ends
+                half_bodies.append((reader, writer))
+            await asyncio.sleep(0.2)
+            assert sum(h.transport is not None for h in runner.server.connections) <= 64
+            assert threading.active_count() <= threads + 2
+            async with aiohttp.ClientSession() as session:  # a real client still gets through
+                async with session.post(f"http://127.0.0.1:{port}/v1/completions",
+                                        json={"model": "m", "prompt": "hi", "max_tokens": 2}) as resp:
+                    assert resp.status == 200, await resp.text()
+            for reader, _ in stalled:  # closed by the router (evicted or timed out), none left hanging
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            for reader, _ in half_bodies:
+                answer = await asyncio.wait_for(reader.read(), 10)
+                assert answer.startswith(b"HTTP/1.1 408") or answer == b""  # evicted ones just close
+            assert sum(h.transport is not None for h in runner.server.connections) == 0
+        finally:
+            for _, writer in stalled:
+                writer.close()
+            await runner.cleanup()
+            for w in workers:
+                await w.stop()
+
+    asyncio.run(asyncio.wait_for(body(), timeout=60))

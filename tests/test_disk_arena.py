@@ -63,9 +63,14 @@ def unaligned(n: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, n + 4096), dtype=np.uint8)[64 : 64 + n]
 
 
+def H(n: int) -> bytes:
+    """A 128-bit block hash from a small number (tests name blocks by number)."""
+    return n.to_bytes(16, "little")
+
+
 def read_back(arena: DiskArena, slot: int, block_hash: int, aligned: bool = False) -> tuple[bool, np.ndarray]:
     dst = page_aligned(arena.block_bytes) if aligned else unaligned(arena.block_bytes)
-    (ok,) = arena.read_blocks([(slot, block_hash, dst)])
+    (ok,) = arena.read_blocks([(slot, H(block_hash), dst)])
     return ok, dst
 
 
@@ -99,7 +104,7 @@ def test_round_trip_random_blocks(tmp_path, io_threads, disable_o_direct, pages)
         assert os.path.getsize(arena.path) == num_slots * arena.slot_size
         assert arena.o_direct is (not disable_o_direct)
         slots = rng.permutation(num_slots)[:80].tolist()
-        hashes = [int(h) * 2 + 1 for h in rng.integers(0, 2**63, len(slots), dtype=np.int64)]  # any u64
+        hashes = [rng.bytes(16) for _ in slots]  # any 128-bit hash
         data = rand_blocks(rng, len(slots), block_bytes)
         for i in range(0, len(data), 2):  # half of them in page-aligned memory
             data[i] = page_aligned(block_bytes)
@@ -127,11 +132,11 @@ def test_accepts_any_contiguous_buffer(tmp_path):
             payload, bytearray(payload), memoryview(payload),
             np.frombuffer(payload, np.uint8), np.frombuffer(payload, np.uint16).reshape(50, 100),
         ]
-        assert arena.write_blocks([(i, 100 + i, s) for i, s in enumerate(sources)]) == [True] * 5
+        assert arena.write_blocks([(i, H(100 + i), s) for i, s in enumerate(sources)]) == [True] * 5
         dests = [
             bytearray(n), memoryview(bytearray(n)), np.zeros(n, np.uint8), np.zeros((100, 25), np.float32),
         ]
-        assert arena.read_blocks([(i, 100 + i, d) for i, d in enumerate(dests)]) == [True] * 4
+        assert arena.read_blocks([(i, H(100 + i), d) for i, d in enumerate(dests)]) == [True] * 4
         for d in dests:
             assert bytes(memoryview(d).cast("B")) == payload
 
@@ -140,8 +145,8 @@ def test_overwrite_slot_with_new_block(tmp_path):
     rng = np.random.default_rng(1)
     with DiskArena(str(tmp_path), 4, 9000, file_tag="ow") as arena:
         a, b = rand_blocks(rng, 2, 9000)
-        arena.write_blocks([(2, 111, a)])
-        arena.write_blocks([(2, 222, b)])
+        arena.write_blocks([(2, H(111), a)])
+        arena.write_blocks([(2, H(222), b)])
         assert read_back(arena, 2, 111)[0] is False
         ok, got = read_back(arena, 2, 222)
         assert ok
@@ -151,25 +156,27 @@ def test_overwrite_slot_with_new_block(tmp_path):
 def test_caller_bugs_raise(tmp_path):
     with DiskArena(str(tmp_path), 4, 100, file_tag="bugs") as arena:
         with pytest.raises(ValueError, match="expected 100"):
-            arena.write_blocks([(0, 1, bytes(99))])
+            arena.write_blocks([(0, H(1), bytes(99))])
         with pytest.raises(IndexError, match="out of range"):
-            arena.write_blocks([(4, 1, bytes(100))])
+            arena.write_blocks([(4, H(1), bytes(100))])
         with pytest.raises(ValueError, match="twice"):
-            arena.write_blocks([(1, 1, bytes(100)), (1, 2, bytes(100))])
-        with pytest.raises(ValueError, match="64-bit"):
-            arena.write_blocks([(1, 2**64, bytes(100))])
+            arena.write_blocks([(1, H(1), bytes(100)), (1, H(2), bytes(100))])
+        with pytest.raises(ValueError, match="16 bytes"):
+            arena.write_blocks([(1, b"\x01" * 8, bytes(100))])  # a 64-bit hash of format 1
+        with pytest.raises(ValueError, match="16 bytes"):
+            arena.write_blocks([(1, 7, bytes(100))])
         with pytest.raises(ValueError, match="read-only"):
-            arena.read_blocks([(0, 1, bytes(100))])
+            arena.read_blocks([(0, H(1), bytes(100))])
         assert arena.write_blocks([]) == [] and arena.read_blocks([]) == []
         # a bad buffer inside a batch: raised, the other items still done and counted
         with pytest.raises(ValueError, match="expected 100"):
-            arena.write_blocks([(0, 1, bytes(100)), (1, 2, bytes(7)), (2, 3, bytes(100))])
+            arena.write_blocks([(0, H(1), bytes(100)), (1, H(2), bytes(7)), (2, H(3), bytes(100))])
         assert arena.blocks_written == 2 and arena.write_failures == 0
         with pytest.raises(ValueError, match="read-only"):
-            arena.read_blocks([(0, 1, bytearray(100)), (2, 3, bytes(100))])
+            arena.read_blocks([(0, H(1), bytearray(100)), (2, H(3), bytes(100))])
         assert arena.blocks_read == 1 and arena.read_failures == 0
     with pytest.raises(RuntimeError, match="closed"):
-        arena.read_blocks([(0, 1, bytearray(100))])
+        arena.read_blocks([(0, H(1), bytearray(100))])
 
 
 # ---- permissions and set-up errors --------------------------------------------------
@@ -219,7 +226,7 @@ def test_reopen_keeps_blocks_and_resizes(tmp_path):
     rng = np.random.default_rng(2)
     (a,) = rand_blocks(rng, 1, 20000)
     with DiskArena(str(tmp_path), 8, 20000, file_tag="p") as arena:
-        arena.write_blocks([(5, 55, a)])
+        arena.write_blocks([(5, H(55), a)])
         arena.sync()
     with DiskArena(str(tmp_path), 8, 20000, file_tag="p") as arena:  # restart: same layout
         ok, got = read_back(arena, 5, 55)
@@ -238,7 +245,7 @@ def test_wrong_hash_and_empty_slot_are_misses(tmp_path, block, aligned):
     rng = np.random.default_rng(3)
     with DiskArena(str(tmp_path), 4, block, file_tag="h") as arena:
         (a,) = rand_blocks(rng, 1, block)
-        arena.write_blocks([(1, 42, a)])
+        arena.write_blocks([(1, H(42), a)])
         assert not read_back(arena, 1, 43, aligned)[0]
         assert not read_back(arena, 0, 42, aligned)[0]  # never written
         assert read_back(arena, 1, 42, aligned)[0]
@@ -253,7 +260,7 @@ def test_flipped_byte_on_disk_is_a_miss(tmp_path, where, block, aligned):
     with DiskArena(str(tmp_path), 4, block, file_tag="flip") as arena:
         assert arena.payload_offset == (4096 if block % 4096 == 0 else HEADER_SIZE)
         (a,) = rand_blocks(rng, 1, block)
-        arena.write_blocks([(3, 99, a)])
+        arena.write_blocks([(3, H(99), a)])
         arena.sync()
         assert read_back(arena, 3, 99, aligned)[0]
         base = 3 * arena.slot_size
@@ -274,10 +281,10 @@ def test_torn_write_is_a_miss(tmp_path):
     block = 64 * 1024
     with DiskArena(str(tmp_path), 2, block, file_tag="torn") as arena:
         old, new = rand_blocks(rng, 2, block)
-        arena.write_blocks([(0, 1, old)])
+        arena.write_blocks([(0, H(1), old)])
         arena.sync()
         with DiskArena(str(tmp_path / "scratch"), 1, block, file_tag="x") as other:
-            other.write_blocks([(0, 2, new)])  # the header/payload the torn write would carry
+            other.write_blocks([(0, H(2), new)])  # the header/payload the torn write would carry
             other.sync()
             with open(other.path, "rb") as f:
                 image = f.read(other.slot_size)
@@ -294,10 +301,10 @@ def test_truncated_file_is_a_short_read(tmp_path):
     rng = np.random.default_rng(6)
     with DiskArena(str(tmp_path), 4, 10000, file_tag="trunc") as arena:
         blocks = rand_blocks(rng, 4, 10000)
-        arena.write_blocks([(i, 10 + i, b) for i, b in enumerate(blocks)])
+        arena.write_blocks([(i, H(10 + i), b) for i, b in enumerate(blocks)])
         arena.sync()
         os.truncate(arena.path, 2 * arena.slot_size + 5000)
-        ok = arena.read_blocks([(i, 10 + i, np.zeros(10000, np.uint8)) for i in range(4)])
+        ok = arena.read_blocks([(i, H(10 + i), np.zeros(10000, np.uint8)) for i in range(4)])
         assert ok == [True, True, False, False]
         assert arena.read_failures == 2
 
@@ -309,7 +316,7 @@ def test_io_errors_are_failures_not_exceptions(tmp_path, caplog):
     rng = np.random.default_rng(7)
     with DiskArena(str(tmp_path / "g3"), 4, 10000, file_tag="eio") as arena:
         blocks = rand_blocks(rng, 4, 10000)
-        assert all(arena.write_blocks([(i, i + 1, b) for i, b in enumerate(blocks)]))
+        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
         dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
         saved = os.dup(arena._fd)
         os.dup2(dfd, arena._fd)
@@ -317,9 +324,9 @@ def test_io_errors_are_failures_not_exceptions(tmp_path, caplog):
         try:
             with caplog.at_level(logging.WARNING, logger=LOGGER):
                 for _ in range(3):
-                    ok = arena.read_blocks([(i, i + 1, np.zeros(10000, np.uint8)) for i in range(4)])
+                    ok = arena.read_blocks([(i, H(i + 1), np.zeros(10000, np.uint8)) for i in range(4)])
                     assert ok == [False] * 4
-                    assert arena.write_blocks([(0, 1, blocks[0]), (1, 2, blocks[1])]) == [False, False]
+                    assert arena.write_blocks([(0, H(1), blocks[0]), (1, H(2), blocks[1])]) == [False, False]
         finally:
             os.dup2(saved, arena._fd)
             os.close(saved)
@@ -348,7 +355,7 @@ def test_too_small_filesystem_refused(mount):
 def test_write_on_full_disk_returns_false(mount, caplog):
     mnt = mount("tmpfs", "size=2M")
     rng = np.random.default_rng(8)
-    with DiskArena(str(mnt), 8, 60000, file_tag="full") as arena:
+    with DiskArena(str(mnt / "g3"), 8, 60000, file_tag="full") as arena:  # a tmpfs root is 1777: not private
         blocks = rand_blocks(rng, 8, 60000)
         # Lose the reserved space (as if the file were truncated) and let
         # something else fill the filesystem: writes now hit ENOSPC.
@@ -362,7 +369,7 @@ def test_write_on_full_disk_returns_false(mount, caplog):
         finally:
             os.close(fd)
         with caplog.at_level(logging.WARNING, logger=LOGGER):
-            ok = arena.write_blocks([(i, i + 1, b) for i, b in enumerate(blocks)])
+            ok = arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)])
         assert ok == [False] * 8
         assert arena.write_failures == 8
         assert "ENOSPC" in caplog.text or "No space" in caplog.text
@@ -390,7 +397,7 @@ def test_fallocate_refusal_names_zerofill(tmp_path, monkeypatch, caplog):
         assert st.st_blocks * 512 >= st.st_size  # really allocated, not sparse
         assert "%" in caplog.text and "GB/s" in caplog.text  # progress was shown
         (a,) = rand_blocks(np.random.default_rng(9), 1, 100_000)
-        assert arena.write_blocks([(39, 7, a)]) == [True]
+        assert arena.write_blocks([(39, H(7), a)]) == [True]
         ok, got = read_back(arena, 39, 7)
         assert ok
         np.testing.assert_array_equal(got, a)
@@ -411,7 +418,7 @@ def test_fallocate_refused_by_real_filesystem(mount, tmp_path):
         assert arena.o_direct
         assert os.path.getsize(arena.path) == 16 * arena.slot_size
         (a,) = rand_blocks(np.random.default_rng(10), 1, 100_000)
-        assert arena.write_blocks([(15, 3, a)]) == [True]
+        assert arena.write_blocks([(15, H(3), a)]) == [True]
         ok, got = read_back(arena, 15, 3)
         assert ok
         np.testing.assert_array_equal(got, a)
@@ -457,7 +464,7 @@ def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
         for arena in arenas:
             assert not arena.o_direct
             blocks = rand_blocks(rng, 4, 10000)
-            assert all(arena.write_blocks([(i, i + 5, b) for i, b in enumerate(blocks)]))
+            assert all(arena.write_blocks([(i, H(i + 5), b) for i, b in enumerate(blocks)]))
             arena.sync()
             for i, b in enumerate(blocks):
                 ok, got = read_back(arena, i, i + 5)

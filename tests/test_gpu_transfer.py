@@ -30,7 +30,7 @@ import torch
 
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import Completion, TorchCopyEngine
-from kvbm.transfer.layout import describe_kv_caches
+from kvbm.transfer.layout import LayoutError, describe_kv_caches
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -41,7 +41,7 @@ TOKENS = 16
 HEADS = 4
 HEAD_DIM = 64
 
-LAYOUTS = ["flash", "flashinfer", "mla", "cpu"]
+LAYOUTS = ["flash", "flashinfer", "mla", "cpu", "v2"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 
@@ -51,8 +51,14 @@ def _shape(kind: str, num_blocks: int) -> tuple[int, ...]:
         "flashinfer": (num_blocks, 2, TOKENS, HEADS, HEAD_DIM),  # FlashInfer
         "mla": (num_blocks, TOKENS, 576),  # MLA: latent 512 + rope 64
         "cpu": (num_blocks, HEADS, TOKENS, 2 * HEAD_DIM),  # CPU backend
+        # vLLM 0.26+'s GPU model runner: logically [B, H, N, 2D], stored [B, N, H, 2D] (see PERMUTED)
+        "v2": (num_blocks, TOKENS, HEADS, 2 * HEAD_DIM),
         "odd": (num_blocks, 3, 5),  # no 16-byte alignment: exercises the narrow path
     }[kind]
+
+
+#: Layouts whose tensors vLLM hands over as a permuted view of the stored order.
+PERMUTED = {"v2": (0, 2, 1, 3)}
 
 
 def _random_bytes_(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -70,6 +76,7 @@ def _make_caches(kind: str, dtype: torch.dtype, device: str, seed: int, shared: 
     for d in shape:
         numel *= d
     caches: dict[str, torch.Tensor] = {}
+    perm = PERMUTED.get(kind)
     if shared:  # vLLM-style: one allocation, each layer a view at an offset
         pad = 64  # elements between layers, so offsets are not just multiples of the layer size
         flat = torch.empty(NUM_LAYERS * (numel + pad), dtype=dtype)
@@ -77,11 +84,12 @@ def _make_caches(kind: str, dtype: torch.dtype, device: str, seed: int, shared: 
         flat = flat.to(device)
         for layer in range(NUM_LAYERS):
             start = layer * (numel + pad) + pad
-            caches[f"model.layers.{layer}.attn"] = flat[start : start + numel].view(shape)
+            t = flat[start : start + numel].view(shape)
+            caches[f"model.layers.{layer}.attn"] = t.permute(perm) if perm else t
         return caches
     for layer in range(NUM_LAYERS):
-        t = torch.empty(shape, dtype=dtype)
-        caches[f"model.layers.{layer}.attn"] = _random_bytes_(t, gen).to(device)
+        t = _random_bytes_(torch.empty(shape, dtype=dtype), gen).to(device)
+        caches[f"model.layers.{layer}.attn"] = t.permute(perm) if perm else t
     return caches
 
 
@@ -95,7 +103,12 @@ def _arena(buffer: torch.Tensor) -> HostArena:
 
 
 def _bytes(caches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.reshape(-1).view(torch.uint8).cpu() for k, v in caches.items()}
+    """Each layer's storage bytes, in memory order (a permuted view is read as stored)."""
+    out = {}
+    for k, v in caches.items():
+        order = sorted(range(v.dim()), key=lambda d: -v.stride(d))
+        out[k] = v.permute(order).reshape(-1).view(torch.uint8).cpu()
+    return out
 
 
 def _wait(engine, expected: int, timeout: float = 30.0) -> list[Completion]:
@@ -400,6 +413,32 @@ def test_factory_returns_torch_engine_for_cpu_tensors() -> None:
         assert torch.equal(t[[30, 31]].view(torch.uint8), ref_caches[name][[4, 9]].view(torch.uint8))
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_torch_engine_round_trip_every_layout(kind: str) -> None:
+    """Every layout (the permuted one of vLLM's GPU model runner too) round-trips byte for byte."""
+    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+
+    caches = _make_caches(kind, torch.bfloat16, "cpu", seed=3)
+    original = {k: v.clone() for k, v in caches.items()}
+    layout, views = describe_kv_caches(caches, NUM_BLOCKS)
+    engine = make_copy_engine(layout, views, _arena(make_host_arena_buffer(4, layout.block_bytes, False)))
+    engine.store(1, [2, 7], [0, 3])
+    engine.load("r", [0, 3], [11, 12])
+    assert [c.ok for c in engine.poll()] == [True, True]
+    dim = 1 if kind == "flash" else 0
+    for name, t in caches.items():
+        moved = original[name].index_select(dim, torch.tensor([2, 7]))
+        want = original[name].index_copy(dim, torch.tensor([11, 12]), moved)
+        assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), f"{kind}: layer {name}"
+    assert "physical order" in layout.describe()
+
+
+def test_layout_rejects_caches_with_gaps() -> None:
+    strided = torch.zeros((NUM_BLOCKS, 4, 16, 64), dtype=torch.bfloat16)[:, :, :, :32]
+    with pytest.raises(LayoutError, match="dense"):
+        describe_kv_caches({"l0": strided}, NUM_BLOCKS)
+
+
 def test_cuda_engine_rejects_cpu_tensors() -> None:
     from kvbm.transfer.cuda import CudaCopyEngine
 
@@ -444,3 +483,20 @@ def test_allocate_pinned_without_cuda_warns_and_falls_back() -> None:
     assert t.shape == (1 << 20,)
     t.fill_(1)
     assert int(t.sum()) == 1 << 20
+
+
+def test_torch_engine_copies_runs_and_rejects_bad_ids() -> None:
+    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+
+    caches = _make_caches("cpu", torch.float16, "cpu", seed=5)
+    original = {k: v.clone() for k, v in caches.items()}
+    layout, views = describe_kv_caches(caches, NUM_BLOCKS)
+    engine = make_copy_engine(layout, views, _arena(make_host_arena_buffer(8, layout.block_bytes, False)))
+    assert TorchCopyEngine._runs([5, 6, 7, 9, 2], [0, 1, 2, 3, 7]) == [(2, 7, 1), (5, 0, 3), (9, 3, 1)]
+    engine.store(1, [5, 6, 7, 9, 2], [0, 1, 2, 3, 7])
+    engine.load("r", [0, 1, 2, 3, 7], [20, 21, 22, 30, 31])
+    for name, t in caches.items():
+        assert torch.equal(t[[20, 21, 22, 30, 31]].view(torch.uint8), original[name][[5, 6, 7, 9, 2]].view(torch.uint8))
+    engine.store(2, [NUM_BLOCKS], [0])
+    engine.load("bad", [8], [0])
+    assert [(c.key, c.ok) for c in engine.poll()] == [(1, True), ("r", True), (2, False), ("bad", False)]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from kvbm.config import KvbmConfig, load_config
-from kvbm.vllm_integration.handshake import (
+from kvbm.runtime.handshake import (
     TIMEOUT_VAR,
     HandshakeError,
     LeaderHandshake,
@@ -28,8 +28,8 @@ from kvbm.vllm_integration.handshake import (
     WorkerHandshake,
     WorkerLayout,
     handshake_endpoints,
-    plan_tiers,
 )
+from kvbm.runtime.sizing import SizingError, plan_tiers
 from tests.handshake_procs import leader_main, worker_main
 
 CTX = mp.get_context("spawn")
@@ -328,7 +328,7 @@ def test_endpoints_default_to_private_unix_sockets_keyed_by_engine_id():
 
 def test_plan_tiers_errors_name_the_fix():
     cfg = config(cpu_cache_gb=0.00001)
-    with pytest.raises(HandshakeError, match="DYN_KVBM_CPU_CACHE_GB"):
+    with pytest.raises(SizingError, match="DYN_KVBM_CPU_CACHE_GB"):
         plan_tiers(cfg, [WorkerLayout(0, 2, BPB, 64), WorkerLayout(1, 2, BPB, 64)])
-    with pytest.raises(HandshakeError, match="different numbers of GPU blocks"):
+    with pytest.raises(SizingError, match="different numbers of GPU blocks"):
         plan_tiers(config(), [WorkerLayout(0, 2, BPB, 64), WorkerLayout(1, 2, BPB, 65)])

@@ -1,15 +1,17 @@
-"""Block identity: chained, salted, process-stable 64-bit block hashes."""
+"""Block identity: chained, salted, process-stable 128-bit block hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
 
-from kvbm.core.hashing import engine_root, extend_hashes, request_root
+from kvbm.core.hashing import HASH_BYTES, engine_root, extend_hashes, request_root
 
 BS = 4
 ROOT = engine_root("test-model|bs=4")
@@ -19,12 +21,49 @@ def hashes_of(tokens, root=ROOT, block_size=BS, num_tokens=None):
     return extend_hashes([], tokens, block_size, root, num_tokens)
 
 
-def test_values_are_64bit_ints():
+def test_values_are_128bit():
+    """Issue 13 item 3: 64-bit hashes collide by chance over a large persistent
+    tier (and can be searched for); 128 bits cannot."""
     hs = hashes_of(list(range(40)))
     assert len(hs) == 10
     for h in [ROOT, *hs]:
-        assert isinstance(h, int)
-        assert 0 <= h < 2**64
+        assert isinstance(h, bytes)
+        assert len(h) == HASH_BYTES >= 16
+
+
+def test_hash_is_the_documented_function():
+    """hash(block) = BLAKE2b-512(previous hash + each id as b"i" + int32 LE)[:16],
+    written out here without marshal, so the fast path cannot drift from it."""
+    tokens = [5, 0, 2**31 - 1, -(2**31), 70000, 3, 9, 1]
+    prev, expected = ROOT, []
+    for i in range(0, len(tokens), BS):
+        data = b"".join(b"i" + struct.pack("<i", t) for t in tokens[i : i + BS])
+        prev = hashlib.blake2b(prev + data).digest()[:16]
+        expected.append(prev)
+    assert hashes_of(tokens) == expected
+
+
+def test_all_input_types_give_the_same_hashes():
+    """The fast path (one marshal call over a list) and the per-block path
+    (tuples, ranges, numpy ints, ids beyond int32) agree on the same ids."""
+    import numpy as np
+
+    tokens = list(range(7, 47))
+    ref = hashes_of(tokens)
+    assert hashes_of(tuple(tokens)) == ref
+    assert hashes_of(range(7, 47)) == ref
+    assert hashes_of(np.arange(7, 47, dtype=np.int64)) == ref
+    assert hashes_of([np.int32(t) for t in tokens]) == ref
+    big = [2**40, -(2**40), 2**31, -(2**31) - 1]  # no 5-byte encoding: per-block path
+    a = hashes_of(big + tokens[4:])
+    assert len(a) == len(ref) and not set(a) & set(ref)
+    assert hashes_of(tuple(big + tokens[4:])) == a
+
+
+def test_equal_bytes_across_block_boundaries_do_not_collide():
+    # The same ids split differently into blocks (block size 4 vs 8) never share a chain.
+    tokens = list(range(100, 116))
+    assert not set(hashes_of(tokens, block_size=4)) & set(hashes_of(tokens, block_size=8))
 
 
 def test_equal_prefixes_give_equal_hashes():
@@ -78,7 +117,7 @@ def test_incremental_extend_equals_single_call():
     once = hashes_of(tokens)
     assert len(once) == 25
 
-    hs: list[int] = []
+    hs: list[bytes] = []
     for n in [0, 1, 3, 4, 5, 9, 9, 16, 17, 50, 77, 100, 103]:
         out = extend_hashes(hs, tokens, BS, ROOT, n)
         assert out is hs  # extends in place
@@ -90,7 +129,7 @@ def test_incremental_extend_with_growing_token_list():
     # Decode: the token list itself grows between calls.
     tokens = list(range(50, 80))
     full = hashes_of(tokens)
-    hs: list[int] = []
+    hs: list[bytes] = []
     for n in range(1, len(tokens) + 1):
         extend_hashes(hs, tokens[:n], BS, ROOT)
     assert hs == full
@@ -134,7 +173,7 @@ def test_request_root_salting():
     }
     assert len(set(roots.values())) == len(roots), roots
     for r in roots.values():
-        assert 0 <= r < 2**64
+        assert isinstance(r, bytes) and len(r) == HASH_BYTES
     # Deterministic.
     assert request_root(ROOT, cache_salt="a", lora_name="x") == roots["salt_a_lora_x"]
     # Salted requests do not share blocks with unsalted ones.
@@ -161,19 +200,17 @@ from kvbm.core.hashing import engine_root, extend_hashes, request_root
 root = engine_root("stability-model|bs=16")
 salted = request_root(root, cache_salt="tenant", lora_name="lora", extra_keys=("k1",))
 tokens = list(range(1, 33))
-print(json.dumps([root, salted, extend_hashes([], tokens, 16, root), extend_hashes([], tokens, 16, salted)]))
+values = [[root], [salted], extend_hashes([], tokens, 16, root), extend_hashes([], tokens, 16, salted)]
+print(json.dumps([[h.hex() for h in v] for v in values]))
 """
 
 
 def _local_values():
     root = engine_root("stability-model|bs=16")
     salted = request_root(root, cache_salt="tenant", lora_name="lora", extra_keys=("k1",))
-    return [
-        root,
-        salted,
-        extend_hashes([], _FIXED_TOKENS, 16, root),
-        extend_hashes([], _FIXED_TOKENS, 16, salted),
-    ]
+    chains = [extend_hashes([], _FIXED_TOKENS, 16, r) for r in (root, salted)]
+    values = [[root], [salted], *chains]
+    return [[h.hex() for h in v] for v in values]
 
 
 @pytest.mark.parametrize("seed", ["0", "12345"])
@@ -192,10 +229,10 @@ def test_hashes_stable_across_processes(seed):
 # only then.
 def test_pinned_hash_values():
     root = engine_root("test-model|bs=4")
-    assert root == 16980859138658122465
-    assert extend_hashes([], list(range(12)), 4, root) == [
-        1328132425973320807,
-        4912074116773349765,
-        6318146082232303473,
+    assert root.hex() == "1e99a876b16106bcf08303ca10af9793"
+    assert [h.hex() for h in extend_hashes([], list(range(12)), 4, root)] == [
+        "1402beaf9312b0126bf832d66d6b3337",
+        "b24a3e64190efc5932643b40d551b88c",
+        "f3172da54d0ee52b1f85e6f7eb58a370",
     ]
-    assert request_root(root, cache_salt="s") == 12239031137893240415
+    assert request_root(root, cache_salt="s").hex() == "fabdb4396e0549d7fb4469f93a81d702"

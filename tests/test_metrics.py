@@ -9,6 +9,8 @@ test_metrics_prometheus.py.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -296,3 +298,33 @@ def test_summary_line(metrics):
     assert "matched 16 tokens" in line
     assert "G2 4/8 used" in line and "G3 4/16 used" in line
     assert "disk errors: checksum 1" in line
+
+
+def test_half_sent_connections_hold_no_threads_forever(metrics):
+    """300 connections that never finish their request: threads stay bounded, the exporter closes them
+    itself, and a real scrape gets through while they are open."""
+    exp = MetricsExporter(metrics, "127.0.0.1", free_port(), max_connections=16, request_timeout_s=1.0)
+    threads = threading.active_count()
+    stalled = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", exp.port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+            stalled.append(sock)
+        time.sleep(0.5)
+        assert threading.active_count() <= threads + 16 + 2
+        assert "kvbm_matched_tokens" in scrape(f"http://127.0.0.1:{exp.port}/metrics")
+        for sock in stalled:  # each one closed by the exporter: evicted at once or timed out
+            sock.settimeout(10)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        deadline = time.monotonic() + 10
+        while threading.active_count() > threads + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= threads + 1
+    finally:
+        for sock in stalled:
+            sock.close()
+        exp.close()

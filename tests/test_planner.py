@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
-from kvbm.core.planner import LoadOp, Planner, StepPlan
+from kvbm.core.planner import DISK, HOST, LoadOp, Planner, StepPlan
 from kvbm.core.pool import BlockPool, SlotState
 
 BS = 4
@@ -157,7 +157,7 @@ def test_match_twice_with_different_num_computed():
     blocks = gpu(6)
     p.on_alloc("r", blocks, 3 * BS)
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5])]
+    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5], sync=True)]
     # And a third call after that is harmless too.
     assert p.match("r", tokens, 20) == 0
 
@@ -174,6 +174,59 @@ def test_match_is_repeatable_and_records_no_pins():
 
 
 # ---- loads -------------------------------------------------------------------
+
+
+def test_g2_loads_are_synchronous_by_default_and_the_mode_is_per_tier():
+    tokens = toks(21)
+    for tiers, want_async in (((HOST,), False), ((), True), ((HOST, DISK), False)):
+        pool = BlockPool(64, "g2")
+        p = Planner(pool, BS, sync_load_tiers=tiers)
+        seed(pool, tokens)
+        p.add_request("r", ROOT)
+        assert p.match("r", tokens, 0) == 5 * BS
+        assert p.load_is_async("r") is want_async
+        p.on_alloc("r", gpu(6), 5 * BS)
+        assert p.take_plan().loads[0].sync is not want_async
+    assert make()[0].load_is_async("unknown")  # nothing matched: nothing to load
+
+
+def test_finished_right_after_a_sync_load_still_waits_for_its_stores():
+    """A request can finish in the step that loaded it synchronously (e.g. one output token):
+    its GPU blocks must stay with vLLM until that step's stores are reported."""
+    p, pool = make()
+    tokens = toks(21)
+    seed(pool, tokens, blocks={0, 1})
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 2 * BS
+    blocks = gpu(6)
+    p.on_alloc("r", blocks, 2 * BS)
+    p.on_scheduled("r", tokens, blocks, True, len(tokens))
+    plan = p.take_plan()
+    assert plan.loads[0].sync and plan.store is not None
+    assert p.on_finished("r") is True  # keep the blocks: the store still reads them
+    p.on_worker_report(stored={plan.store.batch_id: 1}, finished_loads=["r"], released=["r"])
+    assert not p.busy
+
+
+def test_failed_sync_load_lets_the_recomputed_blocks_be_stored():
+    p, pool = make()
+    tokens = toks(21)
+    slots = seed(pool, tokens, blocks={0, 1, 2})
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 3 * BS
+    blocks = gpu(6)
+    p.on_alloc("r", blocks, 3 * BS)
+    p.on_scheduled("r", tokens, blocks, True, len(tokens))
+    plan = p.take_plan()
+    assert plan.store.slots  # blocks 3, 4 computed this step
+    # The worker reports the load failed: the step's store batch dropped, slot 1 unreadable.
+    pool.drop(slots[1])
+    p.on_worker_report(failed_batches=[plan.store.batch_id], finished_loads=["r"], failed_loads=["r"])
+    assert p.stats.failed_loads == 1 and not p.busy
+    # vLLM recomputes from the first bad block: those blocks are stored this time.
+    p.on_scheduled("r", tokens, None, False, len(tokens))
+    again = p.take_plan()
+    assert again.store is not None and len(again.store.slots) == 3  # blocks 1, 3, 4 (0 and 2 are still in G2)
 
 
 def test_on_alloc_without_external_tokens_queues_nothing():
@@ -203,7 +256,7 @@ def test_on_alloc_queues_load_and_pins_until_finished():
         assert s not in pool.lru_order()
     assert p.busy
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots, gpu_blocks=blocks[2:5])]
+    assert plan.loads == [LoadOp(req_id="r", host_slots=slots, gpu_blocks=blocks[2:5], sync=True)]
     assert plan.store is None
     assert p.stats.hit_blocks == 3
     assert p.stats.matched_tokens == 12
@@ -774,3 +827,57 @@ def test_full_lifecycle_leaves_no_leaks():
     assert p.num_tracked_requests() == 0
     assert p.stats.onboarded_blocks > 0
     assert_no_leak(p, pool)
+
+
+def test_cost_rule_recomputes_a_slow_tier_and_counts_it():
+    from kvbm.core.cost import OnboardCost
+
+    host, disk = BlockPool(64, "g2"), BlockPool(64, "g3")
+    cost = OnboardCost(block_size=BS, block_bytes=1 << 20)
+    p = Planner(host, BS, disk_pool=disk, cost=cost)
+    tokens = toks(41)  # 10 full blocks: 4 in G2, then 6 in G3
+    hs = hashes(tokens)
+    for pool, idx in ((host, range(4)), (disk, range(4, 10))):
+        for i in idx:
+            pool.commit(pool.reserve(hs[i]))
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 10 * BS  # nothing measured yet: load it all
+    cost.observe_step(10_000, 1.0)
+    cost.observe_load(DISK, 1e6, 1.0)  # a crawling disk: 1 s per block
+    assert p.match("r", tokens, 0) == 4 * BS  # G2 only; G3's blocks are recomputed
+    p.on_alloc("r", gpu(11), 4 * BS)
+    assert p.stats.cost_skipped_disk_blocks == 6 and p.stats.cost_skipped_host_blocks == 0
+    assert p.take_plan().loads[0].disk_slots == []
+    assert all(disk.refcount(s) == 0 for s in range(disk.num_slots))  # nothing pinned in G3
+
+
+# ---- lazy hashing in match (issue 13 item 3: a cheaper match) -------------------------
+def test_a_miss_hashes_only_the_first_window():
+    p, _ = make()
+    tokens = toks(400 * BS + 1)
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 0
+    assert len(p._requests["r"].hashes) <= 16  # not the 400 blocks of the prompt
+    # ...and the rest is hashed as it is computed, the same chain as hashing at once.
+    p.on_alloc("r", gpu(401), 0)
+    p.on_scheduled("r", tokens, gpu(401), True, len(tokens))
+    assert p._requests["r"].hashes == hashes(tokens)
+
+
+@pytest.mark.parametrize("host_blocks,disk_blocks", [(0, 0), (15, 0), (16, 0), (41, 30), (0, 70), (47, 152), (199, 0)])
+def test_match_across_windows_and_tiers(host_blocks, disk_blocks):
+    """G2 run then G3 continuation, ending anywhere relative to the doubling windows."""
+    host, disk = BlockPool(400, "g2"), BlockPool(400, "g3")
+    p = Planner(host, BS, disk_pool=disk)
+    tokens = toks(200 * BS + 1)
+    seed(host, tokens, blocks=set(range(host_blocks)))
+    seed(disk, tokens, blocks=set(range(host_blocks, host_blocks + disk_blocks)) | {150, 151})  # unreachable
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == (host_blocks + disk_blocks) * BS
+    p.on_alloc("r", gpu(201), (host_blocks + disk_blocks) * BS)
+    plan = p.take_plan()
+    if host_blocks + disk_blocks:
+        (load,) = plan.loads
+        assert len(load.host_slots) == host_blocks and len(load.disk_slots) == disk_blocks
+        assert load.disk_hashes == hashes(tokens)[host_blocks : host_blocks + disk_blocks]
+    assert p.stats.lookup_blocks == 200  # blocks asked for, however far hashing went

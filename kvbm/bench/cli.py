@@ -47,15 +47,20 @@ def add_workload_arguments(parser: argparse.ArgumentParser, **defaults: object) 
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="ask the server for exactly --answer-len tokens (vLLM's ignore_eos; default: on)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompt words (default: %(default)s)")
+    g.add_argument("--no-reuse", action="store_true",
+                   help="no prompt shares a prefix: one question per user, no shared system prompt, no warm-up "
+                        "(what kvbm costs when it cannot help)")
 
 
 def spec_from_args(args: argparse.Namespace):  # -> WorkloadSpec (import kept lazy)
     from kvbm.bench.workload import WorkloadSpec
 
+    no_reuse = getattr(args, "no_reuse", False)
     return WorkloadSpec(
-        num_users=args.num_users, num_rounds=args.num_rounds, system_prompt_words=args.system_prompt,
+        num_users=args.num_users, num_rounds=1 if no_reuse else args.num_rounds,
+        system_prompt_words=0 if no_reuse else args.system_prompt,
         chat_history_words=args.chat_history, answer_tokens=args.answer_len, qps=args.qps,
-        duration=args.time or None, max_users=args.max_users, warmup_users=args.warmup_users,
+        duration=args.time or None, max_users=args.max_users, warmup_users=0 if no_reuse else args.warmup_users,
         warmup_qps=args.warmup_qps, init_user_id=args.init_user_id, filler=args.filler, api=args.api,
         ignore_eos=args.ignore_eos, seed=args.seed,
     )
@@ -108,8 +113,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("model", metavar="MODEL", help="model name or path, served by each configuration")
     g = compare.add_argument_group("configurations")
     g.add_argument("--configs", default="vllm,kvbm-host,kvbm-host+disk",
-                   help="built-in configurations to run, first is the baseline (default: %(default)s; "
-                        "'' for none)")
+                   help="built-in configurations to run, first is the baseline: vllm, kvbm-host, kvbm-host+disk, "
+                        "floor (vLLM with its whole KV pool: what a hit costs when everything fits on the GPU) "
+                        "(default: %(default)s; '' for none)")
     g.add_argument("--config", action="append", default=[], metavar="NAME=ARGS",
                    help="add a configuration: vLLM arguments and VAR=VALUE environment words; any DYN_KVBM_* "
                         "variable attaches kvbm (repeatable)")

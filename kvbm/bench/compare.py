@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 COMMON_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
 #: vLLM's prefix cache is on by default in V1; say so, so the baseline is never a cache-less strawman.
 COMMON_ARGS = ["--enable-prefix-caching"]
-BUILTIN_NAMES = ("vllm", "kvbm-host", "kvbm-host+disk")
+BUILTIN_NAMES = ("vllm", "kvbm-host", "kvbm-host+disk", "floor")
+#: The floor's KV space on CPU (GiB; ignored on GPUs, where vLLM takes its usual share of memory).
+FLOOR_CPU_KVCACHE_GIB = "8"
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Configuration:
     kvbm: dict | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    #: vLLM keeps its whole KV pool (the --gpu-blocks shrink does not apply): the floor,
+    #: what a hit costs when everything fits on the GPU.
+    full_pool: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Configuration:
@@ -93,6 +98,7 @@ def builtin_configurations(names: list[str], cpu_cache_gb: float, disk_cache_gb:
         "vllm": Configuration("vllm"),
         "kvbm-host": Configuration("kvbm-host", kvbm={"cpu_cache_gb": cpu_cache_gb}),
         "kvbm-host+disk": Configuration("kvbm-host+disk", kvbm={"cpu_cache_gb": cpu_cache_gb, **disk}),
+        "floor": Configuration("floor", env={"VLLM_CPU_KVCACHE_SPACE": FLOOR_CPU_KVCACHE_GIB}, full_pool=True),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -227,6 +233,8 @@ def _run_one(model: str, config: Configuration, spec: WorkloadSpec, engine_args:
             server_env["DYN_KVBM_METRICS_PORT"] = str(free_port())
         if server_env.get("DYN_KVBM_METRICS", "").lower() in ("1", "true", "yes", "on"):
             metrics_url = f"http://127.0.0.1:{server_env.get('DYN_KVBM_METRICS_PORT', '6880')}/metrics"
+    if config.full_pool:
+        engine_args = _without_pool_override(engine_args)
     server = VllmServer(model, [*COMMON_ARGS, *engine_args, *config.extra_args], env=server_env,
                         log_path=log, kvbm_extra_config=kvbm_config)
     logger.info("[%s] starting vLLM (log: %s)", config.name, log)
@@ -258,6 +266,20 @@ def _run_one(model: str, config: Configuration, spec: WorkloadSpec, engine_args:
                     s["duration"], s["ttft_mean"], s["ttft_p90"],
                     f" ({s['errors']:.0f} failed)" if s["errors"] else "")
     return outcome
+
+
+def _without_pool_override(args: list[str]) -> list[str]:
+    """``args`` minus ``--num-gpu-blocks-override N`` (either spelling)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--num-gpu-blocks-override":
+            skip = True
+        elif not arg.startswith("--num-gpu-blocks-override="):
+            out.append(arg)
+    return out
 
 
 def _root_cause(log: str) -> str | None:
@@ -332,6 +354,20 @@ def format_table(outcomes: list[Outcome]) -> str:
                        ("ttft_p99", "TTFT p99")):
         row(label, lambda o, s, key=key: f"{s[key]:.3f}s" + (_ratio(s[key], base[key]) if base and o is not
                                                               outcomes[0] else ""))
+    if any(s["later_ttft_mean"] == s["later_ttft_mean"] for s in summaries.values()):  # not all NaN
+        for key, label in (("later_ttft_mean", "later-turn TTFT mean"), ("later_ttft_p90", "later-turn TTFT p90")):
+            row(label, lambda o, s, key=key: f"{s[key]:.3f}s" + (_ratio(s[key], base[key]) if base and o is not
+                                                                  outcomes[0] else ""))
+        floor = next((o for o in ok if o.config.full_pool), None)
+        if floor is not None:
+            fs = summaries[id(floor)]
+            def vs_floor(o: Outcome, s: dict) -> str:
+                if o is floor:
+                    return "-"
+                mean, p90 = (s[k] / fs[k] for k in ("later_ttft_mean", "later_ttft_p90"))
+                return f"{mean:.2f}x / {p90:.2f}x"
+
+            row("  vs floor (mean / p90)", vs_floor)
     for key, label in (("input_tok_s", "input tokens/s"), ("output_tok_s", "output tokens/s")):
         row(label, lambda o, s, key=key: f"{s[key]:.0f}" + (_ratio(s[key], base[key]) if base and o is not
                                                              outcomes[0] else ""))

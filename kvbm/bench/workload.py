@@ -268,6 +268,7 @@ class WorkloadResult:
         duration = max(self.wall_time, 1e-9)
         lags = sorted(r.client_lag for r in recs)
         speeds = [r.generation_tokens / r.generation_time for r in recs if r.generation_time > 0]
+        later = sorted(r.ttft for r in recs if r.question_id > 1)
         return {
             "requests": len(recs),
             "errors": len(self.errors),
@@ -282,6 +283,9 @@ class WorkloadResult:
             "prompt_tokens_mean": statistics.fmean(r.prompt_tokens for r in recs) if recs else math.nan,
             "gen_tok_s_per_request": statistics.fmean(speeds) if speeds else math.nan,
             "client_lag_p99": _percentile(lags, 99),
+            # Later turns: requests a cache can serve (a user's first question is new to every server).
+            "later_ttft_mean": statistics.fmean(later) if later else math.nan,
+            "later_ttft_p90": _percentile(later, 90),
         }
 
     def write_csv(self, path: Path) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 #: Frequencies saturate here (doubling must not grow unboundedly).
@@ -66,9 +66,9 @@ class FrequencyFilter:
         self.max_entries = max_entries
         self._clock = clock
         #: hash -> its stored value, ``offset + frequency`` as of its last change.
-        self._stored: dict[int, int] = {}
+        self._stored: dict[Hashable, int] = {}
         #: stored value -> hashes holding it; a decay forgets whole buckets.
-        self._buckets: dict[int, set[int]] = {}
+        self._buckets: dict[int, set[Hashable]] = {}
         #: Min-heap of bucket values (an emptied bucket's value stays until it surfaces).
         self._values: list[int] = []
         #: Decay steps applied so far.
@@ -77,7 +77,7 @@ class FrequencyFilter:
         self.stats = FilterStats()
 
     # ---- decay ---------------------------------------------------------------------
-    def _set(self, block_hash: int, old: int | None, freq: int) -> None:
+    def _set(self, block_hash: Hashable, old: int | None, freq: int) -> None:
         """Move the entry from stored value ``old`` (None: new entry) to ``offset + freq``."""
         buckets = self._buckets
         if old is not None:
@@ -141,7 +141,7 @@ class FrequencyFilter:
         self._period_start = self._clock()
 
     # ---- API -----------------------------------------------------------------
-    def observe(self, block_hash: int) -> int:
+    def observe(self, block_hash: Hashable) -> int:
         """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...)."""
         self._catch_up()
         self.stats.observed += 1
@@ -154,13 +154,13 @@ class FrequencyFilter:
         self._set(block_hash, stored, new)
         return new
 
-    def frequency(self, block_hash: int) -> int:
+    def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
         self._catch_up()
         stored = self._stored.get(block_hash)
         return 0 if stored is None else stored - self._offset
 
-    def should_offload(self, block_hash: int) -> bool:
+    def should_offload(self, block_hash: Hashable) -> bool:
         """True if the block has been seen often enough to be worth a disk write."""
         ok = self.frequency(block_hash) >= self.threshold
         if ok:

@@ -27,14 +27,26 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
-from kvbm.core.hashing import extend_hashes
+from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.pool import BlockPool
 
 logger = logging.getLogger(__name__)
 
 HOST = "host"
 DISK = "disk"
+
+#: DYN_KVBM_LOAD_MODE -> tiers whose loads run inside the step that matched them. G2 is
+#: pinned host memory: its copy takes a fraction of a step, and loading in-step saves the
+#: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
+#: could stall every request of the step, so they stay asynchronous unless forced.
+SYNC_LOAD_TIERS: dict[str, tuple[str, ...]] = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
+#: A match hashes the prompt in windows of this many blocks, doubling, and
+#: stops at the window holding the first block no tier has: a miss costs one
+#: small window, not the whole prompt (its blocks are hashed later, as they
+#: are computed, by ``on_scheduled``).
+_FIRST_WINDOW = 16
 
 
 @dataclass
@@ -46,7 +58,11 @@ class LoadOp:
     gpu_blocks: list[int]
     host_slots: list[int]
     disk_slots: list[int] = field(default_factory=list)
-    disk_hashes: list[int] = field(default_factory=list)
+    disk_hashes: list[BlockHash] = field(default_factory=list)
+    #: Synchronous: the request is scheduled in this very step, so the copy must land
+    #: before the forward pass reads it (the worker orders it so); otherwise the
+    #: request waits, unscheduled, until the workers report the load finished.
+    sync: bool = False
 
 
 @dataclass
@@ -61,7 +77,7 @@ class StoreBatch:
     tier: str
     gpu_blocks: list[int]
     slots: list[int]
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +87,7 @@ class SpillBatch:
     batch_id: int
     host_slots: list[int]
     disk_slots: list[int]
-    hashes: list[int]
+    hashes: list[BlockHash]
 
 
 @dataclass
@@ -109,6 +125,9 @@ class PlannerStats:
     filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
+    cost_skipped_host_blocks: int = 0
+    cost_skipped_disk_blocks: int = 0
     bad_disk_blocks: int = 0  # failed verification or I/O on read
 
     @property
@@ -126,16 +145,19 @@ class PlannerStats:
 
 @dataclass
 class _Request:
-    root: int | None  # None: never cached (e.g. prompt embeddings)
-    hashes: list[int] = field(default_factory=list)
+    root: BlockHash | None  # None: never cached (e.g. prompt embeddings)
+    hashes: list[BlockHash] = field(default_factory=list)
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
     last_batch: int = -1  # newest store batch holding one of its blocks
-    candidate: tuple[int, list[int], list[int]] | None = None  # (first block, G2 slots, G3 slots)
+    #: (first block, G2 slots, G3 slots, blocks asked for)
+    candidate: tuple[int, list[int], list[int], int] | None = None
     #: (num_computed, num_tokens, pool versions) of the last match, to answer
     #: vLLM's repeated asks for a waiting request in O(1).
     match_key: tuple[int, int, int, int] | None = None
-    last_match: tuple[int, list[int], list[int]] | None = None
+    last_match: tuple[int, list[int], list[int], int] | None = None
+    #: (G2, G3) blocks of the candidate that the cost rule left to recompute.
+    skipped: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -143,7 +165,7 @@ class _PendingBatch:
     pool: BlockPool
     slots: list[int]
     pinned_host: list[int] = field(default_factory=list)  # G2 slots read by a spill
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
     reports: int = 0
 
 
@@ -151,6 +173,8 @@ class _PendingBatch:
 class _Loading:
     host_slots: list[int]
     disk_slots: list[int]
+    sync: bool = False
+    first_block: int = 0  # the request's block index where the load starts
 
 
 class Planner:
@@ -163,9 +187,17 @@ class Planner:
         world_size: int = 1,
         disk_pool: BlockPool | None = None,
         disk_filter: FrequencyFilter | None = None,
+        sync_load_tiers: Iterable[str] = (HOST,),
+        cost: OnboardCost | None = None,
     ) -> None:
+        """``sync_load_tiers``: a load drawing only on these tiers runs inside the step that
+        matched it (the request is scheduled at once, as for a GPU prefix hit); a load that
+        touches any other tier is asynchronous (the request waits, other requests run)."""
         if host_pool is None and disk_pool is None:
             raise ValueError("Planner needs at least one tier")
+        self.sync_load_tiers = frozenset(sync_load_tiers)
+        #: Load-or-recompute per tier; None loads whatever matched.
+        self.cost = cost
         self.host = host_pool
         self.disk = disk_pool
         self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
@@ -179,15 +211,15 @@ class Planner:
         self._next_batch_id = 0
         self._plan = StepPlan()
         #: (hash, slot) of G3 blocks committed since the last take (for the journal).
-        self._disk_committed: list[tuple[int, int]] = []
+        self._disk_committed: list[tuple[BlockHash, int]] = []
 
     # ---- request lifecycle --------------------------------------------
-    def add_request(self, req_id: str, root: int | None, hashes: Sequence[int] = ()) -> None:
+    def add_request(self, req_id: str, root: BlockHash | None, hashes: Sequence[BlockHash] = ()) -> None:
         """Track a request. ``hashes``: its block hashes when already known (``kvbm plan``
         replays a trace of hashes without tokens); blocks they cover are never hashed again."""
         self._requests[req_id] = _Request(root=root, hashes=list(hashes))
 
-    def request_hashes(self, req_id: str) -> Sequence[int]:
+    def request_hashes(self, req_id: str) -> Sequence[BlockHash]:
         """Hashes of the request's blocks computed so far (read-only; empty if untracked)."""
         req = self._requests.get(req_id)
         return req.hashes if req is not None else ()
@@ -208,19 +240,61 @@ class Planner:
         # so the block holding the last token is always left to compute.
         max_blocks = (len(tokens) - 1) // bs
         start = num_computed // bs
-        req.candidate = None
+        req.candidate, req.skipped = None, (0, 0)
         if start >= max_blocks:
             return 0
         key = (num_computed, len(tokens), *self._versions())
         if key != req.match_key:
-            extend_hashes(req.hashes, tokens, bs, req.root, max_blocks * bs)
-            host = self.host.match_prefix(req.hashes, start, max_blocks) if self.host else []
-            disk = self.disk.match_prefix(req.hashes, start + len(host), max_blocks) if self.disk else []
-            req.last_match = (start, host, disk)
+            host, disk = self._match_tiers(req, tokens, start, max_blocks)
+            req.last_match = (start, host, disk, max_blocks - start)
             req.match_key = key
-        req.candidate = req.last_match
-        _, host, disk = req.last_match  # type: ignore[misc]
+        start, host, disk, asked = req.last_match  # type: ignore[misc]
+        if self.cost is not None and (host or disk):
+            n_host, n_disk = self.cost.choose([(HOST, len(host)), (DISK, len(disk))])
+            req.skipped = (len(host) - n_host, len(disk) - n_disk)
+            host, disk = host[:n_host], disk[:n_disk]
+        req.candidate = (start, host, disk, asked)
         return (len(host) + len(disk)) * bs
+
+    def _match_tiers(
+        self, req: _Request, tokens: Sequence[int], start: int, max_blocks: int
+    ) -> tuple[list[int], list[int]]:
+        """G2 slots of the longest stored run from block ``start``, then G3 slots
+        continuing it; hashing only as far as the run reaches (doubling windows)."""
+        host: list[int] = []
+        disk: list[int] = []
+        pos, window = start, _FIRST_WINDOW
+        on_host = self.host is not None
+        while pos < max_blocks:
+            end = min(max_blocks, pos + window)
+            window *= 2
+            extend_hashes(req.hashes, tokens, self.block_size, req.root, end * self.block_size)
+            if on_host:
+                got = self.host.match_prefix(req.hashes, pos, end)  # type: ignore[union-attr]
+                host += got
+                pos += len(got)
+                if pos == end:
+                    continue
+                on_host = False  # the G2 run ended: G3 may continue it from here
+            if self.disk is None:
+                break
+            got = self.disk.match_prefix(req.hashes, pos, end)
+            disk += got
+            pos += len(got)
+            if pos < end:
+                break
+        return host, disk
+
+    def load_is_async(self, req_id: str) -> bool:
+        """Whether the load of the match just made for ``req_id`` is asynchronous."""
+        req = self._requests.get(req_id)
+        if req is None or req.candidate is None:
+            return True
+        _, host, disk, _ = req.candidate
+        return not self._sync(host, disk)
+
+    def _sync(self, host: Sequence[int], disk: Sequence[int]) -> bool:
+        return (not host or HOST in self.sync_load_tiers) and (not disk or DISK in self.sync_load_tiers)
 
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
@@ -228,12 +302,15 @@ class Planner:
         if req is None:
             return
         candidate, req.candidate = req.candidate, None
+        skipped, req.skipped = req.skipped, (0, 0)
+        self.stats.cost_skipped_host_blocks += skipped[0]
+        self.stats.cost_skipped_disk_blocks += skipped[1]
         if candidate is not None:
             self.stats.lookup_requests += 1
-            self.stats.lookup_blocks += max(0, len(req.hashes) - candidate[0])
+            self.stats.lookup_blocks += candidate[3]
         if num_external_tokens <= 0 or candidate is None:
             return
-        start, host, disk = candidate
+        start, host, disk, _ = candidate
         n = num_external_tokens // self.block_size
         if n > len(host) + len(disk):
             raise RuntimeError(
@@ -252,7 +329,8 @@ class Planner:
             self.host.acquire(host)
         if self.disk is not None:
             self.disk.acquire(disk)
-        self._loading[req_id] = _Loading(host, disk)
+        sync = self._sync(host, disk)
+        self._loading[req_id] = _Loading(host, disk, sync, start)
         d0 = start + len(host)
         self._plan.loads.append(LoadOp(
             req_id=req_id,
@@ -260,6 +338,7 @@ class Planner:
             host_slots=host,
             disk_slots=disk,
             disk_hashes=req.hashes[d0 : d0 + len(disk)],
+            sync=sync,
         ))
         self.stats.host_hit_blocks += len(host)
         self.stats.disk_hit_blocks += len(disk)
@@ -337,8 +416,10 @@ class Planner:
         """Returns True if vLLM must keep the request's GPU blocks until the
         workers report it (stores from them still in flight)."""
         req = self._requests.pop(req_id, None)
-        if req is None or req_id in self._loading:
-            # An aborted load: vLLM itself waits for finished_recving.
+        loading = self._loading.get(req_id)
+        if req is None or (loading is not None and not loading.sync):
+            # An aborted asynchronous load: vLLM itself waits for finished_recving.
+            # (A synchronous load has landed: the step that used it has run.)
             return False
         if req.last_batch in self._pending:
             self._plan.release_after_store.append((req_id, req.last_batch))
@@ -347,13 +428,13 @@ class Planner:
         return False
 
     # ---- G2 → G3 -------------------------------------------------------
-    def _observe(self, block_hash: int, host_slot: int) -> None:
+    def _observe(self, block_hash: BlockHash, host_slot: int) -> None:
         """A sighting of a READY G2 block; spill it to G3 once the filter admits it."""
         assert self.filter is not None
         self.filter.observe(block_hash)
         self._maybe_spill(block_hash, host_slot)
 
-    def _maybe_spill(self, block_hash: int, host_slot: int) -> None:
+    def _maybe_spill(self, block_hash: BlockHash, host_slot: int) -> None:
         assert self.host is not None and self.disk is not None
         if self.disk.contains(block_hash):
             return
@@ -437,6 +518,11 @@ class Planner:
                 self.disk.release(loading.disk_slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
+                req = self._requests.get(req_id)
+                if loading.sync and req is not None:
+                    # The step that used it ran, and its stores were dropped; vLLM recomputes
+                    # from the first bad block. Store what it recomputes (it is good KV).
+                    req.next_store = min(req.next_store, loading.first_block)
             else:
                 self.stats.onboarded_host_blocks += len(loading.host_slots)
                 self.stats.onboarded_disk_blocks += len(loading.disk_slots)
@@ -461,12 +547,12 @@ class Planner:
             for block_hash, slot in zip(pending.hashes, pending.slots):
                 self._maybe_spill(block_hash, slot)
 
-    def take_disk_commits(self) -> list[tuple[int, int]]:
+    def take_disk_commits(self) -> list[tuple[BlockHash, int]]:
         """(hash, slot) of G3 blocks made visible since the last call (for the journal)."""
         commits, self._disk_committed = self._disk_committed, []
         return commits
 
-    def restore_disk(self, entries: dict[int, int]) -> int:
+    def restore_disk(self, entries: dict[BlockHash, int]) -> int:
         """Rebuild the G3 registry from a journal after a restart; returns blocks restored."""
         assert self.disk is not None
         return self.disk.restore(entries)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from kvbm.core.hashing import BlockHash
+
 
 class SlotState(Enum):
     FREE = 0
@@ -37,8 +39,9 @@ class BlockPool:
         self.name = name
         self.num_slots = num_slots
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._slot_of: dict[int, int] = {}
-        self._hash_of: list[int | None] = [None] * num_slots
+        self._slot_of: dict[BlockHash, int] = {}  # PENDING and READY (dedup)
+        self._ready: dict[BlockHash, int] = {}  # READY only (lookups, at C speed)
+        self._hash_of: list[BlockHash | None] = [None] * num_slots
         self._state: list[SlotState] = [SlotState.FREE] * num_slots
         self._refs: list[int] = [0] * num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable slots, oldest first
@@ -48,29 +51,26 @@ class BlockPool:
         self.version = 0
 
     # ---- lookups -------------------------------------------------------
-    def contains(self, block_hash: int) -> bool:
+    def contains(self, block_hash: BlockHash) -> bool:
         """True if the hash is stored or being stored (dedup check)."""
         return block_hash in self._slot_of
 
-    def ready_slot(self, block_hash: int) -> int | None:
-        slot = self._slot_of.get(block_hash)
-        if slot is None or self._state[slot] is not SlotState.READY:
-            return None
-        return slot
+    def ready_slot(self, block_hash: BlockHash) -> int | None:
+        return self._ready.get(block_hash)
 
-    def match_prefix(self, hashes: Sequence[int], start: int = 0, stop: int | None = None) -> list[int]:
-        """Slots of the longest run of READY hashes in ``hashes[start:stop]``."""
-        slots: list[int] = []
-        stop = len(hashes) if stop is None else min(stop, len(hashes))
-        for i in range(start, stop):
-            slot = self.ready_slot(hashes[i])
-            if slot is None:
-                break
-            slots.append(slot)
-        return slots
+    def match_prefix(self, hashes: Sequence[BlockHash], start: int = 0, stop: int | None = None) -> list[int]:
+        """Slots of the longest run of READY hashes in ``hashes[start:stop]``.
+
+        One C-level pass (``map`` over the READY dict), no Python loop: the
+        scheduler asks this for every new request, over every prompt block.
+        """
+        slots = list(map(self._ready.get, hashes[start:stop]))
+        if None in slots:
+            del slots[slots.index(None):]
+        return slots  # type: ignore[return-value]
 
     # ---- storing -------------------------------------------------------
-    def reserve(self, block_hash: int) -> int | None:
+    def reserve(self, block_hash: BlockHash) -> int | None:
         """Reserve a PENDING slot for ``block_hash``; None if stored already or full.
 
         Evicts the least recently used unreferenced READY block when no slot
@@ -82,7 +82,9 @@ class BlockPool:
             slot = self._free.pop()
         elif self._lru:
             slot, _ = self._lru.popitem(last=False)
-            del self._slot_of[self._hash_of[slot]]  # type: ignore[arg-type]
+            old = self._hash_of[slot]
+            del self._slot_of[old]  # type: ignore[arg-type]
+            del self._ready[old]  # type: ignore[arg-type]
             self.stats.evicted += 1
             self.version += 1
         else:
@@ -97,6 +99,7 @@ class BlockPool:
         if self._state[slot] is not SlotState.PENDING:
             return
         self._state[slot] = SlotState.READY
+        self._ready[self._hash_of[slot]] = slot  # type: ignore[index]
         self.stats.stored += 1
         self.version += 1
         if self._refs[slot] == 0:
@@ -110,6 +113,7 @@ class BlockPool:
             return
         if self._slot_of.get(h) == slot:
             del self._slot_of[h]
+            self._ready.pop(h, None)
         self._hash_of[slot] = None
         self._lru.pop(slot, None)
         self.stats.dropped += 1
@@ -118,7 +122,7 @@ class BlockPool:
         if self._refs[slot] == 0:
             self._free.append(slot)
 
-    def restore(self, entries: dict[int, int]) -> int:
+    def restore(self, entries: dict[BlockHash, int]) -> int:
         """Adopt READY blocks at given slots (a persisted tier after a restart).
 
         Only for an empty pool; one pass, so restoring a large tier stays
@@ -133,6 +137,7 @@ class BlockPool:
                 continue
             taken.add(slot)
             self._slot_of[block_hash] = slot
+            self._ready[block_hash] = slot
             self._hash_of[slot] = block_hash
             self._state[slot] = SlotState.READY
             self._lru[slot] = None

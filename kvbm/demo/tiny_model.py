@@ -68,6 +68,9 @@ class ModelPreset:
     rope_theta: float = 10000.0
     seed: int = 0
     corpus_sentences: int = 20000
+    #: False: config and tokenizer only, for vLLM's ``load_format="dummy"`` (seeded random
+    #: weights made on the GPU). An 8B-shaped model then costs seconds to build, not 16 GB.
+    weights: bool = True
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -93,6 +96,32 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=64,
         vocab_size=4096,
         max_position_embeddings=16384,
+    ),
+    # GPU correctness runs: FlashAttention with head_dim 128, bf16, small enough to build in seconds.
+    "gpu": ModelPreset(
+        num_hidden_layers=4,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=4096,
+        max_position_embeddings=32768,
+    ),
+    # GPU performance runs: Llama-3.1-8B's shape (prefill cost and KV bytes per token are an
+    # 8B model's: 128 KiB per token in bf16) with a small vocabulary; weights come from vLLM's
+    # dummy loader (``--load-format dummy``).
+    "llama8b-shape": ModelPreset(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=8192,
+        max_position_embeddings=65536,
+        rope_theta=500000.0,
+        weights=False,
     ),
 }
 
@@ -265,17 +294,23 @@ def _build_weights(preset: ModelPreset, out_dir: Path, special_ids: dict[str, in
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
+    generation = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    if not preset.weights:
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(out_dir)
+        generation.save_pretrained(out_dir)
+        return
     previous_rng = torch.random.get_rng_state()
     torch.manual_seed(preset.seed)
     try:
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     finally:
         torch.random.set_rng_state(previous_rng)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
+    model.generation_config = generation
     model.save_pretrained(out_dir)
 
 

@@ -45,6 +45,7 @@ import hashlib
 import itertools
 import json
 import logging
+import signal
 import time
 import uuid
 from collections import OrderedDict
@@ -72,6 +73,15 @@ PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
 }
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+#: Client connections at once; when full, the oldest one not in a request makes room.
+MAX_CONNECTIONS = 1024
+#: Seconds a client has to send a request's headers after connecting, and then its body.
+HEADER_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 60.0
+#: Deeper JSON is refused: no OpenAI request nests this far, and forwarding a deeper
+#: body would exhaust the stack (RecursionError) in the JSON encoder.
+MAX_JSON_DEPTH = 64
 
 
 # ---------------------------------------------------------------------------
@@ -238,6 +248,88 @@ def prompt_text(kind: str, body: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+class ConnectionGuard:
+    """Bounds what idle or stalled clients can hold.
+
+    aiohttp keeps a connection that sends half a request until its
+    keep-alive timeout (75 s by default) and has no connection limit, so a
+    client that opens connections faster than that exhausts the router's
+    file descriptors. Here a connection must deliver a request's headers
+    within ``header_timeout_s``; at ``max_connections``, a new connection
+    closes the oldest one that is not in a request (half-sent or idle
+    keep-alive), or is itself closed when every connection is busy. Body
+    timeouts are the handler's (:data:`BODY_TIMEOUT_S`).
+    """
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, header_timeout_s: float = HEADER_TIMEOUT_S) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self._in_request: set[Any] = set()
+        self._delivered: set[Any] = set()  # connections that sent at least one request's headers
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+        protocol = request.protocol
+        self._delivered.add(protocol)
+        self._in_request.add(protocol)
+        try:
+            return await handler(request)
+        finally:
+            self._in_request.discard(protocol)
+
+    def attach(self, server: web.Server) -> None:
+        """Hook into the server's connection bookkeeping (after ``AppRunner.setup``)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            asyncio.get_running_loop().call_later(self.header_timeout_s, self._expire, handler)
+            open_ = [h for h in server.connections if h.transport is not None]
+            if len(open_) > self.max_connections:
+                idle = next((h for h in open_ if h is not handler and h not in self._in_request), handler)
+                idle.force_close()
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            self._delivered.discard(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _expire(self, handler: Any) -> None:
+        if handler not in self._delivered and handler.transport is not None:
+            handler.force_close()
+
+
+GUARD_KEY = web.AppKey("kvbm_guard", ConnectionGuard)
+
+
+async def start_site(app: web.Application, host: str, port: int, guard: ConnectionGuard | None = None,
+                     **runner_args: Any) -> web.AppRunner:
+    """Serve ``app`` (made by :meth:`Router.make_app`) behind its connection guard; returns the runner."""
+    guard = guard or app[GUARD_KEY]
+    # lingering_time: after answering a request whose body never finished (408), how long
+    # aiohttp keeps reading the rest before closing (10 s by default).
+    runner = web.AppRunner(app, shutdown_timeout=5, lingering_time=2.0, **runner_args)
+    await runner.setup()
+    assert runner.server is not None
+    guard.attach(runner.server)
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
 # ---------------------------------------------------------------------------
 # the router
 # ---------------------------------------------------------------------------
@@ -334,8 +426,11 @@ class Router:
         if self._session is not None:
             await self._session.close()
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def make_app(self, guard: ConnectionGuard | None = None) -> web.Application:
+        """The application; serve it with :func:`start_site`, which attaches ``guard``."""
+        guard = guard or ConnectionGuard()
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[guard.middleware])
+        app[GUARD_KEY] = guard
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -557,16 +652,30 @@ class Router:
         except RouterError as exc:
             status = exc.status
             logger.warning("kvbm router: %s -> %d: %s", endpoint, exc.status, exc.message)
-            return web.json_response(error_body(exc.status, exc.message, exc.kind), status=exc.status)
+            response = web.json_response(error_body(exc.status, exc.message, exc.kind), status=exc.status)
+            if exc.status == 408:
+                response.force_close()  # the rest of the body must not be read as a next request
+            return response
         finally:
             self.m_requests.labels(endpoint, str(status)).inc()
             self.m_latency.labels(endpoint).observe(time.monotonic() - start)
 
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
-            body = await request.json()
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RouterError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                              "invalid_request_error") from None
+        too_deep = False
+        try:
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise RouterError(400, "request body is not valid JSON", "invalid_request_error") from None
+        except RecursionError:
+            too_deep = True
+        if too_deep or json_depth_exceeds(body, MAX_JSON_DEPTH):
+            raise RouterError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels",
+                              "invalid_request_error")
         if not isinstance(body, dict):
             raise RouterError(400, "request body must be a JSON object", "invalid_request_error")
         if body.get("kv_transfer_params") is not None:
@@ -777,6 +886,18 @@ def run(args: argparse.Namespace) -> int:
     logger.info("kvbm router: listening on %s:%d; prefill %s; decode %s", args.host, args.port,
                 ", ".join(f"{w.name}={w.url}" for w in router.prefill),
                 ", ".join(f"{w.name}={w.url}" for w in router.decode))
-    web.run_app(router.make_app(), host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=True, shutdown_timeout=5)
+    asyncio.run(_serve_until_signalled(router.make_app(), args.host, args.port))
     return 0
+
+
+async def _serve_until_signalled(app: web.Application, host: str, port: int) -> None:
+    """``web.run_app`` with the connection guard attached: serve until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await start_site(app, host, port, access_log=None)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

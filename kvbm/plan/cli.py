@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from kvbm.config import KvbmConfig, env_var
+from kvbm.core.planner import SYNC_LOAD_TIERS
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="disk filter decay period, as the server's (default: %(default)s)")
     g.add_argument("--filter-max-entries", type=int, default=_DEFAULTS.disk_offload_filter_max_entries,
                    help="disk filter table bound (default: %(default)s)")
+    g.add_argument("--load-mode", choices=sorted(SYNC_LOAD_TIERS), default=None,
+                   help=f"the server's {env_var('load_mode')} (default: the trace's, else {_DEFAULTS.load_mode})")
     g = parser.add_argument_group("TTFT estimate (bench/transfer.py and bench/disk.py measure bandwidths)")
     g.add_argument("--prefill-tokens-per-s", type=float, default=None, help="the server's prefill rate")
     g.add_argument("--host-gbps", type=float, default=None, help="G2 -> GPU bandwidth, GB/s")
@@ -94,7 +97,7 @@ def _positive(value: float | int | None, flag: str) -> None:
 def make_plan(args: argparse.Namespace):  # -> Plan
     """Read the trace, replay G1 once, sweep G2, then G3 at the chosen G2."""
     from kvbm.plan.report import Plan, PlanError, Rates, bytes_per_block_from_model, grid, parse_sizes
-    from kvbm.plan.simulate import FilterSettings, SizePoint, gpu_pass, replay, sweep
+    from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay, sweep
     from kvbm.plan.trace import read_trace
 
     for flag in ("block_size", "gpu_blocks", "bytes_per_block", "host_budget_gb", "points", "limit", "jobs",
@@ -118,7 +121,8 @@ def make_plan(args: argparse.Namespace):  # -> Plan
 
     gpu = gpu_pass(trace, gpu_blocks)
     everything = max(1, trace.num_block_ids)
-    settings = FilterSettings(args.filter_decay_secs, args.filter_max_entries)
+    settings = ReplaySettings(args.filter_decay_secs, args.filter_max_entries,
+                              args.load_mode or trace.load_mode or _DEFAULTS.load_mode)
     jobs = args.jobs or os.cpu_count() or 1
     budget = int(args.host_budget_gb * 1e9 // bpb) if args.host_budget_gb and bpb else None
     if args.host_budget_gb and not bpb:

@@ -6,8 +6,9 @@ cached alike), so each request's G1 hit is the same at every tier size. The
 kvbm pass runs once per size point and drives :class:`~kvbm.core.planner.Planner`
 as the vLLM adapter does (``match`` -> ``on_alloc`` -> ``on_scheduled`` ->
 ``take_plan`` -> ``on_worker_report``), with every copy reported complete at
-once: a hit is loaded before the request runs (vLLM's asynchronous load), its
-prefill is stored when it is scheduled, its output blocks when it finishes.
+once: an asynchronous load completes before its request runs, a load inside
+the step with the step's stores; a request's prefill is stored when it is
+scheduled, its output blocks when it finishes.
 Requests are keyed by their index; tokens are never needed, since the planner
 is handed the trace's block ids as hashes and lengths as ``range`` objects
 (nothing is ever hashed again).
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 from kvbm.core.filter import FrequencyFilter
-from kvbm.core.planner import Planner
+from kvbm.core.planner import SYNC_LOAD_TIERS, Planner
 from kvbm.core.pool import BlockPool
 from kvbm.plan.gpu import GpuPrefixCache
 from kvbm.plan.trace import Trace
@@ -32,6 +33,8 @@ from kvbm.plan.trace import Trace
 logger = logging.getLogger(__name__)
 
 ARRIVE, FINISH = 0, 1
+#: Requests' hash root: never used, the trace's block ids are handed over as the hashes.
+_ROOT = b"kvbm plan"
 
 
 @dataclass
@@ -98,9 +101,13 @@ class SizePoint:
 
 
 @dataclass
-class FilterSettings:
+class ReplaySettings:
+    """The server's settings that shape replays besides tier sizes (defaults: kvbm's)."""
+
     decay_period_s: float = 600.0
     max_entries: int = 1_000_000
+    #: DYN_KVBM_LOAD_MODE: which tiers load inside the step that matched (the order of LRU touches differs).
+    load_mode: str = "auto"
 
 
 @dataclass
@@ -143,10 +150,10 @@ class PointResult:
         return asdict(self)
 
 
-def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSettings | None = None,
+def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySettings | None = None,
            on_progress: Callable[[int], None] | None = None) -> PointResult:
     """One size point: the trace through kvbm's real Planner, BlockPools and FrequencyFilter."""
-    settings = settings or FilterSettings()
+    settings = settings or ReplaySettings()
     started = time.perf_counter()
     bs = trace.block_size
     host = BlockPool(point.host_blocks, "G2") if point.host_blocks else None
@@ -160,7 +167,8 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSetting
     if host is None and disk is None:  # vLLM alone
         _add_gpu_totals(result, trace, gpu)
         return result
-    planner = Planner(host, bs, 1, disk, disk_filter)
+    # Every matched block is loaded (no load-or-recompute rule): the plan measures what the tiers hold.
+    planner = Planner(host, bs, 1, disk, disk_filter, sync_load_tiers=SYNC_LOAD_TIERS[settings.load_mode])
     requests, hits = trace.requests, gpu.hits
     looked = 0
     for n, (t, i, kind) in enumerate(gpu.events):
@@ -168,7 +176,7 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSetting
         r = requests[i]
         tokens, full_prompt, alloc_prompt, full_end = _shape(r.prompt_tokens, r.output_tokens, len(r.blocks), bs)
         if kind == ARRIVE:
-            planner.add_request(i, 0, r.blocks)
+            planner.add_request(i, _ROOT, r.blocks)
             g = hits[i]
             max_blocks = (tokens - 1) // bs
             if g < max_blocks:
@@ -176,8 +184,9 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: FilterSetting
             prompt = range(tokens)
             external = planner.match(i, prompt, g * bs)
             planner.on_alloc(i, range(alloc_prompt), external)
-            if external:
-                # vLLM loads asynchronously: the request is scheduled only once its load is done.
+            if external and planner.load_is_async(i):
+                # The request waits for its load and is scheduled once it is done; a load
+                # inside the step lands with the step's stores, after the request ran.
                 _complete(planner)
             planner.on_scheduled(i, prompt, range(alloc_prompt), True, full_prompt * bs)
             _complete(planner)
@@ -226,10 +235,10 @@ def _complete(planner: Planner) -> None:
 
 # ---- sweeps -------------------------------------------------------------------------
 
-_shared: tuple[Trace, GpuPass, FilterSettings, object] | None = None
+_shared: tuple[Trace, GpuPass, ReplaySettings, object] | None = None
 
 
-def _init_worker(state: tuple[Trace, GpuPass, FilterSettings, object]) -> None:
+def _init_worker(state: tuple[Trace, GpuPass, ReplaySettings, object]) -> None:
     global _shared
     _shared = state
 
@@ -245,12 +254,12 @@ def _worker(point: SizePoint) -> PointResult:
     return replay(trace, gpu, point, settings, progress)
 
 
-def sweep(trace: Trace, gpu: GpuPass, points: Sequence[SizePoint], settings: FilterSettings | None = None,
+def sweep(trace: Trace, gpu: GpuPass, points: Sequence[SizePoint], settings: ReplaySettings | None = None,
           jobs: int | None = None, progress: bool | None = None, desc: str = "replaying") -> list[PointResult]:
     """Replay every point, on ``jobs`` processes (forked: the trace is shared, not copied)."""
     from tqdm import tqdm
 
-    settings = settings or FilterSettings()
+    settings = settings or ReplaySettings()
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(points)))
     total = len(points) * len(gpu.events)
     bar = tqdm(total=total, desc=desc, unit="ev", unit_scale=True, leave=False,

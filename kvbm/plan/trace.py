@@ -8,7 +8,7 @@ hash), so the simulator never depends on how wide kvbm's hashes are.
 kvbm's request log (``DYN_KVBM_TRACE_FILE``) is JSON lines: a header written
 when a server starts, then one line per finished request::
 
-    {"kvbm_trace": 1, "block_size": 128, "gpu_blocks": 40, "bytes_per_block": 327680, ...}
+    {"kvbm_trace": 1, "block_size": 128, "gpu_blocks": 40, "bytes_per_block": 1310720, "load_mode": "auto", ...}
     {"t": 1718000000.1, "end": 1718000001.9, "prompt": 2113, "output": 16, "hashes": ["9f3c...", ...]}
 
 ``t`` is when vLLM first scheduled the request (its lookup), ``end`` when it
@@ -34,13 +34,14 @@ import math
 import os
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvbm.config import ConfigError, env_var
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
+from kvbm.core.planner import SYNC_LOAD_TIERS
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class Trace:
     #: kvbm's tiers on the server that wrote the trace (blocks; 0: off).
     host_blocks: int | None = None
     disk_blocks: int | None = None
+    #: The server's DYN_KVBM_LOAD_MODE (which tiers load inside the step); None: unknown.
+    load_mode: str | None = None
     kind: str = "kvbm"
     notes: list[str] = field(default_factory=list)
 
@@ -187,17 +190,14 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
             if not trace.block_size:
                 raise TraceError(f"{path}:{number}: request before the trace's header line")
             hashes = rec.get("hashes")
-            if not isinstance(hashes, list):
+            # Hex strings are ids as they are: equal hashes, equal strings; no width assumed.
+            if not isinstance(hashes, list) or not all(type(h) is str for h in hashes):
                 raise TraceError(f"{path}:{number}: 'hashes' must be a list of hex strings")
-            try:
-                keys = [int(h, 16) for h in hashes]
-            except (TypeError, ValueError):
-                raise TraceError(f"{path}:{number}: 'hashes' must be a list of hex strings") from None
             start = _number(rec, "t", path, number)
             trace.requests.append(TraceRequest(
                 time=start, end=max(start, _number(rec, "end", path, number, start)),
                 prompt_tokens=_count(rec, "prompt", path, number), output_tokens=_count(rec, "output", path, number, 0),
-                blocks=ids.of(keys),
+                blocks=ids.of(hashes),
             ))
             bar.update(1)
             if limit is not None and len(trace.requests) >= limit:
@@ -222,6 +222,11 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
         raise TraceError(f"{path}:{number}: this part of the trace has {block_size}-token blocks, an earlier "
                          f"part {trace.block_size}; replay servers with different block sizes separately")
     trace.block_size = block_size
+    mode = rec.get("load_mode")
+    if mode is not None:
+        if mode not in SYNC_LOAD_TIERS:
+            raise TraceError(f"{path}:{number}: unknown load_mode {mode!r}")
+        trace.load_mode = mode
     for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks"):
         if rec.get(key) is not None:
             value = _count(rec, key, path, number)
@@ -297,7 +302,7 @@ def _read_prompts(lines: Iterator[tuple[int, dict]], path: Path, model: str | No
 
 
 def _prompt_request(rec: dict, tokens: Sequence[int], path: Path, number: int, index: int, ids: _Ids,
-                    root0: int, block_size: int) -> TraceRequest:
+                    root0: bytes, block_size: int) -> TraceRequest:
     start = _number(rec, "timestamp", path, number, rec.get("t", float(index)))
     if "end" in rec:
         end = _number(rec, "end", path, number)
@@ -320,6 +325,11 @@ def _prompt_request(rec: dict, tokens: Sequence[int], path: Path, number: int, i
 # ---- writing (inside the server) -----------------------------------------------------
 
 
+def _hex(block_hash: bytes | int) -> str:
+    """A hash as hex, whatever its type or width (kvbm's are bytes; older ones were ints)."""
+    return block_hash.hex() if isinstance(block_hash, bytes) else format(block_hash, "x")
+
+
 class TraceWriter:
     """Appends kvbm's request log while serving (opt-in: ``DYN_KVBM_TRACE_FILE``).
 
@@ -334,7 +344,7 @@ class TraceWriter:
     FLUSH_LINES = 256
     FLUSH_SECS = 2.0
 
-    def __init__(self, path: str, header: dict[str, Any], clock=time.time) -> None:
+    def __init__(self, path: str, header: dict[str, Any], clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         try:
@@ -355,7 +365,8 @@ class TraceWriter:
         if req_id not in self._scheduled:
             self._scheduled[req_id] = self._clock()
 
-    def finished(self, req_id: Any, prompt_tokens: int, output_tokens: int, hashes: Sequence[int]) -> None:
+    def finished(self, req_id: Any, prompt_tokens: int, output_tokens: int,
+                 hashes: Sequence[bytes] | Sequence[int]) -> None:
         """Log a finished request; one never scheduled (aborted while waiting) did no lookup: skipped."""
         start = self._scheduled.pop(req_id, None)
         if start is None or self._fd is None:
@@ -363,7 +374,7 @@ class TraceWriter:
         now = self._clock()
         self._buffer.append(json.dumps({
             "t": round(start, 6), "end": round(now, 6), "prompt": prompt_tokens, "output": output_tokens,
-            "hashes": [format(h, "x") for h in hashes],
+            "hashes": [_hex(h) for h in hashes],
         }, separators=(",", ":")))
         self.written += 1
         if len(self._buffer) >= self.FLUSH_LINES or now - self._last_flush >= self.FLUSH_SECS:

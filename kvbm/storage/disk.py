@@ -3,12 +3,17 @@
 One preallocated file holds ``num_slots`` slots. A slot is a 64-byte header
 followed by one block's payload (at offset 64, or 4096 when the block is a
 whole number of pages), padded to 4096 bytes so that every slot can be read and
-written with one O_DIRECT call. The header names the block it holds (hash,
-slot index, length) and carries a CRC-32 of the payload and of itself, so a
-read that does not verify (torn write after a crash, stale slot, bit rot,
-truncated file, a leader index that is out of date) is reported as a miss and
-never served: the reference system once served another request's KV after a
-failed disk transfer, and we must not.
+written with one O_DIRECT call. The header names the block it holds (128-bit
+hash, slot index, length) and carries a CRC-32 of the payload and of itself, so
+a read that does not verify (torn write after a crash, stale slot, bit rot,
+truncated file, a leader index that is out of date, a slot written by an older
+kvbm format) is reported as a miss and never served: the reference system once
+served another request's KV after a failed disk transfer, and we must not.
+
+Header, format version 2 (little-endian): magic ``KVBMG3\0\1`` (8), version
+(u16), payload offset (u16), payload CRC-32 (u32), slot (u64), block hash
+(16 bytes), payload length (u64), header CRC-32 of the preceding 48 bytes.
+Version 1 had a 64-bit hash; its slots read as misses (one log line).
 
 I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
 ``zlib.crc32`` release the GIL). Page-aligned host memory (pinned G2 rows) of
@@ -23,7 +28,16 @@ I/O errors never raise out of :meth:`DiskArena.write_blocks` /
 :meth:`DiskArena.read_blocks`: they return per-block ``False`` (a dropped
 store, a miss to recompute) and are counted and logged once per kind. Set-up
 errors raise :class:`DiskSetupError` with a message that names the setting or
-path to change.
+path to change. The directory must be private and files are opened without
+following links; G3 files left by crashed servers are reclaimed at start-up
+(see :mod:`kvbm.storage.files`).
+
+Fault injection (tests and the soak benchmark only, off by default): a
+``fault_hook(op, slot)`` passed to the constructor is asked before each
+block's I/O (``op`` is ``"read"`` or ``"write"``) and may answer ``"error"``
+(the I/O fails as with EIO) or ``"corrupt"`` (one payload byte is flipped on
+its way to or from the file, as bit rot would). :class:`FaultInjector` draws
+these at random rates; servers get one from ``DYN_KVBM_DISK_FAULT_INJECTION``.
 """
 
 from __future__ import annotations
@@ -33,17 +47,29 @@ import fcntl
 import logging
 import mmap
 import os
-import stat
+import random
 import struct
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from kvbm.core.hashing import HASH_BYTES, BlockHash
+from kvbm.storage.buffers import as_u8 as _as_u8
+from kvbm.storage.files import (
+    CACHE_DIR_VAR,
+    DirectoryLock,
+    DiskSetupError,
+    ensure_private_dir,
+    open_private_file,
+    private_dir_problem,
+    reclaim_leftovers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +78,16 @@ logger = logging.getLogger(__name__)
 ALIGN = 4096
 HEADER_SIZE = 64
 MAGIC = b"KVBMG3\x00\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: magic, version: where every format version starts
+_HDR_PREFIX = struct.Struct("<8sH")
 #: magic, version, payload offset, payload crc32, slot, block hash, payload length
-_HDR_BODY = struct.Struct("<8sHHIQQQ")
+_HDR_BODY = struct.Struct(f"<8sHHIQ{HASH_BYTES}sQ")
 _HDR_CRC = struct.Struct("<I")
-_HDR_CRC_AT = _HDR_BODY.size  # header crc32 covers bytes [0, 40)
+_HDR_CRC_AT = _HDR_BODY.size  # header crc32 covers bytes [0, 48)
 
 _ZERO_CHUNK = 64 << 20  # zero-fill fallback: bytes per write
 _PROGRESS_EVERY_S = 5.0
-_U64 = 1 << 64
 
 # errnos meaning "this filesystem cannot preallocate" (as opposed to "no room").
 _FALLOCATE_REFUSED = {
@@ -68,7 +95,7 @@ _FALLOCATE_REFUSED = {
 }
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
-_CACHE_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+_CACHE_DIR_VAR = CACHE_DIR_VAR
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 # Directories we already warned about (O_DIRECT refused): one warning per
@@ -77,8 +104,44 @@ _warned_o_direct: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-class DiskSetupError(RuntimeError):
-    """The disk tier cannot be set up; the message names the setting to fix."""
+__all__ = ["ALIGN", "HEADER_SIZE", "DiskArena", "DiskSetupError", "FaultInjector", "round_up"]
+
+FaultHook = Callable[[str, int], "str | None"]
+
+
+class FaultInjector:
+    """Test-only fault hook: fails or corrupts a random share of block I/O, or slows reads.
+
+    ``rates`` maps ``read_error``, ``read_corrupt``, ``write_error`` and
+    ``write_corrupt`` to probabilities per block; ``seed`` makes runs
+    repeatable. ``injected`` counts what was injected, per kind.
+    ``read_delay_ms`` (not a rate) sleeps that long per block read: a slow or
+    busy disk, for the load-or-recompute benchmark (bench/fast_hits.py).
+    """
+
+    KINDS = ("read_error", "read_corrupt", "write_error", "write_corrupt")
+
+    def __init__(self, rates: Mapping[str, float], seed: int = 0) -> None:
+        rates = dict(rates)
+        self.read_delay_s = float(rates.pop("read_delay_ms", 0.0)) / 1e3
+        unknown = set(rates) - set(self.KINDS)
+        if unknown:
+            raise ValueError(f"FaultInjector: unknown kinds {sorted(unknown)}; known: {', '.join(self.KINDS)}")
+        self.rates = {kind: float(rates.get(kind, 0.0)) for kind in self.KINDS}
+        self.injected = dict.fromkeys(self.KINDS, 0)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def __call__(self, op: str, slot: int) -> str | None:
+        if op == "read" and self.read_delay_s:
+            time.sleep(self.read_delay_s)
+        with self._lock:
+            draw = self._rng.random()
+            error, corrupt = self.rates[f"{op}_error"], self.rates[f"{op}_corrupt"]
+            fault = "error" if draw < error else "corrupt" if draw < error + corrupt else None
+            if fault is not None:
+                self.injected[f"{op}_{fault}"] += 1
+        return fault
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -93,22 +156,6 @@ def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     """Anonymous mmap: page-aligned, zero-filled, as O_DIRECT needs."""
     mm = mmap.mmap(-1, nbytes)
     return mm, np.frombuffer(mm, dtype=np.uint8)
-
-
-def _as_u8(obj: Any, *, writable: bool, what: str) -> np.ndarray:
-    """A flat uint8 view of ``obj`` (buffer protocol, numpy array, or CPU tensor)."""
-    if isinstance(obj, np.ndarray):
-        arr = obj
-    else:
-        try:
-            arr = np.frombuffer(obj, dtype=np.uint8)
-        except (TypeError, ValueError, BufferError):
-            arr = np.asarray(obj)  # e.g. a CPU torch tensor (via __array__)
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous memory, got a strided array of shape {arr.shape}")
-    if writable and not arr.flags.writeable:
-        raise ValueError(f"{what} is read-only; read_blocks needs a writable destination")
-    return arr.reshape(-1).view(np.uint8)
 
 
 def _filesystem_of(path: str) -> str | None:
@@ -152,6 +199,7 @@ class DiskArena:
         disable_o_direct: bool = False,
         io_threads: int = 4,
         fallocate: Callable[[int, int, int], Any] = os.posix_fallocate,
+        fault_hook: FaultHook | None = None,
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"DiskArena: num_slots must be > 0, got {num_slots}")
@@ -179,6 +227,10 @@ class DiskArena:
         self._lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
         self._local = threading.local()
+        self._fault_hook = fault_hook
+        if fault_hook is not None:
+            logger.warning("kvbm: disk cache %s: FAULT INJECTION ON (testing only): some block reads and "
+                           "writes will fail or be corrupted on purpose", self._path)
 
         # counters (updated under self._lock by the calling thread)
         self.read_failures = 0  # OSError or short read (truncated file)
@@ -192,9 +244,13 @@ class DiskArena:
         self.write_seconds = 0.0
         self.read_seconds = 0.0
 
-        self._prepare_directory()
+        self.directory = ensure_private_dir(self.directory)
         total = num_slots * self._slot_size
-        created = self._open(disable_o_direct)
+        # Under the directory lock: no other server is between creating its
+        # file and locking it, so every unlocked per-process file is a leftover.
+        with DirectoryLock(self.directory):
+            reclaim_leftovers(self.directory, keep=self._path)
+            created = self._open(disable_o_direct)
         try:
             self._reserve(total, fallocate, zerofill_fallback)
             if self._o_direct:
@@ -217,42 +273,9 @@ class DiskArena:
         )
 
     # ---- set-up ----------------------------------------------------------
-    def _prepare_directory(self) -> None:
-        d = self.directory
-        if os.path.lexists(d):
-            if not os.path.isdir(d):
-                raise DiskSetupError(
-                    f"disk cache directory {d} exists but is not a directory; set {_CACHE_DIR_VAR} "
-                    f"to a directory on a local SSD (it is created if missing)"
-                )
-        else:
-            try:
-                parent = os.path.dirname(d)
-                os.makedirs(parent, exist_ok=True)
-                os.mkdir(d, 0o700)
-                os.chmod(d, 0o700)  # mkdir's mode is narrowed by the umask, never widened; be exact
-            except FileExistsError:
-                if not os.path.isdir(d):
-                    raise DiskSetupError(
-                        f"disk cache directory {d} exists but is not a directory; set {_CACHE_DIR_VAR} "
-                        f"to a directory on a local SSD"
-                    ) from None
-            except OSError as e:
-                raise DiskSetupError(
-                    f"cannot create disk cache directory {d}: {e.strerror} (errno {e.errno}); "
-                    f"set {_CACHE_DIR_VAR} to a writable directory on a local SSD"
-                ) from e
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise DiskSetupError(
-                f"disk cache directory {d} is not writable by this process (uid {os.getuid()}); "
-                f"fix its permissions or set {_CACHE_DIR_VAR} to a writable directory"
-            )
-
     def _open_fd(self, direct: bool) -> int:
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        if direct:
-            flags |= _O_DIRECT
-        return os.open(self._path, flags, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | (_O_DIRECT if direct else 0)
+        return open_private_file(self._path, flags, "disk cache file")
 
     def _open(self, disable_o_direct: bool) -> bool:
         """Open (or create) the data file, lock it, and choose O_DIRECT or buffered I/O.
@@ -272,25 +295,11 @@ class DiskArena:
                 want_direct = False
                 fd = self._open_fd(False)
         except OSError as e:
-            hint = ""
-            if e.errno == errno.ELOOP:
-                hint = " (it is a symbolic link; kvbm refuses to follow links for its data file)"
             raise DiskSetupError(
-                f"cannot open disk cache file {self._path}: {e.strerror} (errno {e.errno}){hint}; "
+                f"cannot open disk cache file {self._path}: {e.strerror} (errno {e.errno}); "
                 f"remove it or set {_CACHE_DIR_VAR} to another directory"
             ) from e
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DiskSetupError(
-                    f"disk cache file {self._path} exists but is not a regular file; remove it "
-                    f"or set {_CACHE_DIR_VAR} to another directory"
-                )
-            if st.st_uid != os.geteuid():
-                raise DiskSetupError(
-                    f"disk cache file {self._path} belongs to uid {st.st_uid}, not to this process "
-                    f"(uid {os.geteuid()}); remove it or set {_CACHE_DIR_VAR} to a private directory"
-                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -419,9 +428,10 @@ class DiskArena:
                     f"set {_CACHE_DIR_VAR} to another directory"
                 ) from e
             self._warn_o_direct(f"O_DIRECT read failed: {e.strerror}")
-            os.close(self._fd)
-            self._fd = -1
-            self._open(disable_o_direct=True)
+            with DirectoryLock(self.directory):  # never unlocked where a reclaim could see it
+                os.close(self._fd)
+                self._fd = -1
+                self._open(disable_o_direct=True)
         finally:
             mm.close()
 
@@ -489,7 +499,7 @@ class DiskArena:
             return True
         return self._payload_off == ALIGN and arr.__array_interface__["data"][0] % ALIGN == 0
 
-    def _pack_header(self, buf: mmap.mmap, slot: int, block_hash: int, payload_crc: int) -> None:
+    def _pack_header(self, buf: mmap.mmap, slot: int, block_hash: BlockHash, payload_crc: int) -> None:
         _HDR_BODY.pack_into(
             buf, 0, MAGIC, FORMAT_VERSION, self._payload_off, payload_crc, slot, block_hash, self.block_bytes,
         )
@@ -499,9 +509,9 @@ class DiskArena:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"{self._path}: slot {slot} out of range [0, {self.num_slots})")
 
-    def _check_hash(self, block_hash: int) -> None:
-        if not 0 <= block_hash < _U64:
-            raise ValueError(f"block hash {block_hash} is not an unsigned 64-bit integer")
+    def _check_hash(self, block_hash: BlockHash) -> None:
+        if not isinstance(block_hash, bytes) or len(block_hash) != HASH_BYTES:
+            raise ValueError(f"block hash {block_hash!r} is not {HASH_BYTES} bytes")
 
     def _run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """Apply ``fn`` to every item over the thread pool, results in order."""
@@ -545,7 +555,7 @@ class DiskArena:
         if first:
             logger.warning(msg + " Further ones are only counted.", *args)
 
-    def write_blocks(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+    def write_blocks(self, items: Sequence[tuple[int, BlockHash, Any]]) -> list[bool]:
         """Write ``(slot, block_hash, data)`` items; per-item success, never raises on I/O errors.
 
         ``data`` is ``block_bytes`` of any C-contiguous buffer (bytes, memoryview,
@@ -577,7 +587,7 @@ class DiskArena:
             raise errors[0]
         return ok
 
-    def _check_items(self, items: list[tuple[int, int, Any]], op: str) -> None:
+    def _check_items(self, items: list[tuple[int, BlockHash, Any]], op: str) -> None:
         """Cheap checks done before any I/O (buffers are checked by the I/O threads,
         so that converting them overlaps with other items' I/O)."""
         seen: set[int] = set()
@@ -588,22 +598,36 @@ class DiskArena:
                 raise ValueError(f"slot {slot} appears twice in one {op} batch")
             seen.add(slot)
 
-    def _write_one(self, item: tuple[int, int, Any]) -> str | None:
+    def _fault(self, op: str, slot: int) -> str | None:
+        """The injected fault for this block's I/O, if a hook is set (tests only)."""
+        if self._fault_hook is None:
+            return None
+        fault = self._fault_hook(op, slot)
+        if fault not in (None, "error", "corrupt"):
+            raise ValueError(f"fault_hook returned {fault!r}; expected None, 'error' or 'corrupt'")
+        return fault
+
+    def _write_one(self, item: tuple[int, BlockHash, Any]) -> str | None:
         slot, block_hash, data = item
         src = _as_u8(data, writable=False, what=f"data for slot {slot}")
         if src.size != self.block_bytes:
             raise ValueError(f"data for slot {slot} has {src.size} bytes, expected {self.block_bytes}")
+        fault = self._fault("write", slot)
+        if fault == "error":
+            return self._failed("write", OSError(errno.EIO, "injected fault"))
         off = self._payload_off
-        if self._zero_copy(src):
+        if self._zero_copy(src) and fault is None:
             page = self._header_page()
             self._pack_header(page, slot, block_hash, zlib.crc32(src))
             iov: list[Any] = [memoryview(page)[:off], src]
             want = off + self.block_bytes
-        else:  # O_DIRECT from memory that is not page-aligned: stage it
+        else:  # O_DIRECT from memory that is not page-aligned (or a fault to inject): stage it
             mm, buf = self._stage()
             payload = buf[off : off + self.block_bytes]
             np.copyto(payload, src)
             self._pack_header(mm, slot, block_hash, zlib.crc32(payload))
+            if fault == "corrupt":  # bit rot after the checksum: the write "succeeds"
+                payload[len(payload) // 2] ^= 0xFF
             iov = [mm]
             want = self._slot_size
         try:
@@ -620,7 +644,7 @@ class DiskArena:
             return "short"
         return None
 
-    def read_blocks(self, items: Sequence[tuple[int, int, Any]]) -> list[bool]:
+    def read_blocks(self, items: Sequence[tuple[int, BlockHash, Any]]) -> list[bool]:
         """Read ``(slot, expected_block_hash, dest)`` items; per-item True only if verified.
 
         False means a miss (recompute): I/O error, short read, a slot holding
@@ -654,11 +678,14 @@ class DiskArena:
                 raise r
         return ok
 
-    def _read_one(self, item: tuple[int, int, Any]) -> str | None:
+    def _read_one(self, item: tuple[int, BlockHash, Any]) -> str | None:
         slot, block_hash, dest = item
         dst = _as_u8(dest, writable=True, what=f"destination for slot {slot}")
         if dst.size != self.block_bytes:
             raise ValueError(f"destination for slot {slot} has {dst.size} bytes, expected {self.block_bytes}")
+        fault = self._fault("read", slot)
+        if fault == "error":
+            return self._failed("read", OSError(errno.EIO, "injected fault"))
         off = self._payload_off
         direct = self._zero_copy(dst)
         if direct:
@@ -683,9 +710,19 @@ class DiskArena:
                 "file truncated?).", self._path, slot, n, want,
             )
             return "short"
-        magic, version, payload_off, payload_crc, h_slot, h_hash, length = _HDR_BODY.unpack_from(hdr, 0)
+        if fault == "corrupt":
+            payload[len(payload) // 2] ^= 0xFF
+        magic, version = _HDR_PREFIX.unpack_from(hdr, 0)
         if magic != MAGIC:
             return "mismatch"  # never written (zeros) or not ours
+        if version != FORMAT_VERSION:
+            self._log_once(
+                "read", "version", "kvbm: disk cache %s holds blocks of format version %d (slot %d); this "
+                "kvbm reads version %d, so they are misses and get overwritten.",
+                self._path, version, slot, FORMAT_VERSION,
+            )
+            return "mismatch"
+        magic, version, payload_off, payload_crc, h_slot, h_hash, length = _HDR_BODY.unpack_from(hdr, 0)
         (header_crc,) = _HDR_CRC.unpack_from(hdr, _HDR_CRC_AT)
         if header_crc != zlib.crc32(hdr[:_HDR_CRC_AT]):
             self._log_once(
@@ -693,14 +730,14 @@ class DiskArena:
                 self._path, slot,
             )
             return "checksum"
-        if version != FORMAT_VERSION or payload_off != off:
+        if payload_off != off:
             return "mismatch"
         if h_slot != slot or h_hash != block_hash or length != self.block_bytes:
             return "mismatch"  # the slot holds another block: the index is stale
         if zlib.crc32(payload) != payload_crc:
             self._log_once(
                 "read", "payload-crc", "kvbm: checksum mismatch in disk cache %s (slot %d, block "
-                "%016x): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash,
+                "%s): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash.hex(),
             )
             return "checksum"
         if not direct:
@@ -770,6 +807,11 @@ class DiskArena:
         }
         if os.path.lexists(directory) and not os.path.isdir(directory):
             report["error"] = f"{directory} exists but is not a directory; fix {_CACHE_DIR_VAR}"
+            return report
+        problem = private_dir_problem(directory) if report["exists"] else None
+        if problem is not None:
+            report["error"] = (f"{directory} {problem}; kvbm needs a private directory (yours, mode 0700): "
+                               f"fix {_CACHE_DIR_VAR}")
             return report
         probed = directory
         while not os.path.isdir(probed):

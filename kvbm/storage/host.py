@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class HostArena:
-    def __init__(self, num_slots: int, block_bytes: int, pin: bool | None = None) -> None:
+    def __init__(
+        self, num_slots: int, block_bytes: int, pin: bool | None = None,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_progress(fraction)`` follows the page faulting of tens of GB (the
+        handshake forwards it to the leader's log)."""
         if pin is None:
             pin = torch.cuda.is_available()
         total = num_slots * block_bytes
@@ -29,6 +35,8 @@ class HostArena:
 
         def progress(done: int, whole: int) -> None:
             # Tens of GB take seconds: say how far along we are, every few seconds.
+            if on_progress is not None:
+                on_progress(done / whole)
             now = time.monotonic()
             if now - last_log[0] >= 5 or done == whole:
                 last_log[0] = now

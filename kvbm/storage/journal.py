@@ -2,21 +2,39 @@
 
 With persistence on, a restarted server reads this journal to know what the
 disk tier already holds instead of starting cold. The file is a header (magic,
-format version, the caller's *identity* string) followed by append-only
-fixed-size records, each with its own CRC-32:
+format version, the caller's *identity* string, CRC-32) followed by
+append-only records of 40 bytes, each framed by a sync marker and carrying its
+own CRC-32:
 
 * ``STORED(hash, slot)``: ``slot`` now holds ``hash`` (replacing whatever it held),
 * ``EVICTED(slot)``: ``slot`` holds nothing.
 
-``load`` replays records up to the first one that does not verify (a torn
-tail after a crash, or garbage) and drops the rest, so a crash can lose the
-newest unflushed records but never yields a mapping that was not journaled.
-The index is a hint, not the truth: the data file's own per-slot header
-(hash + CRC) is what guarantees a stale entry is a miss, never wrong data.
+Record, format version 2 (little-endian): ``KVJR`` (4), kind (u8), 3 zero
+bytes, slot (u64), block hash (16 bytes), CRC-32 of those 32 bytes, 4 zero
+bytes. Version 1 (64-bit hashes, no marker) is ignored with one log line and
+replaced by an empty journal: its blocks become misses.
+
+``load`` replays every record that verifies. A record that does not (a flipped
+byte, a torn write) is skipped and replay resumes at the next sync marker that
+starts a valid record, so damage costs only the damaged records' blocks; bytes
+after the last valid record (a torn tail after a crash) are cut off, and a
+journal with damage inside is rewritten clean. A crash can lose the newest
+unflushed records but never yields a mapping that was not journaled. The index
+is a hint, not the truth: the data file's own per-slot header (hash + CRC) is
+what guarantees that a stale or lost entry is a miss, never wrong data.
 
 The identity must change whenever old blocks must not match (model, dtype,
 KV layout, block size, TP rank layout): a journal written under another
 identity loads as empty and is started afresh.
+
+Files: the journal is opened without following links and must be a regular
+file owned by this user (a planted link or another user's journal is refused
+with :class:`~kvbm.storage.files.DiskSetupError`); its replacement is written
+to a fresh ``mkstemp`` file in the same directory and renamed over it.
+
+If writes keep failing (full disk), pending records are bounded: beyond
+``max_pending`` the oldest are dropped (counted and logged). A dropped record
+only makes its block a miss after a restart.
 
 Not thread-safe: one owner (the leader's scheduler thread) calls it.
 """
@@ -26,29 +44,51 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import tempfile
 import zlib
+
+from kvbm.core.hashing import HASH_BYTES, BlockHash
+from kvbm.storage.files import CACHE_DIR_VAR, DiskSetupError, open_private_file
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"KVBMJRN\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEAD = struct.Struct("<8sHI")  # magic, version, identity length; then identity; then crc32
 _CRC = struct.Struct("<I")
-#: kind, padding, block hash, slot, crc32 of the preceding 24 bytes, padding -> 32 bytes
-_REC = struct.Struct("<B7xQQ")
-_REC_SIZE = 32
+_SYNC = b"KVJR"
+#: sync marker, kind, padding, slot, block hash; then crc32 of these 32 bytes, padding -> 40 bytes
+_REC = struct.Struct(f"<4sB3xQ{HASH_BYTES}s")
+_REC_SIZE = 40
+_REC_PAD = b"\x00" * (_REC_SIZE - _REC.size - _CRC.size)
 _STORED = 1
 _EVICTED = 2
+_NO_HASH = b"\x00" * HASH_BYTES
 _U64 = 1 << 64
 _MAX_IDENTITY = 1 << 20
 #: Compact on flush when the file holds this many times more records than live entries.
 _COMPACT_RATIO = 4
 _COMPACT_MIN_RECORDS = 1 << 16
+#: Records kept for retry while flushes fail (40 bytes each): 2.6 MB.
+DEFAULT_MAX_PENDING = 1 << 16
 
 
-def _record(kind: int, block_hash: int, slot: int) -> bytes:
-    body = _REC.pack(kind, block_hash, slot)
-    return body + _CRC.pack(zlib.crc32(body)) + b"\x00" * (_REC_SIZE - _REC.size - _CRC.size)
+def _record(kind: int, block_hash: BlockHash, slot: int) -> bytes:
+    body = _REC.pack(_SYNC, kind, slot, block_hash)
+    return body + _CRC.pack(zlib.crc32(body)) + _REC_PAD
+
+
+def _parse_record(data: bytes, off: int) -> tuple[int, BlockHash, int] | None:
+    """(kind, hash, slot) of a valid record at ``off``, else None."""
+    if data[off : off + 4] != _SYNC or off + _REC_SIZE > len(data):
+        return None
+    (crc,) = _CRC.unpack_from(data, off + _REC.size)
+    if crc != zlib.crc32(data[off : off + _REC.size]):
+        return None
+    _, kind, slot, block_hash = _REC.unpack_from(data, off)
+    if kind not in (_STORED, _EVICTED):
+        return None
+    return kind, block_hash, slot
 
 
 def _header(identity: bytes) -> bytes:
@@ -73,24 +113,35 @@ def _fsync_dir(path: str) -> None:
 class DiskJournal:
     """Append-only, CRC-protected record of hash -> G3 slot for one disk tier."""
 
-    def __init__(self, path: str, *, identity: str, auto_compact: bool = True) -> None:
+    def __init__(
+        self, path: str, *, identity: str, auto_compact: bool = True, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> None:
         raw = identity.encode("utf-8")
         if len(raw) > _MAX_IDENTITY:
             raise ValueError(f"journal identity is {len(raw)} bytes; keep it under {_MAX_IDENTITY}")
+        if max_pending < 1:
+            raise ValueError(f"journal max_pending must be >= 1, got {max_pending}")
         self.path = os.path.abspath(path)
         self.identity = identity
         self._identity = raw
         self._auto_compact = auto_compact
+        self._max_pending = max_pending
         self._fd = -1
         self._durable_size = 0  # bytes of the file known to be valid and flushed
         self._pending = bytearray()
-        self._slot_of: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        self._slot_of: dict[BlockHash, int] = {}
+        self._hash_of: dict[int, BlockHash] = {}
         self._records = 0  # records in the file (for the compaction heuristic)
         self._loaded = False
+        #: Records dropped unwritten because flushes kept failing (each: a future miss).
+        self.dropped_records = 0
+        self._dropped_logged = 0  # dropped_records when the last failure episode ended
+        self._failing = False  # a flush failed and none has succeeded since (log once per episode)
+        #: Damaged records skipped by the last load (each: its blocks are misses).
+        self.damaged_records = 0
 
     # ---- state ---------------------------------------------------------------
-    def _apply(self, kind: int, block_hash: int, slot: int) -> None:
+    def _apply(self, kind: int, block_hash: BlockHash, slot: int) -> None:
         if kind == _STORED:
             old = self._hash_of.pop(slot, None)
             if old is not None and self._slot_of.get(old) == slot:
@@ -112,87 +163,125 @@ class DiskJournal:
     def num_records(self) -> int:
         return self._records
 
+    @property
+    def num_pending(self) -> int:
+        """Records waiting for a successful flush."""
+        return len(self._pending) // _REC_SIZE
+
     # ---- loading -------------------------------------------------------------
-    def load(self) -> dict[int, int]:
+    def load(self) -> dict[BlockHash, int]:
         """Replay the journal: ``{block_hash: slot}`` of the last durable state.
 
         Returns ``{}`` (and starts a fresh journal) when the file is missing,
         unreadable, of another format, or written under another identity; the
-        log says which. A torn or corrupt tail is cut off. Afterwards the
-        journal is open for appending.
+        log says which. Damaged records are skipped, a torn tail is cut off.
+        Afterwards the journal is open for appending. Raises
+        :class:`DiskSetupError` (naming the setting) when the journal is a
+        link, not a regular file, belongs to another user, or cannot be
+        created (full or read-only directory).
         """
         self._close_fd()
         self._slot_of.clear()
         self._hash_of.clear()
         self._pending.clear()
         self._records = 0
+        self.damaged_records = 0
         self._loaded = True
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            fd = open_private_file(self.path, os.O_RDONLY, "disk index")
         except FileNotFoundError:
             self._start_fresh(None)
             return {}
         except OSError as e:
             self._start_fresh(f"cannot read it ({e.strerror}); starting an empty disk index")
             return {}
-        reason, end = self._parse(data)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            self._start_fresh(f"cannot read it ({e.strerror}); starting an empty disk index")
+            return {}
+        reason, end, lost = self._parse(data)
         if reason is not None:
             self._start_fresh(reason)
             return {}
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            if end < len(data):
-                logger.warning(
-                    "kvbm: disk index %s: ignoring %d bytes after the last valid record at offset %d "
-                    "(torn write from a crash, or corruption); %d entries recovered",
-                    self.path, len(data) - end, end, len(self._slot_of),
-                )
-                os.ftruncate(self._fd, end)
-                os.fsync(self._fd)
-        except OSError as e:
-            self._close_fd()
-            self._start_fresh(f"cannot open it for appending ({e.strerror})")
-            return {}
-        self._durable_size = end
+        if self.damaged_records:
+            logger.warning(
+                "kvbm: disk index %s: skipped %d damaged record(s) (%d bytes) and resumed after them; "
+                "their blocks will be misses. %d entries recovered; rewriting the index clean.",
+                self.path, self.damaged_records, lost, len(self._slot_of),
+            )
+            try:
+                self._rewrite(self._live_records())
+                self._records = len(self._slot_of)
+            except OSError as e:  # no room to rewrite: append after the damage, which replay skips
+                logger.warning("kvbm: disk index %s could not be rewritten (%s); appending after the damage",
+                               self.path, e.strerror or e)
+        if self._fd < 0:
+            try:
+                self._fd = open_private_file(self.path, os.O_WRONLY | os.O_APPEND, "disk index")
+                if end < len(data) and not self.damaged_records:
+                    logger.warning(
+                        "kvbm: disk index %s: ignoring %d bytes after the last valid record at offset %d "
+                        "(torn write from a crash, or corruption); %d entries recovered",
+                        self.path, len(data) - end, end, len(self._slot_of),
+                    )
+                    os.ftruncate(self._fd, end)
+                    os.fsync(self._fd)
+                # Whatever follows the last valid record (after a failed rewrite) is skipped on replay.
+                self._durable_size = os.fstat(self._fd).st_size
+            except OSError as e:
+                self._close_fd()
+                self._start_fresh(f"cannot open it for appending ({e.strerror})")
+                return {}
         logger.info("kvbm: disk index %s: %d blocks recovered", self.path, len(self._slot_of))
         return dict(self._slot_of)
 
-    def _parse(self, data: bytes) -> tuple[str | None, int]:
-        """Replay ``data`` into the state; (reason it is unusable or None, valid end offset)."""
+    def _parse(self, data: bytes) -> tuple[str | None, int, int]:
+        """Replay ``data`` into the state: (reason it is unusable or None,
+        end of the last valid record, bytes skipped inside as damaged)."""
         if len(data) < _HEAD.size + _CRC.size:
-            return "it is too short to hold a header", 0
+            return "it is too short to hold a header", 0, 0
         magic, version, id_len = _HEAD.unpack_from(data, 0)
         if magic != MAGIC:
-            return "it is not a kvbm disk index", 0
+            return "it is not a kvbm disk index", 0, 0
         if version != FORMAT_VERSION:
-            return f"it has format version {version}, this kvbm reads {FORMAT_VERSION}", 0
+            return (f"it has format version {version}, this kvbm reads {FORMAT_VERSION}; the blocks it "
+                    f"lists will be misses"), 0, 0
         head_end = _HEAD.size + id_len
         if id_len > _MAX_IDENTITY or len(data) < head_end + _CRC.size:
-            return "its header is truncated", 0
+            return "its header is truncated", 0, 0
         (crc,) = _CRC.unpack_from(data, head_end)
         if crc != zlib.crc32(data[:head_end]):
-            return "its header checksum does not match", 0
+            return "its header checksum does not match", 0, 0
         identity = data[_HEAD.size : head_end]
         if identity != self._identity:
             return (
                 f"it was written for another model/layout (identity {identity.decode('utf-8', 'replace')!r}, "
                 f"now {self.identity!r}); old disk blocks will not be reused",
-                0,
+                0, 0,
             )
-        off = head_end + _CRC.size
+        off = end = head_end + _CRC.size
+        lost = 0
         while off + _REC_SIZE <= len(data):
-            body = data[off : off + _REC.size]
-            (crc,) = _CRC.unpack_from(data, off + _REC.size)
-            if crc != zlib.crc32(body):
-                break
-            kind, block_hash, slot = _REC.unpack(body)
-            if kind not in (_STORED, _EVICTED):
-                break
+            record = _parse_record(data, off)
+            if record is None:
+                # Damaged (or the torn tail): resume at the next marker that starts a valid record.
+                off = data.find(_SYNC, off + 1)
+                if off < 0:
+                    break
+                continue
+            if off != end:  # valid again after a damaged stretch
+                self.damaged_records += max(1, round((off - end) / _REC_SIZE))
+                lost += off - end
+            kind, block_hash, slot = record
             self._apply(kind, block_hash, slot)
             self._records += 1
-            off += _REC_SIZE
-        return None, off
+            off = end = off + _REC_SIZE
+        return None, end, lost
+
+    def _live_records(self) -> bytes:
+        return b"".join(_record(_STORED, h, s) for h, s in self._slot_of.items())
 
     def _start_fresh(self, reason: str | None) -> None:
         """Replace the file with an empty journal under our identity."""
@@ -201,31 +290,42 @@ class DiskJournal:
         self._slot_of.clear()
         self._hash_of.clear()
         self._records = 0
-        self._rewrite(b"")
+        self._rewrite_or_fail(b"")
+
+    def _rewrite_or_fail(self, records: bytes) -> None:
+        """:meth:`_rewrite` at start-up: an OSError becomes a message naming the setting."""
+        try:
+            self._rewrite(records)
+        except OSError as e:
+            raise DiskSetupError(
+                f"cannot write the disk index {self.path}: {e.strerror} (errno {e.errno}). Free space "
+                f"there or set {CACHE_DIR_VAR} to a writable directory with room (or turn "
+                f"DYN_KVBM_DISK_PERSIST off: the index is only needed to reuse the disk after a restart)"
+            ) from e
 
     def _rewrite(self, records: bytes) -> None:
-        """Atomically replace the file: temp file, fsync, rename, fsync the directory."""
+        """Atomically replace the file: fresh temp file, fsync, rename, fsync the directory."""
         self._close_fd()
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{self.path}.tmp.{os.getpid()}"
+        directory, name = os.path.split(self.path)
         content = _header(self._identity) + records
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # mkstemp: O_EXCL | O_NOFOLLOW, mode 0600, an unpredictable name: never someone else's file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
         try:
-            os.fchmod(fd, 0o600)
             _write_all(fd, content)
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
+            fd = -1
+            os.replace(tmp, self.path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise
-        os.close(fd)
-        os.replace(tmp, self.path)
         _fsync_dir(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fd = open_private_file(self.path, os.O_WRONLY | os.O_APPEND, "disk index")
         self._durable_size = len(content)
 
     # ---- recording -----------------------------------------------------------
@@ -233,7 +333,36 @@ class DiskJournal:
         if not self._loaded:
             self.load()
 
-    def record_stored(self, entries: list[tuple[int, int]]) -> None:
+    def _append(self, kind: int, block_hash: BlockHash, slot: int) -> None:
+        if not isinstance(block_hash, bytes) or len(block_hash) != HASH_BYTES:
+            raise ValueError(f"journal entry hash {block_hash!r} is not {HASH_BYTES} bytes")
+        if not 0 <= slot < _U64:
+            raise ValueError(f"journal slot {slot} is not an unsigned 64-bit int")
+        self._pending += _record(kind, block_hash, slot)
+        self._apply(kind, block_hash, slot)
+
+    def _bound_pending(self) -> None:
+        """Drop the oldest pending records beyond ``max_pending`` (flushes keep failing).
+
+        Safe: a lost STORED only hides a block (a miss after a restart); a lost
+        EVICTED leaves a stale entry that the data file's header check turns
+        into a miss. The in-memory state stays exact, so a later compaction
+        writes the truth again.
+        """
+        excess = self.num_pending - self._max_pending
+        if excess <= 0:
+            return
+        del self._pending[: excess * _REC_SIZE]
+        first_drop = self.dropped_records == self._dropped_logged
+        self.dropped_records += excess
+        if first_drop:
+            logger.warning(
+                "kvbm: disk index %s cannot be written and %d records are pending; dropping the oldest "
+                "(those blocks will be misses after a restart, nothing worse). Dropped so far: %d.",
+                self.path, self._max_pending, self.dropped_records,
+            )
+
+    def record_stored(self, entries: list[tuple[BlockHash, int]]) -> None:
         """``(block_hash, slot)``: the slot now holds that block. Durable after :meth:`flush`.
 
         Journal a block only once its data is durable in the data file
@@ -242,26 +371,22 @@ class DiskJournal:
         """
         self._ensure_loaded()
         for block_hash, slot in entries:
-            if not 0 <= block_hash < _U64 or not 0 <= slot < _U64:
-                raise ValueError(f"journal entry ({block_hash}, {slot}): hash and slot must be u64")
-            self._pending += _record(_STORED, block_hash, slot)
-            self._apply(_STORED, block_hash, slot)
+            self._append(_STORED, block_hash, slot)
+        self._bound_pending()
 
     def record_evicted(self, slots: list[int]) -> None:
         """These slots no longer hold anything. Durable after :meth:`flush`."""
         self._ensure_loaded()
         for slot in slots:
-            if not 0 <= slot < _U64:
-                raise ValueError(f"journal slot {slot} is not an unsigned 64-bit int")
-            self._pending += _record(_EVICTED, 0, slot)
-            self._apply(_EVICTED, 0, slot)
+            self._append(_EVICTED, _NO_HASH, slot)
+        self._bound_pending()
 
     def flush(self) -> bool:
         """Append pending records and fdatasync. False (logged) if the write failed.
 
         On failure the file is cut back to its last durable size and the
-        records stay pending, so a later flush retries them and no partial
-        record can hide later ones.
+        records stay pending (at most ``max_pending``), so a later flush
+        retries them and no partial record can hide later ones.
         """
         self._ensure_loaded()
         if not self._pending:
@@ -272,26 +397,33 @@ class DiskJournal:
             _write_all(self._fd, bytes(self._pending))
             os.fdatasync(self._fd)
         except OSError as e:
-            logger.warning(
-                "kvbm: cannot write disk index %s (%s); %d records kept for retry. A restart "
-                "would reuse fewer disk blocks, nothing worse.",
-                self.path, e.strerror or e, len(self._pending) // _REC_SIZE,
-            )
+            if not self._failing:
+                self._failing = True
+                logger.warning(
+                    "kvbm: cannot write disk index %s (%s); records are kept for retry (at most %d) and "
+                    "this is logged again only once writes work. A restart would reuse fewer disk "
+                    "blocks, nothing worse.", self.path, e.strerror or e, self._max_pending,
+                )
             try:
                 if self._fd >= 0:
                     os.ftruncate(self._fd, self._durable_size)
             except OSError:
                 pass
             return False
-        self._records += len(self._pending) // _REC_SIZE
+        self._records += self.num_pending
         self._durable_size += len(self._pending)
         self._pending.clear()
+        if self._failing:
+            self._failing = False
+            logger.warning("kvbm: disk index %s is writable again; %d record(s) were dropped meanwhile",
+                           self.path, self.dropped_records - self._dropped_logged)
+            self._dropped_logged = self.dropped_records
         if self._auto_compact and self._records >= max(
             _COMPACT_MIN_RECORDS, _COMPACT_RATIO * len(self._slot_of)
         ):
             try:
                 self.compact()
-            except OSError as e:
+            except (OSError, DiskSetupError) as e:
                 logger.warning("kvbm: compacting disk index %s failed: %s", self.path, e)
         return True
 
@@ -301,16 +433,15 @@ class DiskJournal:
         Atomic: a crash leaves either the old or the new file, both valid.
         """
         self._ensure_loaded()
-        records = b"".join(_record(_STORED, h, s) for h, s in self._slot_of.items())
         before = self._records
-        self._rewrite(records)
+        self._rewrite(self._live_records())
         self._pending.clear()
         self._records = len(self._slot_of)
         logger.info(
             "kvbm: disk index %s compacted: %d records -> %d", self.path, before, self._records,
         )
 
-    def snapshot(self) -> dict[int, int]:
+    def snapshot(self) -> dict[BlockHash, int]:
         """Current in-memory state (including records not yet flushed)."""
         return dict(self._slot_of)
 
@@ -321,8 +452,8 @@ class DiskJournal:
             self._fd = -1
 
     def close(self) -> None:
-        """Flush pending records and close the file."""
-        if self._loaded and self._pending:
+        """Flush pending records and close the file (idempotent)."""
+        if self._loaded and self._pending and self._fd >= 0:
             self.flush()
         self._close_fd()
 

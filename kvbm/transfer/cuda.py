@@ -669,6 +669,12 @@ class CudaCopyEngine:
                 done.append(self._release(queue.popleft()).completion)
         return done
 
+    def fence_loads(self) -> None:
+        """The compute (current) stream waits for every load submitted so far: the last event of
+        a load is recorded on the load kernel stream, after its DMA landed (see _submit)."""
+        with torch.cuda.device(self.device):
+            torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
+
     def drain(self) -> None:
         """Block until every submitted copy has completed (completions still come from poll)."""
         for stream in (self._store_stream, self._store_dma_stream, self._load_stream, self._load_dma_stream):

@@ -29,6 +29,9 @@ class LayerLayout:
     outer: int  # runs per block (2 for FlashAttention's separate K and V planes)
     inner_bytes: int  # bytes per run
     offset: int  # where this layer's bytes start inside a host block
+    #: The tensor's dims, outermost first in memory, as "shape@dim" words: two runs whose
+    #: blocks hold the same bytes in another order must never share a persisted G3 file.
+    physical: str = ""
 
     @property
     def block_bytes(self) -> int:
@@ -45,11 +48,23 @@ class KVLayout:
         """Bytes of one block across all layers of this worker (one host slot)."""
         return sum(layer.block_bytes for layer in self.layers)
 
+    def signature(self) -> str:
+        """The bytes of a slot, layer by layer, independent of the GPU pool's size: two servers
+        whose signatures differ must never read each other's persisted blocks."""
+        runs: list[list] = []  # consecutive identical layers once, with a count: bounded size
+        for layer in self.layers:
+            part = f"{layer.outer}x{layer.inner_bytes} {layer.physical}"
+            if runs and runs[-1][0] == part:
+                runs[-1][1] += 1
+            else:
+                runs.append([part, 1])
+        return ";".join(f"{count}*[{part}]" for part, count in runs)
+
     def describe(self) -> str:
         first = self.layers[0]
         return (
             f"{len(self.layers)} layers x {first.outer} run(s) x {first.inner_bytes} B "
-            f"= {self.block_bytes} B per block, {self.num_blocks} GPU blocks"
+            f"= {self.block_bytes} B per block, {self.num_blocks} GPU blocks, physical order {first.physical}"
         )
 
 
@@ -69,16 +84,29 @@ def find_block_dim(shape: tuple[int, ...], num_blocks: int) -> tuple[int, int]:
 
 
 def as_block_view(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """View a layer's cache as uint8 ``[outer, num_blocks, inner_bytes]`` (no copy)."""
+    """View a layer's cache as uint8 ``[outer, num_blocks, inner_bytes]`` (no copy).
+
+    Works in the tensor's *physical* order, not its logical shape: vLLM's GPU
+    model runner (0.26+) hands FlashAttention caches that are logically
+    ``[B, H, N, 2D]`` but stored block-outermost with tokens before heads
+    (strides ``(H*N*2D, 2D, H*2D, 1)``). What matters for copying is only that
+    the storage is dense and where the block dimension falls in it: dims with a
+    larger stride are ``outer`` runs, dims with a smaller one are ``inner``
+    bytes. A host slot keeps the block's bytes in that physical order, so a
+    load writes back exactly what a store read.
+    """
     dim, per_block = find_block_dim(tuple(tensor.shape), num_blocks)
-    if not tensor.is_contiguous():
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))  # physical order
+    physical = tensor.permute(order)
+    if not physical.is_contiguous():
         raise LayoutError(
             f"KV cache tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} "
-            "is not contiguous; kvbm needs each layer's cache in one dense buffer"
+            "has gaps between its elements; kvbm needs each layer's cache in one dense buffer"
         )
-    outer = prod(tensor.shape[:dim])
-    inner = prod(tensor.shape[dim + 1 :]) * per_block * tensor.element_size()
-    flat = tensor.reshape(-1).view(torch.uint8)  # contiguous: a view, never a copy
+    at = order.index(dim)
+    outer = prod(physical.shape[:at])
+    inner = prod(physical.shape[at + 1 :]) * per_block * tensor.element_size()
+    flat = physical.reshape(-1).view(torch.uint8)  # dense in this order: a view, never a copy
     return flat.view(outer, num_blocks, inner)
 
 
@@ -99,7 +127,11 @@ def describe_kv_caches(
         seen.add(key)
         view = as_block_view(tensor, num_blocks)
         outer, _, inner = view.shape
-        layers.append(LayerLayout(name=name, outer=outer, inner_bytes=inner, offset=offset))
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+        block_dim, _ = find_block_dim(tuple(tensor.shape), num_blocks)
+        physical = " ".join("B" if d == block_dim else f"{tensor.shape[d]}@{d}" for d in order)
+        physical += " " + str(tensor.dtype).replace("torch.", "")
+        layers.append(LayerLayout(name=name, outer=outer, inner_bytes=inner, offset=offset, physical=physical))
         views.append(view)
         offset += outer * inner
     if not layers:

@@ -20,15 +20,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import load_config
 from kvbm.logs import ensure_log_handler
 from kvbm.platform import prepare_cpu_process
+from kvbm.vllm_integration import compat
 from kvbm.vllm_integration.metadata import KvbmMetadata
+
+#: What this vLLM offers (see compat.py); hooks a release lacks are simply never called.
+VLLM = compat.features()
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,13 +46,15 @@ logger = logging.getLogger(__name__)
 
 
 class DynamoConnector(KVConnectorBase_V1):
-    _cache_hit_source = CacheHitSource.HOST
+    if VLLM.cache_hit_source is not None:
+        _cache_hit_source = VLLM.cache_hit_source.HOST
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         config = load_config(extra)
         ensure_log_handler(config.log_level)
+        compat.check_supported(config.allow_untested_vllm)
         self._leader = None
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
@@ -60,7 +64,7 @@ class DynamoConnector(KVConnectorBase_V1):
             # request must recompute it, not fail. vLLM reads this right after
             # building the scheduler-side connector.
             transfer = vllm_config.kv_transfer_config
-            if transfer.kv_load_failure_policy != "recompute":
+            if VLLM.has_load_failure_policy and transfer.kv_load_failure_policy != "recompute":
                 logger.info("kvbm: setting kv_load_failure_policy=recompute (a cache miss never fails a request)")
                 transfer.kv_load_failure_policy = "recompute"
 
@@ -84,17 +88,19 @@ class DynamoConnector(KVConnectorBase_V1):
         assert self._leader is not None
         self._leader.update_state_after_alloc(request, blocks, num_external_tokens)
 
-    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        """Split a hit between host and disk so vLLM's per-source metrics match kvbm's."""
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """Split a hit between host and disk so vLLM's per-source metrics match kvbm's
+        (vLLM 0.32+ calls this; older releases have no per-source metrics)."""
         assert self._leader is not None
-        if num_external_tokens == 0:
+        source = VLLM.cache_hit_source
+        if num_external_tokens == 0 or source is None:
             return {}
         host, disk = self._leader.planner.load_sources(request.request_id)
         block_size = self._leader.block_size
         if (host + disk) * block_size != num_external_tokens:
-            return {self._cache_hit_source: num_external_tokens}
-        sources = {CacheHitSource.HOST: host * block_size, CacheHitSource.DISK: disk * block_size}
-        return {source: tokens for source, tokens in sources.items() if tokens}
+            return {source.HOST: num_external_tokens}
+        sources = {source.HOST: host * block_size, source.DISK: disk * block_size}
+        return {name: tokens for name, tokens in sources.items() if tokens}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._leader is not None
@@ -142,14 +148,15 @@ class DynamoConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvbmMetadata)
         self._worker.save(meta)
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        assert self._worker is not None
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """vLLM 0.30+: completions and failed loads in one snapshot."""
+        assert self._worker is not None and VLLM.transfer_results is not None
         sending, recving, failed = self._worker.transfer_results()
-        return KVConnectorTransferResults(
-            finished_sending=sending, finished_recving=recving, failed_recving=failed
-        )
+        return VLLM.transfer_results(finished_sending=sending, finished_recving=recving, failed_recving=failed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """vLLM before 0.30. Failed loads are finished too (their block ids come through
+        get_block_ids_with_load_errors); kvbm's worker metadata names them for its stats."""
         sending, recving, _ = self._worker.transfer_results() if self._worker else (set(), set(), set())
         return sending or None, recving or None
 

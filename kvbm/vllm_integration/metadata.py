@@ -34,6 +34,12 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     failed_batches: set[int] = field(default_factory=set)
     #: G3 slots that failed verification or I/O on read: the leader drops them.
     bad_disk_slots: set[int] = field(default_factory=set)
+    #: Requests whose load failed on this rank (recomputed). vLLM 0.30+ also says so
+    #: through failed_recving; older releases only through block ids, so kvbm carries it.
+    failed_loads: set[str] = field(default_factory=set)
+    #: Synchronous loads whose copies completed on this rank (vLLM does not track them):
+    #: the leader unpins their slots once every rank reported.
+    sync_loaded: dict[str, int] = field(default_factory=dict)
     #: For metrics (bandwidth per direction, see kvbm.metrics.DIRECTIONS):
     #: bytes this rank copied and seconds it spent copying since its last report.
     transfer_bytes: dict[str, int] = field(default_factory=dict)
@@ -42,8 +48,8 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     disk_errors: dict[str, int] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.failed_batches or self.bad_disk_slots or self.transfer_bytes
-                    or self.transfer_seconds or self.disk_errors)
+        return not (self.stored or self.failed_batches or self.bad_disk_slots or self.failed_loads
+                    or self.sync_loaded or self.transfer_bytes or self.transfer_seconds or self.disk_errors)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         assert isinstance(other, KvbmWorkerMetadata)
@@ -54,6 +60,8 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
             stored=stored,
             failed_batches=self.failed_batches | other.failed_batches,
             bad_disk_slots=self.bad_disk_slots | other.bad_disk_slots,
+            failed_loads=self.failed_loads | other.failed_loads,
+            sync_loaded=_add(self.sync_loaded, other.sync_loaded),
             # Summed over ranks; the leader divides seconds by the rank count.
             transfer_bytes=_add(self.transfer_bytes, other.transfer_bytes),
             transfer_seconds=_add(self.transfer_seconds, other.transfer_seconds),

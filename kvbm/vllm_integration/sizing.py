@@ -1,12 +1,27 @@
-"""What the leader derives from vLLM's KV cache config: bytes per block and the model identity."""
+"""What the leader derives from vLLM's config: bytes per block, where G3 lives, and the model identity."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import enum
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kvbm.runtime.fingerprint import fingerprint
+from kvbm.vllm_integration.compat import features, kv_cache_layout
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ModelConfig, VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the identity's recipe changes, so old persisted blocks stop matching.
+IDENTITY_VERSION = 2
 
 
 def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
@@ -15,8 +30,15 @@ def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
     return max(1, total // max(1, kv_cache_config.num_blocks))
 
 
-def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
-    """Everything that makes equal tokens produce different KV bytes."""
+def storage_key(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+    """The model and the shape of a slot: what names the persistent G3 files and journal.
+
+    Two servers whose keys differ never open the same files. Everything else
+    that changes KV without changing the slot shape (weights, quantization,
+    overrides) is in :func:`model_identity`, which the journal checks: a
+    change there restarts the same files empty instead of leaving a new
+    full-size file behind at every change.
+    """
     model = vllm_config.model_config
     cache = vllm_config.cache_config
     par = vllm_config.parallel_config
@@ -24,13 +46,113 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> s
         str(part)
         for part in (
             model.model,
-            getattr(model, "revision", None),
             model.dtype,
             cache.cache_dtype,
             cache.block_size,
             par.tensor_parallel_size,
             par.pipeline_parallel_size,
             bytes_per_block_per_rank(kv_cache_config),
-            kv_cache_config.kv_cache_layout,
+            kv_cache_layout(kv_cache_config),
         )
     )
+
+
+def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, fingerprint_weights: bool,
+                   kv_layout: str = "") -> str:
+    """Everything that makes equal token ids produce different KV bytes.
+
+    Besides the slot shape (:func:`storage_key`): the weights' source and
+    revision, quantization, config overrides, the model implementation,
+    sliding-window and KV-scale settings, decode context parallelism. Not
+    the tokenizer: blocks are keyed by token ids, and the tokenizer only maps
+    text to ids, so two tokenizers yield different ids, never different KV for
+    the same ids.
+
+    ``kv_layout`` is the workers' slot signature (:meth:`KVLayout.signature`): the same
+    model in another vLLM may store a block's bytes in another order (vLLM 0.26's GPU
+    model runner permutes them). The vLLM version is in too: another release may
+    compute the same KV with other kernels, hence other bytes.
+
+    ``fingerprint_weights`` (set when G3 persists across restarts) adds a
+    fingerprint of the weight files (:mod:`kvbm.runtime.fingerprint`): the
+    same path may hold other weights after a restart. Within one process
+    vLLM's weights do not change under kvbm, so without persistence the
+    files are not read. Weights that cannot be fingerprinted (streamed from
+    object storage, a hub name not in the local cache) get an identity of
+    their own per process: nothing persisted is reused, with a warning.
+    """
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    load = getattr(vllm_config, "load_config", None)
+    load_format = str(getattr(load, "load_format", "auto"))
+    parts: dict[str, Any] = {
+        "version": IDENTITY_VERSION,
+        "storage": storage_key(vllm_config, kv_cache_config),
+        "revision": model.revision,
+        "code_revision": getattr(model, "code_revision", None),
+        "hf_config_path": getattr(model, "hf_config_path", None),
+        "model_weights": getattr(model, "model_weights", ""),
+        "quantization": model.quantization,
+        "quantization_config": canonical(getattr(model, "quantization_config", None)),
+        "hf_overrides": canonical(getattr(model, "hf_overrides", None)),
+        "model_impl": canonical(getattr(model, "model_impl", None)),
+        "disable_sliding_window": getattr(model, "disable_sliding_window", False),
+        "kv_cache_dtype_skip_layers": canonical(getattr(cache, "kv_cache_dtype_skip_layers", None)),
+        "calculate_kv_scales": getattr(cache, "calculate_kv_scales", None),
+        "decode_context_parallel_size": getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1),
+        "load_format": load_format,
+        "kv_layout": kv_layout,
+        "vllm": features().version,
+        # Random ("dummy") weights are a function of the seed.
+        "seed": model.seed if load_format == "dummy" else None,
+    }
+    if fingerprint_weights and load_format != "dummy":
+        parts["weights"] = _weights_fingerprint(model, getattr(load, "download_dir", None))
+    return json.dumps(parts, sort_keys=True)
+
+
+def _weights_fingerprint(model: ModelConfig, download_dir: str | None) -> str:
+    where = _weights_location(model, download_dir)
+    found = fingerprint(where) if where else None
+    if found is None:
+        logger.warning(
+            "kvbm: cannot read the weights of %s to fingerprint them; persisted disk blocks (G3) will not be "
+            "reused across restarts of this server. Serve the model from a local directory to reuse them.",
+            model.model,
+        )
+        return f"unknown-{uuid.uuid4().hex}"
+    return found
+
+
+def _weights_location(model: ModelConfig, download_dir: str | None) -> str | None:
+    """A local directory or file holding the weights: the model path itself, or
+    the hub snapshot vLLM downloaded (its directory is named by commit)."""
+    for candidate in (getattr(model, "model_weights", ""), model.model):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model.model, revision=model.revision, cache_dir=download_dir, local_files_only=True)
+    except Exception:  # not a hub name, not cached, no huggingface_hub: cannot tell
+        return None
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able, process-independent form of a config value (no ``repr`` with addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return canonical(value.value)
+    if isinstance(value, Mapping):
+        return {str(key): canonical(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [canonical(item) for item in value]
+        return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return canonical(dataclasses.asdict(value))
+    if callable(value):  # e.g. an hf_overrides function: its name is all that is stable
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    if hasattr(value, "model_dump"):  # pydantic models
+        return canonical(value.model_dump())
+    return str(value)

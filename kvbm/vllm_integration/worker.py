@@ -27,14 +27,14 @@ import torch
 from kvbm.config import KvbmConfig
 from kvbm.core.planner import DISK, LoadOp, SpillBatch, StoreBatch
 from kvbm.metrics import OFFLOAD_D2D, OFFLOAD_D2H, OFFLOAD_H2D, ONBOARD_D2D, ONBOARD_H2D
-from kvbm.storage.disk import DiskArena
+from kvbm.runtime.handshake import TierSizes, WorkerHandshake, WorkerLayout
+from kvbm.storage.disk import DiskArena, FaultInjector
 from kvbm.storage.host import HostArena
 from kvbm.transfer.engine import CopyEngine, TorchCopyEngine
 from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
 from kvbm.transfer.layout import KVLayout, describe_kv_caches
-from kvbm.vllm_integration.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import model_identity
+from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,11 +53,12 @@ def _rank() -> int:
     return 0
 
 
-def disk_file_tag(config: KvbmConfig, identity: str, rank: int) -> str:
-    """Persistent files are named by model identity (a restart finds them);
-    others by process, so two servers sharing a directory never collide."""
+def disk_file_tag(config: KvbmConfig, key: str, rank: int) -> str:
+    """Persistent files are named by the storage key (model and slot shape: a
+    restart finds them); others by process, so two servers sharing a directory
+    never collide."""
     if config.disk_persist:
-        return f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}-rank{rank}"
+        return f"{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}-rank{rank}"
     return f"pid{os.getpid()}-rank{rank}"
 
 
@@ -83,7 +84,7 @@ class KvbmWorker:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self.config = config
         self._kv_cache_config = kv_cache_config
-        self._identity = model_identity(vllm_config, kv_cache_config)
+        self._storage_key = storage_key(vllm_config, kv_cache_config)
         self._world_size = vllm_config.parallel_config.world_size
         self._engine_id = vllm_config.kv_transfer_config.engine_id
         #: Set from the leader's answer in the startup handshake (handshake.py).
@@ -103,6 +104,8 @@ class KvbmWorker:
         self._finished_loads: set[str] = set()
         self._failed_loads: set[str] = set()
         self._load_error_blocks: set[int] = set()
+        #: A synchronous load failed this step: its store batch is dropped (see save).
+        self._poisoned = False
         self._report = KvbmWorkerMetadata()
         self._stage_rows: HostArena | None = None
         self._stage_engine: CopyEngine | None = None
@@ -118,7 +121,7 @@ class KvbmWorker:
         report = WorkerLayout(
             rank=_rank() % self._world_size, world_size=self._world_size,
             bytes_per_block=self.layout.block_bytes, num_gpu_blocks=self._kv_cache_config.num_blocks,
-            layout=self.layout.describe(),
+            layout=self.layout.signature(),
         )
         self._handshake = WorkerHandshake(self.config, self._engine_id, report, self._allocate).start()
 
@@ -129,15 +132,18 @@ class KvbmWorker:
         assert self.layout is not None
         if self._views and self._views[0].is_cuda:
             torch.cuda.set_device(self._views[0].device)  # per thread: pin in this rank's CUDA context
-        arena = HostArena(sizes.host_slots, self.layout.block_bytes) if sizes.host_slots else None
+        arena = HostArena(sizes.host_slots, self.layout.block_bytes, on_progress=progress) if sizes.host_slots else None
         disk = None
         if sizes.disk_slots:
             cfg = self.config
+            faults = dict(cfg.disk_fault_injection)
+            seed = int(faults.pop("seed", 0)) + _rank()
             disk = DiskArena(
                 cfg.disk_cache_dir, sizes.disk_slots, self.layout.block_bytes,
-                file_tag=disk_file_tag(cfg, self._identity, _rank()),
+                file_tag=disk_file_tag(cfg, self._storage_key, _rank()),
                 zerofill_fallback=cfg.disk_zerofill_fallback,
                 disable_o_direct=cfg.disk_disable_o_direct,
+                fault_hook=FaultInjector(faults, seed) if faults else None,
             )
         return arena, disk
 
@@ -207,9 +213,19 @@ class KvbmWorker:
             self.engine.drain()
 
     def start_load(self, meta: KvbmMetadata) -> None:
+        """Every step, empty ones included: start the step's loads, and the plan's work that
+        does not depend on this step's forward pass (G2→G3 spills read committed G2 rows).
+        vLLM before 0.31 skips ``wait_for_save`` on steps without a forward pass, so work
+        left for :meth:`save` would be lost there; only stores of blocks this step computes
+        wait for it, and an empty step computes none."""
         self._ensure_ready()
         self._check(meta)
-        for op in meta.plan.loads:
+        plan = meta.plan
+        if plan.spill is not None:
+            self._spill(plan.spill)
+        for req_id, batch_id in plan.release_after_store:
+            self._release_after[req_id] = batch_id
+        for op in plan.loads:
             load = self._loads[op.req_id] = _Load(op, parts_left=bool(op.host_slots) + bool(op.disk_slots))
             if op.host_slots:
                 assert self.engine is not None
@@ -221,12 +237,28 @@ class KvbmWorker:
                 load.staging = self._staging(len(op.disk_slots))
                 items = [(slot, h, load.staging[i].numpy())
                          for i, (slot, h) in enumerate(zip(op.disk_slots, op.disk_hashes))]
-                load.read = self._io.submit(self.disk.read_blocks, items)
+                if op.sync:  # read now: the forward pass of this step reads these blocks
+                    load.read = Future()
+                    load.read.set_result(self.disk.read_blocks(items))
+                else:
+                    load.read = self._io.submit(self.disk.read_blocks, items)
+        if any(op.sync for op in plan.loads):
+            # Scatter synchronous G3 parts now, and see a G2 copy that failed to start
+            # (its blocks are then reported invalid in this step's output: vLLM recomputes).
+            self._poll()
+            if self.engine is not None:
+                self.engine.fence_loads()  # the forward pass waits for the copies, not the CPU
 
     def save(self, meta: KvbmMetadata) -> None:
+        """After the forward pass: store the blocks this step filled (G1→G2, or G1→G3)."""
         self._ensure_ready()
         plan = meta.plan
-        if plan.store is not None:
+        poisoned, self._poisoned = self._poisoned, False
+        if plan.store is not None and poisoned:
+            # A synchronous load of this step failed: blocks computed on top of it are
+            # suspect. vLLM recomputes them; kvbm keeps none of them (a few misses).
+            self._report.failed_batches.add(plan.store.batch_id)
+        elif plan.store is not None:
             self._inflight_batches.add(plan.store.batch_id)
             if plan.store.tier == DISK:
                 self._store_to_disk(plan.store)
@@ -235,10 +267,6 @@ class KvbmWorker:
                 start = time.perf_counter()
                 self.engine.store(plan.store.batch_id, plan.store.gpu_blocks, plan.store.slots)
                 self._timed("store", plan.store.batch_id, start, len(plan.store.slots))
-        if plan.spill is not None:
-            self._spill(plan.spill)
-        for req_id, batch_id in plan.release_after_store:
-            self._release_after[req_id] = batch_id
 
     def _timed(self, kind: str, key: int | str, start: float, blocks: int) -> None:
         """Remember a G1<->G2 copy for bandwidth metrics. A synchronous engine
@@ -362,9 +390,16 @@ class KvbmWorker:
             return
         req_id = load.op.req_id
         del self._loads[req_id]
-        self._finished_loads.add(req_id)
+        if load.op.sync:  # vLLM scheduled it already; only the leader waits (to unpin slots)
+            self._report.sync_loaded[req_id] = self._report.sync_loaded.get(req_id, 0) + 1
+        else:
+            self._finished_loads.add(req_id)
         if load.error_blocks:
-            self._failed_loads.add(req_id)
+            if load.op.sync:
+                self._poisoned = True
+            else:  # vLLM 0.30+ hears of failed asynchronous loads as failed_recving
+                self._failed_loads.add(req_id)
+            self._report.failed_loads.add(req_id)
             self._load_error_blocks.update(load.error_blocks)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:

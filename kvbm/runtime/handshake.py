@@ -3,7 +3,9 @@
 Why a handshake: the tiers are sized from the bytes one block takes on *every*
 rank together (GB settings are totals across ranks), which only the workers
 know once vLLM has allocated their KV caches; and the leader must not plan a
-single copy before every worker owns its slice of host/disk memory.
+single copy before every worker owns its slice of host/disk memory. The
+sizing policy itself is in :mod:`kvbm.runtime.sizing`, the message format and
+its checks in :mod:`kvbm.runtime.wire`; this module moves messages.
 
 Order inside vLLM (v1 ``EngineCore.__init__``): workers build their KV caches
 and call ``register_kv_caches`` and vLLM warms the model up *before* the
@@ -19,32 +21,37 @@ other cannot progress:
   Every worker is already past ``register_kv_caches`` and waiting, so blocking
   there delays only the engine's readiness, by the allocation time.
 
-Both sides give up after ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS``, counted
-from their own ``start()``.
+Both sides give up after ``leader_worker_init_timeout_secs``, counted from
+their own ``start()``.
 
-Protocol (JSON, soft state, resent every heartbeat so message loss, late
-joiners and ordering never matter): the leader PUBlishes a *beacon*
-``{session, state, sizes, ...}`` on the pub endpoint; each worker PUSHes its
-*status* ``{rank, layout, state, ...}`` to the ack endpoint. States: leader
-``waiting → allocate → done`` (or ``failed``), worker ``joined → allocating →
-ready`` (or ``failed``). A peer silent for ``dead_after_s`` is dead; once a
-socket saw a peer disconnect (a killed process closes its sockets), silence
-longer than a few heartbeats is enough. A new leader session during the
-handshake (the scheduler restarted) makes workers drop their allocation and
-join again.
+Protocol (signed JSON, soft state, resent every heartbeat so message loss,
+late joiners and ordering never matter): the leader PUBlishes a *beacon*
+(:class:`~kvbm.runtime.wire.Beacon`) on the pub endpoint; each worker PUSHes
+its *status* (:class:`~kvbm.runtime.wire.Status`) to the ack endpoint. States:
+leader ``waiting → allocate → done`` (or ``failed``), worker ``joined →
+allocating → ready`` (or ``failed``). A worker answers any leader's beacon
+with its status and a random nonce; it *joins* a session (and from then on
+obeys it: allocate, done, failed) only once that session's beacons echo its
+nonce. So a replayed beacon of an old session, which the MAC cannot tell
+from a fresh one, never makes a worker allocate or fail. A peer silent for
+``dead_after_s`` is dead; once a socket saw a peer disconnect (a killed
+process closes its sockets), silence longer than a few heartbeats is enough.
+A new leader session during the handshake (the scheduler restarted) makes
+workers drop their allocation and join again. Every message that does not
+verify is logged (rate-limited) and dropped; a flood is bounded per loop.
 
-Transport (see :func:`handshake_endpoints`): TCP on
-``DYN_KVBM_LEADER_ZMQ_HOST``/``_PUB_PORT``/``_ACK_PORT`` when any of them is
-set; otherwise Unix sockets in a private per-user directory, named by vLLM's
+Transport (see :func:`handshake_endpoints`): TCP on the configured
+``leader_zmq_host``/``_pub_port``/``_ack_port`` when any of them is set;
+otherwise Unix sockets in a private (0700) per-user directory, named by vLLM's
 ``kv_transfer_config.engine_id`` (a fresh UUID per vLLM instance that the
-scheduler and every worker share), so two instances on one host never collide.
+scheduler and every worker share), so two instances on one host never
+collide. Prefer the default: it needs no ports and no secret.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -52,61 +59,55 @@ import stat
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvbm.config import ConfigError, KvbmConfig
+from kvbm.config import KvbmConfig, env_var
+from kvbm.runtime import wire
+from kvbm.runtime.sizing import (
+    SizingError,
+    TierSizes,
+    WorkerLayout,
+    check_fits,
+    local_bytes_per_block,
+    machine_resources,
+    plan_tiers,
+)
+from kvbm.runtime.wire import Beacon, DropLog, Malformed, Status
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = 1
-TIMEOUT_VAR = "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS"
 HEARTBEAT_S = 0.25
 #: Silence after which a peer counts as dead (generous: a busy process may stall).
 DEAD_AFTER_S = 30.0
 #: Silence that suffices once its connection was seen closing.
 GONE_AFTER_DISCONNECT_HEARTBEATS = 8
 PROGRESS_LOG_S = 10.0
+#: Messages read per loop turn at most, so a flood cannot starve timeouts and liveness checks.
+DRAIN_LIMIT = 256
 _ZMQ_KEYS = ("leader_zmq_host", "leader_zmq_pub_port", "leader_zmq_ack_port")
+TIMEOUT_VAR = env_var("leader_worker_init_timeout_secs")
+_PORT_VARS = f"{env_var('leader_zmq_pub_port')}/{env_var('leader_zmq_ack_port')}"
 
 T = TypeVar("T")
-#: ``allocate(sizes, progress)``: builds this rank's tiers; ``progress(0..1)`` is optional.
-Allocate = Callable[["TierSizes", Callable[[float], None]], T]
+#: ``allocate(sizes, progress)``: builds this rank's tiers, reporting ``progress(0..1)`` as it goes.
+Allocate = Callable[[TierSizes, Callable[[float], None]], T]
+
+__all__ = [
+    "HandshakeError", "HandshakeResult", "LeaderHandshake", "WorkerHandshake", "Endpoints", "handshake_endpoints",
+    "TierSizes", "WorkerLayout", "TIMEOUT_VAR",
+]
 
 
 class HandshakeError(RuntimeError):
     """The handshake failed; the message says which rank, why, and what to change."""
-
-
-@dataclass(frozen=True)
-class WorkerLayout:
-    """What one worker reports: enough for the leader to size and sanity-check the tiers."""
-
-    rank: int
-    world_size: int
-    #: Bytes one block takes on this rank (its heads, all its layers): one G2/G3 slot.
-    bytes_per_block: int
-    num_gpu_blocks: int
-    layout: str = ""
-    pid: int = field(default_factory=os.getpid)
-    host: str = field(default_factory=socket.gethostname)
-
-
-@dataclass(frozen=True)
-class TierSizes:
-    """The agreed tier sizes, in blocks; the same on every rank (block ids are shared)."""
-
-    host_slots: int
-    disk_slots: int
-    #: Sum over ranks of :attr:`WorkerLayout.bytes_per_block`: what GB settings are divided by.
-    bytes_per_block_all_ranks: int
 
 
 @dataclass(frozen=True)
@@ -123,77 +124,41 @@ class Endpoints:
     #: so a second leader with the same engine id fails instead of stealing the sockets.
     lock: str | None = None
 
-
-def plan_tiers(config: KvbmConfig, layouts: Sequence[WorkerLayout]) -> TierSizes:
-    """Size G2/G3 from every rank's report: block counts win; GB is the total over ranks."""
-    blocks = {layout.num_gpu_blocks for layout in layouts}
-    if len(blocks) > 1:
-        detail = ", ".join(f"rank {w.rank}: {w.num_gpu_blocks}" for w in sorted(layouts, key=lambda w: w.rank))
-        raise HandshakeError(
-            f"kvbm: workers report different numbers of GPU blocks ({detail}); all ranks must share "
-            "block ids. Start every rank of one vLLM instance with the same settings."
-        )
-    total = sum(layout.bytes_per_block for layout in layouts)
-    try:
-        return TierSizes(config.host_blocks(total), config.disk_blocks(total), total)
-    except ConfigError as exc:
-        raise HandshakeError(str(exc)) from None
+    @property
+    def tcp(self) -> bool:
+        return self.lock is None
 
 
 def handshake_endpoints(config: KvbmConfig, engine_id: str | None) -> Endpoints:
     """Where the leader binds and the workers connect.
 
-    Any of ``DYN_KVBM_LEADER_ZMQ_HOST/PUB_PORT/ACK_PORT`` set (env or extra
-    config), or no engine id: the reference TCP transport, needed when workers
-    run on other hosts. Otherwise Unix sockets named by the engine id: both
-    sides know it without any coordination, and two vLLM instances (distinct
-    UUIDs; data-parallel engines get a ``_dp<rank>`` suffix) cannot collide.
+    Any of the leader ZMQ host/port settings given (env or extra config), or
+    no engine id: TCP, needed when workers run on other hosts. Otherwise Unix
+    sockets named by the engine id: both sides know it without any
+    coordination, and two vLLM instances (distinct UUIDs; data-parallel
+    engines get a ``_dp<rank>`` suffix) cannot collide.
     """
     if not engine_id or any(key in config.sources for key in _ZMQ_KEYS):
         host = config.leader_zmq_host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # IPv6 literal
         return Endpoints(f"tcp://{host}:{config.leader_zmq_pub_port}", f"tcp://{host}:{config.leader_zmq_ack_port}")
-    base = os.path.join(_private_dir(), hashlib.blake2b(engine_id.encode(), digest_size=8).hexdigest())
+    base = os.path.join(private_dir(), hashlib.blake2b(engine_id.encode(), digest_size=8).hexdigest())
     return Endpoints(f"ipc://{base}.pub", f"ipc://{base}.ack", f"{base}.lock")
 
 
-def _private_dir() -> str:
-    """``$TMPDIR/kvbm-<uid>``, mode 0700 and ours, so no other user can hijack the sockets."""
+def private_dir() -> str:
+    """``$TMPDIR/kvbm-<uid>``, mode 0700 and ours: no other user can reach the
+    sockets or read the generated TCP secret in it."""
     path = os.path.join(tempfile.gettempdir(), f"kvbm-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise HandshakeError(
             f"kvbm: {path} must be a directory owned by this user with mode 0700 (it holds the "
-            "leader/worker sockets); remove it, or set DYN_KVBM_LEADER_ZMQ_PUB_PORT and "
-            "DYN_KVBM_LEADER_ZMQ_ACK_PORT to use TCP instead"
+            f"leader/worker sockets); remove it, or set {_PORT_VARS} to use TCP instead"
         )
     return path
-
-
-def _send(sock: zmq.Socket, message: dict[str, Any]) -> None:
-    """Fire and forget: state is resent every heartbeat, so a dropped message costs nothing."""
-    try:
-        sock.send(json.dumps(message).encode(), zmq.NOBLOCK)
-    except zmq.Again:
-        pass
-
-
-def _drain(sock: zmq.Socket) -> list[dict[str, Any]]:
-    messages = []
-    while True:
-        try:
-            raw = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return messages
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            logger.warning("kvbm handshake: ignoring a malformed message (%d bytes)", len(raw))
-            continue
-        if isinstance(message, dict):
-            messages.append(message)
 
 
 class _Peer:
@@ -219,18 +184,21 @@ class _Peer:
 
 
 class _Handshake(Generic[T]):
-    """A background thread running ``_run`` and a future for its outcome."""
+    """A background thread running ``_run``, a future for its outcome, and signed messaging."""
 
     def __init__(self, config: KvbmConfig, engine_id: str | None, heartbeat_s: float, dead_after_s: float) -> None:
         self.config = config
         self.timeout_s = config.leader_worker_init_timeout_secs
         self.endpoints = handshake_endpoints(config, engine_id)
+        # A bad secret setting fails here, in the caller, before any socket exists.
+        self._key = wire.handshake_key(config, self.endpoints.tcp, private_dir() if self.endpoints.tcp else "")
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         self._future: Future[T] = Future()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._context = zmq.Context()
+        self.drops = DropLog("kvbm handshake")
 
     def _start(self, name: str) -> None:
         self._deadline = time.monotonic() + self.timeout_s
@@ -248,6 +216,25 @@ class _Handshake(Generic[T]):
     def _run(self) -> T:
         raise NotImplementedError
 
+    def _send(self, sock: zmq.Socket, message: dict[str, Any]) -> None:
+        """Fire and forget: state is resent every heartbeat, so a dropped message costs nothing."""
+        try:
+            sock.send(wire.seal(self._key, message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _receive(self, sock: zmq.Socket, parse: Callable[[dict[str, Any]], Any]) -> Iterator[Any]:
+        """Verified, parsed messages waiting on ``sock`` (at most :data:`DRAIN_LIMIT`); the rest are dropped."""
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                yield parse(wire.unseal(self._key, frame))
+            except Malformed as exc:
+                self.drops.drop(str(exc))
+
     def wait(self, timeout: float | None = None) -> T:
         """Block until the handshake is done; raises :class:`HandshakeError` on failure.
 
@@ -264,9 +251,6 @@ class _Handshake(Generic[T]):
                 f"{self.timeout_s:g}s; raise {TIMEOUT_VAR} if allocating the tiers is slow"
             ) from None
 
-    def done(self) -> bool:
-        return self._future.done()
-
     def close(self) -> None:
         """Stop the thread (if running) and release the sockets."""
         self._stop.set()
@@ -276,8 +260,8 @@ class _Handshake(Generic[T]):
     def _timeout_error(self, what: str) -> HandshakeError:
         return HandshakeError(
             f"kvbm: the leader/worker handshake timed out after {self.timeout_s:g}s "
-            f"({TIMEOUT_VAR}={self.timeout_s:g}): {what}. Raise {TIMEOUT_VAR} if startup or "
-            "allocating the tiers is just slow."
+            f"({TIMEOUT_VAR}={self.timeout_s:g}): {what}{self.drops.summary()}. Raise {TIMEOUT_VAR} if "
+            "startup or allocating the tiers is just slow."
         )
 
 
@@ -292,17 +276,22 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         *,
         heartbeat_s: float = HEARTBEAT_S,
         dead_after_s: float = DEAD_AFTER_S,
+        progress_log_s: float = PROGRESS_LOG_S,
     ) -> None:
         super().__init__(config, engine_id, heartbeat_s, dead_after_s)
         self.world_size = world_size
-        self.session = uuid.uuid4().hex
+        self.drops = DropLog("kvbm leader")
+        self.session = wire.new_id()
+        self.progress_log_s = progress_log_s
         self._lock_fd: int | None = None
+        #: Nonces of the workers heard in this session, echoed in every beacon (bounded).
+        self._nonces: OrderedDict[str, None] = OrderedDict()
 
     def start(self) -> LeaderHandshake:
         """Bind now (a port in use fails here, in the caller) and run the handshake in the background."""
         ep = self.endpoints
         if ep.lock is not None:
-            self._lock_fd = os.open(ep.lock, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = os.open(ep.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -312,10 +301,11 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 raise HandshakeError(
                     f"kvbm: another vLLM instance on this host runs a kvbm leader for the same "
                     f"kv_transfer_config.engine_id ({ep.lock} is locked). Give each instance its own "
-                    "engine_id (or leave it unset), or set DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+                    f"engine_id (or leave it unset), or set {_PORT_VARS}"
                 ) from None
         self._pub = self._context.socket(zmq.PUB)
         self._ack = self._context.socket(zmq.PULL)
+        self._ack.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)  # libzmq drops a peer that sends more
         for sock, address, var in ((self._pub, ep.pub, "PUB"), (self._ack, ep.ack, "ACK")):
             sock.linger = 1000  # let the final beacon reach the workers
             try:
@@ -325,14 +315,14 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 self._context.term()
                 raise HandshakeError(
                     f"kvbm leader cannot listen on {address}: {exc}. Another process (a second vLLM "
-                    f"instance?) uses it: give this instance other ports with "
-                    f"DYN_KVBM_LEADER_ZMQ_PUB_PORT / DYN_KVBM_LEADER_ZMQ_ACK_PORT (now {var} is taken), "
-                    "or unset all DYN_KVBM_LEADER_ZMQ_* to use collision-free local sockets"
+                    f"instance?) uses it: give this instance other ports with {_PORT_VARS} (now {var} is "
+                    "taken), or unset the leader ZMQ host/port settings to use collision-free local sockets"
                 ) from None
         self._peers = _Peer(self._ack, self.heartbeat_s, self.dead_after_s)
         logger.info(
-            "kvbm leader: waiting for %d worker(s) on %s (timeout %gs, %s)",
+            "kvbm leader: waiting for %d worker(s) on %s (timeout %gs, %s%s)",
             self.world_size, ep.ack, self.timeout_s, TIMEOUT_VAR,
+            ", messages signed with the deployment secret" if ep.tcp else "",
         )
         self._start("kvbm-leader-handshake")
         return self
@@ -355,10 +345,14 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
             self._lock_fd = None
 
     def _beacon(self, state: str, sizes: TierSizes | None = None, error: str | None = None) -> None:
-        _send(self._pub, {
-            "protocol": PROTOCOL, "session": self.session, "world_size": self.world_size, "state": state,
-            "sizes": asdict(sizes) if sizes else None, "error": error,
-        })
+        beacon = Beacon(self.session, self.world_size, state, sizes, error and wire.clip(error), tuple(self._nonces))
+        self._send(self._pub, wire.beacon_message(beacon))
+
+    def _remember(self, nonce: str) -> None:
+        self._nonces[nonce] = None
+        self._nonces.move_to_end(nonce)
+        while len(self._nonces) > min(wire.MAX_PEERS, 4 * self.world_size + 16):
+            self._nonces.popitem(last=False)
 
     def _run(self) -> HandshakeResult:
         try:
@@ -371,7 +365,7 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         return result
 
     def _handshake(self) -> HandshakeResult:
-        status: dict[int, dict[str, Any]] = {}
+        status: dict[int, Status] = {}
         seen: dict[int, float] = {}
         sizes: TierSizes | None = None
         next_beacon = next_log = 0.0
@@ -382,82 +376,87 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 self._beacon("allocate" if sizes else "waiting", sizes)
                 next_beacon = now + self.heartbeat_s
             if self._ack.poll(self.heartbeat_s * 1000):
-                for message in _drain(self._ack):
-                    if message.get("session") != self.session:
-                        continue  # addressed to a previous leader; the worker re-joins on our beacon
-                    try:
-                        rank = self._check_worker(message, status)
-                    except (KeyError, TypeError):
-                        logger.warning("kvbm leader: ignoring a malformed worker status %r", message)
-                        continue
+                for message in self._receive(self._ack, wire.parse_status):
+                    if message.session != self.session:
+                        continue  # addressed to a previous leader (or replayed); the worker re-joins on our beacon
+                    self._remember(message.nonce)
+                    rank = self._check_worker(message, status)
                     status[rank], seen[rank] = message, time.monotonic()
             self._peers.poll_events()
             now = time.monotonic()
             for rank, last in seen.items():
                 if self._peers.silent_too_long(last, now):
                     raise HandshakeError(
-                        f"kvbm worker rank {rank} ({_who(status[rank])}) stopped responding during the "
-                        f"leader/worker handshake ({now - last:.1f}s silent, state "
-                        f"{status[rank]['state']!r}): the process probably died; see its log"
+                        f"kvbm worker rank {rank} ({_who(status[rank].layout)}) stopped responding during the "
+                        f"leader/worker handshake ({now - last:.1f}s silent, state {status[rank].state!r}): "
+                        "the process probably died; see its log"
                     )
             if sizes is None and len(status) == self.world_size:
-                layouts = [_layout(status[r]) for r in range(self.world_size)]
-                sizes = plan_tiers(self.config, layouts)
-                logger.info(
-                    "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
-                    "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks,
-                    sizes.host_slots, sizes.disk_slots,
-                )
+                sizes = self._size([status[r].layout for r in range(self.world_size)])
                 next_beacon = now  # tell them at once
                 continue
-            if sizes is not None and all(status[r]["state"] == "ready" for r in range(self.world_size)):
+            if sizes is not None and all(status[r].state == "ready" for r in range(self.world_size)):
                 self._beacon("done", sizes)
                 logger.info("kvbm leader: all %d worker(s) allocated in %.1fs", self.world_size, now - started)
-                return HandshakeResult(sizes, tuple(_layout(status[r]) for r in range(self.world_size)))
-            if now >= next_log + PROGRESS_LOG_S:
+                return HandshakeResult(sizes, tuple(status[r].layout for r in range(self.world_size)))
+            if now >= next_log + self.progress_log_s:
                 next_log = now
-                if now - started >= PROGRESS_LOG_S:
+                if now - started >= self.progress_log_s:
                     logger.info("kvbm leader: handshake after %.0fs: %s", now - started, self._progress(status))
             if now >= self._deadline:
                 raise self._timeout_error(self._progress(status))
         raise HandshakeError("kvbm leader handshake was closed before it finished")
 
-    def _check_worker(self, message: dict[str, Any], status: dict[int, dict[str, Any]]) -> int:
-        if message.get("protocol") != PROTOCOL:
+    def _size(self, layouts: list[WorkerLayout]) -> TierSizes:
+        """Plan the tiers and check that this host holds its workers' share."""
+        here = socket.gethostname()
+        try:
+            sizes = plan_tiers(self.config, layouts)
+            local = local_bytes_per_block(layouts, here)
+            if local:
+                machine = machine_resources(self.config.disk_cache_dir, need_disk=sizes.disk_slots > 0)
+                check_fits(self.config, sizes, local, machine, f"host {here}")
+        except SizingError as exc:
+            raise HandshakeError(str(exc)) from None
+        logger.info(
+            "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
+            "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks, sizes.host_slots, sizes.disk_slots,
+        )
+        return sizes
+
+    def _check_worker(self, message: Status, status: dict[int, Status]) -> int:
+        """Conflicts among authentic workers end the handshake with the reason."""
+        layout = message.layout
+        rank, world = layout.rank, layout.world_size
+        if world != self.world_size:
             raise HandshakeError(
-                f"kvbm worker ({_who(message)}) speaks handshake protocol {message.get('protocol')}, the leader "
-                f"{PROTOCOL}: leader and workers run different kvbm versions; install one version everywhere"
-            )
-        rank, world = message["rank"], message["world_size"]
-        if world != self.world_size or not 0 <= rank < world:
-            raise HandshakeError(
-                f"kvbm worker rank {rank} ({_who(message)}) reports world_size {world}, the leader expects "
+                f"kvbm worker rank {rank} ({_who(layout)}) reports world_size {world}, the leader expects "
                 f"{self.world_size}: a worker of another vLLM instance reached this leader. Give each instance "
-                "its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT (or unset them)"
+                f"its own {_PORT_VARS} (or unset them)"
             )
-        if message["state"] == "failed":
-            raise HandshakeError(f"kvbm worker rank {rank} ({_who(message)}) failed: {message.get('error')}")
+        if message.state == "failed":
+            raise HandshakeError(f"kvbm worker rank {rank} ({_who(layout)}) failed: {message.error}")
         known = status.get(rank)
-        if known is not None and (known["pid"], known["host"]) != (message["pid"], message["host"]):
+        if known is not None and (known.layout.pid, known.layout.host) != (layout.pid, layout.host):
             raise HandshakeError(
-                f"kvbm: two processes claim worker rank {rank} ({_who(known)} and {_who(message)}): two vLLM "
-                "instances share this leader's endpoints. Give each its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+                f"kvbm: two processes claim worker rank {rank} ({_who(known.layout)} and {_who(layout)}): two vLLM "
+                f"instances share this leader's endpoints. Give each its own {_PORT_VARS}"
             )
         if known is None:
-            logger.info("kvbm leader: worker rank %d joined (%s)", rank, _who(message))
+            logger.info("kvbm leader: worker rank %d joined (%s)", rank, _who(layout))
         return rank
 
-    def _progress(self, status: dict[int, dict[str, Any]]) -> str:
+    def _progress(self, status: dict[int, Status]) -> str:
         missing = [r for r in range(self.world_size) if r not in status]
         if missing:
             return (
                 f"rank(s) {', '.join(map(str, missing))} of world_size {self.world_size} never joined "
                 f"(the leader listens on {self.endpoints.ack}; check that those workers started and use "
-                "the same DYN_KVBM_LEADER_ZMQ_* settings and engine_id)"
+                "the same leader ZMQ settings, secret and engine_id)"
             )
         parts = []
         for rank in range(self.world_size):
-            state, progress = status[rank]["state"], status[rank].get("progress")
+            state, progress = status[rank].state, status[rank].progress
             parts.append(f"rank {rank} {state}" + (f" {100 * progress:.0f}%" if progress is not None else ""))
         return "workers are still allocating: " + ", ".join(parts)
 
@@ -477,12 +476,15 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
     ) -> None:
         super().__init__(config, engine_id, heartbeat_s, dead_after_s)
         self.layout = layout
+        self.drops = DropLog(f"kvbm worker rank {layout.rank}")
+        self.nonce = wire.new_id()
         self._allocate = allocate
 
     def start(self) -> WorkerHandshake[T]:
         """Connect and return at once; the leader may not exist yet (vLLM builds it after the workers)."""
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a leader that is not there
         self._push.linger = 1000  # a final "failed" status should still reach the leader
@@ -494,7 +496,7 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
         return self
 
     def _run(self) -> tuple[TierSizes, T]:
-        self._state = "waiting"
+        self._state = "joined"
         self._session: str | None = None
         self._progress: float | None = None
         try:
@@ -507,61 +509,60 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
             for sock in (self._leader, self._sub, self._push):
                 sock.close()
 
-    def _status(self, state: str, error: str | None = None) -> None:
-        self._state = state
-        _send(self._push, {
-            "protocol": PROTOCOL, "session": self._session, **asdict(self.layout), "state": state,
-            "progress": self._progress, "error": error,
-        })
+    def _status(self, state: str, error: str | None = None, session: str | None = None) -> None:
+        if session is None:
+            self._state = state
+        status = Status(session or self._session or "", self.nonce, self.layout, state, self._progress,
+                        error and wire.clip(error))
+        self._send(self._push, wire.status_message(status))
 
     def _handshake(self) -> tuple[TierSizes, T]:
         rank = self.layout.rank
         sizes: TierSizes | None = None
         allocation: Future[T] | None = None
-        last_leader = next_status = 0.0
+        last_leader = next_status = next_hello = 0.0
         while not self._stop.is_set():
             if self._sub.poll(self.heartbeat_s * 1000):
-                for beacon in _drain(self._sub):
-                    last_leader = time.monotonic()
-                    if beacon.get("protocol") != PROTOCOL:
-                        raise HandshakeError(
-                            f"kvbm leader speaks handshake protocol {beacon.get('protocol')}, worker rank {rank} "
-                            f"{PROTOCOL}: install the same kvbm version for the scheduler and the workers"
-                        )
-                    if beacon["session"] != self._session:
+                for beacon in self._receive(self._sub, wire.parse_beacon):
+                    now = time.monotonic()
+                    if beacon.session != self._session:
+                        if self.nonce not in beacon.peers:
+                            # A leader that has not heard us (or a replay): introduce ourselves, once a heartbeat.
+                            if now >= next_hello:
+                                self._status("joined", session=beacon.session)
+                                next_hello = now + self.heartbeat_s
+                            continue
                         if self._session is not None:
                             logger.warning(
                                 "kvbm worker rank %d: the leader restarted during the handshake; joining the "
                                 "new one (dropping this rank's allocation)", rank,
                             )
                         else:
-                            logger.info("kvbm worker rank %d: leader found at %s", rank, self.endpoints.pub)
-                        self._session, sizes, allocation, self._progress = beacon["session"], None, None, None
-                        self._status("joined")
-                        next_status = time.monotonic() + self.heartbeat_s
-                    # after joining, so the leader hears why
-                    if beacon["world_size"] != self.layout.world_size:
+                            logger.info("kvbm worker rank %d: joined the leader at %s", rank, self.endpoints.pub)
+                        self._session, sizes, allocation, self._progress = beacon.session, None, None, None
+                        self._state = "joined"
+                    last_leader = now
+                    if beacon.world_size != self.layout.world_size:
                         raise HandshakeError(
                             f"kvbm worker rank {rank}: the leader at {self.endpoints.pub} expects world_size "
-                            f"{beacon['world_size']}, this worker {self.layout.world_size}: it belongs to another "
-                            "vLLM instance. Give each instance its own DYN_KVBM_LEADER_ZMQ_PUB_PORT/_ACK_PORT"
+                            f"{beacon.world_size}, this worker {self.layout.world_size}: it belongs to another "
+                            f"vLLM instance. Give each instance its own {_PORT_VARS}"
                         )
-                    if beacon["state"] == "failed":
-                        raise HandshakeError(f"kvbm leader failed the handshake: {beacon['error']}")
-                    if beacon["state"] in ("allocate", "done") and allocation is None:
-                        sizes = TierSizes(**beacon["sizes"])
+                    if beacon.state == "failed":
+                        raise HandshakeError(f"kvbm leader failed the handshake: {beacon.error}")
+                    if beacon.state in ("allocate", "done") and allocation is None:
+                        sizes = beacon.sizes
+                        assert sizes is not None  # parse_beacon guarantees it in these states
                         allocation = self._start_allocation(sizes)
                         self._status("allocating")
-                    if beacon["state"] == "done":
+                    if beacon.state == "done" and self._state == "ready":
                         assert allocation is not None and sizes is not None
-                        if self._state == "ready":
-                            return sizes, allocation.result()
+                        return sizes, allocation.result()
             if allocation is not None and allocation.done() and self._state == "allocating":
-                if allocation.exception() is not None:
-                    exc = allocation.exception()
+                exc = allocation.exception()
+                if exc is not None:
                     raise HandshakeError(
-                        f"kvbm worker rank {rank} could not allocate its tiers ({sizes}): "
-                        f"{type(exc).__name__}: {exc}"
+                        f"kvbm worker rank {rank} could not allocate its tiers ({sizes}): {type(exc).__name__}: {exc}"
                     )
                 self._status("ready")
                 logger.info("kvbm worker rank %d: tiers allocated, waiting for the other ranks", rank)
@@ -578,19 +579,26 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                 )
             if now >= self._deadline:
                 raise self._timeout_error(
-                    f"worker rank {rank} never heard from a leader at {self.endpoints.pub} (is the scheduler "
-                    "side configured with the same DYN_KVBM_LEADER_ZMQ_* settings and engine_id? Workers on "
-                    "another host need DYN_KVBM_LEADER_ZMQ_HOST set to the leader's address)"
+                    f"worker rank {rank} never joined a leader at {self.endpoints.pub} (is the scheduler "
+                    "side configured with the same leader ZMQ settings, secret and engine_id? Workers on "
+                    f"another host need {env_var('leader_zmq_host')} set to the leader's address)"
                     if self._session is None else f"worker rank {rank} is still {self._state!r}"
                 )
         raise HandshakeError(f"kvbm worker rank {rank} handshake was closed before it finished")
 
     def _start_allocation(self, sizes: TierSizes) -> Future[T]:
-        """Allocate on its own thread, so heartbeats keep flowing while pages are faulted in."""
+        """Check this host has room, then allocate on its own thread, so heartbeats keep
+        flowing while pages are faulted in; progress reaches the leader in the statuses."""
+        where = f"worker rank {self.layout.rank}'s host {self.layout.host}"
+        try:
+            machine = machine_resources(self.config.disk_cache_dir, need_disk=sizes.disk_slots > 0)
+            check_fits(self.config, sizes, self.layout.bytes_per_block, machine, where)
+        except SizingError as exc:
+            raise HandshakeError(str(exc)) from None
         future: Future[T] = Future()
 
         def progress(fraction: float) -> None:
-            self._progress = fraction
+            self._progress = min(1.0, max(0.0, float(fraction)))
 
         def run() -> None:
             try:
@@ -607,9 +615,6 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
         return future
 
 
-def _layout(message: dict[str, Any]) -> WorkerLayout:
-    return WorkerLayout(**{name: message[name] for name in WorkerLayout.__dataclass_fields__})
+def _who(layout: WorkerLayout) -> str:
+    return f"pid {layout.pid} on {layout.host}"
 
-
-def _who(message: dict[str, Any]) -> str:
-    return f"pid {message.get('pid')} on {message.get('host')}"

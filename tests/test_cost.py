@@ -1,0 +1,66 @@
+"""The load-or-recompute rule (kvbm.core.cost): pure arithmetic on measured rates."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvbm.core.cost import OnboardCost, Rate
+
+BS, BB = 16, 2 << 20  # an 8B model's block: 16 tokens, 2 MiB
+
+
+def test_rate_is_an_ewma_and_ignores_nonsense():
+    r = Rate(alpha=0.5)
+    r.observe(100, 1)
+    assert r.value == 100
+    r.observe(300, 1)
+    assert r.value == 200
+    for amount, seconds in ((0, 1), (5, 0), (-1, 1), (float("inf"), 1)):
+        r.observe(amount, seconds)
+    assert r.value == 200
+
+
+def test_loads_before_anything_is_measured():
+    cost = OnboardCost(block_size=BS, block_bytes=BB)
+    assert cost.worth_loading("G3", 100)
+    assert cost.choose([("G2", 10), ("G3", 5)]) == [10, 5]
+
+
+def test_fast_host_and_slow_disk():
+    cost = OnboardCost(block_size=BS, block_bytes=BB)
+    cost.observe_step(16_000, 1.0)  # prefill 16K tokens/s: a block computes in 1 ms
+    cost.observe_load("G2", 50e9, 1.0)  # 50 GB/s: a 2 MiB block in 0.04 ms
+    cost.observe_load("G3", 1e9, 1.0)  # 1 GB/s: a block in 2.1 ms, slower than computing it
+    assert cost.worth_loading("G2", 100) and not cost.worth_loading("G3", 100)
+    assert cost.choose([("G2", 10), ("G3", 5)]) == [10, 0]
+
+
+def test_a_losing_tier_ends_the_load_even_if_a_later_one_would_win():
+    cost = OnboardCost(block_size=BS, block_bytes=BB)
+    cost.observe_step(16_000, 1.0)
+    cost.observe_load("G2", 0.1e9, 1.0)  # a throttled host tier
+    cost.observe_load("G3", 50e9, 1.0)
+    assert cost.choose([("G2", 4), ("G3", 6)]) == [0, 0]  # a prefix must stay contiguous
+
+
+def test_fixed_costs_and_small_steps():
+    cost = OnboardCost(block_size=BS, block_bytes=BB, extra_seconds={"G3": 0.05})
+    cost.observe_step(100, 0.001)  # a decode step: does not measure prefill
+    assert cost.prefill.value is None
+    cost.observe_step(16_000, 1.0)
+    cost.observe_load("G3", 10e9, 1.0)  # fast enough per block, but a 50 ms wait...
+    assert not cost.worth_loading("G3", 10)  # ...loses on a short prefix (10 ms of prefill)
+    assert cost.worth_loading("G3", 1000)  # and wins on a long one (1 s of prefill)
+
+
+@pytest.mark.parametrize("policy, want", [("always", [10, 5]), ("never", [0, 0])])
+def test_forcing_either_way(policy, want):
+    cost = OnboardCost(policy=policy, block_size=BS, block_bytes=BB)
+    cost.observe_step(16_000, 1.0)
+    cost.observe_load("G3", 1e6, 1.0)
+    assert cost.choose([("G2", 10), ("G3", 5)]) == want
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="cost"):
+        OnboardCost(policy="sometimes")
