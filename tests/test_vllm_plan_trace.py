@@ -1,9 +1,9 @@
 """kvbm's request trace inside real vLLM: written while serving, read back by ``kvbm plan``, replayed.
 
 One engine with kvbm and ``trace_file`` set serves three rounds of chat
-conversations that overflow vLLM's own pool; the trace must list every request
-with its lengths and one hash per full block, and replaying it must predict
-the G2 hits the engine really had.
+conversations, one request at a time, that overflow vLLM's own pool; the
+trace must list every request with its lengths and one hash per full block,
+and replaying it must reproduce the G2 hits the engine really had.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from kvbm.plan.simulate import SizePoint, gpu_pass, replay
+from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay
 from kvbm.plan.trace import read_trace
 from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
 
@@ -32,7 +32,10 @@ def round_prompts(r: int) -> list[list[int]]:
     return [SYSTEM + [t for turn in conv[: r + 1] for t in turn] for conv in TURNS]
 
 
-PHASES = [{"type": "generate", "prompts": round_prompts(r), "max_tokens": MAX_TOKENS} for r in range(3)]
+# One request at a time: the replay must then match the engine exactly (a burst larger than
+# vLLM's pool is modelled approximately, see docs/plan.md).
+PHASES = [{"type": "generate", "prompts": [prompt], "max_tokens": MAX_TOKENS}
+          for r in range(3) for prompt in round_prompts(r)]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,6 @@ def test_trace_reads_back_and_predicts_the_engine(served):
     assert (trace.block_size, trace.gpu_blocks) == (BLOCK, G1_BLOCKS)
     # The same system prompt opens every conversation: one block id shared by all requests.
     assert len({r.blocks[0] for r in trace.requests}) == 1
-    result = replay(trace, gpu_pass(trace, G1_BLOCKS), SizePoint(G2_BLOCKS))
+    result = replay(trace, gpu_pass(trace, G1_BLOCKS), SizePoint(G2_BLOCKS), ReplaySettings(load_mode="auto"))
     assert stats["host_hit_blocks"] > 0
-    assert result.host_hit_blocks == pytest.approx(stats["host_hit_blocks"], rel=0.25, abs=2)
+    assert (result.host_hit_blocks, result.looked_up_blocks) == (stats["host_hit_blocks"], stats["lookup_blocks"])
