@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bytes-per-block", type=int, default=None,
                    help="one KV block's bytes over all ranks (default: the trace's, else from --model)")
     g.add_argument("--kv-dtype", default="auto", help="KV cache dtype for --model sizing (default: the model's)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM's token budget per step: longer prefills are stored in chunks (default: the trace's; "
+                        "for prompt files, one step per prefill)")
     g = parser.add_argument_group("sizes")
     g.add_argument("--g2", default=None, metavar="SIZES",
                    help="G2 sizes to try, blocks or GB: e.g. 1000,4000 or 2GB,8GB (default: a log grid up to "
@@ -100,7 +103,8 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay, sweep
     from kvbm.plan.trace import read_trace
 
-    for flag in ("block_size", "gpu_blocks", "bytes_per_block", "host_budget_gb", "points", "limit", "jobs",
+    for flag in ("block_size", "gpu_blocks", "bytes_per_block", "max_num_batched_tokens", "host_budget_gb", "points",
+                 "limit", "jobs",
                  "filter_decay_secs", "filter_max_entries", "prefill_tokens_per_s", "host_gbps", "disk_gbps"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     progress = False if args.no_progress else None
@@ -122,7 +126,8 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     gpu = gpu_pass(trace, gpu_blocks)
     everything = max(1, trace.num_block_ids)
     settings = ReplaySettings(args.filter_decay_secs, args.filter_max_entries,
-                              args.load_mode or trace.load_mode or _DEFAULTS.load_mode)
+                              args.load_mode or trace.load_mode or _DEFAULTS.load_mode,
+                              args.max_num_batched_tokens or trace.max_num_batched_tokens)
     jobs = args.jobs or os.cpu_count() or 1
     budget = int(args.host_budget_gb * 1e9 // bpb) if args.host_budget_gb and bpb else None
     if args.host_budget_gb and not bpb:

@@ -108,6 +108,8 @@ class ReplaySettings:
     max_entries: int = 1_000_000
     #: DYN_KVBM_LOAD_MODE: which tiers load inside the step that matched (the order of LRU touches differs).
     load_mode: str = "auto"
+    #: vLLM's tokens per step: a longer prefill is stored chunk by chunk (None: in one step).
+    chunk_tokens: int | None = None
 
 
 @dataclass
@@ -151,8 +153,12 @@ class PointResult:
 
 
 def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySettings | None = None,
-           on_progress: Callable[[int], None] | None = None) -> PointResult:
-    """One size point: the trace through kvbm's real Planner, BlockPools and FrequencyFilter."""
+           on_progress: Callable[[int], None] | None = None,
+           served: list[tuple[int, int]] | None = None) -> PointResult:
+    """One size point: the trace through kvbm's real Planner, BlockPools and FrequencyFilter.
+
+    ``served``, if given, receives each request's (G2, G3) blocks loaded, by request index.
+    """
     settings = settings or ReplaySettings()
     started = time.perf_counter()
     bs = trace.block_size
@@ -183,13 +189,26 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySetting
                 looked += max_blocks - g
             prompt = range(tokens)
             external = planner.match(i, prompt, g * bs)
+            waits = external > 0 and planner.load_is_async(i)  # asked right after the match, as vLLM does
             planner.on_alloc(i, range(alloc_prompt), external)
-            if external and planner.load_is_async(i):
+            if served is not None:
+                served.append(planner.load_sources(i))
+            if waits:
                 # The request waits for its load and is scheduled once it is done; a load
                 # inside the step lands with the step's stores, after the request ran.
                 _complete(planner)
-            planner.on_scheduled(i, prompt, range(alloc_prompt), True, full_prompt * bs)
-            _complete(planner)
+            # Prefill chunk by chunk (vLLM's token budget per step), each chunk's copies completing
+            # before the next; the budget is the request's alone here (others' share is not modelled).
+            done, replace = g * bs + external, True
+            chunk = settings.chunk_tokens or tokens
+            while True:
+                done = min(done + chunk, tokens)
+                planner.on_scheduled(i, prompt, range(alloc_prompt) if replace else None, replace,
+                                     min(done, full_prompt * bs))
+                _complete(planner)
+                replace = False
+                if done >= tokens:
+                    break
         else:
             new_blocks = range(alloc_prompt, max(alloc_prompt, full_end))
             planner.on_scheduled(i, range(max(tokens, full_end * bs)), new_blocks, False, full_end * bs)

@@ -9,11 +9,12 @@ kvbm's request log (``DYN_KVBM_TRACE_FILE``) is JSON lines: a header written
 when a server starts, then one line per finished request::
 
     {"kvbm_trace": 1, "block_size": 128, "gpu_blocks": 40, "bytes_per_block": 1310720, "load_mode": "auto", ...}
-    {"t": 1718000000.1, "end": 1718000001.9, "prompt": 2113, "output": 16, "hashes": ["9f3c...", ...]}
+    {"t": 1718000000.1, "end": 1718000001.9, "prompt": 2113, "output": 16, "served": [9, 0], "hashes": [...]}
 
 ``t`` is when vLLM first scheduled the request (its lookup), ``end`` when it
-finished; ``hashes`` are kvbm's chained block hashes (hex) of every full block
-computed, prompt then output. No token or text is written, so the file can be
+finished, ``served`` the (G2, G3) blocks kvbm loaded for it then; ``hashes``
+are kvbm's chained block hashes (hex) of every full block computed, prompt
+then output. No token or text is written, so the file can be
 handed to someone else; note that anyone holding the same model can still
 confirm a *guessed* prompt by hashing it.
 
@@ -62,6 +63,8 @@ class TraceRequest:
     output_tokens: int
     #: Dense ids of its full blocks in chain order (prompt, then output).
     blocks: array
+    #: (G2, G3) blocks kvbm served it on the server that wrote the trace (kvbm's log only).
+    served: tuple[int, int] | None = None
 
 
 @dataclass
@@ -78,6 +81,8 @@ class Trace:
     disk_blocks: int | None = None
     #: The server's DYN_KVBM_LOAD_MODE (which tiers load inside the step); None: unknown.
     load_mode: str | None = None
+    #: vLLM's token budget per step (a longer prefill is computed in chunks); None: unknown.
+    max_num_batched_tokens: int | None = None
     kind: str = "kvbm"
     notes: list[str] = field(default_factory=list)
 
@@ -197,7 +202,7 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
             trace.requests.append(TraceRequest(
                 time=start, end=max(start, _number(rec, "end", path, number, start)),
                 prompt_tokens=_count(rec, "prompt", path, number), output_tokens=_count(rec, "output", path, number, 0),
-                blocks=ids.of(hashes),
+                blocks=ids.of(hashes), served=_served(rec, path, number),
             ))
             bar.update(1)
             if limit is not None and len(trace.requests) >= limit:
@@ -209,6 +214,16 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
         )
     trace.num_block_ids = ids.count
     return trace
+
+
+def _served(rec: dict, path: Path, number: int) -> tuple[int, int] | None:
+    served = rec.get("served")
+    if served is None:
+        return None
+    if (not isinstance(served, list) or len(served) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in served)):
+        raise TraceError(f"{path}:{number}: 'served' must be [G2 blocks, G3 blocks]")
+    return served[0], served[1]
 
 
 def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
@@ -227,7 +242,7 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
         if mode not in SYNC_LOAD_TIERS:
             raise TraceError(f"{path}:{number}: unknown load_mode {mode!r}")
         trace.load_mode = mode
-    for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks"):
+    for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks", "max_num_batched_tokens"):
         if rec.get(key) is not None:
             value = _count(rec, key, path, number)
             old = getattr(trace, key)
@@ -352,7 +367,7 @@ class TraceWriter:
         except OSError as e:
             raise ConfigError(f"{env_var('trace_file')}={path}: cannot open it for appending ({e.strerror}); "
                               "point it at a writable file or unset it") from None
-        self._scheduled: dict[Any, float] = {}
+        self._scheduled: dict[Any, tuple[float, tuple[int, int]]] = {}
         self._buffer: list[str] = [json.dumps({"kvbm_trace": FORMAT_VERSION, "started": clock(), **header})]
         self._last_flush = clock()
         self.written = 0
@@ -360,21 +375,23 @@ class TraceWriter:
         atexit.register(self.close)  # vLLM normally shuts the connector down first; this is the safety net
         logger.info("kvbm: writing a request trace to %s (timestamps, lengths and block hashes only)", path)
 
-    def scheduled(self, req_id: Any) -> None:
-        """vLLM scheduled the request (looked it up); only the first time counts."""
+    def scheduled(self, req_id: Any, served: tuple[int, int] = (0, 0)) -> None:
+        """vLLM scheduled the request (looked it up), kvbm serving ``served`` (G2, G3) blocks
+        of it; only the first time counts."""
         if req_id not in self._scheduled:
-            self._scheduled[req_id] = self._clock()
+            self._scheduled[req_id] = (self._clock(), served)
 
     def finished(self, req_id: Any, prompt_tokens: int, output_tokens: int,
                  hashes: Sequence[bytes] | Sequence[int]) -> None:
         """Log a finished request; one never scheduled (aborted while waiting) did no lookup: skipped."""
-        start = self._scheduled.pop(req_id, None)
-        if start is None or self._fd is None:
+        scheduled = self._scheduled.pop(req_id, None)
+        if scheduled is None or self._fd is None:
             return
+        start, served = scheduled
         now = self._clock()
         self._buffer.append(json.dumps({
             "t": round(start, 6), "end": round(now, 6), "prompt": prompt_tokens, "output": output_tokens,
-            "hashes": [_hex(h) for h in hashes],
+            "served": served, "hashes": [_hex(h) for h in hashes],
         }, separators=(",", ":")))
         self.written += 1
         if len(self._buffer) >= self.FLUSH_LINES or now - self._last_flush >= self.FLUSH_SECS:

@@ -121,6 +121,7 @@ class KvbmLeader:
                 "block_size": self.block_size, "gpu_blocks": kv_cache_config.num_blocks,
                 "bytes_per_block": self.metrics.block_bytes, "host_blocks": self.num_host_slots,
                 "disk_blocks": self.num_disk_slots, "load_mode": config.load_mode,
+                "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
             })
         logger.info(
             "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s); "
@@ -191,7 +192,7 @@ class KvbmLeader:
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
         if self.trace is not None:
-            self.trace.scheduled(request.request_id)
+            self.trace.scheduled(request.request_id, self.planner.load_sources(request.request_id))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
