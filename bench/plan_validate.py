@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvbm.bench.server import VllmServer, free_port, parse_samples, scrape  # noqa: E402
 from kvbm.bench.workload import OpenAIStreamClient, WorkloadSpec, filler_text, run_benchmark  # noqa: E402
 from kvbm.config import env_var  # noqa: E402
-from kvbm.plan.simulate import SizePoint, gpu_pass, replay  # noqa: E402
+from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay  # noqa: E402
 from kvbm.plan.trace import read_trace  # noqa: E402
 
 GPU_BLOCKS = 40
@@ -167,13 +167,17 @@ def predict(measured: dict, out: Path) -> dict:
     """Replay the run's own trace with kvbm plan's simulator at the run's sizes."""
     trace = read_trace(out / measured["trace"], progress=False)
     point = SizePoint(measured["g2_blocks"], measured.get("g3_blocks", 0))
-    result = replay(trace, gpu_pass(trace, trace.gpu_blocks or GPU_BLOCKS), point)
+    settings = ReplaySettings(load_mode=trace.load_mode or "auto", chunk_tokens=trace.max_num_batched_tokens)
+    served: list[tuple[int, int]] = []
+    result = replay(trace, gpu_pass(trace, trace.gpu_blocks or GPU_BLOCKS), point, settings, served=served)
     f = result.fractions(trace.block_size)
+    logged = [r.served for r in trace.requests]
+    same = sum(a == b for a, b in zip(logged, served)) if None not in logged else None
     return {"requests": len(trace.requests), "host_hit_rate": result.host_hit_rate,
             "disk_hit_rate": result.disk_hit_rate, "g1_share": f["g1"],
             "kvbm_share": f["g2"] + f["g3"], "computed_share": f["computed"],
             "host_hit_blocks": result.host_hit_blocks, "looked_up_blocks": result.looked_up_blocks,
-            "prompt_tokens": result.prompt_tokens}
+            "prompt_tokens": result.prompt_tokens, "same_per_request": same}
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -185,9 +189,9 @@ def comparison(rows: list[tuple[dict, dict]]) -> str:
                   ("kvbm_share", "from kvbm"), ("computed_share", "computed")]
     if any(m.get("g3_blocks") for m, _ in rows):
         quantities.insert(1, ("disk_hit_rate", "kvbm G3 hit rate"))
-    head = f"{'shape':<10} {'G2+G3':>7} {'reqs':>5} "
+    head = f"{'shape':<10} {'G2+G3':>7} {'reqs':>5} {'same':>5} "
     head += " ".join(f"{label:>26}" for _, label in quantities)
-    sub = f"{'':<10} {'blocks':>7} {'':>5} " + " ".join(f"{'meas   pred   diff':>26}" for _ in quantities)
+    sub = f"{'':<10} {'blocks':>7} {'':>5} {'':>5} " + " ".join(f"{'meas   pred   diff':>26}" for _ in quantities)
     lines = [head, sub, "-" * len(head)]
     worst = 0.0
     for m, p in rows:
@@ -199,8 +203,10 @@ def comparison(rows: list[tuple[dict, dict]]) -> str:
             cells.append(f"{100 * m.get(key, 0.0):6.1f}% {100 * p[key]:6.1f}% {diff:+5.1f}pp")
         reqs = f"{m['requests']}" if m["requests"] == p["requests"] else f"{m['requests']}/{p['requests']}"
         size = f"{m['g2_blocks']}" + (f"+{m['g3_blocks']}" if m.get("g3_blocks") else "")
-        lines.append(f"{m['shape']:<10} {size:>7} {reqs:>5} " + " ".join(f"{c:>26}" for c in cells))
+        same = "-" if p.get("same_per_request") is None else str(p["same_per_request"])
+        lines.append(f"{m['shape']:<10} {size:>7} {reqs:>5} {same:>5} " + " ".join(f"{c:>26}" for c in cells))
     lines.append(f"largest hit-rate difference: {worst:.1f} points (goal: within 3)")
+    lines.append("same: requests for which the replay loads exactly the G2/G3 blocks kvbm loaded on the server")
     return "\n".join(lines)
 
 

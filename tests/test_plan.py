@@ -98,8 +98,8 @@ def test_writer_skips_requests_never_scheduled_and_keeps_appending(tmp_path):
     path = tmp_path / "t.jsonl"
     writer = TraceWriter(str(path), {"block_size": BS}, clock=Clock())
     writer.finished("never-scheduled", 10, 0, [1, 2])
-    writer.scheduled("a")
-    writer.scheduled("a")  # only the first scheduling counts
+    writer.scheduled("a", (3, 1))
+    writer.scheduled("a", (9, 9))  # only the first scheduling counts
     writer.finished("a", 9, 2, [1, 2])  # int hashes (any width) are written as hex too
     writer.close()
     write_kvbm_trace(path, [(200.0, 201.0, 9, 0, [1, 2])])  # a restarted server appends
@@ -108,6 +108,7 @@ def test_writer_skips_requests_never_scheduled_and_keeps_appending(tmp_path):
     trace = read_trace(path, progress=False)
     assert len(trace.requests) == 2
     assert list(trace.requests[0].blocks) == list(trace.requests[1].blocks)
+    assert [r.served for r in trace.requests] == [(3, 1), (0, 0)]
 
 
 def test_writer_names_the_setting_when_it_cannot_open(tmp_path):
@@ -136,6 +137,7 @@ def test_config_checks_the_trace_path(tmp_path):
     (['{"kvbm_trace": 7, "block_size": 4}'], "format 7"),
     (['{"kvbm_trace": 1, "block_size": 4}'], "no request"),
     (["[1, 2]"], "expected a JSON object"),
+    (['{"kvbm_trace": 1, "block_size": 4}', '{"t": 1, "prompt": 3, "served": [1], "hashes": []}'], "'served'"),
 ])
 def test_bad_kvbm_traces_say_where_and_why(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"

@@ -54,11 +54,11 @@ def test_trace_lists_every_request_without_tokens(served):
     header, records = lines[0], lines[1:]
     assert header["kvbm_trace"] == 1 and header["block_size"] == BLOCK
     assert header["gpu_blocks"] == G1_BLOCKS and header["host_blocks"] == G2_BLOCKS
-    assert header["bytes_per_block"] > 0
+    assert header["bytes_per_block"] > 0 and header["load_mode"] == "auto" and header["max_num_batched_tokens"] > 0
     sent = sorted(len(p) for phase in PHASES for p in phase["prompts"])
     assert sorted(r["prompt"] for r in records) == sent
     for r in records:
-        assert set(r) == {"t", "end", "prompt", "output", "hashes"}  # no text, no token ids
+        assert set(r) == {"t", "end", "prompt", "output", "served", "hashes"}  # no text, no token ids
         assert r["output"] == MAX_TOKENS and r["end"] >= r["t"]
         assert len(r["hashes"]) == (r["prompt"] + r["output"] - 1) // BLOCK
         assert all(isinstance(h, str) and int(h, 16) >= 0 for h in r["hashes"])
@@ -71,6 +71,9 @@ def test_trace_reads_back_and_predicts_the_engine(served):
     assert (trace.block_size, trace.gpu_blocks) == (BLOCK, G1_BLOCKS)
     # The same system prompt opens every conversation: one block id shared by all requests.
     assert len({r.blocks[0] for r in trace.requests}) == 1
-    result = replay(trace, gpu_pass(trace, G1_BLOCKS), SizePoint(G2_BLOCKS), ReplaySettings(load_mode="auto"))
+    settings = ReplaySettings(load_mode=trace.load_mode, chunk_tokens=trace.max_num_batched_tokens)
+    served: list[tuple[int, int]] = []
+    result = replay(trace, gpu_pass(trace, G1_BLOCKS), SizePoint(G2_BLOCKS), settings, served=served)
     assert stats["host_hit_blocks"] > 0
     assert (result.host_hit_blocks, result.looked_up_blocks) == (stats["host_hit_blocks"], stats["lookup_blocks"])
+    assert served == [r.served for r in trace.requests]  # request by request
