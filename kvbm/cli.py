@@ -103,6 +103,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         run=_lazy("kvbm.bench.cli", "run"),
         configure=_lazy("kvbm.bench.cli", "configure"),
     ),
+    "plan": Subcommand(
+        help="size kvbm's tiers from a request trace: hit rates vs G2/G3 size, knees, recommended settings",
+        run=_lazy("kvbm.plan.cli", "run"),
+        configure=_lazy("kvbm.plan.cli", "add_arguments"),
+    ),
     "router": Subcommand(
         help="OpenAI front end for disaggregated serving: prefill workers (kvbm + NIXL), then decode workers",
         run=_lazy("kvbm.disagg.router", "run"),

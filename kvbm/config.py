@@ -235,6 +235,9 @@ class KvbmConfig:
     remote_optional: bool = False
     #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
     remote_timeout_secs: float = 2.0
+    #: Append one line per finished request (timestamps, lengths, block hashes;
+    #: no text) to this file, for ``kvbm plan``. None: no trace.
+    trace_file: str | None = None
     #: Where each value came from, for log lines and error messages.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -422,6 +425,18 @@ def _parse_interval(name: str, raw: Any) -> float:
     return value
 
 
+def _parse_trace_file(name: str, raw: Any) -> str:
+    path = os.path.abspath(os.path.expanduser(_parse_str(name, raw)))
+    if os.path.isdir(path):
+        raise ConfigError(f"{name}={raw!r} is a directory; give a file path, e.g. {name}={path}/kvbm-trace.jsonl")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(
+            f"{name}={raw!r}: directory {os.path.dirname(path)} does not exist; create it or point {name} "
+            "at a file in an existing directory"
+        )
+    return path
+
+
 def _parse_seconds(name: str, raw: Any) -> float:
     """A duration that must pass (timeouts, decay periods): > 0 and bounded."""
     value = _parse_number(name, raw, "1800")
@@ -476,6 +491,7 @@ _FIELDS: dict[str, Any] = {
     "remote_budget_gb": _parse_gb,
     "remote_optional": _parse_bool,
     "remote_timeout_secs": _parse_seconds,
+    "trace_file": _parse_trace_file,
 }
 
 ENV_VARS: tuple[str, ...] = tuple(PREFIX + key.upper() for key in _FIELDS)

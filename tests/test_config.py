@@ -113,6 +113,7 @@ def test_all_settings_parse():
         "DYN_KVBM_REMOTE_BUDGET_GB": "50",
         "DYN_KVBM_REMOTE_OPTIONAL": "1",
         "DYN_KVBM_REMOTE_TIMEOUT_SECS": "0.5",
+        "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
     }
     cfg = load(env)
     assert cfg.has_remote_tier and cfg.remote_url.nodes == (("redis.example", 6380),)
@@ -131,6 +132,7 @@ def test_all_settings_parse():
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
     assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync" and cfg.onboard_policy == "always"
+    assert cfg.trace_file == "/tmp/kvbm-trace.jsonl"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
 

@@ -186,3 +186,60 @@ def test_defaults_match_reference():
     assert f.threshold == 2
     assert f.decay_period_s == 600.0
     assert f.max_entries == 1_000_000
+
+
+class _ReferenceFilter:
+    """The filter's rules written the obvious way (a pass over the table per decay),
+    to check the O(1)-per-entry implementation against."""
+
+    def __init__(self, clock, max_entries: int) -> None:
+        self.clock, self.max_entries, self.freq, self.start = clock, max_entries, {}, clock()
+        self.decays = self.early = self.forgotten = 0
+
+    def decay(self, steps: int) -> None:
+        before = len(self.freq)
+        self.freq = {h: f - steps for h, f in self.freq.items() if f > steps}
+        self.decays += steps
+        self.forgotten += before - len(self.freq)
+
+    def catch_up(self) -> None:
+        periods = int((self.clock() - self.start) // PERIOD)
+        if periods > 0:
+            self.start += periods * PERIOD
+            self.decay(periods)
+
+    def observe(self, h) -> int:
+        self.catch_up()
+        if h not in self.freq:
+            if len(self.freq) >= self.max_entries:
+                steps = min(self.freq.values())
+                self.decay(steps)
+                self.early += steps
+                self.start = self.clock()
+            self.freq[h] = 1
+        else:
+            self.freq[h] = min(self.freq[h] * 2, CAP)
+        return self.freq[h]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_the_reference_rules(clock, seed):
+    import random
+
+    rng = random.Random(seed)
+    f = make(clock, max_entries=50)
+    ref = _ReferenceFilter(clock, 50)
+    hot = list(range(30))
+    for _ in range(20_000):
+        roll = rng.random()
+        if roll < 0.002:
+            clock.advance(rng.choice([PERIOD / 3, PERIOD, 2.5 * PERIOD]))
+        h = rng.choice(hot) if roll < 0.6 else rng.randrange(30, 400)
+        assert f.observe(h) == ref.observe(h)
+        if roll > 0.99:
+            ref.catch_up()
+            assert {k: f.frequency(k) for k in ref.freq} == ref.freq
+            assert len(f) == len(ref.freq)
+    s = f.stats
+    assert (s.decays, s.early_decays, s.forgotten) == (ref.decays, ref.early, ref.forgotten)
+    assert s.early_decays > 0 and s.forgotten > 0

@@ -13,10 +13,14 @@ frequency reaches ``threshold`` (spec §4, same rule as the reference):
   (the reference's background task does the same when it is told the map is
   over size).
 
-Decay is applied lazily on calls, from the clock: one pass over the table per
-decay (catching up several missed periods in that one pass), nothing
-O(table) otherwise. Pure Python; not thread-safe (the leader's scheduler
-thread owns it).
+Nothing is O(table) per call. A decay step subtracts 1 from every frequency
+at once by raising a common offset (an entry stores ``offset + frequency``);
+entries are grouped by stored value, and a min-heap of those values finds the
+groups that reach 0, so a decay costs O(1) per entry it forgets. This matters once the table is full: a
+full table of mostly hot blocks decays early on nearly every new block, and
+a pass over a million entries each time stalled the scheduler. Decay is
+applied lazily on calls, from the clock. Pure Python; not thread-safe (the
+leader's scheduler thread owns it).
 """
 
 from __future__ import annotations
@@ -61,19 +65,55 @@ class FrequencyFilter:
         self.decay_period_s = float(decay_period_s)
         self.max_entries = max_entries
         self._clock = clock
-        self._freq: dict[Hashable, int] = {}
+        #: hash -> its stored value, ``offset + frequency`` as of its last change.
+        self._stored: dict[Hashable, int] = {}
+        #: stored value -> hashes holding it; a decay forgets whole buckets.
+        self._buckets: dict[int, set[Hashable]] = {}
+        #: Min-heap of bucket values (an emptied bucket's value stays until it surfaces).
+        self._values: list[int] = []
+        #: Decay steps applied so far.
+        self._offset = 0
         self._period_start = clock()
         self.stats = FilterStats()
 
-    # ---- decay ---------------------------------------------------------------
+    # ---- decay ---------------------------------------------------------------------
+    def _set(self, block_hash: Hashable, old: int | None, freq: int) -> None:
+        """Move the entry from stored value ``old`` (None: new entry) to ``offset + freq``."""
+        buckets = self._buckets
+        if old is not None:
+            bucket = buckets[old]
+            if len(bucket) == 1:
+                del buckets[old]
+            else:
+                bucket.remove(block_hash)
+        value = self._offset + freq
+        self._stored[block_hash] = value
+        bucket = buckets.get(value)
+        if bucket is None:
+            buckets[value] = {block_hash}
+            heapq.heappush(self._values, value)
+        else:
+            bucket.add(block_hash)
+
+    def _lowest(self) -> int | None:
+        """The lowest stored value in the table (None if empty)."""
+        values = self._values
+        while values and values[0] not in self._buckets:
+            heapq.heappop(values)
+        return values[0] if values else None
+
     def _decay(self, steps: int) -> None:
         """Apply ``steps`` decay steps at once: subtract and forget those at <= 0."""
         if steps <= 0:
             return
-        before = len(self._freq)
-        self._freq = {h: f - steps for h, f in self._freq.items() if f > steps}
+        self._offset += steps
         self.stats.decays += steps
-        self.stats.forgotten += before - len(self._freq)
+        while (lowest := self._lowest()) is not None and lowest <= self._offset:
+            heapq.heappop(self._values)
+            bucket = self._buckets.pop(lowest)
+            for block_hash in bucket:
+                del self._stored[block_hash]
+            self.stats.forgotten += len(bucket)
 
     def _catch_up(self) -> None:
         now = self._clock()
@@ -87,15 +127,15 @@ class FrequencyFilter:
     def _make_room(self) -> None:
         """Decay early until a new entry fits (size < max_entries), then restart the period.
 
-        Equivalent to repeating single decay steps until under the bound, but
-        the number of steps is computed at once (the smallest k such that
-        enough entries have frequency <= k), so it costs one pass even when
-        hot entries would need many steps.
+        Equivalent to repeating single decay steps until under the bound:
+        entries arrive one at a time, so one must go, and the number of steps
+        is the lowest frequency in the table, which the heap knows.
         """
-        excess = len(self._freq) - self.max_entries + 1
-        if excess <= 0:
+        if len(self._stored) < self.max_entries:
             return
-        steps = heapq.nsmallest(excess, self._freq.values())[-1]
+        lowest = self._lowest()
+        assert lowest is not None
+        steps = lowest - self._offset
         self._decay(steps)
         self.stats.early_decays += steps
         self._period_start = self._clock()
@@ -105,24 +145,24 @@ class FrequencyFilter:
         """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...)."""
         self._catch_up()
         self.stats.observed += 1
-        freq = self._freq.get(block_hash)
-        if freq is None:
+        stored = self._stored.get(block_hash)
+        if stored is None:
             self._make_room()
             new = 1
         else:
-            new = min(freq * 2, CAP)
-        self._freq[block_hash] = new
+            new = min((stored - self._offset) * 2, CAP)
+        self._set(block_hash, stored, new)
         return new
 
     def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
         self._catch_up()
-        return self._freq.get(block_hash, 0)
+        stored = self._stored.get(block_hash)
+        return 0 if stored is None else stored - self._offset
 
     def should_offload(self, block_hash: Hashable) -> bool:
         """True if the block has been seen often enough to be worth a disk write."""
-        self._catch_up()
-        ok = self._freq.get(block_hash, 0) >= self.threshold
+        ok = self.frequency(block_hash) >= self.threshold
         if ok:
             self.stats.admitted += 1
         else:
@@ -131,8 +171,8 @@ class FrequencyFilter:
 
     def __len__(self) -> int:
         self._catch_up()
-        return len(self._freq)
+        return len(self._stored)
 
     def __contains__(self, block_hash: object) -> bool:
         self._catch_up()
-        return block_hash in self._freq
+        return block_hash in self._stored

@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 HOST = "host"
 DISK = "disk"
+
+#: DYN_KVBM_LOAD_MODE -> tiers whose loads run inside the step that matched them. G2 is
+#: pinned host memory: its copy takes a fraction of a step, and loading in-step saves the
+#: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
+#: could stall every request of the step, so they stay asynchronous unless forced.
+SYNC_LOAD_TIERS: dict[str, tuple[str, ...]] = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
 #: A match hashes the prompt in windows of this many blocks, doubling, and
 #: stops at the window holding the first block no tier has: a miss costs one
 #: small window, not the whole prompt (its blocks are hashed later, as they
@@ -208,8 +214,15 @@ class Planner:
         self._disk_committed: list[tuple[BlockHash, int]] = []
 
     # ---- request lifecycle --------------------------------------------
-    def add_request(self, req_id: str, root: BlockHash | None) -> None:
-        self._requests[req_id] = _Request(root=root)
+    def add_request(self, req_id: str, root: BlockHash | None, hashes: Sequence[BlockHash] = ()) -> None:
+        """Track a request. ``hashes``: its block hashes when already known (``kvbm plan``
+        replays a trace of hashes without tokens); blocks they cover are never hashed again."""
+        self._requests[req_id] = _Request(root=root, hashes=list(hashes))
+
+    def request_hashes(self, req_id: str) -> Sequence[BlockHash]:
+        """Hashes of the request's blocks computed so far (read-only; empty if untracked)."""
+        req = self._requests.get(req_id)
+        return req.hashes if req is not None else ()
 
     def _versions(self) -> tuple[int, int]:
         return (self.host.version if self.host else 0, self.disk.version if self.disk else 0)

@@ -19,9 +19,10 @@ from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost, Rate
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import engine_root, request_root
-from kvbm.core.planner import DISK, HOST, Planner
+from kvbm.core.planner import DISK, HOST, SYNC_LOAD_TIERS, Planner
 from kvbm.core.pool import BlockPool
 from kvbm.metrics import ONBOARD_D2D, ONBOARD_H2D, CacheMetrics, MetricsExporter, metrics_port
+from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.fingerprint import fingerprint
 from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.storage.files import ensure_private_dir
@@ -42,11 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 VLLM = features()
 
-#: DYN_KVBM_LOAD_MODE -> tiers whose loads run inside the step that matched them. G2 is
-#: pinned host memory: its copy takes a fraction of a step, and loading in-step saves the
-#: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
-#: could stall every request of the step, so they stay asynchronous unless forced.
-SYNC_LOAD_TIERS = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
 
 
 def _tier_names(tiers) -> str:
@@ -58,6 +54,9 @@ LORA_KEYS = 4096
 
 
 class KvbmLeader:
+    #: Opt-in request log for ``kvbm plan`` (DYN_KVBM_TRACE_FILE); None: off.
+    trace: TraceWriter | None = None
+
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         if len(kv_cache_config.kv_cache_groups) != 1:
             raise ValueError(
@@ -117,6 +116,13 @@ class KvbmLeader:
             self.exporter = MetricsExporter(
                 self.metrics, config.metrics_host, metrics_port(config, dp_local or 0)
             )
+        if config.trace_file:
+            self.trace = TraceWriter(config.trace_file, {
+                "block_size": self.block_size, "gpu_blocks": kv_cache_config.num_blocks,
+                "bytes_per_block": self.metrics.block_bytes, "host_blocks": self.num_host_slots,
+                "disk_blocks": self.num_disk_slots, "load_mode": config.load_mode,
+                "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
+            })
         logger.info(
             "kvbm leader: G2 %d blocks, G3 %d blocks (filter %s%s), %d tokens per block, %d worker(s); "
             "loads inside the step from %s, asynchronous from %s (%s=%s)",
@@ -185,9 +191,14 @@ class KvbmLeader:
         self._track(request)
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
         self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
+        if self.trace is not None:
+            self.trace.scheduled(request.request_id, self.planner.load_sources(request.request_id))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        if self.trace is not None:
+            self.trace.finished(request.request_id, request.num_prompt_tokens, request.num_output_tokens,
+                                self.planner.request_hashes(request.request_id))
         return self.planner.on_finished(request.request_id), None
 
     # ---- per step -------------------------------------------------------
@@ -297,6 +308,9 @@ class KvbmLeader:
         logger.info("kvbm: %s", self.metrics.summary())
 
     def shutdown(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
         if self.exporter is not None:
             self.exporter.close()
             self.exporter = None

@@ -1,0 +1,422 @@
+"""Request traces for ``kvbm plan``: the log kvbm writes while serving, and prompt files users bring.
+
+Both formats become one in-memory :class:`Trace`: per request, when it was
+scheduled, when it finished, its prompt and output lengths and the identities
+of its full blocks as small dense ints (the same int for the same block
+hash), so the simulator never depends on how wide kvbm's hashes are.
+
+kvbm's request log (``DYN_KVBM_TRACE_FILE``) is JSON lines: a header written
+when a server starts, then one line per finished request::
+
+    {"kvbm_trace": 1, "block_size": 128, "gpu_blocks": 40, "bytes_per_block": 1310720, "load_mode": "auto", ...}
+    {"t": 1718000000.1, "end": 1718000001.9, "prompt": 2113, "output": 16, "served": [9, 0], "hashes": [...]}
+
+``t`` is when vLLM first scheduled the request (its lookup), ``end`` when it
+finished, ``served`` the (G2, G3) blocks kvbm loaded for it then; ``hashes``
+are kvbm's chained block hashes (hex) of every full block computed, prompt
+then output. No token or text is written, so the file can be
+handed to someone else; note that anyone holding the same model can still
+confirm a *guessed* prompt by hashing it.
+
+A prompt file is JSON lines of ``{"prompt": "text"}`` or
+``{"prompt_token_ids": [...]}`` with optional ``timestamp`` (seconds),
+``output_tokens``, ``end`` or ``duration``, ``cache_salt`` and ``lora``.
+Text is tokenized with the model's own tokenizer, as vLLM's completions API
+does; tokens of generated answers are unknown, so output blocks count as
+blocks never seen again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbm.config import ConfigError, env_var
+from kvbm.core.hashing import engine_root, extend_hashes, request_root
+from kvbm.core.planner import SYNC_LOAD_TIERS
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class TraceError(ValueError):
+    """The trace cannot be read; the message names the file, the line and the fix."""
+
+
+@dataclass
+class TraceRequest:
+    """One request as the simulator sees it."""
+
+    time: float
+    end: float
+    prompt_tokens: int
+    output_tokens: int
+    #: Dense ids of its full blocks in chain order (prompt, then output).
+    blocks: array
+    #: (G2, G3) blocks kvbm served it on the server that wrote the trace (kvbm's log only).
+    served: tuple[int, int] | None = None
+
+
+@dataclass
+class Trace:
+    block_size: int
+    requests: list[TraceRequest]
+    #: Distinct block ids in ``requests`` (ids are 0 .. num_block_ids - 1).
+    num_block_ids: int
+    #: From kvbm's header: vLLM's GPU pool and bytes per block, as served.
+    gpu_blocks: int | None = None
+    bytes_per_block: int | None = None
+    #: kvbm's tiers on the server that wrote the trace (blocks; 0: off).
+    host_blocks: int | None = None
+    disk_blocks: int | None = None
+    #: The server's DYN_KVBM_LOAD_MODE (which tiers load inside the step); None: unknown.
+    load_mode: str | None = None
+    #: vLLM's token budget per step (a longer prefill is computed in chunks); None: unknown.
+    max_num_batched_tokens: int | None = None
+    kind: str = "kvbm"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+
+class _Ids:
+    """Block hash -> dense id; ``fresh`` gives ids no hash will ever get."""
+
+    def __init__(self) -> None:
+        self._ids: dict[Any, int] = {}
+        self.count = 0
+
+    def of(self, keys: Iterable[Any]) -> array:
+        ids, out = self._ids, array("q")
+        for key in keys:
+            i = ids.get(key)
+            if i is None:
+                i = ids[key] = self.count
+                self.count += 1
+            out.append(i)
+        return out
+
+    def fresh(self, n: int) -> array:
+        out = array("q", range(self.count, self.count + n))
+        self.count += n
+        return out
+
+
+# ---- reading ----------------------------------------------------------------------
+
+
+def read_trace(path: str | Path, *, model: str | None = None, block_size: int | None = None,
+               limit: int | None = None, progress: bool | None = None) -> Trace:
+    """Read either format (detected from the first line); requests sorted by time.
+
+    ``model`` (a local directory) tokenizes prompt text. ``block_size``: the
+    block size to hash prompt files at (default 16, vLLM's on GPUs); a kvbm
+    log was hashed at the served block size, which it must then match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file")
+    head = next(_lines(path), None)
+    if head is None:
+        raise TraceError(f"{path}: the trace is empty")
+    if "kvbm_trace" in head[1] or "hashes" in head[1]:
+        trace = _read_kvbm(_lines(path), path, block_size, limit, progress)
+    else:
+        trace = _read_prompts(_lines(path), path, model, block_size or 16, limit, progress)
+    if not trace.requests:
+        raise TraceError(f"{path}: no request in the trace")
+    trace.requests.sort(key=lambda r: r.time)
+    return trace
+
+
+def _lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TraceError(f"{path}:{number}: not UTF-8 text; a trace is JSON lines") from None
+                yield number, _parse_line(line, path, number)
+
+
+def _parse_line(line: str, path: Path, number: int) -> dict:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}:{number}: not JSON ({e.msg}); a trace has one JSON object per line") from None
+    if not isinstance(value, dict):
+        raise TraceError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _number(rec: dict, key: str, path: Path, number: int, default: float | None = None) -> float:
+    value = rec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TraceError(f"{path}:{number}: {key!r} must be a number >= 0, got {value!r}")
+    return value
+
+
+def _count(rec: dict, key: str, path: Path, number: int, default: int | None = None) -> int:
+    value = rec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TraceError(f"{path}:{number}: {key!r} must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _bar(progress: bool | None, desc: str):  # -> tqdm
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit="req", disable=None if progress is None else not progress, leave=False)
+
+
+def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | None, limit: int | None,
+               progress: bool | None) -> Trace:
+    ids = _Ids()
+    trace = Trace(block_size=0, requests=[], num_block_ids=0, kind="kvbm")
+    with _bar(progress, "reading trace") as bar:
+        for number, rec in lines:
+            if "kvbm_trace" in rec:
+                _apply_header(trace, rec, path, number)
+                continue
+            if not trace.block_size:
+                raise TraceError(f"{path}:{number}: request before the trace's header line")
+            hashes = rec.get("hashes")
+            # Hex strings are ids as they are: equal hashes, equal strings; no width assumed.
+            if not isinstance(hashes, list) or not all(type(h) is str for h in hashes):
+                raise TraceError(f"{path}:{number}: 'hashes' must be a list of hex strings")
+            start = _number(rec, "t", path, number)
+            trace.requests.append(TraceRequest(
+                time=start, end=max(start, _number(rec, "end", path, number, start)),
+                prompt_tokens=_count(rec, "prompt", path, number), output_tokens=_count(rec, "output", path, number, 0),
+                blocks=ids.of(hashes), served=_served(rec, path, number),
+            ))
+            bar.update(1)
+            if limit is not None and len(trace.requests) >= limit:
+                break
+    if block_size is not None and block_size != trace.block_size:
+        raise TraceError(
+            f"{path}: the trace was recorded with {trace.block_size}-token blocks (its hashes cover blocks of "
+            f"that size); --block-size {block_size} cannot be replayed from it. Drop --block-size"
+        )
+    trace.num_block_ids = ids.count
+    return trace
+
+
+def _served(rec: dict, path: Path, number: int) -> tuple[int, int] | None:
+    served = rec.get("served")
+    if served is None:
+        return None
+    if (not isinstance(served, list) or len(served) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in served)):
+        raise TraceError(f"{path}:{number}: 'served' must be [G2 blocks, G3 blocks]")
+    return served[0], served[1]
+
+
+def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
+    if rec.get("kvbm_trace") != FORMAT_VERSION:
+        raise TraceError(f"{path}:{number}: trace format {rec.get('kvbm_trace')!r}; this kvbm reads version "
+                         f"{FORMAT_VERSION}")
+    block_size = _count(rec, "block_size", path, number)
+    if block_size < 1:
+        raise TraceError(f"{path}:{number}: block_size must be >= 1")
+    if trace.block_size and trace.block_size != block_size:
+        raise TraceError(f"{path}:{number}: this part of the trace has {block_size}-token blocks, an earlier "
+                         f"part {trace.block_size}; replay servers with different block sizes separately")
+    trace.block_size = block_size
+    mode = rec.get("load_mode")
+    if mode is not None:
+        if mode not in SYNC_LOAD_TIERS:
+            raise TraceError(f"{path}:{number}: unknown load_mode {mode!r}")
+        trace.load_mode = mode
+    for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks", "max_num_batched_tokens"):
+        if rec.get(key) is not None:
+            value = _count(rec, key, path, number)
+            old = getattr(trace, key)
+            if old is not None and old != value:
+                trace.notes.append(f"{key} changed within the trace ({old} -> {value}); using {value}")
+            setattr(trace, key, value)
+
+
+def load_tokenizer(model: str):  # -> transformers tokenizer
+    """The model's tokenizer from a local directory, offline."""
+    if not Path(model).is_dir():
+        raise TraceError(f"--model {model!r} is not a local model directory; kvbm plan tokenizes offline, "
+                         "so pass the directory holding the model's tokenizer files")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TraceError(f"cannot load the tokenizer from {model}: {e}") from None
+
+
+#: Tokenize this many prompts per call (fast tokenizers batch in Rust).
+_TOKENIZE_BATCH = 512
+
+
+def _read_prompts(lines: Iterator[tuple[int, dict]], path: Path, model: str | None, block_size: int,
+                  limit: int | None, progress: bool | None) -> Trace:
+    tokenizer = None
+    ids = _Ids()
+    root0 = engine_root("kvbm plan")
+    trace = Trace(block_size=block_size, requests=[], num_block_ids=0, kind="prompts")
+    pending: list[tuple[int, dict]] = []
+
+    def flush() -> None:
+        nonlocal tokenizer
+        texts = [rec["prompt"] for _, rec in pending if "prompt" in rec]
+        encoded: Iterator[list[int]] = iter(())
+        if texts:
+            if model is None:
+                raise TraceError(f"{path}: prompts are text; pass --model DIR so they are tokenized as the "
+                                 "server would")
+            tokenizer = tokenizer or load_tokenizer(model)
+            encoded = iter(tokenizer(texts)["input_ids"])
+        for number, rec in pending:
+            tokens = next(encoded) if "prompt" in rec else rec["prompt_token_ids"]
+            trace.requests.append(_prompt_request(rec, tokens, path, number, len(trace.requests), ids, root0,
+                                                  block_size))
+        bar.update(len(pending))
+        pending.clear()
+
+    with _bar(progress, "reading prompts") as bar:
+        for number, rec in lines:
+            if "prompt_token_ids" not in rec and "token_ids" in rec:
+                rec["prompt_token_ids"] = rec["token_ids"]
+            if "prompt" in rec:
+                if not isinstance(rec["prompt"], str):
+                    raise TraceError(f"{path}:{number}: 'prompt' must be text (or give 'prompt_token_ids')")
+            elif not (isinstance(rec.get("prompt_token_ids"), list)
+                      and all(isinstance(t, int) and not isinstance(t, bool) for t in rec["prompt_token_ids"])):
+                raise TraceError(f"{path}:{number}: each line needs 'prompt' (text) or 'prompt_token_ids' "
+                                 "(a list of token ids)")
+            pending.append((number, rec))
+            if len(pending) >= _TOKENIZE_BATCH:
+                flush()
+            if limit is not None and len(trace.requests) + len(pending) >= limit:
+                break
+        flush()
+    trace.num_block_ids = ids.count
+    return trace
+
+
+def _prompt_request(rec: dict, tokens: Sequence[int], path: Path, number: int, index: int, ids: _Ids,
+                    root0: bytes, block_size: int) -> TraceRequest:
+    start = _number(rec, "timestamp", path, number, rec.get("t", float(index)))
+    if "end" in rec:
+        end = _number(rec, "end", path, number)
+    else:
+        end = start + _number(rec, "duration", path, number, 0.0)
+    output = _count(rec, "output_tokens", path, number, rec.get("output_len", 0))
+    salt, lora = rec.get("cache_salt"), rec.get("lora", rec.get("lora_name"))
+    for key, value in (("cache_salt", salt), ("lora", lora)):
+        if value is not None and not isinstance(value, str):
+            raise TraceError(f"{path}:{number}: {key!r} must be a string")
+    root = request_root(root0, salt, lora)
+    blocks = ids.of(extend_hashes([], tokens, block_size, root))
+    # Blocks holding generated tokens: their tokens are unknown, so they match nothing.
+    computed = len(tokens) + output - 1 if output else len(tokens)
+    blocks.extend(ids.fresh(max(0, computed // block_size - len(blocks))))
+    return TraceRequest(time=start, end=max(start, end), prompt_tokens=len(tokens), output_tokens=output,
+                        blocks=blocks)
+
+
+# ---- writing (inside the server) -----------------------------------------------------
+
+
+def _hex(block_hash: bytes | int) -> str:
+    """A hash as hex, whatever its type or width (kvbm's are bytes; older ones were ints)."""
+    return block_hash.hex() if isinstance(block_hash, bytes) else format(block_hash, "x")
+
+
+class TraceWriter:
+    """Appends kvbm's request log while serving (opt-in: ``DYN_KVBM_TRACE_FILE``).
+
+    Lives in the scheduler: per request one dict entry when it is first
+    scheduled and one JSON line when it finishes (its hashes are the
+    planner's, already computed), buffered and written with one ``write`` per
+    flush (``O_APPEND``: lines from data-parallel engines sharing the file
+    stay whole). A write error is logged once and turns tracing off; serving
+    goes on.
+    """
+
+    FLUSH_LINES = 256
+    FLUSH_SECS = 2.0
+
+    def __init__(self, path: str, header: dict[str, Any], clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{env_var('trace_file')}={path}: cannot open it for appending ({e.strerror}); "
+                              "point it at a writable file or unset it") from None
+        self._scheduled: dict[Any, tuple[float, tuple[int, int]]] = {}
+        self._buffer: list[str] = [json.dumps({"kvbm_trace": FORMAT_VERSION, "started": clock(), **header})]
+        self._last_flush = clock()
+        self.written = 0
+        self.flush()
+        atexit.register(self.close)  # vLLM normally shuts the connector down first; this is the safety net
+        logger.info("kvbm: writing a request trace to %s (timestamps, lengths and block hashes only)", path)
+
+    def scheduled(self, req_id: Any, served: tuple[int, int] = (0, 0)) -> None:
+        """vLLM scheduled the request (looked it up), kvbm serving ``served`` (G2, G3) blocks
+        of it; only the first time counts."""
+        if req_id not in self._scheduled:
+            self._scheduled[req_id] = (self._clock(), served)
+
+    def finished(self, req_id: Any, prompt_tokens: int, output_tokens: int,
+                 hashes: Sequence[bytes] | Sequence[int]) -> None:
+        """Log a finished request; one never scheduled (aborted while waiting) did no lookup: skipped."""
+        scheduled = self._scheduled.pop(req_id, None)
+        if scheduled is None or self._fd is None:
+            return
+        start, served = scheduled
+        now = self._clock()
+        self._buffer.append(json.dumps({
+            "t": round(start, 6), "end": round(now, 6), "prompt": prompt_tokens, "output": output_tokens,
+            "served": served, "hashes": [_hex(h) for h in hashes],
+        }, separators=(",", ":")))
+        self.written += 1
+        if len(self._buffer) >= self.FLUSH_LINES or now - self._last_flush >= self.FLUSH_SECS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = self._clock()
+        if self._fd is None or not self._buffer:
+            return
+        data = ("\n".join(self._buffer) + "\n").encode()
+        self._buffer.clear()
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            logger.warning("kvbm: cannot write the request trace %s (%s); tracing is off from now on "
+                           "(serving is unaffected)", self.path, e.strerror)
+            self._close_fd()
+
+    def close(self) -> None:
+        self.flush()
+        self._close_fd()
+        atexit.unregister(self.close)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
