@@ -97,11 +97,11 @@ def _accounting(llm) -> dict:
                        "pending": states.count("PENDING"), "ready": states.count("READY"),
                        "free": len(free), "free_xor_evictable": consistent,
                        "stored": pool.stats.stored, "evicted": pool.stats.evicted, "dropped": pool.stats.dropped}
-    worker = get_kv_transfer_group()._worker
-    books["disk_io"] = worker.disk.stats()
-    hook = worker.disk._fault_hook
+    disk = get_kv_transfer_group()._worker.runner.executor.media["G3"].arena
+    books["disk_io"] = disk.stats()
+    hook = disk._fault_hook
     books["faults_injected"] = dict(hook.injected) if hook is not None else {}
-    books["stats"] = vars(planner.stats)
+    books["stats"] = planner.stats.as_dict()
     return books
 
 

@@ -34,7 +34,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler
 
@@ -51,6 +50,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from kvbm.config import env_var
+from kvbm.core.tiers import DISK, G1, HOST, move
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -62,50 +62,65 @@ PORT_VAR = env_var("metrics_port")
 HOST_VAR = env_var("metrics_host")
 WINDOW_VAR = env_var("metrics_hit_rate_window")
 
-#: Transfer directions, named like the reference's block counters.
+#: Transfer directions, as the reference named its block counters: label values of
+#: kvbm_transfer_{bytes,seconds}_total, by move between tiers (kvbm.core.tiers.move).
 OFFLOAD_D2H = "offload_d2h"  # G1 → G2 (GPU → host)
 OFFLOAD_H2D = "offload_h2d"  # G2 → G3 (host → disk)
 OFFLOAD_D2D = "offload_d2d"  # G1 → G3 (GPU → disk, disk-only mode)
 ONBOARD_H2D = "onboard_h2d"  # G2 → G1 (host → GPU)
 ONBOARD_D2D = "onboard_d2d"  # G3 → G1 (disk → GPU)
-DIRECTIONS: tuple[str, ...] = (OFFLOAD_D2H, OFFLOAD_H2D, OFFLOAD_D2D, ONBOARD_H2D, ONBOARD_D2D)
+DIRECTION_LABELS: dict[str, str] = {
+    move(G1, "G2"): OFFLOAD_D2H, move("G2", "G3"): OFFLOAD_H2D, move(G1, "G3"): OFFLOAD_D2D,
+    move("G2", G1): ONBOARD_H2D, move("G3", G1): ONBOARD_D2D,
+}
+DIRECTIONS: tuple[str, ...] = tuple(DIRECTION_LABELS.values())
 
 #: G3 errors by kind: read = I/O error or short read (truncated file),
 #: checksum = header or payload CRC mismatch, mismatch = the slot holds
 #: another block (stale index), write = a failed write (block not cached).
 DISK_ERROR_KINDS: tuple[str, ...] = ("read", "checksum", "mismatch", "write")
 
-TIERS: tuple[str, ...] = ("host", "disk")
+#: kvbm_tier_*{tier=...}: the media of the standard chain, always exported (zero when absent).
+TIERS: tuple[str, ...] = (HOST, DISK)
 
 #: The reference's counters: exact names, exported untyped (see module doc).
-#: name -> (PlannerStats attribute, help)
-REFERENCE_COUNTERS: dict[str, tuple[str, str]] = {
+#: name -> (tier or None for an engine-wide counter, PlannerStats / TierStats counter, help)
+REFERENCE_COUNTERS: dict[str, tuple[str | None, str, str]] = {
     "kvbm_matched_tokens": (
-        "matched_tokens", "Tokens onboarded from kvbm's tiers instead of recomputed (counter)"),
-    "kvbm_offload_blocks_d2h": ("offloaded_host_blocks", "Blocks offloaded GPU to host, G1 to G2 (counter)"),
-    "kvbm_offload_blocks_h2d": ("spilled_blocks", "Blocks offloaded host to disk, G2 to G3 (counter)"),
+        None, "matched_tokens", "Tokens onboarded from kvbm's tiers instead of recomputed (counter)"),
+    "kvbm_offload_blocks_d2h": ("G2", "stored_blocks", "Blocks offloaded GPU to host, G1 to G2 (counter)"),
+    "kvbm_offload_blocks_h2d": ("G3", "spilled_blocks", "Blocks offloaded host to disk, G2 to G3 (counter)"),
     "kvbm_offload_blocks_d2d": (
-        "offloaded_disk_blocks", "Blocks offloaded GPU to disk bypassing host, G1 to G3 (counter)"),
-    "kvbm_onboard_blocks_h2d": ("onboarded_host_blocks", "Blocks onboarded host to GPU, G2 to G1 (counter)"),
-    "kvbm_onboard_blocks_d2d": ("onboarded_disk_blocks", "Blocks onboarded disk to GPU, G3 to G1 (counter)"),
+        "G3", "stored_blocks", "Blocks offloaded GPU to disk bypassing host, G1 to G3 (counter)"),
+    "kvbm_onboard_blocks_h2d": ("G2", "onboarded_blocks", "Blocks onboarded host to GPU, G2 to G1 (counter)"),
+    "kvbm_onboard_blocks_d2d": ("G3", "onboarded_blocks", "Blocks onboarded disk to GPU, G3 to G1 (counter)"),
 }
 
-#: Plain counters from PlannerStats: exported name (without _total) -> (attribute, help).
-PLANNER_COUNTERS: dict[str, tuple[str, str]] = {
-    "kvbm_lookup_requests": ("lookup_requests", "Requests whose prefix kvbm looked up when vLLM scheduled them"),
-    "kvbm_lookup_blocks": ("lookup_blocks", "Full prompt blocks looked up beyond those the GPU cache already had"),
-    "kvbm_host_hit_blocks": ("host_hit_blocks", "Looked-up blocks found in host memory (G2)"),
-    "kvbm_disk_hit_blocks": ("disk_hit_blocks", "Looked-up blocks found on disk (G3)"),
+#: Plain counters: exported name (without _total) -> (tier or None, counter, help).
+PLANNER_COUNTERS: dict[str, tuple[str | None, str, str]] = {
+    "kvbm_lookup_requests": (
+        None, "lookup_requests", "Requests whose prefix kvbm looked up when vLLM scheduled them"),
+    "kvbm_lookup_blocks": (
+        None, "lookup_blocks", "Full prompt blocks looked up beyond those the GPU cache already had"),
+    "kvbm_host_hit_blocks": ("G2", "hit_blocks", "Looked-up blocks found in host memory (G2)"),
+    "kvbm_disk_hit_blocks": ("G3", "hit_blocks", "Looked-up blocks found on disk (G3)"),
     "kvbm_disk_filter_rejections": (
-        "filter_rejections", "Host blocks kept off disk by the frequency filter (seen only once so far)"),
-    "kvbm_failed_onboards": ("failed_loads", "Requests whose onboard failed in part; vLLM recomputed the rest"),
-    "kvbm_failed_offload_blocks": ("failed_stores", "Blocks whose offload copy failed (not cached)"),
+        None, "filter_rejections", "Host blocks kept off disk by the frequency filter (seen only once so far)"),
+    "kvbm_failed_onboards": (
+        None, "failed_loads", "Requests whose onboard failed in part; vLLM recomputed the rest"),
+    "kvbm_failed_offload_blocks": (None, "failed_stores", "Blocks whose offload copy failed (not cached)"),
     "kvbm_bad_disk_blocks": (
-        "bad_disk_blocks", "Disk blocks dropped after a failed read or verification (recomputed, never served)"),
+        "G3", "bad_blocks", "Disk blocks dropped after a failed read or verification (recomputed, never served)"),
     "kvbm_cost_skipped_host_blocks": (
-        "cost_skipped_host_blocks", "G2 hits recomputed because loading them would have been slower"),
+        "G2", "cost_skipped_blocks", "G2 hits recomputed because loading them would have been slower"),
     "kvbm_cost_skipped_disk_blocks": (
-        "cost_skipped_disk_blocks", "G3 hits recomputed because loading them would have been slower"),
+        "G3", "cost_skipped_blocks", "G3 hits recomputed because loading them would have been slower"),
+}
+
+#: kvbm_{host,disk}_cache_hit_rate: the tier each gauge covers.
+HIT_RATE_GAUGES: dict[str, tuple[str, str]] = {
+    "kvbm_host_cache_hit_rate": ("G2", "Host (G2)"),
+    "kvbm_disk_cache_hit_rate": ("G3", "Disk (G3)"),
 }
 
 #: Lookup latency buckets (seconds): a lookup hashes new blocks and walks the pools.
@@ -114,48 +129,51 @@ LOOKUP_BUCKETS: tuple[float, ...] = (
 )
 
 
+def counter(stats: PlannerStats, tier: str | None, name: str) -> int:
+    """A counter of the planner (``tier`` None) or of one of its tiers (0 for a tier not in the chain)."""
+    return getattr(stats if tier is None else stats.tier(tier), name)
+
+
+def direction_label(direction: str) -> str:
+    """The label value of a move: the reference's name where it has one, else the move itself."""
+    return DIRECTION_LABELS.get(direction, direction)
+
+
 class MetricsServerError(RuntimeError):
     """/metrics could not be served; the message names the setting to change."""
 
 
 class HitRateWindow:
-    """Hit rates over the last ``size`` requests' lookups.
+    """Hit rates per tier over the last ``size`` requests' lookups.
 
     Fed once per engine step with that step's totals, so the window holds
     whole steps: at least ``size`` requests once that many were seen, and
-    fewer than one step's admissions more. O(1) per step.
+    fewer than one step's admissions more. O(tiers) per step.
     """
 
     def __init__(self, size: int) -> None:
         if size <= 0:
             raise ValueError(f"hit rate window must be > 0 requests, got {size}")
         self.size = size
-        self._steps: deque[tuple[int, int, int, int]] = deque()
+        self._steps: deque[tuple[int, int, dict[str, int]]] = deque()
         self.requests = 0
         self.looked = 0
-        self.host_hits = 0
-        self.disk_hits = 0
+        self.hits: dict[str, int] = {}
 
-    def add(self, requests: int, looked: int, host_hits: int, disk_hits: int) -> None:
-        self._steps.append((requests, looked, host_hits, disk_hits))
-        self.requests += requests
-        self.looked += looked
-        self.host_hits += host_hits
-        self.disk_hits += disk_hits
+    def add(self, requests: int, looked: int, hits: Mapping[str, int]) -> None:
+        self._steps.append((requests, looked, dict(hits)))
+        self._count(requests, looked, hits, 1)
         while self._steps and self.requests - self._steps[0][0] >= self.size:
-            r, lk, h, d = self._steps.popleft()
-            self.requests -= r
-            self.looked -= lk
-            self.host_hits -= h
-            self.disk_hits -= d
+            self._count(*self._steps.popleft(), -1)
 
-    @property
-    def host_rate(self) -> float:
-        return self.host_hits / self.looked if self.looked else 0.0
+    def _count(self, requests: int, looked: int, hits: Mapping[str, int], sign: int) -> None:
+        self.requests += sign * requests
+        self.looked += sign * looked
+        for tier, n in hits.items():
+            self.hits[tier] = self.hits.get(tier, 0) + sign * n
 
-    @property
-    def disk_rate(self) -> float:
-        return self.disk_hits / self.looked if self.looked else 0.0
+    def rate(self, tier: str) -> float:
+        return self.hits.get(tier, 0) / self.looked if self.looked else 0.0
 
 
 class LatencyHistogram:
@@ -188,16 +206,6 @@ class LatencyHistogram:
         return sum(self._counts)
 
 
-@dataclass
-class _Seen:
-    """Planner counters at the last step, to feed the window with deltas."""
-
-    requests: int = 0
-    looked: int = 0
-    host: int = 0
-    disk: int = 0
-
-
 class CacheMetrics:
     """What the leader knows about the cache, for Prometheus and the log.
 
@@ -213,11 +221,13 @@ class CacheMetrics:
         self.block_bytes = block_bytes
         self.window = HitRateWindow(window)
         self.lookup_latency = LatencyHistogram()
-        self._seen = _Seen()
+        self._seen: tuple[int, int, dict[str, int]] = (0, 0, {})
         self._lock = threading.Lock()
         self.transfer_bytes: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
         self.transfer_seconds: dict[str, float] = dict.fromkeys(DIRECTIONS, 0.0)
         self.disk_errors: dict[str, int] = dict.fromkeys(DISK_ERROR_KINDS, 0)
+        self._tiers = {G1, *(tier.name for tier in planner.chain)}
+        self._disk_tiers = {tier.name for tier in planner.chain if tier.medium == DISK}
         self._warned_unknown: set[str] = set()
 
     @property
@@ -229,73 +239,86 @@ class CacheMetrics:
 
     def on_step(self) -> None:
         """Feed this step's lookups into the hit rate window (a few int reads)."""
-        s, seen = self.planner.stats, self._seen
-        requests = s.lookup_requests - seen.requests
-        if requests <= 0:
+        s = self.planner.stats
+        requests, looked, hits = self._seen
+        if s.lookup_requests - requests <= 0:
             return
-        self.window.add(requests, s.lookup_blocks - seen.looked, s.host_hit_blocks - seen.host,
-                        s.disk_hit_blocks - seen.disk)
-        self._seen = _Seen(s.lookup_requests, s.lookup_blocks, s.host_hit_blocks, s.disk_hit_blocks)
+        now = {name: tier.hit_blocks for name, tier in s.tiers.items()}
+        self.window.add(s.lookup_requests - requests, s.lookup_blocks - looked,
+                        {name: n - hits.get(name, 0) for name, n in now.items()})
+        self._seen = (s.lookup_requests, s.lookup_blocks, now)
 
     def on_worker_report(self, transfer_bytes: Mapping[str, int], transfer_seconds: Mapping[str, float],
-                         disk_errors: Mapping[str, int]) -> None:
-        """Add what the workers reported this step (already summed over ranks).
+                         errors: Mapping[str, Mapping[str, int]]) -> None:
+        """Add what the workers reported this step (already summed over ranks): bytes and
+        seconds per move (``"G2->G1"``), failures per tier and kind.
 
         Ranks copy their shards in parallel, so their summed seconds are
         divided by the number of ranks: rate(bytes) / rate(seconds) is then
         the engine's aggregate bandwidth.
         """
-        if not (transfer_bytes or transfer_seconds or disk_errors):
+        if not (transfer_bytes or transfer_seconds or errors):
             return
         with self._lock:
             for direction, n in transfer_bytes.items():
-                if self._known(direction, self.transfer_bytes):
-                    self.transfer_bytes[direction] += n
+                if self._known_move(direction):
+                    label = direction_label(direction)
+                    self.transfer_bytes[label] = self.transfer_bytes.get(label, 0) + n
             for direction, secs in transfer_seconds.items():
-                if self._known(direction, self.transfer_seconds):
-                    self.transfer_seconds[direction] += secs / self.world_size
-            for kind, n in disk_errors.items():
-                if self._known(kind, self.disk_errors):
-                    self.disk_errors[kind] += n
+                if self._known_move(direction):
+                    label = direction_label(direction)
+                    self.transfer_seconds[label] = self.transfer_seconds.get(label, 0.0) + secs / self.world_size
+            for tier, kinds in errors.items():
+                for kind, n in kinds.items():
+                    if tier in self._disk_tiers and self._known(kind, kind in self.disk_errors):
+                        self.disk_errors[kind] += n
 
-    def _known(self, key: str, table: dict) -> bool:
-        if key in table:
-            return True
-        if key not in self._warned_unknown:
+    def _known_move(self, direction: str) -> bool:
+        src, _, dst = direction.partition("->")
+        return self._known(direction, src in self._tiers and dst in self._tiers and src != dst)
+
+    def _known(self, key: str, ok: bool) -> bool:
+        if not ok and key not in self._warned_unknown:
             self._warned_unknown.add(key)
             logger.warning("kvbm metrics: ignoring unknown transfer/error key %r from a worker", key)
-        return False
+        return ok
 
     def snapshot(self) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
         with self._lock:
             return dict(self.transfer_bytes), dict(self.transfer_seconds), dict(self.disk_errors)
 
     def tiers(self) -> dict[str, tuple[int, int, int]]:
-        """tier -> (used blocks, capacity blocks, evicted blocks); zeros for an absent tier."""
-        out = {}
-        for tier, pool in zip(TIERS, (self.planner.host, self.planner.disk)):
-            out[tier] = (pool.num_used, pool.num_slots, pool.stats.evicted) if pool is not None else (0, 0, 0)
+        """Medium label -> (used blocks, capacity blocks, evicted blocks); zeros for an absent tier."""
+        out = dict.fromkeys(TIERS, (0, 0, 0))
+        for tier in self.planner.chain:
+            index = self.planner.index(tier.name)
+            if index is not None:
+                out[tier.medium] = (index.num_used, index.num_slots, index.stats.evicted)
         return out
 
     def summary(self) -> str:
         """One line for the log: windowed hit rates, traffic, tier usage, errors."""
         s, w = self.planner.stats, self.window
+        rates = " ".join(f"{tier.name} {100 * w.rate(tier.name):.1f}%" for tier in self.planner.chain)
+        spilled = ", ".join(f"spilled to {tier.name} {s.tier(tier.name).spilled_blocks}"
+                            for tier in self.planner.chain[1:])
         parts = [
-            f"hit rate (last {w.requests} requests) G2 {100 * w.host_rate:.1f}% G3 {100 * w.disk_rate:.1f}% "
-            f"of {w.looked} blocks looked up",
+            f"hit rate (last {w.requests} requests) {rates} of {w.looked} blocks looked up",
             f"matched {s.matched_tokens} tokens in total",
-            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}, spilled to disk {s.spilled_blocks}",
+            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}" + (f", {spilled}" if spilled else ""),
         ]
-        for tier, pool in zip(("G2", "G3"), (self.planner.host, self.planner.disk)):
-            if pool is not None:
-                parts.append(f"{tier} {pool.num_used}/{pool.num_slots} used, {pool.stats.evicted} evicted")
+        for tier in self.planner.chain:
+            index = self.planner.index(tier.name)
+            if index is not None:
+                parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
         _, _, errors = self.snapshot()
-        failures = s.failed_loads + s.failed_stores + s.bad_disk_blocks + sum(errors.values())
+        bad = s.total("bad_blocks")
+        failures = s.failed_loads + s.failed_stores + bad + sum(errors.values())
         if failures:
             kinds = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n) or "none"
             parts.append(
                 f"failures: {s.failed_loads} onboards, {s.failed_stores} offload blocks, "
-                f"{s.bad_disk_blocks} bad disk blocks, disk errors: {kinds}"
+                f"{bad} bad blocks, disk errors: {kinds}"
             )
         return "; ".join(parts)
 
@@ -309,21 +332,15 @@ class KvbmCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         stats = m.stats
-        for name, (attr, doc) in REFERENCE_COUNTERS.items():
-            yield UnknownMetricFamily(name, doc, value=getattr(stats, attr))
-        for name, (attr, doc) in PLANNER_COUNTERS.items():
-            yield CounterMetricFamily(name, doc, value=getattr(stats, attr))
-
-        yield GaugeMetricFamily(
-            "kvbm_host_cache_hit_rate",
-            f"Host (G2) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
-            value=m.window.host_rate,
-        )
-        yield GaugeMetricFamily(
-            "kvbm_disk_cache_hit_rate",
-            f"Disk (G3) hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
-            value=m.window.disk_rate,
-        )
+        for name, (tier, attr, doc) in REFERENCE_COUNTERS.items():
+            yield UnknownMetricFamily(name, doc, value=counter(stats, tier, attr))
+        for name, (tier, attr, doc) in PLANNER_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=counter(stats, tier, attr))
+        for name, (tier, what) in HIT_RATE_GAUGES.items():
+            yield GaugeMetricFamily(
+                name, f"{what} hits / blocks looked up beyond the GPU cache, over the last {WINDOW_VAR} requests",
+                value=m.window.rate(tier),
+            )
 
         transfer_bytes, transfer_seconds, disk_errors = m.snapshot()
         moved = CounterMetricFamily("kvbm_transfer_bytes", "Bytes copied per direction, all ranks",
@@ -334,9 +351,9 @@ class KvbmCollector(Collector):
             "bandwidth = rate(kvbm_transfer_bytes_total) / rate(kvbm_transfer_seconds_total)",
             labels=["direction"],
         )
-        for direction in DIRECTIONS:
-            moved.add_metric([direction], transfer_bytes[direction])
-            busy.add_metric([direction], transfer_seconds[direction])
+        for direction in dict.fromkeys([*transfer_bytes, *transfer_seconds]):
+            moved.add_metric([direction], transfer_bytes.get(direction, 0))
+            busy.add_metric([direction], transfer_seconds.get(direction, 0.0))
         yield moved
         yield busy
         errors = CounterMetricFamily("kvbm_disk_errors", "Disk (G3) block read/write failures by kind",

@@ -41,12 +41,7 @@ def _kvbm_state(llm) -> dict:
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
     return {
-        "stats": {
-            **vars(planner.stats),
-            "hit_blocks": planner.stats.hit_blocks,
-            "onboarded_blocks": planner.stats.onboarded_blocks,
-            "offloaded_blocks": planner.stats.offloaded_blocks,
-        },
+        "stats": planner.stats.as_dict(),
         "pool_used": sum(pool.num_used for pool in pools),
         "pool_refs": refs,
         "evicted": sum(pool.stats.evicted for pool in pools),
@@ -145,7 +140,7 @@ def _corrupt_host(llm, phase: dict) -> dict:
 
     if not hasattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "_leader"):
         return {}  # the baseline has no kvbm host tier to corrupt
-    arena = get_kv_transfer_group()._worker.arena
+    arena = get_kv_transfer_group()._worker.runner.executor.host
     generator = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, arena.buffer.shape, dtype=torch.uint8, generator=generator)
     arena.buffer.copy_(noise)
@@ -157,7 +152,7 @@ def _worker_disk(llm):
 
     if llm.llm_engine.engine_core.engine_core.scheduler.connector is None:
         return None
-    return get_kv_transfer_group()._worker.disk
+    return get_kv_transfer_group()._worker.runner.executor.media["G3"].arena
 
 
 def _damage_disk(llm, phase: dict) -> dict:
@@ -186,7 +181,7 @@ def _arena_summary(worker) -> dict:
     import torch
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    rows = get_kv_transfer_group()._worker.arena.buffer
+    rows = get_kv_transfer_group()._worker.runner.executor.host.buffer
     used = [i for i in range(rows.shape[0]) if bool(rows[i].any())]
     return {
         "rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,

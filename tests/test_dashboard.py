@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvbm.core.planner import Planner
-from kvbm.core.pool import BlockPool
+from kvbm.core.tiers import standard_chain
 from kvbm.metrics import REFERENCE_COUNTERS, CacheMetrics, exported_series, make_registry
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -61,7 +61,7 @@ def series_in(expr: str) -> set[str]:
 
 
 def exported() -> set[str]:
-    planner = Planner(BlockPool(4, "G2"), 4, disk_pool=BlockPool(8, "G3"))
+    planner = Planner(standard_chain(4, 8), 4)
     return exported_series(make_registry(CacheMetrics(planner)))
 
 

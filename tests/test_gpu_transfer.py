@@ -124,7 +124,8 @@ def _wait(engine, expected: int, timeout: float = 30.0) -> list[Completion]:
 
 def _round_trip(kind: str, dtype: torch.dtype, *, shared: bool = False, seed: int = 0, batches: int = 1,
                 **engine_kw) -> None:
-    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.factory import make_copy_engine
 
     rng = random.Random(seed)
     gpu_caches = _make_caches(kind, dtype, "cuda", seed, shared=shared)
@@ -244,7 +245,8 @@ def test_round_trip_cupy_backend(kind: str, mode: dict) -> None:
 
 
 def _engine(kind: str = "flash", dtype: torch.dtype = torch.bfloat16, num_slots: int = 16, **kw):
-    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.factory import make_copy_engine
 
     caches = _make_caches(kind, dtype, "cuda", seed=11)
     layout, views = describe_kv_caches(caches, NUM_BLOCKS)
@@ -396,7 +398,8 @@ def test_cuda_modules_import_without_gpu_libraries() -> None:
 
 
 def test_factory_returns_torch_engine_for_cpu_tensors() -> None:
-    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.factory import make_copy_engine
 
     caches = _make_caches("cpu", torch.bfloat16, "cpu", seed=1)
     ref_caches = {k: v.clone() for k, v in caches.items()}
@@ -416,7 +419,8 @@ def test_factory_returns_torch_engine_for_cpu_tensors() -> None:
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_torch_engine_round_trip_every_layout(kind: str) -> None:
     """Every layout (the permuted one of vLLM's GPU model runner too) round-trips byte for byte."""
-    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.factory import make_copy_engine
 
     caches = _make_caches(kind, torch.bfloat16, "cpu", seed=3)
     original = {k: v.clone() for k, v in caches.items()}
@@ -486,7 +490,8 @@ def test_allocate_pinned_without_cuda_warns_and_falls_back() -> None:
 
 
 def test_torch_engine_copies_runs_and_rejects_bad_ids() -> None:
-    from kvbm.transfer.factory import make_copy_engine, make_host_arena_buffer
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.factory import make_copy_engine
 
     caches = _make_caches("cpu", torch.float16, "cpu", seed=5)
     original = {k: v.clone() for k, v in caches.items()}

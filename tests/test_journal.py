@@ -515,17 +515,17 @@ def test_start_up_on_unwritable_or_full_directory_names_the_setting(tmp_path, ho
 
 def test_leader_shutdown_closes_the_journal(tmp_path):
     """Issue 13 item 8: shutdown left the journal open and its pending records unwritten."""
-    from kvbm.vllm_integration.leader import KvbmLeader
+    from kvbm.runtime.leader import LeaderRuntime
 
     j = DiskJournal(str(tmp_path / "j"), identity=ID)
     j.load()
     j.record_stored(hs([(7, 3)]))  # pending, not flushed
-    leader = KvbmLeader.__new__(KvbmLeader)  # shutdown needs only these two attributes
-    leader.exporter, leader.journal = None, j
-    leader.shutdown()
+    leader = LeaderRuntime.__new__(LeaderRuntime)  # close needs only the journal (exporter, trace: None)
+    leader.journal = j
+    leader.close()
     assert j._fd < 0 and leader.journal is None
     assert reopen(tmp_path / "j") == {7: 3}
-    leader.shutdown()  # twice is fine
+    leader.close()  # twice is fine
 
 
 def test_damaged_journal_on_a_full_disk_still_loads(tmp_path, caplog):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from kvbm.config import load_config
 from kvbm.core.hashing import engine_root
 from kvbm.core.planner import Planner
-from kvbm.core.pool import BlockPool
+from kvbm.core.tiers import standard_chain
 from kvbm.metrics import (
     DIRECTIONS,
     DISK_ERROR_KINDS,
@@ -53,29 +53,29 @@ def free_port() -> int:
 
 def test_window_rates_are_hits_over_blocks_looked_up():
     w = HitRateWindow(10)
-    assert (w.host_rate, w.disk_rate) == (0.0, 0.0)  # nothing looked up yet
-    w.add(requests=2, looked=8, host_hits=2, disk_hits=4)
-    assert w.host_rate == pytest.approx(0.25)
-    assert w.disk_rate == pytest.approx(0.5)
+    assert (w.rate("G2"), w.rate("G3")) == (0.0, 0.0)  # nothing looked up yet
+    w.add(requests=2, looked=8, hits={"G2": 2, "G3": 4})
+    assert w.rate("G2") == pytest.approx(0.25)
+    assert w.rate("G3") == pytest.approx(0.5)
 
 
 def test_window_forgets_old_requests():
     w = HitRateWindow(3)
-    w.add(1, 4, 4, 0)  # a perfect host hit...
+    w.add(1, 4, {"G2": 4})  # a perfect host hit...
     for _ in range(3):
-        w.add(1, 4, 0, 0)  # ...then three misses push it out
+        w.add(1, 4, {})  # ...then three misses push it out
     assert w.requests == 3
-    assert w.host_rate == 0.0
-    w.add(1, 4, 0, 4)
-    assert w.requests == 3 and w.disk_rate == pytest.approx(1 / 3)
+    assert w.rate("G2") == 0.0
+    w.add(1, 4, {"G3": 4})
+    assert w.requests == 3 and w.rate("G3") == pytest.approx(1 / 3)
 
 
 def test_window_keeps_whole_steps():
     w = HitRateWindow(3)
-    w.add(5, 10, 5, 0)  # one step admitted more requests than the window: kept whole
-    assert w.requests == 5 and w.host_rate == 0.5
-    w.add(3, 6, 0, 0)  # three newer requests fill the window alone
-    assert w.requests == 3 and w.host_rate == 0.0
+    w.add(5, 10, {"G2": 5})  # one step admitted more requests than the window: kept whole
+    assert w.requests == 5 and w.rate("G2") == 0.5
+    w.add(3, 6, {"G2": 0})  # three newer requests fill the window alone
+    assert w.requests == 3 and w.rate("G2") == 0.0
 
 
 def test_window_size_must_be_positive():
@@ -96,14 +96,14 @@ def test_histogram_buckets_are_cumulative():
 
 def traffic(world_size: int = 1) -> Planner:
     """Request A stores 4 blocks in G2 (then spilled to G3); request B onboards them from G2."""
-    planner = Planner(BlockPool(8, "G2"), BS, world_size, disk_pool=BlockPool(16, "G3"))
+    planner = Planner(standard_chain(8, 16, disk_filter_threshold=None), BS, world_size)
     planner.add_request("A", ROOT)
     assert planner.match("A", TOKENS, 0) == 0
     planner.on_alloc("A", [10, 11, 12, 13, 14], 0)
     planner.on_scheduled("A", TOKENS, [10, 11, 12, 13, 14], True, len(TOKENS))
     plan = planner.take_plan()
     planner.on_worker_report(stored={plan.store.batch_id: world_size})
-    spill = planner.take_plan().spill  # committed G2 blocks go on to G3 (no filter here)
+    (spill,) = planner.take_plan().spills  # committed G2 blocks go on to G3 (no filter here)
     planner.on_worker_report(stored={spill.batch_id: world_size})
     planner.on_finished("A")
     planner.add_request("B", ROOT)
@@ -120,8 +120,8 @@ def metrics() -> CacheMetrics:
     m = CacheMetrics(planner, window=100, world_size=1, block_bytes=4096)
     m.on_step()
     m.observe_lookup(0.0002)
-    m.on_worker_report({"offload_d2h": 4 * 4096, "onboard_h2d": 4 * 4096}, {"offload_d2h": 0.5, "onboard_h2d": 0.25},
-                       {"checksum": 1})
+    m.on_worker_report({"G1->G2": 4 * 4096, "G2->G1": 4 * 4096}, {"G1->G2": 0.5, "G2->G1": 0.25},
+                       {"G3": {"checksum": 1}})
     return m
 
 
@@ -209,7 +209,7 @@ def test_uses_its_own_registry(exporter):
 
 
 def test_absent_tier_exports_zero_capacity():
-    m = CacheMetrics(Planner(BlockPool(4, "G2"), BS), window=10)
+    m = CacheMetrics(Planner(standard_chain(4, 0), BS), window=10)
     values = samples(parse_text(scrape_registry(m)))
     assert values[("kvbm_tier_capacity_blocks", (("tier", "disk"),))] == 0
     assert values[("kvbm_tier_capacity_blocks", (("tier", "host"),))] == 4
@@ -219,31 +219,34 @@ def test_absent_tier_exports_zero_capacity():
 
 
 def test_worker_metadata_sums_over_ranks():
-    a = KvbmWorkerMetadata(transfer_bytes={"offload_d2h": 100}, transfer_seconds={"offload_d2h": 0.5},
-                           disk_errors={"read": 1})
-    b = KvbmWorkerMetadata(transfer_bytes={"offload_d2h": 50, "onboard_d2d": 7},
-                           transfer_seconds={"offload_d2h": 0.25}, disk_errors={"read": 2, "write": 1})
+    a = KvbmWorkerMetadata(transfer_bytes={"G1->G2": 100}, transfer_seconds={"G1->G2": 0.5},
+                           errors={"G3": {"read": 1}}, bad_slots={"G3": {1}}, stored={7: 1})
+    b = KvbmWorkerMetadata(transfer_bytes={"G1->G2": 50, "G3->G1": 7}, stored={7: 1},
+                           transfer_seconds={"G1->G2": 0.25}, errors={"G3": {"read": 2, "write": 1}},
+                           bad_slots={"G3": {2}})
     total = a.aggregate(b)
-    assert total.transfer_bytes == {"offload_d2h": 150, "onboard_d2d": 7}
-    assert total.transfer_seconds == {"offload_d2h": 0.75}
-    assert total.disk_errors == {"read": 3, "write": 1}
+    assert isinstance(total, KvbmWorkerMetadata)
+    assert total.transfer_bytes == {"G1->G2": 150, "G3->G1": 7}
+    assert total.transfer_seconds == {"G1->G2": 0.75}
+    assert total.errors == {"G3": {"read": 3, "write": 1}}
+    assert total.bad_slots == {"G3": {1, 2}} and total.stored == {7: 2}
     assert KvbmWorkerMetadata().is_empty()
-    assert not KvbmWorkerMetadata(transfer_bytes={"offload_d2h": 1}).is_empty()
+    assert not KvbmWorkerMetadata(transfer_bytes={"G1->G2": 1}).is_empty()
 
 
 def test_rank_seconds_are_averaged_so_bandwidth_is_the_engines():
     """Two ranks each copy 1 GB in 1 s in parallel: 2 GB moved in 1 s of wall time."""
     m = CacheMetrics(traffic(world_size=2), world_size=2)
-    m.on_worker_report({"offload_d2h": 2_000_000_000}, {"offload_d2h": 2.0}, {})
+    m.on_worker_report({"G1->G2": 2_000_000_000}, {"G1->G2": 2.0}, {})
     moved, busy, _ = m.snapshot()
     assert moved["offload_d2h"] / busy["offload_d2h"] == 2e9
 
 
 def test_unknown_worker_keys_are_ignored():
     m = CacheMetrics(traffic(), world_size=1)
-    m.on_worker_report({"sideways": 5}, {}, {"gremlins": 1})
+    m.on_worker_report({"sideways": 5, "G1->G7": 3}, {}, {"G3": {"gremlins": 1}})
     moved, _, errors = m.snapshot()
-    assert "sideways" not in moved and "gremlins" not in errors
+    assert "sideways" not in moved and "G1->G7" not in moved and "gremlins" not in errors
 
 
 # ---- exporter errors ---------------------------------------------------------------

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
-from kvbm.core.planner import DISK, HOST, LoadOp, Planner, StepPlan
+from kvbm.core.plan import LoadOp, LoadPart
+from kvbm.core.planner import Planner, StepPlan
 from kvbm.core.pool import BlockPool, SlotState
+from kvbm.core.tiers import DISK, HOST, Tier
 
 BS = 4
 ROOT = engine_root("planner-test|bs=4")
@@ -23,9 +25,21 @@ def gpu(n: int, base: int = 100) -> list[int]:
     return list(range(base, base + n))
 
 
+def g2(num_slots: int = 64, sync_load: bool = True) -> Tier:
+    return Tier("G2", HOST, num_slots, sync_load=sync_load)
+
+
+def g3(num_slots: int = 64, sync_load: bool = False) -> Tier:
+    return Tier("G3", DISK, num_slots, sync_load=sync_load)
+
+
 def make(num_slots: int = 64, world_size: int = 1) -> tuple[Planner, BlockPool]:
     pool = BlockPool(num_slots, "g2")
-    return Planner(pool, BS, world_size), pool
+    return Planner([g2(num_slots)], BS, world_size, indexes={"G2": pool}), pool
+
+
+def two_tiers(host: BlockPool, disk: BlockPool, **kw) -> Planner:
+    return Planner([g2(host.num_slots), g3(disk.num_slots)], BS, indexes={"G2": host, "G3": disk}, **kw)
 
 
 def hashes(tokens, root=ROOT) -> list[int]:
@@ -157,7 +171,7 @@ def test_match_twice_with_different_num_computed():
     blocks = gpu(6)
     p.on_alloc("r", blocks, 3 * BS)
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots[2:5], gpu_blocks=blocks[2:5], sync=True)]
+    assert plan.loads == [LoadOp(req_id="r", gpu_blocks=blocks[2:5], parts=[LoadPart("G2", slots[2:5])], sync=True)]
     # And a third call after that is harmless too.
     assert p.match("r", tokens, 20) == 0
 
@@ -178,9 +192,9 @@ def test_match_is_repeatable_and_records_no_pins():
 
 def test_g2_loads_are_synchronous_by_default_and_the_mode_is_per_tier():
     tokens = toks(21)
-    for tiers, want_async in (((HOST,), False), ((), True), ((HOST, DISK), False)):
+    for sync_load, want_async in ((True, False), (False, True)):
         pool = BlockPool(64, "g2")
-        p = Planner(pool, BS, sync_load_tiers=tiers)
+        p = Planner([g2(sync_load=sync_load)], BS, indexes={"G2": pool})
         seed(pool, tokens)
         p.add_request("r", ROOT)
         assert p.match("r", tokens, 0) == 5 * BS
@@ -256,7 +270,7 @@ def test_on_alloc_queues_load_and_pins_until_finished():
         assert s not in pool.lru_order()
     assert p.busy
     plan = p.take_plan()
-    assert plan.loads == [LoadOp(req_id="r", host_slots=slots, gpu_blocks=blocks[2:5], sync=True)]
+    assert plan.loads == [LoadOp(req_id="r", gpu_blocks=blocks[2:5], parts=[LoadPart("G2", slots)], sync=True)]
     assert plan.store is None
     assert p.stats.hit_blocks == 3
     assert p.stats.matched_tokens == 12
@@ -279,7 +293,7 @@ def test_on_alloc_loads_fewer_blocks_than_matched():
     assert p.match("r", tokens, 0) == 20
     p.on_alloc("r", gpu(6), 8)
     (load,) = p.take_plan().loads
-    assert load.host_slots == slots[:2]
+    assert load.slots("G2") == slots[:2]
     assert load.gpu_blocks == gpu(6)[:2]
     assert [pool.refcount(s) for s in slots] == [1, 1, 0, 0, 0]
 
@@ -602,7 +616,7 @@ def test_abort_while_loading_releases_everything():
     assert p.match("r", tokens, 0) == 16
     p.on_alloc("r", gpu(5), 16)
     plan = p.take_plan()
-    assert plan.loads[0].host_slots == slots
+    assert plan.loads[0].slots("G2") == slots
     assert all(pool.refcount(s) == 1 for s in slots)
     assert p.on_finished("r") is False
     assert p.num_tracked_requests() == 0
@@ -834,7 +848,7 @@ def test_cost_rule_recomputes_a_slow_tier_and_counts_it():
 
     host, disk = BlockPool(64, "g2"), BlockPool(64, "g3")
     cost = OnboardCost(block_size=BS, block_bytes=1 << 20)
-    p = Planner(host, BS, disk_pool=disk, cost=cost)
+    p = two_tiers(host, disk, cost=cost)
     tokens = toks(41)  # 10 full blocks: 4 in G2, then 6 in G3
     hs = hashes(tokens)
     for pool, idx in ((host, range(4)), (disk, range(4, 10))):
@@ -843,11 +857,11 @@ def test_cost_rule_recomputes_a_slow_tier_and_counts_it():
     p.add_request("r", ROOT)
     assert p.match("r", tokens, 0) == 10 * BS  # nothing measured yet: load it all
     cost.observe_step(10_000, 1.0)
-    cost.observe_load(DISK, 1e6, 1.0)  # a crawling disk: 1 s per block
+    cost.observe_load("G3", 1e6, 1.0)  # a crawling disk: 1 s per block
     assert p.match("r", tokens, 0) == 4 * BS  # G2 only; G3's blocks are recomputed
     p.on_alloc("r", gpu(11), 4 * BS)
     assert p.stats.cost_skipped_disk_blocks == 6 and p.stats.cost_skipped_host_blocks == 0
-    assert p.take_plan().loads[0].disk_slots == []
+    assert p.take_plan().loads[0].slots("G3") == []
     assert all(disk.refcount(s) == 0 for s in range(disk.num_slots))  # nothing pinned in G3
 
 
@@ -868,7 +882,7 @@ def test_a_miss_hashes_only_the_first_window():
 def test_match_across_windows_and_tiers(host_blocks, disk_blocks):
     """G2 run then G3 continuation, ending anywhere relative to the doubling windows."""
     host, disk = BlockPool(400, "g2"), BlockPool(400, "g3")
-    p = Planner(host, BS, disk_pool=disk)
+    p = two_tiers(host, disk)
     tokens = toks(200 * BS + 1)
     seed(host, tokens, blocks=set(range(host_blocks)))
     seed(disk, tokens, blocks=set(range(host_blocks, host_blocks + disk_blocks)) | {150, 151})  # unreachable
@@ -878,6 +892,7 @@ def test_match_across_windows_and_tiers(host_blocks, disk_blocks):
     plan = p.take_plan()
     if host_blocks + disk_blocks:
         (load,) = plan.loads
-        assert len(load.host_slots) == host_blocks and len(load.disk_slots) == disk_blocks
-        assert load.disk_hashes == hashes(tokens)[host_blocks : host_blocks + disk_blocks]
+        assert len(load.slots("G2")) == host_blocks and len(load.slots("G3")) == disk_blocks
+        if disk_blocks:
+            assert load.parts[-1].hashes == hashes(tokens)[host_blocks : host_blocks + disk_blocks]
     assert p.stats.lookup_blocks == 200  # blocks asked for, however far hashing went

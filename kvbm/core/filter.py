@@ -1,9 +1,11 @@
-"""The disk offload filter: only blocks seen more than once go G2 -> G3.
+"""The admission filter of a spill: only blocks seen more than once go on to the next tier
+(G2 -> G3 by default: the "disk offload filter").
 
 Most blocks of a serving workload are seen once (a unique question, a
 one-off document). Writing each of them to the SSD costs bandwidth and drive
-endurance for nothing, so a block is offloaded to disk only once its
-frequency reaches ``threshold`` (spec §4, same rule as the reference):
+endurance for nothing, so a block is spilled to a filtered tier only once its
+frequency reaches that tier's threshold (spec §4, same rule as the reference).
+One table of sightings serves every tier of the chain:
 
 * first sighting -> 1; each later sighting doubles it (saturating at ``CAP``);
 * every ``decay_period_s`` all frequencies drop by 1 and those at <= 0 are
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 
 #: Frequencies saturate here (doubling must not grow unboundedly).
 CAP = 1 << 30
+#: Seen twice (a first sighting counts 1, the next doubles it): the default admission.
+DEFAULT_THRESHOLD = 2
 
 
 @dataclass
@@ -50,7 +54,7 @@ class FrequencyFilter:
     def __init__(
         self,
         *,
-        threshold: int = 2,
+        threshold: int = DEFAULT_THRESHOLD,
         decay_period_s: float = 600.0,
         max_entries: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
@@ -160,9 +164,10 @@ class FrequencyFilter:
         stored = self._stored.get(block_hash)
         return 0 if stored is None else stored - self._offset
 
-    def should_offload(self, block_hash: Hashable) -> bool:
-        """True if the block has been seen often enough to be worth a disk write."""
-        ok = self.frequency(block_hash) >= self.threshold
+    def should_offload(self, block_hash: Hashable, threshold: int | None = None) -> bool:
+        """True if the block has been seen often enough to be worth a write to the next tier
+        (``threshold``: that tier's, instead of this filter's own)."""
+        ok = self.frequency(block_hash) >= (self.threshold if threshold is None else threshold)
         if ok:
             self.stats.admitted += 1
         else:

@@ -1,47 +1,47 @@
 """The leader's policy: turns "request X has these tokens and GPU blocks" into
-tier loads and stores, and keeps the tier pools consistent with what the
-workers have actually copied.
+tier loads, stores and spills, and keeps the tier indexes consistent with what
+the workers have actually copied.
 
 Pure bookkeeping: no torch, no vLLM. The vLLM adapter
 (:mod:`kvbm.vllm_integration.leader`) feeds it plain ids and token lists.
 
-Tiers: G2 (host, ``host`` pool) and G3 (disk, ``disk`` pool); either may be
-absent. With both, blocks go G1→G2 as they fill and G2→G3 once the disk
-filter admits them; with disk only, G1→G3 directly.
+Tiers are data (:mod:`kvbm.core.tiers`): an ordered chain, typically G2 (host)
+then G3 (disk). Blocks go G1 → the first tier as they fill (write-through),
+and tier i → tier i+1 once tier i+1's admission filter lets them (spills); a
+prompt's prefix is matched tier after tier in chain order. Nothing below
+names a tier: disk-only mode is a chain without G2, and a new tier is a new
+entry of the chain.
 
 Invariants:
 
 * A block is visible to :meth:`Planner.match` only after every worker
-  reported its store (``world_size`` reports): PENDING slots are invisible.
-* Slots being read (an onboard, or a G2→G3 copy reading G2) are pinned
+  reported its copy (``world_size`` reports): PENDING slots are invisible.
+* Slots being read (a load, or a spill reading its source) are pinned
   (refcount) until the copy is reported finished, even if the request was
   aborted meanwhile.
 * A finished request whose stores are still in flight keeps its GPU blocks
   (``on_finished`` returns True) until the workers report them done.
-* Work per call is proportional to the blocks it touches, never to the pools.
+* Work per call is proportional to the blocks it touches, never to the tiers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import BlockHash, extend_hashes
+from kvbm.core.plan import LoadOp, LoadPart, SpillBatch, StepPlan, StoreBatch, WorkerReport
 from kvbm.core.pool import BlockPool
+from kvbm.core.tiers import Tier, TierIndex, check_chain
 
 logger = logging.getLogger(__name__)
 
-HOST = "host"
-DISK = "disk"
+__all__ = ["Planner", "PlannerStats", "TierStats", "LoadOp", "LoadPart", "StoreBatch", "SpillBatch", "StepPlan",
+           "WorkerReport"]
 
-#: DYN_KVBM_LOAD_MODE -> tiers whose loads run inside the step that matched them. G2 is
-#: pinned host memory: its copy takes a fraction of a step, and loading in-step saves the
-#: steps an asynchronous load costs (start it, report it, schedule the request). G3 reads
-#: could stall every request of the step, so they stay asynchronous unless forced.
-SYNC_LOAD_TIERS: dict[str, tuple[str, ...]] = {"auto": (HOST,), "sync": (HOST, DISK), "async": ()}
 #: A match hashes the prompt in windows of this many blocks, doubling, and
 #: stops at the window holding the first block no tier has: a miss costs one
 #: small window, not the whole prompt (its blocks are hashed later, as they
@@ -50,97 +50,72 @@ _FIRST_WINDOW = 16
 
 
 @dataclass
-class LoadOp:
-    """Onboard one request's prefix: ``gpu_blocks[:len(host_slots)]`` from G2,
-    the rest from G3 (``disk_slots``, verified against ``disk_hashes``)."""
+class TierStats:
+    """Cumulative counters of one tier."""
 
-    req_id: str
-    gpu_blocks: list[int]
-    host_slots: list[int]
-    disk_slots: list[int] = field(default_factory=list)
-    disk_hashes: list[BlockHash] = field(default_factory=list)
-    #: Synchronous: the request is scheduled in this very step, so the copy must land
-    #: before the forward pass reads it (the worker orders it so); otherwise the
-    #: request waits, unscheduled, until the workers report the load finished.
-    sync: bool = False
-
-
-@dataclass
-class StoreBatch:
-    """All G1→tier copies of one engine step; completes as one unit per worker.
-
-    ``tier`` is HOST (G1→G2) or DISK (G1→G3 in disk-only mode; ``hashes``
-    then travel along, since each disk block carries its hash).
-    """
-
-    batch_id: int
-    tier: str
-    gpu_blocks: list[int]
-    slots: list[int]
-    hashes: list[BlockHash] = field(default_factory=list)
-
-
-@dataclass
-class SpillBatch:
-    """G2→G3 copies decided this step (disk filter admitted them)."""
-
-    batch_id: int
-    host_slots: list[int]
-    disk_slots: list[int]
-    hashes: list[BlockHash]
-
-
-@dataclass
-class StepPlan:
-    """What the workers do in one engine step."""
-
-    loads: list[LoadOp] = field(default_factory=list)
-    store: StoreBatch | None = None
-    spill: SpillBatch | None = None
-    #: (req_id, batch_id): report the request as finished sending once this
-    #: worker completed that store batch (vLLM then frees its GPU blocks).
-    release_after_store: list[tuple[str, int]] = field(default_factory=list)
-    #: Requests were preempted: their GPU blocks may be reused this step, so
-    #: in-flight stores from them must complete before the forward pass.
-    drain_stores: bool = False
-
-    def is_empty(self) -> bool:
-        return not (self.loads or self.store or self.spill or self.release_after_store or self.drain_stores)
+    hit_blocks: int = 0  # looked-up blocks found here (and loaded)
+    onboarded_blocks: int = 0  # loaded from here into G1
+    stored_blocks: int = 0  # stored here from G1 (the first tier)
+    spilled_blocks: int = 0  # copied here from the tier above
+    #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
+    cost_skipped_blocks: int = 0
+    bad_blocks: int = 0  # failed verification or I/O on read
 
 
 @dataclass
 class PlannerStats:
-    """Cumulative counters; the metrics module turns them into series."""
+    """Cumulative counters; the metrics module maps them to its series."""
 
     lookup_requests: int = 0
     lookup_blocks: int = 0  # blocks asked for beyond what the GPU had
-    host_hit_blocks: int = 0
-    disk_hit_blocks: int = 0
     matched_tokens: int = 0
-    onboarded_host_blocks: int = 0  # G2→G1
-    onboarded_disk_blocks: int = 0  # G3→G1
-    offloaded_host_blocks: int = 0  # G1→G2
-    offloaded_disk_blocks: int = 0  # G1→G3 (disk only)
-    spilled_blocks: int = 0  # G2→G3
     filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
-    #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
-    cost_skipped_host_blocks: int = 0
-    cost_skipped_disk_blocks: int = 0
-    bad_disk_blocks: int = 0  # failed verification or I/O on read
+    tiers: dict[str, TierStats] = field(default_factory=dict)
 
-    @property
-    def hit_blocks(self) -> int:
-        return self.host_hit_blocks + self.disk_hit_blocks
+    def tier(self, name: str) -> TierStats:
+        """The counters of tier ``name`` (zeros for a tier not in the chain)."""
+        return self.tiers.get(name) or TierStats()
 
-    @property
-    def onboarded_blocks(self) -> int:
-        return self.onboarded_host_blocks + self.onboarded_disk_blocks
+    def total(self, counter: str) -> int:
+        return sum(getattr(stats, counter) for stats in self.tiers.values())
 
-    @property
-    def offloaded_blocks(self) -> int:
-        return self.offloaded_host_blocks + self.offloaded_disk_blocks
+    # The names the reference metrics, dashboards and tests know (G2 = host, G3 = disk).
+    host_hit_blocks = property(lambda self: self.tier("G2").hit_blocks)
+    disk_hit_blocks = property(lambda self: self.tier("G3").hit_blocks)
+    onboarded_host_blocks = property(lambda self: self.tier("G2").onboarded_blocks)  # G2→G1
+    onboarded_disk_blocks = property(lambda self: self.tier("G3").onboarded_blocks)  # G3→G1
+    offloaded_host_blocks = property(lambda self: self.tier("G2").stored_blocks)  # G1→G2
+    offloaded_disk_blocks = property(lambda self: self.tier("G3").stored_blocks)  # G1→G3 (disk only)
+    spilled_blocks = property(lambda self: self.tier("G3").spilled_blocks)  # G2→G3
+    cost_skipped_host_blocks = property(lambda self: self.tier("G2").cost_skipped_blocks)
+    cost_skipped_disk_blocks = property(lambda self: self.tier("G3").cost_skipped_blocks)
+    bad_disk_blocks = property(lambda self: self.tier("G3").bad_blocks)
+    hit_blocks = property(lambda self: self.total("hit_blocks"))
+    onboarded_blocks = property(lambda self: self.total("onboarded_blocks"))
+    offloaded_blocks = property(lambda self: self.total("stored_blocks"))
+
+    def as_dict(self) -> dict[str, int]:
+        """Every counter under its flat name (the totals and the G2/G3 names above)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"}
+        for name in ("host_hit_blocks", "disk_hit_blocks", "onboarded_host_blocks", "onboarded_disk_blocks",
+                     "offloaded_host_blocks", "offloaded_disk_blocks", "spilled_blocks", "cost_skipped_host_blocks",
+                     "cost_skipped_disk_blocks", "bad_disk_blocks", "hit_blocks", "onboarded_blocks",
+                     "offloaded_blocks"):
+            out[name] = getattr(self, name)
+        return out
+
+
+class _Tier:
+    """The planner's view of one tier: its description, index and counters."""
+
+    def __init__(self, spec: Tier, index: TierIndex, stats: TierStats) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.index = index
+        self.stats = stats
+        self.next: _Tier | None = None
 
 
 @dataclass
@@ -150,29 +125,28 @@ class _Request:
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
     last_batch: int = -1  # newest store batch holding one of its blocks
-    #: (first block, G2 slots, G3 slots, blocks asked for)
-    candidate: tuple[int, list[int], list[int], int] | None = None
-    #: (num_computed, num_tokens, pool versions) of the last match, to answer
+    #: (first block, slots per tier, blocks asked for)
+    candidate: tuple[int, list[list[int]], int] | None = None
+    #: (num_computed, num_tokens, index versions) of the last match, to answer
     #: vLLM's repeated asks for a waiting request in O(1).
-    match_key: tuple[int, int, int, int] | None = None
-    last_match: tuple[int, list[int], list[int], int] | None = None
-    #: (G2, G3) blocks of the candidate that the cost rule left to recompute.
-    skipped: tuple[int, int] = (0, 0)
+    match_key: tuple[int, ...] | None = None
+    last_match: tuple[int, list[list[int]], int] | None = None
+    #: Blocks per tier of the candidate that the cost rule left to recompute.
+    skipped: list[int] | None = None
 
 
 @dataclass
 class _PendingBatch:
-    pool: BlockPool
+    tier: _Tier
     slots: list[int]
-    pinned_host: list[int] = field(default_factory=list)  # G2 slots read by a spill
-    hashes: list[BlockHash] = field(default_factory=list)
+    hashes: list[BlockHash]
+    source: tuple[_Tier, list[int]] | None = None  # a spill: its source tier and pinned slots
     reports: int = 0
 
 
 @dataclass
 class _Loading:
-    host_slots: list[int]
-    disk_slots: list[int]
+    parts: list[list[int]]  # slots per tier, pinned
     sync: bool = False
     first_block: int = 0  # the request's block index where the load starts
 
@@ -182,36 +156,56 @@ class Planner:
 
     def __init__(
         self,
-        host_pool: BlockPool | None,
+        chain: Sequence[Tier],
         block_size: int,
         world_size: int = 1,
-        disk_pool: BlockPool | None = None,
-        disk_filter: FrequencyFilter | None = None,
-        sync_load_tiers: Iterable[str] = (HOST,),
+        *,
+        sightings: FrequencyFilter | None = None,
         cost: OnboardCost | None = None,
+        indexes: Mapping[str, TierIndex] | None = None,
     ) -> None:
-        """``sync_load_tiers``: a load drawing only on these tiers runs inside the step that
-        matched it (the request is scheduled at once, as for a GPU prefix hit); a load that
-        touches any other tier is asynchronous (the request waits, other requests run)."""
-        if host_pool is None and disk_pool is None:
-            raise ValueError("Planner needs at least one tier")
-        self.sync_load_tiers = frozenset(sync_load_tiers)
-        #: Load-or-recompute per tier; None loads whatever matched.
+        """``chain``: the tiers, in order. ``sightings``: the table of block frequencies the
+        admission filters read (built with defaults when a tier has a filter and none is
+        given). ``cost``: the load-or-recompute rule; None loads whatever matched.
+        ``indexes``: a tier's own index (a shared tier's); by default a BlockPool."""
+        check_chain(chain)
+        self.chain = tuple(chain)
+        self.stats = PlannerStats()
+        indexes = indexes or {}
+        self._tiers = [_Tier(t, indexes.get(t.name) or BlockPool(t.capacity, t.name),
+                             self.stats.tiers.setdefault(t.name, TierStats())) for t in self.chain]
+        for upper, lower in zip(self._tiers, self._tiers[1:]):
+            upper.next = lower
+        self._by_name = {t.name: t for t in self._tiers}
+        self._position = {t.name: i for i, t in enumerate(self._tiers)}
+        filtered = any(t.filter_threshold is not None for t in self.chain[1:])
+        self.filter = (sightings if sightings is not None else FrequencyFilter()) if filtered else None
         self.cost = cost
-        self.host = host_pool
-        self.disk = disk_pool
-        self.filter = disk_filter if (host_pool is not None and disk_pool is not None) else None
         self.block_size = block_size
         self.world_size = world_size
-        self.stats = PlannerStats()
         self._requests: dict[str, _Request] = {}
         self._loading: dict[str, _Loading] = {}
         self._pending: dict[int, _PendingBatch] = {}
         self._awaiting_release: set[str] = set()
         self._next_batch_id = 0
         self._plan = StepPlan()
-        #: (hash, slot) of G3 blocks committed since the last take (for the journal).
-        self._disk_committed: list[tuple[BlockHash, int]] = []
+        #: tier -> (hash, slot) committed since the last take, for persistent tiers (the journal).
+        self._committed: dict[str, list[tuple[BlockHash, int]]] = {t.name: [] for t in self.chain if t.persistent}
+
+    def index(self, tier: str) -> TierIndex | None:
+        """The index of ``tier`` (None if the chain has no such tier)."""
+        t = self._by_name.get(tier)
+        return t.index if t is not None else None
+
+    @property
+    def host(self) -> TierIndex | None:
+        """G2's index (tests and tools that inspect the host tier)."""
+        return self.index("G2")
+
+    @property
+    def disk(self) -> TierIndex | None:
+        """G3's index."""
+        return self.index("G3")
 
     # ---- request lifecycle --------------------------------------------
     def add_request(self, req_id: str, root: BlockHash | None, hashes: Sequence[BlockHash] = ()) -> None:
@@ -224,12 +218,9 @@ class Planner:
         req = self._requests.get(req_id)
         return req.hashes if req is not None else ()
 
-    def _versions(self) -> tuple[int, int]:
-        return (self.host.version if self.host else 0, self.disk.version if self.disk else 0)
-
     def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
-        """Tokens beyond ``num_computed`` that G2 then G3 can supply (a multiple
-        of the block size). Safe to call repeatedly: it only records a candidate."""
+        """Tokens beyond ``num_computed`` that the chain can supply (a multiple of the
+        block size). Safe to call repeatedly: it only records a candidate."""
         req = self._requests.get(req_id)
         if req is None or req.root is None:
             return 0
@@ -240,61 +231,54 @@ class Planner:
         # so the block holding the last token is always left to compute.
         max_blocks = (len(tokens) - 1) // bs
         start = num_computed // bs
-        req.candidate, req.skipped = None, (0, 0)
+        req.candidate, req.skipped = None, None
         if start >= max_blocks:
             return 0
-        key = (num_computed, len(tokens), *self._versions())
+        key = (num_computed, len(tokens), *(t.index.version for t in self._tiers))
         if key != req.match_key:
-            host, disk = self._match_tiers(req, tokens, start, max_blocks)
-            req.last_match = (start, host, disk, max_blocks - start)
+            req.last_match = (start, self._match_tiers(req, tokens, start, max_blocks), max_blocks - start)
             req.match_key = key
-        start, host, disk, asked = req.last_match  # type: ignore[misc]
-        if self.cost is not None and (host or disk):
-            n_host, n_disk = self.cost.choose([(HOST, len(host)), (DISK, len(disk))])
-            req.skipped = (len(host) - n_host, len(disk) - n_disk)
-            host, disk = host[:n_host], disk[:n_disk]
-        req.candidate = (start, host, disk, asked)
-        return (len(host) + len(disk)) * bs
+        start, parts, asked = req.last_match  # type: ignore[misc]
+        if self.cost is not None and any(parts):
+            keep = self.cost.choose([(t.name, len(p)) for t, p in zip(self._tiers, parts)])
+            req.skipped = [len(p) - k for p, k in zip(parts, keep)]
+            parts = [p[:k] for p, k in zip(parts, keep)]
+        req.candidate = (start, parts, asked)
+        return sum(map(len, parts)) * bs
 
-    def _match_tiers(
-        self, req: _Request, tokens: Sequence[int], start: int, max_blocks: int
-    ) -> tuple[list[int], list[int]]:
-        """G2 slots of the longest stored run from block ``start``, then G3 slots
-        continuing it; hashing only as far as the run reaches (doubling windows)."""
-        host: list[int] = []
-        disk: list[int] = []
-        pos, window = start, _FIRST_WINDOW
-        on_host = self.host is not None
-        while pos < max_blocks:
+    def _match_tiers(self, req: _Request, tokens: Sequence[int], start: int, max_blocks: int) -> list[list[int]]:
+        """Per tier, the slots of the longest stored run from block ``start``: the first
+        tier's run, then the next tier continuing it, and so on; hashing only as far as
+        the run reaches (doubling windows; a shared tier is asked once for the rest)."""
+        parts: list[list[int]] = [[] for _ in self._tiers]
+        bs = self.block_size
+        pos, window, i = start, _FIRST_WINDOW, 0
+        while pos < max_blocks and i < len(self._tiers):
             end = min(max_blocks, pos + window)
             window *= 2
-            extend_hashes(req.hashes, tokens, self.block_size, req.root, end * self.block_size)
-            if on_host:
-                got = self.host.match_prefix(req.hashes, pos, end)  # type: ignore[union-attr]
-                host += got
+            extend_hashes(req.hashes, tokens, bs, req.root, end * bs)
+            while i < len(self._tiers):
+                tier = self._tiers[i]
+                if tier.spec.shared and end < max_blocks:  # one round trip for the whole rest
+                    end = max_blocks
+                    extend_hashes(req.hashes, tokens, bs, req.root, end * bs)
+                got = tier.index.match_prefix(req.hashes, pos, end)
+                parts[i] += got
                 pos += len(got)
                 if pos == end:
-                    continue
-                on_host = False  # the G2 run ended: G3 may continue it from here
-            if self.disk is None:
-                break
-            got = self.disk.match_prefix(req.hashes, pos, end)
-            disk += got
-            pos += len(got)
-            if pos < end:
-                break
-        return host, disk
+                    break  # the next window continues in this tier
+                i += 1  # this tier's run ended: the next tier may continue it from here
+        return parts
 
     def load_is_async(self, req_id: str) -> bool:
         """Whether the load of the match just made for ``req_id`` is asynchronous."""
         req = self._requests.get(req_id)
         if req is None or req.candidate is None:
             return True
-        _, host, disk, _ = req.candidate
-        return not self._sync(host, disk)
+        return not self._sync(req.candidate[1])
 
-    def _sync(self, host: Sequence[int], disk: Sequence[int]) -> bool:
-        return (not host or HOST in self.sync_load_tiers) and (not disk or DISK in self.sync_load_tiers)
+    def _sync(self, parts: Sequence[Sequence[int]]) -> bool:
+        return all(tier.spec.sync_load for tier, slots in zip(self._tiers, parts) if slots)
 
     def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
         """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
@@ -302,50 +286,53 @@ class Planner:
         if req is None:
             return
         candidate, req.candidate = req.candidate, None
-        skipped, req.skipped = req.skipped, (0, 0)
-        self.stats.cost_skipped_host_blocks += skipped[0]
-        self.stats.cost_skipped_disk_blocks += skipped[1]
+        skipped, req.skipped = req.skipped, None
+        for tier, n in zip(self._tiers, skipped or ()):
+            tier.stats.cost_skipped_blocks += n
         if candidate is not None:
             self.stats.lookup_requests += 1
-            self.stats.lookup_blocks += candidate[3]
+            self.stats.lookup_blocks += candidate[2]
         if num_external_tokens <= 0 or candidate is None:
             return
-        start, host, disk, _ = candidate
+        start, matched, _ = candidate
         n = num_external_tokens // self.block_size
-        if n > len(host) + len(disk):
+        total = sum(map(len, matched))
+        if n > total:
             raise RuntimeError(
-                f"kvbm: vLLM asked to load {n} blocks for {req_id} but only "
-                f"{len(host) + len(disk)} were matched; this is a kvbm bug, please report it"
+                f"kvbm: vLLM asked to load {n} blocks for {req_id} but only {total} were matched; "
+                "this is a kvbm bug, please report it"
             )
-        host = host[:n]
-        disk = disk[: n - len(host)]
+        parts, left = [], n
+        for slots in matched:
+            parts.append(slots[:left])
+            left -= len(parts[-1])
         # Scheduling happens between match() and here without any eviction,
         # so the slots must still hold the hashes; check anyway, cheaply.
-        for pool, slots, first in ((self.host, host, start), (self.disk, disk, start + len(host))):
+        first = start
+        for tier, slots in zip(self._tiers, parts):
             for i, slot in enumerate(slots):
-                if pool is None or pool.ready_slot(req.hashes[first + i]) != slot:
-                    raise RuntimeError(f"kvbm: slot {slot} changed under a pending load")
-        if self.host is not None:
-            self.host.acquire(host)
-        if self.disk is not None:
-            self.disk.acquire(disk)
-        sync = self._sync(host, disk)
-        self._loading[req_id] = _Loading(host, disk, sync, start)
-        d0 = start + len(host)
-        self._plan.loads.append(LoadOp(
-            req_id=req_id,
-            gpu_blocks=list(gpu_blocks[start : start + n]),
-            host_slots=host,
-            disk_slots=disk,
-            disk_hashes=req.hashes[d0 : d0 + len(disk)],
-            sync=sync,
-        ))
-        self.stats.host_hit_blocks += len(host)
-        self.stats.disk_hit_blocks += len(disk)
+                if tier.index.ready_slot(req.hashes[first + i]) != slot:
+                    raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
+            first += len(slots)
+        op = LoadOp(req_id, list(gpu_blocks[start : start + n]), sync=self._sync(parts))
+        first = start
+        for tier, slots in zip(self._tiers, parts):
+            if slots:
+                tier.index.acquire(slots)  # every part pinned before a sighting below may evict
+                tier.stats.hit_blocks += len(slots)
+                hashes = req.hashes[first : first + len(slots)] if tier.spec.keyed else []
+                op.parts.append(LoadPart(tier.name, slots, hashes))
+            first += len(slots)
+        self._loading[req_id] = _Loading(parts, op.sync, start)
+        self._plan.loads.append(op)
         self.stats.matched_tokens += n * self.block_size
         if self.filter is not None:
-            for i, slot in enumerate(host):  # a hit is a sighting: hot blocks earn the disk
-                self._observe(req.hashes[start + i], slot)
+            first = start
+            for tier, slots in zip(self._tiers, parts):
+                if tier.next is not None:
+                    for i, slot in enumerate(slots):  # a hit is a sighting: hot blocks earn the next tier
+                        self._sighted(tier, req.hashes[first + i], slot)
+                first += len(slots)
 
     def on_scheduled(
         self,
@@ -355,7 +342,7 @@ class Planner:
         replace_blocks: bool,
         num_computed_after_step: int,
     ) -> None:
-        """The request runs this step; store every block it fills (write-through)."""
+        """The request runs this step; store every block it fills (write-through to the first tier)."""
         req = self._requests.get(req_id)
         if req is None:
             return
@@ -371,22 +358,21 @@ class Planner:
         if n_full <= req.next_store:
             return
         extend_hashes(req.hashes, tokens, self.block_size, req.root, n_full * self.block_size)
-        # Write-through goes to the first tier: G2, or G3 in disk-only mode.
-        pool, tier = (self.host, HOST) if self.host is not None else (self.disk, DISK)
-        assert pool is not None
+        first = self._tiers[0]
+        index = first.index
         for b in range(req.next_store, n_full):
             block_hash = req.hashes[b]
-            ready = pool.ready_slot(block_hash)
+            ready = index.ready_slot(block_hash)
             if ready is not None:
                 # Stored already: write once, but keep it as fresh as the blocks
                 # stored after it, or storing this chain's tail could evict its head.
-                pool.touch((ready,))
+                index.touch((ready,))
                 if self.filter is not None:
-                    self._observe(block_hash, ready)  # computed again: a sighting
+                    self._sighted(first, block_hash, ready)  # computed again: a sighting
                 continue
-            if pool.contains(block_hash):
+            if index.contains(block_hash):
                 continue  # being stored by another request
-            slot = pool.reserve(block_hash)
+            slot = index.reserve(block_hash)
             if slot is None:
                 # Every slot is pinned or pending: resume from here next step
                 # (storing later blocks alone would be unreachable by prefix).
@@ -394,7 +380,7 @@ class Planner:
                 return
             store = self._plan.store
             if store is None:
-                store = self._plan.store = StoreBatch(self._new_batch_id(), tier, [], [])
+                store = self._plan.store = StoreBatch(self._new_batch_id(), first.name, [], [])
             store.gpu_blocks.append(req.gpu_blocks[b])
             store.slots.append(slot)
             store.hashes.append(block_hash)
@@ -427,29 +413,40 @@ class Planner:
             return True
         return False
 
-    # ---- G2 → G3 -------------------------------------------------------
-    def _observe(self, block_hash: BlockHash, host_slot: int) -> None:
-        """A sighting of a READY G2 block; spill it to G3 once the filter admits it."""
+    # ---- spills: tier i → tier i+1 ----------------------------------------
+    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int) -> None:
+        """A sighting of a READY block of ``tier``; carry it one tier further down the
+        chain, from the deepest tier already holding it, once that tier's filter admits it."""
         assert self.filter is not None
         self.filter.observe(block_hash)
-        self._maybe_spill(block_hash, host_slot)
+        while tier.next is not None and tier.next.index.contains(block_hash):
+            tier = tier.next
+            ready = tier.index.ready_slot(block_hash)
+            if ready is None:
+                return  # still being copied there
+            slot = ready
+        if tier.next is not None:
+            self._maybe_spill(tier, block_hash, slot)
 
-    def _maybe_spill(self, block_hash: BlockHash, host_slot: int) -> None:
-        assert self.host is not None and self.disk is not None
-        if self.disk.contains(block_hash):
+    def _maybe_spill(self, src: _Tier, block_hash: BlockHash, src_slot: int) -> None:
+        dst = src.next
+        assert dst is not None
+        if dst.index.contains(block_hash):
             return
-        if self.filter is not None and not self.filter.should_offload(block_hash):
+        threshold = dst.spec.filter_threshold
+        if threshold is not None and self.filter is not None and not self.filter.should_offload(block_hash, threshold):
             self.stats.filter_rejections += 1
             return
-        disk_slot = self.disk.reserve(block_hash)
-        if disk_slot is None:
+        dst_slot = dst.index.reserve(block_hash)
+        if dst_slot is None:
             return
-        spill = self._plan.spill
+        spill = next((s for s in self._plan.spills if s.dst == dst.name), None)
         if spill is None:
-            spill = self._plan.spill = SpillBatch(self._new_batch_id(), [], [], [])
-        self.host.acquire((host_slot,))  # the copy reads it: no eviction meanwhile
-        spill.host_slots.append(host_slot)
-        spill.disk_slots.append(disk_slot)
+            spill = SpillBatch(self._new_batch_id(), src.name, dst.name, [], [], [])
+            self._plan.spills.append(spill)
+        src.index.acquire((src_slot,))  # the copy reads it: no eviction meanwhile
+        spill.src_slots.append(src_slot)
+        spill.dst_slots.append(dst_slot)
         spill.hashes.append(block_hash)
 
     # ---- per step -------------------------------------------------------
@@ -460,40 +457,38 @@ class Planner:
     def take_plan(self) -> StepPlan:
         plan, self._plan = self._plan, StepPlan()
         if plan.store is not None:
-            pool = self.host if plan.store.tier == HOST else self.disk
-            assert pool is not None
-            self._pending[plan.store.batch_id] = _PendingBatch(
-                pool, plan.store.slots, hashes=plan.store.hashes
-            )
-            if plan.store.tier == HOST:
-                plan.store.hashes = []  # G2 rows carry no hash; don't ship them
-        if plan.spill is not None:
-            assert self.disk is not None
-            self._pending[plan.spill.batch_id] = _PendingBatch(
-                self.disk, plan.spill.disk_slots, pinned_host=plan.spill.host_slots,
-                hashes=plan.spill.hashes,
+            tier = self._by_name[plan.store.tier]
+            self._pending[plan.store.batch_id] = _PendingBatch(tier, plan.store.slots, plan.store.hashes)
+            if not tier.spec.keyed:
+                plan.store.hashes = []  # host rows carry no hash: don't ship them
+        plan.spills.sort(key=lambda spill: self._position[spill.dst])
+        for spill in plan.spills:
+            self._pending[spill.batch_id] = _PendingBatch(
+                self._by_name[spill.dst], spill.dst_slots, spill.hashes,
+                source=(self._by_name[spill.src], spill.src_slots),
             )
         return plan
 
     def on_worker_report(
         self,
-        stored: dict[int, int] | None = None,
+        stored: Mapping[int, int] | None = None,
         failed_batches: Iterable[int] = (),
         finished_loads: Iterable[str] = (),
         failed_loads: Iterable[str] = (),
         released: Iterable[str] = (),
-        bad_disk_slots: Iterable[int] = (),
+        bad_slots: Mapping[str, Iterable[int]] | None = None,
     ) -> None:
         """Apply what the workers did. ``stored`` maps batch id to the number
-        of workers that completed it in this report."""
+        of workers that completed it in this report; ``bad_slots`` maps a tier to
+        slots that failed verification on read."""
         for batch_id in failed_batches:
             pending = self._pending.pop(batch_id, None)
             if pending is not None:
                 self.stats.failed_stores += len(pending.slots)
                 for slot in pending.slots:
-                    pending.pool.drop(slot)
-                if self.host is not None:
-                    self.host.release(pending.pinned_host)
+                    pending.tier.index.drop(slot)
+                if pending.source is not None:
+                    pending.source[0].index.release(pending.source[1])
         for batch_id, reports in (stored or {}).items():
             pending = self._pending.get(batch_id)
             if pending is None:
@@ -502,20 +497,21 @@ class Planner:
             if pending.reports >= self.world_size:
                 del self._pending[batch_id]
                 self._commit(pending)
-        bad = set(bad_disk_slots)
-        if bad and self.disk is not None:
-            self.stats.bad_disk_blocks += len(bad)
+        for name, slots in (bad_slots or {}).items():
+            tier = self._by_name.get(name)
+            bad = set(slots)
+            if tier is None or not bad:
+                continue
+            tier.stats.bad_blocks += len(bad)
             for slot in bad:
-                self.disk.drop(slot)  # frees once the failed load releases it
+                tier.index.drop(slot)  # frees once the failed load releases it
         failed = set(failed_loads)
         for req_id in finished_loads:
             loading = self._loading.pop(req_id, None)
             if loading is None:
                 continue
-            if self.host is not None:
-                self.host.release(loading.host_slots)
-            if self.disk is not None:
-                self.disk.release(loading.disk_slots)
+            for tier, slots in zip(self._tiers, loading.parts):
+                tier.index.release(slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
                 req = self._requests.get(req_id)
@@ -524,44 +520,46 @@ class Planner:
                     # from the first bad block. Store what it recomputes (it is good KV).
                     req.next_store = min(req.next_store, loading.first_block)
             else:
-                self.stats.onboarded_host_blocks += len(loading.host_slots)
-                self.stats.onboarded_disk_blocks += len(loading.disk_slots)
+                for tier, slots in zip(self._tiers, loading.parts):
+                    tier.stats.onboarded_blocks += len(slots)
         self._awaiting_release.difference_update(released)
 
     def _commit(self, pending: _PendingBatch) -> None:
+        tier = pending.tier
         # Newest first, so a chain's head is the most recently used and LRU
         # eviction takes tails first (a head alone is still a hit).
         for slot in reversed(pending.slots):
-            pending.pool.commit(slot)
-        if pending.pool is self.disk:
-            self._disk_committed.extend(zip(pending.hashes, pending.slots))
-            if pending.pinned_host:
-                assert self.host is not None
-                self.host.release(pending.pinned_host)
-                self.stats.spilled_blocks += len(pending.slots)
-            else:
-                self.stats.offloaded_disk_blocks += len(pending.slots)
-            return
-        self.stats.offloaded_host_blocks += len(pending.slots)
-        if self.disk is not None:
+            tier.index.commit(slot)
+        if tier.spec.persistent:
+            self._committed[tier.name].extend(zip(pending.hashes, pending.slots))
+        if pending.source is not None:
+            pending.source[0].index.release(pending.source[1])
+            tier.stats.spilled_blocks += len(pending.slots)
+        else:
+            tier.stats.stored_blocks += len(pending.slots)
+        if tier.next is not None:
             for block_hash, slot in zip(pending.hashes, pending.slots):
-                self._maybe_spill(block_hash, slot)
+                self._maybe_spill(tier, block_hash, slot)
 
-    def take_disk_commits(self) -> list[tuple[BlockHash, int]]:
-        """(hash, slot) of G3 blocks made visible since the last call (for the journal)."""
-        commits, self._disk_committed = self._disk_committed, []
+    def take_commits(self, tier: str) -> list[tuple[BlockHash, int]]:
+        """(hash, slot) of blocks of a persistent tier made visible since the last call (for its journal)."""
+        commits = self._committed.get(tier)
+        if not commits:
+            return []
+        self._committed[tier] = []
         return commits
 
-    def restore_disk(self, entries: dict[BlockHash, int]) -> int:
-        """Rebuild the G3 registry from a journal after a restart; returns blocks restored."""
-        assert self.disk is not None
-        return self.disk.restore(entries)
+    def restore(self, tier: str, entries: dict[BlockHash, int]) -> int:
+        """Rebuild a persistent tier's index from its journal after a restart; returns blocks restored."""
+        return self._by_name[tier].index.restore(entries)
 
     # ---- introspection --------------------------------------------------
-    def load_sources(self, req_id: str) -> tuple[int, int]:
-        """(G2 blocks, G3 blocks) of the request's in-flight load."""
+    def load_sources(self, req_id: str) -> dict[str, int]:
+        """Blocks per tier (every tier of the chain, in order) of the request's in-flight load."""
         loading = self._loading.get(req_id)
-        return (len(loading.host_slots), len(loading.disk_slots)) if loading else (0, 0)
+        if loading is None:
+            return dict.fromkeys(self._by_name, 0)
+        return {tier.name: len(slots) for tier, slots in zip(self._tiers, loading.parts)}
 
     @property
     def busy(self) -> bool:

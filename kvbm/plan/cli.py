@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from kvbm.config import KvbmConfig, env_var
-from kvbm.core.planner import SYNC_LOAD_TIERS
+from kvbm.core.tiers import LOAD_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="disk filter decay period, as the server's (default: %(default)s)")
     g.add_argument("--filter-max-entries", type=int, default=_DEFAULTS.disk_offload_filter_max_entries,
                    help="disk filter table bound (default: %(default)s)")
-    g.add_argument("--load-mode", choices=sorted(SYNC_LOAD_TIERS), default=None,
+    g.add_argument("--load-mode", choices=sorted(LOAD_MODES), default=None,
                    help=f"the server's {env_var('load_mode')} (default: the trace's, else {_DEFAULTS.load_mode})")
     g = parser.add_argument_group("TTFT estimate (bench/transfer.py and bench/disk.py measure bandwidths)")
     g.add_argument("--prefill-tokens-per-s", type=float, default=None, help="the server's prefill rate")

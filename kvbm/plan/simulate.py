@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from kvbm.core.filter import FrequencyFilter
-from kvbm.core.planner import SYNC_LOAD_TIERS, Planner
-from kvbm.core.pool import BlockPool
+from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
+from kvbm.core.planner import Planner
+from kvbm.core.tiers import standard_chain
 from kvbm.plan.gpu import GpuPrefixCache
 from kvbm.plan.trace import Trace
 
@@ -106,7 +106,8 @@ class ReplaySettings:
 
     decay_period_s: float = 600.0
     max_entries: int = 1_000_000
-    #: DYN_KVBM_LOAD_MODE: which tiers load inside the step that matched (the order of LRU touches differs).
+    #: The server's load mode (see config): which tiers load inside the step that matched
+    #: (the order of LRU touches differs).
     load_mode: str = "auto"
     #: vLLM's tokens per step: a longer prefill is stored chunk by chunk (None: in one step).
     chunk_tokens: int | None = None
@@ -162,19 +163,18 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySetting
     settings = settings or ReplaySettings()
     started = time.perf_counter()
     bs = trace.block_size
-    host = BlockPool(point.host_blocks, "G2") if point.host_blocks else None
-    disk = BlockPool(point.disk_blocks, "G3") if point.disk_blocks else None
     now = [0.0]
-    disk_filter = None
-    if host is not None and disk is not None and point.disk_filter:
-        disk_filter = FrequencyFilter(decay_period_s=settings.decay_period_s, max_entries=settings.max_entries,
-                                      clock=partial(now.__getitem__, 0))  # trace time; a C call, it runs per block
+    chain = standard_chain(point.host_blocks, point.disk_blocks, load_mode=settings.load_mode,
+                           disk_filter_threshold=DEFAULT_THRESHOLD if point.disk_filter else None)
     result = PointResult(point.host_blocks, point.disk_blocks, point.disk_filter)
-    if host is None and disk is None:  # vLLM alone
+    if not chain:  # vLLM alone
         _add_gpu_totals(result, trace, gpu)
         return result
+    sightings = FrequencyFilter(decay_period_s=settings.decay_period_s, max_entries=settings.max_entries,
+                                clock=partial(now.__getitem__, 0))  # trace time; a C call, it runs per block
     # Every matched block is loaded (no load-or-recompute rule): the plan measures what the tiers hold.
-    planner = Planner(host, bs, 1, disk, disk_filter, sync_load_tiers=SYNC_LOAD_TIERS[settings.load_mode])
+    planner = Planner(chain, bs, 1, sightings=sightings)
+    host, disk = planner.host, planner.disk
     requests, hits = trace.requests, gpu.hits
     looked = 0
     for n, (t, i, kind) in enumerate(gpu.events):
@@ -192,7 +192,8 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySetting
             waits = external > 0 and planner.load_is_async(i)  # asked right after the match, as vLLM does
             planner.on_alloc(i, range(alloc_prompt), external)
             if served is not None:
-                served.append(planner.load_sources(i))
+                sources = planner.load_sources(i)
+                served.append((sources.get("G2", 0), sources.get("G3", 0)))
             if waits:
                 # The request waits for its load and is scheduled once it is done; a load
                 # inside the step lands with the step's stores, after the request ran.
@@ -225,8 +226,8 @@ def replay(trace: Trace, gpu: GpuPass, point: SizePoint, settings: ReplaySetting
     result.offloaded_blocks = s.offloaded_blocks
     result.spilled_blocks = s.spilled_blocks
     result.filter_rejections = s.filter_rejections
-    result.host_evicted = host.stats.evicted if host else 0
-    result.disk_evicted = disk.stats.evicted if disk else 0
+    result.host_evicted = host.stats.evicted if host is not None else 0
+    result.disk_evicted = disk.stats.evicted if disk is not None else 0
     result.seconds = time.perf_counter() - started
     return result
 
@@ -242,11 +243,9 @@ def _complete(planner: Planner) -> None:
     until nothing is left (a committed G2 block may plan a G2 -> G3 copy next)."""
     plan = planner.take_plan()
     while not plan.is_empty():
-        stored = {}
+        stored = {spill.batch_id: 1 for spill in plan.spills}
         if plan.store is not None:
             stored[plan.store.batch_id] = 1
-        if plan.spill is not None:
-            stored[plan.spill.batch_id] = 1
         planner.on_worker_report(stored=stored, finished_loads=[load.req_id for load in plan.loads],
                                  released=[req for req, _ in plan.release_after_store])
         plan = planner.take_plan()

@@ -42,7 +42,7 @@ from typing import Any
 
 from kvbm.config import ConfigError, env_var
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
-from kvbm.core.planner import SYNC_LOAD_TIERS
+from kvbm.core.tiers import LOAD_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
     trace.block_size = block_size
     mode = rec.get("load_mode")
     if mode is not None:
-        if mode not in SYNC_LOAD_TIERS:
+        if mode not in LOAD_MODES:
             raise TraceError(f"{path}:{number}: unknown load_mode {mode!r}")
         trace.load_mode = mode
     for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks", "max_num_batched_tokens"):

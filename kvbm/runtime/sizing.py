@@ -22,13 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbm.config import MAX_COUNT, ConfigError, KvbmConfig, env_var
+from kvbm.storage.files import G3_FILE_PREFIX
 
 #: Bounds on what one worker may report; anything beyond is a bug or a forgery.
 MAX_WORLD_SIZE = 1 << 16
 MAX_BLOCK_BYTES = 1 << 40
-#: G3 files of this name prefix in the disk directory are kvbm's own: reused
-#: (persistence) or reclaimed (a dead server's), so they count as room.
-G3_FILE_PREFIX = "kvbm-g3-"
 
 
 class SizingError(RuntimeError):

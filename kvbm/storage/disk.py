@@ -66,6 +66,7 @@ from kvbm.storage.files import (
     DirectoryLock,
     DiskSetupError,
     ensure_private_dir,
+    g3_data_path,
     open_private_file,
     private_dir_problem,
     reclaim_leftovers,
@@ -220,7 +221,7 @@ class DiskArena:
         # file, with no staging copy.
         self._payload_off = ALIGN if block_bytes % ALIGN == 0 else HEADER_SIZE
         self._slot_size = round_up(self._payload_off + block_bytes)
-        self._path = os.path.join(self.directory, f"kvbm-g3-{file_tag}.bin")
+        self._path = g3_data_path(self.directory, file_tag)
         self._io_threads = io_threads
         self._fd = -1
         self._closed = False

@@ -23,20 +23,51 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
 import stat
 import time
 
+from kvbm.config import env_var
+
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+CACHE_DIR_VAR = env_var("disk_cache_dir")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_LOCK_TIMEOUT_S = 30.0
+
+# ---- G3 file names: the one place that spells them --------------------------------
+
+#: Every G3 file of kvbm starts so: reused (persistence) or reclaimed (a dead server's),
+#: so they count as room when sizing.
+G3_FILE_PREFIX = "kvbm-g3-"
 #: Files that belong to one server process only (no persistence): reclaimable
 #: once their owner is gone. Persistent files (named by model) are kept.
-_RECLAIMABLE = re.compile(r"kvbm-g3-pid\d+-rank\d+\.bin")
-_DIR_LOCK_TIMEOUT_S = 30.0
+_RECLAIMABLE = re.compile(re.escape(G3_FILE_PREFIX) + r"pid\d+-rank\d+\.bin")
+
+
+def _storage_name(storage_key: str) -> str:
+    return hashlib.blake2b(storage_key.encode(), digest_size=8).hexdigest()
+
+
+def g3_file_tag(storage_key: str, rank: int, *, persistent: bool) -> str:
+    """The tag of a rank's G3 data file. Persistent files are named by the storage key
+    (model and slot shape: a restart finds them); others by process, so two servers
+    sharing a directory never collide (and a dead server's file can be reclaimed)."""
+    if persistent:
+        return f"{_storage_name(storage_key)}-rank{rank}"
+    return f"pid{os.getpid()}-rank{rank}"
+
+
+def g3_data_path(directory: str, file_tag: str) -> str:
+    return os.path.join(directory, f"{G3_FILE_PREFIX}{file_tag}.bin")
+
+
+def g3_journal_path(directory: str, storage_key: str) -> str:
+    """The persistent G3 index of the model and slot shape ``storage_key`` (the leader's)."""
+    return os.path.join(directory, f"{G3_FILE_PREFIX}{_storage_name(storage_key)}.journal")
 
 
 class DiskSetupError(RuntimeError):

@@ -14,10 +14,34 @@ from collections.abc import Callable
 
 import torch
 
-from kvbm.transfer.factory import make_host_arena_buffer
+from kvbm.storage.pinned import allocate_host
 
 logger = logging.getLogger(__name__)
 
+
+def make_host_arena_buffer(
+    num_slots: int,
+    block_bytes: int,
+    want_pinned: bool,
+    *,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """A ``[num_slots, block_bytes]`` uint8 buffer for host rows (the G2 arena, staging rows),
+    already faulted in.
+
+    Pinned through :func:`kvbm.storage.pinned.allocate_host` when ``want_pinned``
+    and CUDA is available; otherwise pageable (populated with the same parallel
+    page-faulting, so an overcommitted host fails here and not in the first
+    engine step). Contents are zero.
+    """
+    if num_slots <= 0 or block_bytes <= 0:
+        raise ValueError(f"bad arena size {num_slots} x {block_bytes}")
+    pin = bool(want_pinned) and torch.cuda.is_available()
+    if want_pinned and not pin:
+        logger.warning("kvbm: pinned host memory requested but CUDA is not available; using pageable memory")
+    flat = allocate_host(num_slots * block_bytes, pin=pin, threads=threads, progress=progress)
+    return flat.view(num_slots, block_bytes)
 
 
 class HostArena:
@@ -56,7 +80,7 @@ class HostArena:
     @classmethod
     def wrap(cls, buffer: torch.Tensor) -> HostArena:
         """An arena over an existing ``[num_slots, block_bytes]`` uint8 buffer
-        (staging rows for disk transfers), so the copy engines can use it."""
+        (staging rows between G1 and a block medium), so the copy engines can use it."""
         arena = cls.__new__(cls)
         arena.num_slots, arena.block_bytes = buffer.shape
         arena.pinned = buffer.is_pinned()

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -292,6 +293,7 @@ class _Inflight:
     event: torch.cuda.Event
     completion: Completion
     idx: _IdxBuf | None
+    start: float = 0.0  # perf_counter at submission: the completion's seconds run from here
 
 
 @dataclass
@@ -557,7 +559,8 @@ class CudaCopyEngine:
             item.idx = None
         return item
 
-    def _submit(self, kind: str, key: int | str, blocks: list[int], slots: list[int]) -> None:
+    def _submit(self, kind: str, key: int, blocks: list[int], slots: list[int]) -> None:
+        start = time.perf_counter()
         n = len(blocks)
         if n != len(slots):
             raise ValueError(f"{n} GPU blocks but {len(slots)} host slots")
@@ -583,7 +586,7 @@ class CudaCopyEngine:
                 done.record(kstream)
             else:
                 done, idx = self._submit_staged(to_host, blocks, slots, kstream)
-        queue.append(_Inflight(done, Completion(kind, key, True), idx))
+        queue.append(_Inflight(done, Completion(kind, key, True), idx, start))
 
     def _submit_staged(self, to_host: bool, blocks: list[int], slots: list[int],
                        kstream: torch.cuda.Stream) -> tuple[torch.cuda.Event, _IdxBuf]:
@@ -645,28 +648,32 @@ class CudaCopyEngine:
         return last, idx
 
     # ---- CopyEngine -----------------------------------------------------
-    def store(self, batch_id: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
+    def store(self, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
         """Start copying GPU blocks into host slots (G1→G2); returns at once."""
         try:
-            self._submit("store", batch_id, gpu_blocks, host_slots)
+            self._submit("store", key, gpu_blocks, host_slots)
         except Exception:  # a failed store is a miss later, never a crash now
-            logger.exception("kvbm: store batch %d failed; its blocks will not be cached", batch_id)
-            self._ready.append(Completion("store", batch_id, False))
+            logger.exception("kvbm: store %s failed; its blocks will not be cached", key)
+            self._ready.append(Completion("store", key, False))
 
-    def load(self, req_id: str, host_slots: list[int], gpu_blocks: list[int]) -> None:
+    def load(self, key: int, host_slots: list[int], gpu_blocks: list[int]) -> None:
         """Start copying host slots into GPU blocks (G2→G1); returns at once."""
         try:
-            self._submit("load", req_id, gpu_blocks, host_slots)
+            self._submit("load", key, gpu_blocks, host_slots)
         except Exception:
-            logger.exception("kvbm: load for request %s failed; it will be recomputed", req_id)
-            self._ready.append(Completion("load", req_id, False))
+            logger.exception("kvbm: load %s failed; it will be recomputed", key)
+            self._ready.append(Completion("load", key, False))
 
     def poll(self) -> list[Completion]:
-        """Completions since the last poll, by event query; never blocks."""
+        """Completions since the last poll, by event query; never blocks. A completion's
+        seconds run from its submission to this poll (what the caller waited)."""
         done, self._ready = self._ready, []
+        now = time.perf_counter()
         for queue in (self._store_q, self._load_q):
             while queue and queue[0].event.query():  # one stream per queue: completes in order
-                done.append(self._release(queue.popleft()).completion)
+                item = self._release(queue.popleft())
+                c = item.completion
+                done.append(Completion(c.kind, c.key, c.ok, now - item.start))
         return done
 
     def fence_loads(self) -> None:

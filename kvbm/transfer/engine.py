@@ -1,16 +1,19 @@
 """Copy engines: batched G1↔G2 copies behind one small interface.
 
-The worker submits whole batches (a store batch per step, a load per
-request) and later polls for completions, so an engine may run copies
-asynchronously (CUDA streams) or synchronously (the torch engine below, used
-on CPU). Each batch is one gather or scatter per layer over all its blocks,
-never a copy per block.
+The transfer executor (:mod:`kvbm.transfer.executor`) submits whole batches
+(a store batch per step, a load per request) under integer keys and later
+polls for completions, so an engine may run copies asynchronously (CUDA
+streams) or synchronously (the torch engine below, used on CPU). Each batch is
+one gather or scatter per layer over all its blocks, never a copy per block.
+Engines time their own copies (a completion carries its seconds), so callers
+never need to know which kind they hold.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -23,16 +26,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Completion:
-    kind: str  # "store" or "load"
-    key: int | str  # store batch id or request id
+    kind: str  # "store" (G1→G2) or "load" (G2→G1)
+    key: int  # the caller's key for the batch
     ok: bool
+    #: From submission until the engine saw the copy complete (a synchronous engine: the copy itself).
+    seconds: float = field(default=0.0, compare=False)
 
 
 class CopyEngine(Protocol):
-    def store(self, batch_id: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
+    def store(self, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
         """Start copying GPU blocks into host slots (G1→G2)."""
 
-    def load(self, req_id: str, host_slots: list[int], gpu_blocks: list[int]) -> None:
+    def load(self, key: int, host_slots: list[int], gpu_blocks: list[int]) -> None:
         """Start copying host slots into GPU blocks (G2→G1)."""
 
     def poll(self) -> list[Completion]:
@@ -44,6 +49,9 @@ class CopyEngine(Protocol):
     def fence_loads(self) -> None:
         """Order the compute stream after every load submitted so far, without blocking the
         CPU: a synchronous load's blocks are read by the forward pass of the same step."""
+
+    def close(self) -> None:
+        """Drain and release what the engine holds (streams, registrations)."""
 
 
 class TorchCopyEngine:
@@ -90,23 +98,20 @@ class TorchCopyEngine:
                 row = host[slot : slot + n].transpose(0, 1)
                 (row if to_host else gpu).copy_(gpu if to_host else row)
 
-    def store(self, batch_id: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
-        ok = True
-        try:
-            self._copy(gpu_blocks, host_slots, to_host=True)
-        except Exception:  # a failed store is a miss later, never a crash now
-            logger.exception("kvbm: store batch %d failed; its blocks will not be cached", batch_id)
-            ok = False
-        self._done.append(Completion("store", batch_id, ok))
+    def store(self, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
+        self._run("store", key, gpu_blocks, host_slots)
 
-    def load(self, req_id: str, host_slots: list[int], gpu_blocks: list[int]) -> None:
-        ok = True
+    def load(self, key: int, host_slots: list[int], gpu_blocks: list[int]) -> None:
+        self._run("load", key, gpu_blocks, host_slots)
+
+    def _run(self, kind: str, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
+        start, ok = time.perf_counter(), True
         try:
-            self._copy(gpu_blocks, host_slots, to_host=False)
-        except Exception:
-            logger.exception("kvbm: load for request %s failed; it will be recomputed", req_id)
+            self._copy(gpu_blocks, host_slots, to_host=kind == "store")
+        except Exception:  # a failed copy is a miss (store) or a recompute (load), never a crash
+            logger.exception("kvbm: %s %s failed; its blocks are not cached / are recomputed", kind, key)
             ok = False
-        self._done.append(Completion("load", req_id, ok))
+        self._done.append(Completion(kind, key, ok, time.perf_counter() - start))
 
     def poll(self) -> list[Completion]:
         done, self._done = self._done, []
@@ -117,3 +122,6 @@ class TorchCopyEngine:
 
     def fence_loads(self) -> None:
         return None  # copies are done when load() returns
+
+    def close(self) -> None:
+        return None

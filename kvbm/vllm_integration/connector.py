@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvbm.config import load_config
+from kvbm.core.tiers import DISK, HOST
 from kvbm.logs import ensure_log_handler
 from kvbm.platform import prepare_cpu_process
 from kvbm.vllm_integration import compat
@@ -89,18 +90,22 @@ class DynamoConnector(KVConnectorBase_V1):
         self._leader.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
-        """Split a hit between host and disk so vLLM's per-source metrics match kvbm's
+        """Split a hit by tier medium (host, disk) so vLLM's per-source metrics match kvbm's
         (vLLM 0.32+ calls this; older releases have no per-source metrics)."""
         assert self._leader is not None
         source = VLLM.cache_hit_source
         if num_external_tokens == 0 or source is None:
             return {}
-        host, disk = self._leader.planner.load_sources(request.request_id)
+        loaded = self._leader.planner.load_sources(request.request_id)
         block_size = self._leader.block_size
-        if (host + disk) * block_size != num_external_tokens:
+        if sum(loaded.values()) * block_size != num_external_tokens:
             return {source.HOST: num_external_tokens}
-        sources = {source.HOST: host * block_size, source.DISK: disk * block_size}
-        return {name: tokens for name, tokens in sources.items() if tokens}
+        sources: dict[Any, int] = {}
+        for tier in self._leader.runtime.chain:
+            name = {HOST: source.HOST, DISK: source.DISK}.get(tier.medium, source.EXTERNAL_UNSPECIFIED)
+            if loaded[tier.name]:
+                sources[name] = sources.get(name, 0) + loaded[tier.name] * block_size
+        return sources
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._leader is not None

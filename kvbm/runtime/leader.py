@@ -1,0 +1,172 @@
+"""The scheduler side of kvbm for one engine, without vLLM.
+
+Given the tier sizes the startup handshake agreed on, it builds the tier
+chain and the :class:`~kvbm.core.planner.Planner`, reloads a persistent G3
+from its journal, feeds the load-or-recompute rule with measured rates,
+applies the workers' reports, and owns the metrics exporter and the request
+trace. The vLLM adapter (:mod:`kvbm.vllm_integration.leader`) only turns
+vLLM's requests and scheduler outputs into planner calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from kvbm.config import KvbmConfig, env_var
+from kvbm.core.cost import OnboardCost, Rate
+from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
+from kvbm.core.hashing import engine_root
+from kvbm.core.plan import StepPlan, WorkerReport
+from kvbm.core.planner import Planner
+from kvbm.core.tiers import G1, describe, move, standard_chain
+from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
+from kvbm.plan.trace import TraceWriter
+from kvbm.runtime.sizing import TierSizes
+from kvbm.storage.files import ensure_private_dir, g3_journal_path
+from kvbm.storage.journal import DiskJournal
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LeaderRuntime"]
+
+
+class LeaderRuntime:
+    #: Opt-in request log for ``kvbm plan`` (trace_file, see config); None: off.
+    trace: TraceWriter | None = None
+    #: The index journal of the persistent tier (G3 with disk persistence); None: none.
+    journal: DiskJournal | None = None
+    exporter: MetricsExporter | None = None
+
+    def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
+                 block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
+                 data_parallel_rank_local: int = 0) -> None:
+        """``block_bytes``: one block on one rank; ``storage_key``/``identity``: what names the
+        persistent files and what must match to reuse them (kvbm.vllm_integration.sizing)."""
+        self.config = config
+        self.block_size = block_size
+        self.world_size = world_size
+        self.chain = standard_chain(
+            sizes.host_slots, sizes.disk_slots, load_mode=config.load_mode, disk_persistent=config.disk_persist,
+            disk_filter_threshold=None if config.disable_disk_offload_filter else DEFAULT_THRESHOLD,
+        )
+        self.planner = Planner(
+            self.chain, block_size, world_size,
+            sightings=FrequencyFilter(decay_period_s=config.disk_offload_filter_decay_secs,
+                                      max_entries=config.disk_offload_filter_max_entries),
+            cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes),
+        )
+        self.capacities = {tier.name: tier.capacity for tier in self.chain}
+        self.engine_root = engine_root(identity)
+        self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
+        self._step_seconds = Rate()  # steps per second, over every step
+        self._last_summary = time.monotonic()
+        persistent = [tier.name for tier in self.chain if tier.persistent]
+        if persistent:
+            self._persistent = persistent[0]
+            self.journal = self._open_journal(storage_key, identity)
+        self.metrics = CacheMetrics(self.planner, window=config.metrics_hit_rate_window, world_size=world_size,
+                                    block_bytes=block_bytes * world_size)
+        if config.metrics:  # one exporter per engine (this leader), never per rank: counts are not duplicated
+            self.exporter = MetricsExporter(self.metrics, config.metrics_host,
+                                            metrics_port(config, data_parallel_rank_local))
+        if config.trace_file:
+            self.trace = TraceWriter(config.trace_file, {
+                "block_size": block_size, "gpu_blocks": gpu_blocks, "bytes_per_block": self.metrics.block_bytes,
+                "host_blocks": sizes.host_slots, "disk_blocks": sizes.disk_slots, "load_mode": config.load_mode,
+                "max_num_batched_tokens": max_num_batched_tokens,
+            })
+        logger.info("kvbm leader: %s; %d tokens per block, %d worker(s); %s=%s", describe(self.chain), block_size,
+                    world_size, env_var("load_mode"), config.load_mode)
+
+    def _open_journal(self, storage_key: str, identity: str) -> DiskJournal:
+        """Reload what a previous server left on disk: same files (``storage_key``), and only
+        if the identity (weights, quantization, overrides, ...) is unchanged."""
+        directory = ensure_private_dir(self.config.disk_cache_dir)
+        journal = DiskJournal(g3_journal_path(directory, storage_key), identity=identity)
+        restored = self.planner.restore(self._persistent, journal.load())
+        logger.info("kvbm: reusing %d %s blocks from %s", restored, self._persistent, journal.path)
+        return journal
+
+    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> tuple[int, bool]:
+        """(tokens the chain can load beyond ``num_computed``, whether the load is asynchronous),
+        as vLLM asks it; the time it took goes to the lookup histogram."""
+        start = time.perf_counter()
+        matched = self.planner.match(req_id, tokens, num_computed)
+        self.metrics.observe_lookup(time.perf_counter() - start)
+        return matched, matched > 0 and self.planner.load_is_async(req_id)
+
+    # ---- per step -------------------------------------------------------
+    def begin_step(self, tokens: int) -> None:
+        """The engine's prefill rate, for the load-or-recompute rule: the time from one step's
+        scheduling to the next one's, over the tokens the first computed (vLLM steps back to
+        back while it has work; an idle gap after a step only lowers one sample of an EWMA)."""
+        now = time.perf_counter()
+        last, self._last_step = self._last_step, (now, tokens)
+        cost = self.planner.cost
+        if cost is None or last is None:
+            return
+        seconds = now - last[0]
+        cost.observe_step(last[1], seconds)
+        # An asynchronous load makes its request wait about one engine step, whatever that step
+        # computes for others (mostly short decode steps): the typical step, not a prefill step.
+        self._step_seconds.observe(1.0, seconds)
+        typical = 1.0 / self._step_seconds.value if self._step_seconds.value else 0.0
+        for tier in self.chain:
+            if not tier.sync_load:
+                cost.extra_seconds[tier.name] = typical
+
+    def end_step(self) -> StepPlan:
+        """The step's plan for the workers (after every scheduled request was fed to the planner)."""
+        self.metrics.on_step()
+        self._maybe_log_summary()
+        return self.planner.take_plan()
+
+    def apply(self, report: WorkerReport, finished_loads: Iterable[str], failed_loads: Iterable[str],
+              released: Iterable[str]) -> None:
+        """What the workers did (their reports merged), and what vLLM says finished."""
+        self.planner.on_worker_report(report.stored, report.failed_batches, finished_loads, failed_loads, released,
+                                      report.bad_slots)
+        self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors)
+        cost = self.planner.cost
+        if cost is not None:
+            for tier in self.chain:
+                direction = move(tier.name, G1)
+                if report.transfer_seconds.get(direction):
+                    cost.observe_load(tier.name, report.transfer_bytes.get(direction, 0),
+                                      report.transfer_seconds[direction])
+        for tier, slots in report.bad_slots.items():
+            if slots:
+                logger.warning(
+                    "kvbm: %d %s block(s) failed verification or could not be read; they were dropped and "
+                    "their requests recompute (total so far: %d)",
+                    len(slots), tier, self.planner.stats.tier(tier).bad_blocks,
+                )
+        if self.journal is not None:
+            commits = self.planner.take_commits(self._persistent)
+            if commits:
+                self.journal.record_stored(commits)
+                self.journal.flush()
+
+    def _maybe_log_summary(self) -> None:
+        """One line every log_summary_secs (see config), for users without Prometheus."""
+        interval = self.config.log_summary_secs
+        if interval <= 0:
+            return
+        now = time.monotonic()
+        if now - self._last_summary < interval:
+            return
+        self._last_summary = now
+        logger.info("kvbm: %s", self.metrics.summary())
+
+    def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
+        if self.journal is not None:
+            self.journal.close()  # flushes what is pending: fewer misses after a restart
+            self.journal = None

@@ -1,0 +1,109 @@
+"""kvbm's packages import each other in one direction only.
+
+Walks every module's source (imports inside functions and under
+``TYPE_CHECKING`` included: a delayed import hides a cycle from Python, not
+from the design) and fails on any cycle among kvbm's packages, where a
+package is ``kvbm.core``, ``kvbm.storage``, ... and each top-level module
+(``kvbm.config``, ``kvbm.metrics``) is a node of its own.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import kvbm
+
+ROOT = Path(kvbm.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _node(module: str) -> str:
+    """kvbm.storage.disk -> kvbm.storage; kvbm.config -> kvbm.config."""
+    parts = module.split(".")
+    if len(parts) >= 2 and (ROOT / parts[1]).is_dir():
+        return ".".join(parts[:2])
+    return ".".join(parts[:2]) if len(parts) >= 2 else module
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from kvbm import config`
+    return {name for name in found if name == "kvbm" or name.startswith("kvbm.")}
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = defaultdict(set)
+    modules = {_module_name(p) for p in ROOT.rglob("*.py")}
+    for path in ROOT.rglob("*.py"):
+        module = _module_name(path)
+        src = _node(module)
+        for name in _imports(path, module):
+            # `from kvbm.core import planner` names a module; `from kvbm.core.planner import X` a symbol.
+            while name not in modules and "." in name:
+                name = name.rpartition(".")[0]
+            dst = _node(name)
+            if dst != src and dst != "kvbm":
+                graph[src].add(dst)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_no_import_cycle_among_packages():
+    cycle = find_cycle(package_graph())
+    assert cycle is None, "import cycle among kvbm packages: " + " -> ".join(cycle or [])
+
+
+def test_the_walker_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers():
+    """core is pure policy; storage owns memory and files and imports nothing from transfer."""
+    graph = package_graph()
+    assert graph["kvbm.core"] <= {"kvbm.config"}, graph["kvbm.core"]
+    assert "kvbm.transfer" not in graph["kvbm.storage"]
+    for low in ("kvbm.core", "kvbm.storage", "kvbm.transfer", "kvbm.runtime"):
+        assert "kvbm.vllm_integration" not in graph[low], low
