@@ -214,7 +214,7 @@ class KvbmConfig:
     #: Seconds between one-line cache summaries in the log; 0 turns them off.
     log_summary_secs: float = 30.0
     log_level: str = "INFO"
-    #: How onboarding runs: "auto" loads from G2 inside the step that matched (the request
+    #: How loads run: "auto" loads from G2 inside the step that matched (the request
     #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
     #: "sync" / "async" force one way for every tier.
     load_mode: str = "auto"

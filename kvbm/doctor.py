@@ -3,7 +3,7 @@
 Each check looks at the real machine (resource limits, /proc/meminfo and
 cgroup limits, a probe file in the disk cache directory, sockets bound on the
 configured ports, the installed vLLM and GPUs) against the settings the
-server would get: the ``DYN_KVBM_*`` environment, overridden by flags. It
+server would get: kvbm's environment variables (see config), overridden by flags. It
 prints one table line per check and, for every line that is not PASS, what to
 do about it. Exit status 1 if any check FAILs (the server would not start, or
 would start and misbehave); WARN lines are advice (e.g. sizing) and do not
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvbm.config import _FIELDS, PREFIX, ConfigError, KvbmConfig, load_config
+from kvbm.config import _FIELDS, PREFIX, ConfigError, KvbmConfig, env_var, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ GIB = 1 << 30
 #: Device nodes of NVIDIA GPUs, AMD GPUs (ROCm) and WSL's GPU paravirtualization.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
-_ZMQ_VARS = ("DYN_KVBM_LEADER_ZMQ_HOST", "DYN_KVBM_LEADER_ZMQ_PUB_PORT", "DYN_KVBM_LEADER_ZMQ_ACK_PORT")
+_ZMQ_VARS = (env_var("leader_zmq_host"), env_var("leader_zmq_pub_port"), env_var("leader_zmq_ack_port"))
 
 
 @dataclass
@@ -57,23 +57,23 @@ class Check:
 
 
 def settings_environ(args: argparse.Namespace | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``DYN_KVBM_*`` variables a server would see: the environment, then flags."""
+    """kvbm's environment variables a server would see: the environment, then flags."""
     env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
     if args is None:
         return env
     flags = {
-        "DYN_KVBM_CPU_CACHE_GB": args.cpu_cache_gb,
-        "DYN_KVBM_DISK_CACHE_GB": args.disk_cache_gb,
-        "DYN_KVBM_DISK_CACHE_DIR": args.disk_cache_dir,
-        "DYN_KVBM_METRICS_PORT": args.metrics_port,
-        "DYN_KVBM_METRICS_HOST": args.metrics_host,
-        "DYN_KVBM_LEADER_ZMQ_HOST": args.zmq_host,
-        "DYN_KVBM_LEADER_ZMQ_PUB_PORT": args.zmq_pub_port,
-        "DYN_KVBM_LEADER_ZMQ_ACK_PORT": args.zmq_ack_port,
+        env_var("cpu_cache_gb"): args.cpu_cache_gb,
+        env_var("disk_cache_gb"): args.disk_cache_gb,
+        env_var("disk_cache_dir"): args.disk_cache_dir,
+        env_var("metrics_port"): args.metrics_port,
+        env_var("metrics_host"): args.metrics_host,
+        env_var("leader_zmq_host"): args.zmq_host,
+        env_var("leader_zmq_pub_port"): args.zmq_pub_port,
+        env_var("leader_zmq_ack_port"): args.zmq_ack_port,
     }
     env.update({k: str(v) for k, v in flags.items() if v is not None})
     if args.metrics_port is not None or args.metrics:
-        env["DYN_KVBM_METRICS"] = "1"  # asking about the metrics port means metrics on
+        env[env_var("metrics")] = "1"  # asking about the metrics port means metrics on
     return env
 
 
@@ -172,7 +172,7 @@ def check_free_ram(cache_bytes: float, available: tuple[int, str] | None = None)
         return Check(name, SKIP, "no CPU cache (G2) in GB set")
     avail, source = available if available is not None else available_memory()
     detail = f"CPU cache {_bytes(cache_bytes)}, available {_bytes(avail)} ({source})"
-    fix = ("lower DYN_KVBM_CPU_CACHE_GB (leave room for vLLM itself and the OS), "
+    fix = (f"lower {env_var('cpu_cache_gb')} (leave room for vLLM itself and the OS), "
            "or free memory / raise the container's memory limit")
     if cache_bytes > avail:
         return Check(name, FAIL, detail + ": the cache does not fit", fix)
@@ -192,7 +192,7 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
         from kvbm.storage.disk import DiskArena
 
         probe = DiskArena.probe(config.disk_cache_dir)
-    var = "DYN_KVBM_DISK_CACHE_DIR"
+    var = env_var("disk_cache_dir")
     directory = probe["directory"]
     if probe["error"] or not probe["writable"]:
         return [Check("disk cache dir", FAIL, probe["error"] or f"{directory} is not writable",
@@ -210,10 +210,10 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
                             f"make sure {_bytes(need)} fit, or put {var} on a regular local filesystem"))
     elif free < need:
         checks.append(Check("disk free space", FAIL, f"disk cache {_bytes(need)} > free {_bytes(free)}",
-                            f"lower DYN_KVBM_DISK_CACHE_GB below {free / GB:.2f}, or set {var} to a bigger disk"))
+                            f"lower {env_var('disk_cache_gb')} below {free / GB:.2f}, or set {var} to a bigger disk"))
     elif free < 1.05 * need:
         checks.append(Check("disk free space", WARN, f"disk cache {_bytes(need)}, free {_bytes(free)}: "
-                            "the disk will be full", "lower DYN_KVBM_DISK_CACHE_GB to leave some room"))
+                            "the disk will be full", f"lower {env_var('disk_cache_gb')} to leave some room"))
     else:
         checks.append(Check("disk free space", PASS, f"disk cache {_bytes(need)}, free {_bytes(free)}"))
 
@@ -221,21 +221,21 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
         checks.append(Check("fallocate", PASS, "space can be reserved up front"))
     elif config.disk_zerofill_fallback:
         checks.append(Check("fallocate", WARN, f"refused ({probe['fallocate_error']}); "
-                            "DYN_KVBM_DISK_ZEROFILL_FALLBACK is set: startup writes zeros (slow)",
+                            f"{env_var('disk_zerofill_fallback')} is set: startup writes zeros (slow)",
                             f"put {var} on ext4/xfs to start fast"))
     else:
         checks.append(Check("fallocate", FAIL, f"fallocate failed: {probe['fallocate_error']}",
-                            "free space on that filesystem, or put DYN_KVBM_DISK_CACHE_DIR on ext4/xfs; if the "
-                            "filesystem cannot preallocate, set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1"))
+                            f"free space on that filesystem, or put {env_var('disk_cache_dir')} on ext4/xfs; if the "
+                            f"filesystem cannot preallocate, set {env_var('disk_zerofill_fallback')}=1"))
 
     if config.disk_disable_o_direct:
-        checks.append(Check("O_DIRECT", SKIP, "disabled by DYN_KVBM_DISK_DISABLE_O_DIRECT: buffered I/O"))
+        checks.append(Check("O_DIRECT", SKIP, f"disabled by {env_var('disk_disable_o_direct')}: buffered I/O"))
     elif probe["o_direct"]:
         checks.append(Check("O_DIRECT", PASS, "disk I/O bypasses the page cache"))
     else:
         checks.append(Check("O_DIRECT", WARN, f"not supported ({probe['o_direct_error']}): kvbm falls back to "
                             "buffered I/O and the page cache holds disk-tier data too",
-                            f"put {var} on a local ext4/xfs SSD, or set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 "
+                            f"put {var} on a local ext4/xfs SSD, or set {env_var('disk_disable_o_direct')}=1 "
                             "to accept buffered I/O"))
     return checks
 
@@ -248,7 +248,7 @@ REMOTE_SLOW_MS = 5.0
 
 def check_remote(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[Check]:
     """Connect and PING the G4 Redis, and advise on its eviction policy and latency."""
-    var = "DYN_KVBM_REMOTE_URL"
+    var = env_var("remote_url")
     if config.remote_url is None:
         return [Check("G4 remote store", SKIP, f"no shared tier ({var} not set)")]
     if probe is None:
@@ -259,8 +259,8 @@ def check_remote(config: KvbmConfig, probe: dict[str, Any] | None = None) -> lis
         probe = probe_remote(config.remote_url, timeout_s=config.remote_timeout_secs)
     if probe["error"]:
         if probe["unreachable"] and config.remote_optional:
-            return [Check("G4 remote store", WARN, probe["error"] + "; DYN_KVBM_REMOTE_OPTIONAL is set: the server "
-                          "starts without G4 and uses it once Redis answers", f"start Redis or fix {var}")]
+            return [Check("G4 remote store", WARN, probe["error"] + f"; {env_var('remote_optional')} is set: the "
+                          "server starts without G4 and uses it once Redis answers", f"start Redis or fix {var}")]
         return [Check("G4 remote store", FAIL, probe["error"], f"fix {var} (or start that Redis)")]
     checks = [Check("G4 remote store", PASS, f"{probe['target']}: {probe['mode']}, {probe['nodes']} node(s), "
                     f"Redis {probe['version']}")]
@@ -300,16 +300,16 @@ def check_sizing(g1_bytes: float | None, g1_source: str, g2_bytes: float, g3_byt
         checks.append(Check("G2 >= G1", WARN,
                             f"CPU cache {_bytes(g2_bytes)} < vLLM's KV pool {_bytes(g1_bytes)} ({g1_source}): "
                             "whatever the GPU evicts is soon evicted from host memory too",
-                            f"set DYN_KVBM_CPU_CACHE_GB to at least {g1_bytes / GB:.1f}"))
+                            f"set {env_var('cpu_cache_gb')} to at least {g1_bytes / GB:.1f}"))
     else:
         checks.append(Check("G2 >= G1", PASS, f"CPU cache {_bytes(g2_bytes)} >= KV pool {_bytes(g1_bytes)} "
                             f"({g1_source})"))
     if not g3_bytes or not g2_bytes:
-        checks.append(Check("G3 >= G2", SKIP, "needs both DYN_KVBM_CPU_CACHE_GB and DYN_KVBM_DISK_CACHE_GB"))
+        checks.append(Check("G3 >= G2", SKIP, f"needs both {env_var('cpu_cache_gb')} and {env_var('disk_cache_gb')}"))
     elif g3_bytes < g2_bytes:
         checks.append(Check("G3 >= G2", WARN, f"disk cache {_bytes(g3_bytes)} < CPU cache {_bytes(g2_bytes)}: "
                             "the disk tier holds less than host memory and adds little",
-                            f"set DYN_KVBM_DISK_CACHE_GB to at least {g2_bytes / GB:.1f}"))
+                            f"set {env_var('disk_cache_gb')} to at least {g2_bytes / GB:.1f}"))
     else:
         checks.append(Check("G3 >= G2", PASS, f"disk cache {_bytes(g3_bytes)} >= CPU cache {_bytes(g2_bytes)}"))
     return checks
@@ -385,14 +385,14 @@ def check_port(name: str, var: str, host: str, port: int, *, used: bool, why_unu
 
 
 def check_ports(config: KvbmConfig, env: Mapping[str, str]) -> list[Check]:
-    checks = [check_port("metrics port", "DYN_KVBM_METRICS_PORT", config.metrics_host, config.metrics_port,
-                         used=config.metrics, why_unused="metrics off (DYN_KVBM_METRICS)")]
+    checks = [check_port("metrics port", env_var("metrics_port"), config.metrics_host, config.metrics_port,
+                         used=config.metrics, why_unused=f"metrics off ({env_var('metrics')})")]
     # Mirrors the handshake: TCP only when one of the ZMQ settings is given, else Unix sockets.
     tcp = any(var in env for var in _ZMQ_VARS)
-    for name, var, port in (("ZMQ pub port", "DYN_KVBM_LEADER_ZMQ_PUB_PORT", config.leader_zmq_pub_port),
-                            ("ZMQ ack port", "DYN_KVBM_LEADER_ZMQ_ACK_PORT", config.leader_zmq_ack_port)):
+    for name, var, port in (("ZMQ pub port", env_var("leader_zmq_pub_port"), config.leader_zmq_pub_port),
+                            ("ZMQ ack port", env_var("leader_zmq_ack_port"), config.leader_zmq_ack_port)):
         checks.append(check_port(name, var, config.leader_zmq_host, port, used=tcp,
-                                 why_unused="leader/worker handshake over Unix sockets (no DYN_KVBM_LEADER_ZMQ_* set)"))
+                                 why_unused="leader/worker handshake over Unix sockets (no leader_zmq_* setting)"))
     return checks
 
 
@@ -523,10 +523,10 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Check this host for kvbm before starting a server. Settings default to the "
-                          "DYN_KVBM_* environment; flags override them. Exit status 1 if a check fails.")
-    parser.add_argument("--cpu-cache-gb", type=float, help="host (G2) cache, GB (DYN_KVBM_CPU_CACHE_GB)")
-    parser.add_argument("--disk-cache-gb", type=float, help="disk (G3) cache, GB (DYN_KVBM_DISK_CACHE_GB)")
-    parser.add_argument("--disk-cache-dir", help="disk cache directory (DYN_KVBM_DISK_CACHE_DIR)")
+                          f"{PREFIX}* environment; flags override them. Exit status 1 if a check fails.")
+    parser.add_argument("--cpu-cache-gb", type=float, help=f"host (G2) cache, GB ({env_var('cpu_cache_gb')})")
+    parser.add_argument("--disk-cache-gb", type=float, help=f"disk (G3) cache, GB ({env_var('disk_cache_gb')})")
+    parser.add_argument("--disk-cache-dir", help=f"disk cache directory ({env_var('disk_cache_dir')})")
     parser.add_argument("--gpu-kv-gb", type=float,
                         help="vLLM's KV cache (G1) over all GPUs, GB, for the sizing advice "
                              "(vLLM logs it at startup as 'Available KV cache memory')")
@@ -534,12 +534,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default: 1)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="as given to vLLM, for the G1 estimate (default: 0.9)")
-    parser.add_argument("--metrics", action="store_true", help="check the metrics port as if DYN_KVBM_METRICS=1")
-    parser.add_argument("--metrics-port", type=int, help="DYN_KVBM_METRICS_PORT (implies --metrics)")
-    parser.add_argument("--metrics-host", help="DYN_KVBM_METRICS_HOST")
-    parser.add_argument("--zmq-host", help="DYN_KVBM_LEADER_ZMQ_HOST")
-    parser.add_argument("--zmq-pub-port", type=int, help="DYN_KVBM_LEADER_ZMQ_PUB_PORT")
-    parser.add_argument("--zmq-ack-port", type=int, help="DYN_KVBM_LEADER_ZMQ_ACK_PORT")
+    parser.add_argument("--metrics", action="store_true", help=f"check the metrics port as if {env_var('metrics')}=1")
+    parser.add_argument("--metrics-port", type=int, help=f"{env_var('metrics_port')} (implies --metrics)")
+    parser.add_argument("--metrics-host", help=env_var("metrics_host"))
+    parser.add_argument("--zmq-host", help=env_var("leader_zmq_host"))
+    parser.add_argument("--zmq-pub-port", type=int, help=env_var("leader_zmq_pub_port"))
+    parser.add_argument("--zmq-ack-port", type=int, help=env_var("leader_zmq_ack_port"))
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
 
 

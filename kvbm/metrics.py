@@ -92,8 +92,8 @@ REFERENCE_COUNTERS: dict[str, tuple[str | None, str, str]] = {
     "kvbm_offload_blocks_h2d": ("G3", "spilled_blocks", "Blocks offloaded host to disk, G2 to G3 (counter)"),
     "kvbm_offload_blocks_d2d": (
         "G3", "stored_blocks", "Blocks offloaded GPU to disk bypassing host, G1 to G3 (counter)"),
-    "kvbm_onboard_blocks_h2d": ("G2", "onboarded_blocks", "Blocks onboarded host to GPU, G2 to G1 (counter)"),
-    "kvbm_onboard_blocks_d2d": ("G3", "onboarded_blocks", "Blocks onboarded disk to GPU, G3 to G1 (counter)"),
+    "kvbm_onboard_blocks_h2d": ("G2", "loaded_blocks", "Blocks onboarded host to GPU, G2 to G1 (counter)"),
+    "kvbm_onboard_blocks_d2d": ("G3", "loaded_blocks", "Blocks onboarded disk to GPU, G3 to G1 (counter)"),
 }
 
 #: Plain counters: exported name (without _total) -> (tier or None, counter, help).
@@ -305,7 +305,7 @@ class CacheMetrics:
         parts = [
             f"hit rate (last {w.requests} requests) {rates} of {w.looked} blocks looked up",
             f"matched {s.matched_tokens} tokens in total",
-            f"onboarded {s.onboarded_blocks}, offloaded {s.offloaded_blocks}" + (f", {spilled}" if spilled else ""),
+            f"loaded {s.onboarded_blocks}, stored {s.offloaded_blocks}" + (f", {spilled}" if spilled else ""),
         ]
         for tier in self.planner.chain:
             index = self.planner.index(tier.name)
@@ -317,7 +317,7 @@ class CacheMetrics:
         if failures:
             kinds = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n) or "none"
             parts.append(
-                f"failures: {s.failed_loads} onboards, {s.failed_stores} offload blocks, "
+                f"failures: {s.failed_loads} loads, {s.failed_stores} stored blocks, "
                 f"{bad} bad blocks, disk errors: {kinds}"
             )
         return "; ".join(parts)
@@ -534,7 +534,7 @@ class MetricsExporter:
                 raise MetricsServerError(
                     f"kvbm metrics: port {port} on {host} is already in use (another server with kvbm "
                     f"metrics on?). Set {PORT_VAR} to a free port, e.g. {PORT_VAR}={port + 1}, or unset "
-                    "DYN_KVBM_METRICS"
+                    f"{env_var('metrics')}"
                 ) from None
             if e.errno == errno.EADDRNOTAVAIL:
                 raise MetricsServerError(

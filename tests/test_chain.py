@@ -321,7 +321,7 @@ def test_end_to_end_a_prefix_comes_back_from_the_third_tier(tmp_path):
     assert "b" in finished
     for i, b in enumerate([30, 31, 32, 33]):
         assert all(torch.equal(x, y) for x, y in zip(rank.kv(b), want[i])), i
-    assert p.stats.tier("G9").onboarded_blocks == 4 and p.stats.failed_loads == 0
+    assert p.stats.tier("G9").loaded_blocks == 4 and p.stats.failed_loads == 0
     settle(p, rank)
     rank.runner.close()
 
@@ -365,5 +365,5 @@ def test_end_to_end_load_mode_follows_the_tier(tmp_path, sync):
         assert finished == set() and not p.busy
     else:
         settle(p, rank)
-    assert p.stats.tier("G9").onboarded_blocks == 1
+    assert p.stats.tier("G9").loaded_blocks == 1
     rank.runner.close()

@@ -13,6 +13,8 @@ import shlex
 import time
 from pathlib import Path
 
+from kvbm.config import PREFIX, env_var
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     "configuration, plus PNG plots.",
         epilog="examples:\n"
                "  kvbm bench compare Qwen/Qwen3-0.6B --qps 1\n"
-               "  kvbm bench compare MODEL --configs vllm,kvbm-host --config 'g2-16=DYN_KVBM_CPU_CACHE_GB=16'\n"
+               f"  kvbm bench compare MODEL --configs vllm,kvbm-host --config 'g2-16={env_var('cpu_cache_gb')}=16'\n"
                "  kvbm bench compare MODEL --config 'vllm-offload=--kv-offloading-size 8' "
                "--vllm-args='--max-model-len 32768'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -117,8 +119,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "floor (vLLM with its whole KV pool: what a hit costs when everything fits on the GPU) "
                         "(default: %(default)s; '' for none)")
     g.add_argument("--config", action="append", default=[], metavar="NAME=ARGS",
-                   help="add a configuration: vLLM arguments and VAR=VALUE environment words; any DYN_KVBM_* "
-                        "variable attaches kvbm (repeatable)")
+                   help="add a configuration: vLLM arguments and VAR=VALUE environment words; any "
+                        f"{PREFIX}* variable attaches kvbm (repeatable)")
     g.add_argument("--cpu-cache-gb", type=float, default=4.0,
                    help="kvbm host tier (G2) for the kvbm configurations (default: %(default)s)")
     g.add_argument("--disk-cache-gb", type=float, default=None,

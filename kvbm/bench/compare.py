@@ -10,7 +10,7 @@ Where each prompt token came from is read from vLLM's own Prometheus
 counters (``vllm:prompt_tokens_by_source``: computed, vLLM's prefix cache
 "G1", or an external connector such as kvbm), scraped just before and just
 after the measured run so the warm-up does not count. kvbm's own exporter
-(``DYN_KVBM_METRICS``) is scraped too when it answers; it adds per-tier
+(``metrics``, see config) is scraped too when it answers; it adds per-tier
 transfer counts.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvbm.bench.server import VllmServer, free_port, parse_samples, scrape
 from kvbm.bench.workload import WorkloadResult, WorkloadSpec, run_benchmark
+from kvbm.config import PREFIX, env_var
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ class Configuration:
     def parse(cls, text: str) -> Configuration:
         """``NAME=ARGS``: ARGS are vLLM arguments; ``VAR=VALUE`` words among them are env vars.
 
-        Any ``DYN_KVBM_*`` variable attaches kvbm to that server, e.g.
-        ``big-g2=DYN_KVBM_CPU_CACHE_GB=16`` or
+        Any of kvbm's variables (see config) attaches kvbm to that server, e.g.
+        ``big-g2=<the cpu_cache_gb variable>=16`` or
         ``vllm-offload=--kv-offloading-size 8``.
         """
         name, sep, rest = text.partition("=")
@@ -76,7 +77,7 @@ class Configuration:
         for word in shlex.split(rest):
             var, eq, value = word.partition("=")
             if eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", var):
-                if var.startswith("DYN_KVBM_"):
+                if var.startswith(PREFIX):
                     config.kvbm = config.kvbm or {}
                 config.env[var] = value
             else:
@@ -222,17 +223,17 @@ def _run_one(model: str, config: Configuration, spec: WorkloadSpec, engine_args:
     scratch = None
     metrics_url = None
     if kvbm_config is not None:
-        wants_disk = any(kvbm_config.get(k) or server_env.get(f"DYN_KVBM_{k.upper()}")
+        wants_disk = any(kvbm_config.get(k) or server_env.get(env_var(k))
                          for k in ("disk_cache_gb", "disk_cache_override_num_blocks"))
-        if wants_disk and "disk_cache_dir" not in kvbm_config and "DYN_KVBM_DISK_CACHE_DIR" not in server_env:
+        if wants_disk and "disk_cache_dir" not in kvbm_config and env_var("disk_cache_dir") not in server_env:
             # A fresh directory per run: a disk tier left by an earlier run must not serve this one.
             scratch = tempfile.mkdtemp(prefix=f"kvbm-bench-{_safe(config.name)}-")
             kvbm_config["disk_cache_dir"] = scratch
-        if "DYN_KVBM_METRICS" not in server_env:
-            server_env["DYN_KVBM_METRICS"] = "1"
-            server_env["DYN_KVBM_METRICS_PORT"] = str(free_port())
-        if server_env.get("DYN_KVBM_METRICS", "").lower() in ("1", "true", "yes", "on"):
-            metrics_url = f"http://127.0.0.1:{server_env.get('DYN_KVBM_METRICS_PORT', '6880')}/metrics"
+        if env_var("metrics") not in server_env:
+            server_env[env_var("metrics")] = "1"
+            server_env[env_var("metrics_port")] = str(free_port())
+        if server_env.get(env_var("metrics"), "").lower() in ("1", "true", "yes", "on"):
+            metrics_url = f"http://127.0.0.1:{server_env.get(env_var('metrics_port'), '6880')}/metrics"
     if config.full_pool:
         engine_args = _without_pool_override(engine_args)
     server = VllmServer(model, [*COMMON_ARGS, *engine_args, *config.extra_args], env=server_env,

@@ -1,4 +1,4 @@
-"""Load or recompute? The onboarding decision, from rates kvbm measures itself.
+"""Load or recompute? The load decision, from rates kvbm measures itself.
 
 A prefix found in a tier is worth loading only when copying it to the GPU is
 faster than computing it again. Pinned host memory (G2) always wins, but a
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: DYN_KVBM_ONBOARD_POLICY values.
+#: ``onboard_policy`` values (see config).
 POLICIES = ("cost", "always", "never")
 
 
@@ -60,7 +60,7 @@ class OnboardCost:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown onboard policy {self.policy!r}; choose one of {POLICIES}")
+            raise ValueError(f"unknown load policy {self.policy!r}; choose one of {POLICIES}")
 
     def observe_load(self, tier: str, nbytes: float, seconds: float) -> None:
         self.bandwidth.setdefault(tier, Rate()).observe(nbytes, seconds)

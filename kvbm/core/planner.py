@@ -54,7 +54,7 @@ class TierStats:
     """Cumulative counters of one tier."""
 
     hit_blocks: int = 0  # looked-up blocks found here (and loaded)
-    onboarded_blocks: int = 0  # loaded from here into G1
+    loaded_blocks: int = 0  # loaded from here into G1
     stored_blocks: int = 0  # stored here from G1 (the first tier)
     spilled_blocks: int = 0  # copied here from the tier above
     #: Matched blocks recomputed because loading them would have been slower (kvbm.core.cost).
@@ -81,11 +81,11 @@ class PlannerStats:
     def total(self, counter: str) -> int:
         return sum(getattr(stats, counter) for stats in self.tiers.values())
 
-    # The names the reference metrics, dashboards and tests know (G2 = host, G3 = disk).
+    # The names dashboards, tools and tests know (G2 = host, G3 = disk; onboard = load, offload = store).
     host_hit_blocks = property(lambda self: self.tier("G2").hit_blocks)
     disk_hit_blocks = property(lambda self: self.tier("G3").hit_blocks)
-    onboarded_host_blocks = property(lambda self: self.tier("G2").onboarded_blocks)  # G2→G1
-    onboarded_disk_blocks = property(lambda self: self.tier("G3").onboarded_blocks)  # G3→G1
+    onboarded_host_blocks = property(lambda self: self.tier("G2").loaded_blocks)  # G2→G1
+    onboarded_disk_blocks = property(lambda self: self.tier("G3").loaded_blocks)  # G3→G1
     offloaded_host_blocks = property(lambda self: self.tier("G2").stored_blocks)  # G1→G2
     offloaded_disk_blocks = property(lambda self: self.tier("G3").stored_blocks)  # G1→G3 (disk only)
     spilled_blocks = property(lambda self: self.tier("G3").spilled_blocks)  # G2→G3
@@ -93,7 +93,7 @@ class PlannerStats:
     cost_skipped_disk_blocks = property(lambda self: self.tier("G3").cost_skipped_blocks)
     bad_disk_blocks = property(lambda self: self.tier("G3").bad_blocks)
     hit_blocks = property(lambda self: self.total("hit_blocks"))
-    onboarded_blocks = property(lambda self: self.total("onboarded_blocks"))
+    onboarded_blocks = property(lambda self: self.total("loaded_blocks"))
     offloaded_blocks = property(lambda self: self.total("stored_blocks"))
 
     def as_dict(self) -> dict[str, int]:
@@ -521,7 +521,7 @@ class Planner:
                     req.next_store = min(req.next_store, loading.first_block)
             else:
                 for tier, slots in zip(self._tiers, loading.parts):
-                    tier.stats.onboarded_blocks += len(slots)
+                    tier.stats.loaded_blocks += len(slots)
         self._awaiting_release.difference_update(released)
 
     def _commit(self, pending: _PendingBatch) -> None:

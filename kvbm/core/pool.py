@@ -147,7 +147,7 @@ class BlockPool:
 
     # ---- readers -------------------------------------------------------
     def acquire(self, slots: Iterable[int]) -> None:
-        """Pin slots for a reader (an onboard in flight) so they are not evicted."""
+        """Pin slots for a reader (a load in flight) so they are not evicted."""
         for slot in slots:
             self._refs[slot] += 1
             self._lru.pop(slot, None)

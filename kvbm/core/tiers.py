@@ -36,7 +36,7 @@ HOST = "host"  # pinned host memory rows (G2): no per-block header
 DISK = "disk"  # a local file of slots, each with a verified header (G3)
 REMOTE = "remote"  # a store shared by servers, keyed by hash (G4)
 
-#: DYN_KVBM_LOAD_MODE values (see :func:`loads_in_step`).
+#: Load modes (``load_mode``, see config; :func:`loads_in_step`).
 LOAD_MODES = ("auto", "sync", "async")
 
 
@@ -74,7 +74,7 @@ def move(src: str, dst: str) -> str:
 
 
 def loads_in_step(load_mode: str, medium: str) -> bool:
-    """DYN_KVBM_LOAD_MODE: whether a tier on ``medium`` loads inside the step that matched it.
+    """The load mode (see config): whether a tier on ``medium`` loads inside the step that matched it.
 
     "auto": host memory only. Its copy takes a fraction of a step, and loading
     in-step saves the steps an asynchronous load costs (start it, report it,

@@ -7,7 +7,7 @@ one::
     python -m kvbm.disagg.config prefill --kv-buffer-device cpu
     python -m kvbm.disagg.config decode
 
-kvbm's own settings (cache sizes, ports) come from ``DYN_KVBM_*`` environment
+kvbm's own settings (cache sizes, ports) come from kvbm's environment
 variables; pass ``kvbm_extra`` only to pin them in the config instead.
 """
 

@@ -5,7 +5,7 @@ scheduled, when it finished, its prompt and output lengths and the identities
 of its full blocks as small dense ints (the same int for the same block
 hash), so the simulator never depends on how wide kvbm's hashes are.
 
-kvbm's request log (``DYN_KVBM_TRACE_FILE``) is JSON lines: a header written
+kvbm's request log (``trace_file``, see config) is JSON lines: a header written
 when a server starts, then one line per finished request::
 
     {"kvbm_trace": 1, "block_size": 128, "gpu_blocks": 40, "bytes_per_block": 1310720, "load_mode": "auto", ...}
@@ -79,7 +79,7 @@ class Trace:
     #: kvbm's tiers on the server that wrote the trace (blocks; 0: off).
     host_blocks: int | None = None
     disk_blocks: int | None = None
-    #: The server's DYN_KVBM_LOAD_MODE (which tiers load inside the step); None: unknown.
+    #: The server's load mode (which tiers load inside the step; see config); None: unknown.
     load_mode: str | None = None
     #: vLLM's token budget per step (a longer prefill is computed in chunks); None: unknown.
     max_num_batched_tokens: int | None = None
@@ -346,7 +346,7 @@ def _hex(block_hash: bytes | int) -> str:
 
 
 class TraceWriter:
-    """Appends kvbm's request log while serving (opt-in: ``DYN_KVBM_TRACE_FILE``).
+    """Appends kvbm's request log while serving (opt-in: ``trace_file``, see config).
 
     Lives in the scheduler: per request one dict entry when it is first
     scheduled and one JSON line when it finishes (its hashes are the

@@ -1,6 +1,6 @@
 """Cheap, copy-stable fingerprints of model weights and LoRA adapters.
 
-Why: with ``DYN_KVBM_DISK_PERSIST`` the disk tier outlives the process, so
+Why: with disk persistence (``disk_persist``, see config) the disk tier outlives the process, so
 "the same model" must mean the same *weights*, not the same path: a
 fine-tune written over ``/models/foo``, or an adapter directory refreshed in
 place, must not be served KV computed with the old weights. Hashing every

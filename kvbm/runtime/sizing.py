@@ -7,7 +7,7 @@ the answer between processes. The one impure helper,
 once, right before sizing.
 
 Why check the machine at all: GB settings are totals over ranks and easy to
-get wrong by a factor (``DYN_KVBM_CPU_CACHE_GB=2000`` on a 512 GB host), and
+get wrong by a factor (``cpu_cache_gb`` = 2000 on a 512 GB host, see config), and
 the sizes arrive over a socket. Without a check an oversized G2 ends in the
 OOM killer minutes into start-up (pinned pages cannot be swapped) and an
 oversized G3 in a long ``fallocate`` that fails; with it, start-up stops at

@@ -15,7 +15,7 @@ messages (anyone may subscribe to the leader's PUB port over TCP): the
 handshake defeats those with per-worker nonces echoed by the leader (see
 :mod:`kvbm.runtime.handshake`).
 
-The key: over TCP, a per-deployment secret from ``DYN_KVBM_LEADER_ZMQ_SECRET``
+The key: over TCP, a per-deployment secret from ``leader_zmq_secret`` (see config)
 or ``..._SECRET_FILE`` (a file of mode 0600), or else one generated on first
 use into the per-user 0700 directory that also holds the ``ipc://`` sockets,
 so every process of this user on this host agrees without configuration while

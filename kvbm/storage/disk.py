@@ -37,7 +37,7 @@ Fault injection (tests and the soak benchmark only, off by default): a
 block's I/O (``op`` is ``"read"`` or ``"write"``) and may answer ``"error"``
 (the I/O fails as with EIO) or ``"corrupt"`` (one payload byte is flipped on
 its way to or from the file, as bit rot would). :class:`FaultInjector` draws
-these at random rates; servers get one from ``DYN_KVBM_DISK_FAULT_INJECTION``.
+these at random rates; servers get one from ``disk_fault_injection`` (see config).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from kvbm.config import env_var
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8 as _as_u8
 from kvbm.storage.files import (
@@ -326,8 +327,8 @@ class DiskArena:
                 "kvbm: the filesystem of %s does not support O_DIRECT (%s); using buffered I/O "
                 "(the page cache will also hold disk-tier data). Put %s on a filesystem that "
                 "supports O_DIRECT (ext4, xfs on a local SSD), or set "
-                "DYN_KVBM_DISK_DISABLE_O_DIRECT=true to choose buffered I/O and silence this warning.",
-                self.directory, why, _CACHE_DIR_VAR,
+                "%s=true to choose buffered I/O and silence this warning.",
+                self.directory, why, _CACHE_DIR_VAR, env_var("disk_disable_o_direct"),
             )
 
     def _reserve(self, total: int, fallocate: Callable[[int, int, int], Any], zerofill: bool) -> None:
@@ -348,13 +349,13 @@ class DiskArena:
             if not zerofill:
                 raise DiskSetupError(
                     f"the filesystem of {self.directory} refused fallocate for {self._path} "
-                    f"({e.strerror}, errno {e.errno}). Set DYN_KVBM_DISK_ZEROFILL_FALLBACK=true to "
+                    f"({e.strerror}, errno {e.errno}). Set {env_var('disk_zerofill_fallback')}=true to "
                     f"reserve the {_gb(total)} by writing zeros instead (slower start-up), or set "
                     f"{_CACHE_DIR_VAR} to a filesystem that supports fallocate (ext4, xfs)."
                 ) from e
             logger.warning(
-                "kvbm: fallocate refused on %s (%s); DYN_KVBM_DISK_ZEROFILL_FALLBACK is set, "
-                "writing %s of zeros instead", self.directory, e.strerror, _gb(total),
+                "kvbm: fallocate refused on %s (%s); %s is set, writing %s of zeros instead",
+                self.directory, e.strerror, env_var("disk_zerofill_fallback"), _gb(total),
             )
         self._zero_fill(min(size, total) // ALIGN * ALIGN, total)
 
@@ -412,8 +413,8 @@ class DiskArena:
             free = "free space unknown"
         return (
             f"not enough space for the disk cache in {self.directory}: {_gb(total)} requested for "
-            f"{self._path}, {free} ({e.strerror}). Lower DYN_KVBM_DISK_CACHE_GB or "
-            f"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS, free space, or set {_CACHE_DIR_VAR} to a "
+            f"{self._path}, {free} ({e.strerror}). Lower {env_var('disk_cache_gb')} or "
+            f"{env_var('disk_cache_override_num_blocks')}, free space, or set {_CACHE_DIR_VAR} to a "
             f"larger filesystem."
         )
 

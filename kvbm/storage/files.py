@@ -1,7 +1,7 @@
 """The disk cache directory and the files kvbm keeps in it, opened safely.
 
 Everything the disk tier writes (G3 data files, the journal, its temp files)
-lives in one directory, ``DYN_KVBM_DISK_CACHE_DIR``. kvbm may run as root and
+lives in one directory (``disk_cache_dir``, see config). kvbm may run as root and
 the directory may sit on a shared machine, so:
 
 * the directory must be ours and private: owned by this user and not

@@ -69,7 +69,7 @@ class HostArena:
         self.num_slots = num_slots
         self.block_bytes = block_bytes
         # Pages are faulted in (in parallel) now, so an overcommitted host fails
-        # at startup and the first offloads do not pay for it inside a step.
+        # at startup and the first stores do not pay for it inside a step.
         self.buffer = make_host_arena_buffer(num_slots, block_bytes, want_pinned=pin, progress=progress)
         self.pinned = bool(pin and torch.cuda.is_available() and self.buffer.is_pinned())
         logger.info(

@@ -47,6 +47,7 @@ import struct
 import tempfile
 import zlib
 
+from kvbm.config import env_var
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.files import CACHE_DIR_VAR, DiskSetupError, open_private_file
 
@@ -300,7 +301,7 @@ class DiskJournal:
             raise DiskSetupError(
                 f"cannot write the disk index {self.path}: {e.strerror} (errno {e.errno}). Free space "
                 f"there or set {CACHE_DIR_VAR} to a writable directory with room (or turn "
-                f"DYN_KVBM_DISK_PERSIST off: the index is only needed to reuse the disk after a restart)"
+                f"{env_var('disk_persist')} off: the index is only needed to reuse the disk after a restart)"
             ) from e
 
     def _rewrite(self, records: bytes) -> None:

@@ -41,7 +41,7 @@ answers at once (misses, dropped stores). A background thread pings it with
 exponential backoff and puts it back when it answers, refreshing the cluster
 topology meanwhile (a failover moves slots to a replica). Set-up problems at
 start (bad URL, wrong password, unreachable) raise :class:`RemoteSetupError`
-naming ``DYN_KVBM_REMOTE_URL`` from :meth:`RemoteStore.open`.
+naming the ``remote_url`` setting (see config) from :meth:`RemoteStore.open`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ BAD_VALUE_KINDS = ("foreign", "corrupt")
 class RemoteSetupError(ConfigError):
     """G4 cannot be used as configured; the message names the setting and the fix.
 
-    ``unreachable`` tells "no answer" (which may heal, so ``DYN_KVBM_REMOTE_OPTIONAL``
+    ``unreachable`` tells "no answer" (which may heal, so ``remote_optional``
     may start without G4) from wrong credentials or a wrong kind of server (which never heal).
     """
 
@@ -354,7 +354,7 @@ class RemoteStore:
 
     @classmethod
     def from_config(cls, config: KvbmConfig, identity: str, *, rank: int = 0, world_size: int = 1) -> RemoteStore:
-        """:meth:`open` with the ``DYN_KVBM_REMOTE_*`` settings; the budget is shared by the ranks."""
+        """:meth:`open` with the ``remote_*`` settings (see config); the budget is shared by the ranks."""
         if config.remote_url is None:
             raise ValueError("from_config: no remote store configured (remote_url is None)")
         budget = int(config.remote_budget_gb * 1e9 / world_size) if config.remote_budget_gb else None
