@@ -31,11 +31,15 @@ change the model path, or clear the G3 directory, after such surgery.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +112,23 @@ def _safetensors_spans(digest: hashlib.blake2b, fd: int, size: int) -> list[tupl
     if len(spans) > TENSORS_PER_FILE:
         spans = [spans[i * len(spans) // TENSORS_PER_FILE] for i in range(TENSORS_PER_FILE)]
     return spans
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able, process-independent form of a config value (no ``repr`` with addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return canonical(value.value)
+    if isinstance(value, Mapping):
+        return {str(key): canonical(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [canonical(item) for item in value]
+        return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return canonical(dataclasses.asdict(value))
+    if callable(value):  # e.g. an hf_overrides function: its name is all that is stable
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    if hasattr(value, "model_dump"):  # pydantic models
+        return canonical(value.model_dump())
+    return str(value)

@@ -38,12 +38,15 @@ __all__ = ["WorkerBoot", "RankInfo"]
 class RankInfo:
     """Who this rank is, as vLLM says."""
 
-    rank: int
+    rank: int  # within the engine (tensor and pipeline parallel)
     world_size: int
     engine_id: str | None
     #: Model and slot shape (names persistent G3 files; see kvbm.storage.files).
     storage_key: str
     num_gpu_blocks: int
+    #: The process's global rank: names its G3 file and seeds its fault injection, so
+    #: data-parallel engines sharing a directory never collide.
+    global_rank: int = 0
 
 
 @dataclass
@@ -78,10 +81,10 @@ class WorkerBoot:
                 storage.host_tier, storage.host = tier.name, HostArena(tier.capacity, bb, on_progress=progress)
             elif tier.medium == DISK:
                 faults = dict(cfg.disk_fault_injection)
-                seed = int(faults.pop("seed", 0)) + self.info.rank
+                seed = int(faults.pop("seed", 0)) + self.info.global_rank
                 arena = DiskArena(
                     cfg.disk_cache_dir, tier.capacity, bb,
-                    file_tag=g3_file_tag(self.info.storage_key, self.info.rank, persistent=cfg.disk_persist),
+                    file_tag=g3_file_tag(self.info.storage_key, self.info.global_rank, persistent=cfg.disk_persist),
                     zerofill_fallback=cfg.disk_zerofill_fallback, disable_o_direct=cfg.disk_disable_o_direct,
                     fault_hook=FaultInjector(faults, seed) if faults else None,
                 )

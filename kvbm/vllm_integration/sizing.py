@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from kvbm.runtime.fingerprint import fingerprint
+from kvbm.runtime.fingerprint import canonical, fingerprint
 from kvbm.vllm_integration.compat import features, kv_cache_layout
 
 if TYPE_CHECKING:
@@ -136,23 +133,3 @@ def _weights_location(model: ModelConfig, download_dir: str | None) -> str | Non
         return snapshot_download(model.model, revision=model.revision, cache_dir=download_dir, local_files_only=True)
     except Exception:  # not a hub name, not cached, no huggingface_hub: cannot tell
         return None
-
-
-def canonical(value: Any) -> Any:
-    """A JSON-able, process-independent form of a config value (no ``repr`` with addresses)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return canonical(value.value)
-    if isinstance(value, Mapping):
-        return {str(key): canonical(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [canonical(item) for item in value]
-        return sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return canonical(dataclasses.asdict(value))
-    if callable(value):  # e.g. an hf_overrides function: its name is all that is stable
-        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
-    if hasattr(value, "model_dump"):  # pydantic models
-        return canonical(value.model_dump())
-    return str(value)

@@ -42,6 +42,7 @@ class KvbmWorker:
         self.info = RankInfo(
             rank=_rank() % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
             storage_key=storage_key(vllm_config, kv_cache_config), num_gpu_blocks=kv_cache_config.num_blocks,
+            global_rank=_rank(),
         )
         self._boot: WorkerBoot | None = None  # from register_kv_caches until the first step
         self._runner: PlanRunner | None = None  # from the first step on
