@@ -208,3 +208,22 @@ def test_caller_bugs_raise(cache, tmp_path):
     (done,) = wait(ex)
     assert (done.job_id, done.ok, done.moved, done.nbytes) == (4, False, 0, 0)
     ex.close()
+
+
+def test_the_shared_tier_through_redis(cache, tmp_path, redis_server):
+    """G2 -> G4 (a real redis-server) and back into G1: RemoteMedium keys blocks by hash."""
+    from kvbm.storage.remote import RemoteStore
+    from kvbm.transfer.media import RemoteMedium
+
+    store = RemoteStore.open(redis_server.url, "executor-test", timeout_s=2.0)
+    ex = executor(cache, tmp_path, disk=False, extra={"G4": RemoteMedium(store)})
+    want = [block(cache, b) for b in (2, 3)]
+    ex.submit(1, Blocks("G1", [2, 3]), Blocks("G2", [0, 1]))
+    ex.submit(2, Blocks("G2", [0, 1]), Blocks("G4", [0, 0], [H(2), H(3)]))
+    assert [d.ok for d in wait(ex, 2)] == [True, True]
+    ex.submit(3, Blocks("G4", [0, 0, 0], [H(2), H(3), H(4)]), Blocks("G1", [20, 21, 22]))
+    (done,) = wait(ex)
+    assert (done.ok, done.moved, done.bad) == (False, 2, (0,))  # H(4) was never stored: a miss
+    assert same(cache, 20, want[0]) and same(cache, 21, want[1])
+    assert ex.take_errors() == {}
+    ex.close()

@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvbm.core.hashing import BlockHash
 from kvbm.storage.disk import DiskArena
 
+if TYPE_CHECKING:
+    from kvbm.storage.remote import RemoteStore  # imports redis: only where G4 is configured
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockMedium", "DiskMedium"]
+__all__ = ["BlockMedium", "DiskMedium", "RemoteMedium"]
 
 
 class BlockMedium(Protocol):
@@ -91,3 +94,28 @@ class DiskMedium:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+class RemoteMedium:
+    """G4: this rank's :class:`RemoteStore` (Redis), shared by servers and keyed by block
+    hash: slots are not used. A block another server evicted is a failed read (a miss)."""
+
+    def __init__(self, store: RemoteStore) -> None:
+        self.store = store
+        self._seen: dict[str, int] = {}
+
+    def read(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
+        return self.store.read_blocks(list(zip(hashes, rows)))
+
+    def write(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
+        return self.store.write_blocks(list(zip(hashes, rows)))
+
+    def errors(self) -> dict[str, int]:
+        stats = self.store.stats()
+        now = {**stats["errors"], **stats["bad_values"]}
+        out = {kind: n - self._seen.get(kind, 0) for kind, n in now.items() if n > self._seen.get(kind, 0)}
+        self._seen = now
+        return out
+
+    def close(self) -> None:
+        self.store.close()
