@@ -26,6 +26,7 @@ import time
 from kvbm.core.hashing import engine_root, extend_hashes
 from kvbm.core.planner import Planner
 from kvbm.core.pool import BlockPool
+from kvbm.core.tiers import standard_chain
 
 BLOCK_SIZE = 16
 PROMPT_TOKENS = 32 * 1024
@@ -98,7 +99,7 @@ def main() -> None:
         t0 = time.perf_counter()
         populate(pool, root, prompt, prompt_blocks, total, rng)
         fill_s = time.perf_counter() - t0
-        planner = Planner(pool, BLOCK_SIZE)
+        planner = Planner(standard_chain(total, 0), BLOCK_SIZE, indexes={"G2": pool})
         fresh, repeated = measure(planner, root, prompt, args.reps, hit * BLOCK_SIZE)
         results[(total, hit)] = (fresh, repeated)
         for case, xs in (("fresh", fresh), ("repeated", repeated)):

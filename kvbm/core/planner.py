@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
@@ -47,6 +48,7 @@ __all__ = ["Planner", "PlannerStats", "TierStats", "LoadOp", "LoadPart", "StoreB
 #: small window, not the whole prompt (its blocks are hashed later, as they
 #: are computed, by ``on_scheduled``).
 _FIRST_WINDOW = 16
+_VERSION = attrgetter("version")
 
 
 @dataclass
@@ -177,6 +179,7 @@ class Planner:
         for upper, lower in zip(self._tiers, self._tiers[1:]):
             upper.next = lower
         self._by_name = {t.name: t for t in self._tiers}
+        self._indexes = [t.index for t in self._tiers]
         self._position = {t.name: i for i, t in enumerate(self._tiers)}
         filtered = any(t.filter_threshold is not None for t in self.chain[1:])
         self.filter = (sightings if sightings is not None else FrequencyFilter()) if filtered else None
@@ -234,7 +237,7 @@ class Planner:
         req.candidate, req.skipped = None, None
         if start >= max_blocks:
             return 0
-        key = (num_computed, len(tokens), *(t.index.version for t in self._tiers))
+        key = (num_computed, len(tokens), *map(_VERSION, self._indexes))
         if key != req.match_key:
             req.last_match = (start, self._match_tiers(req, tokens, start, max_blocks), max_blocks - start)
             req.match_key = key
