@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--parts", default="hits,no-reuse,slow-tier")
     parser.add_argument("--model", default=None, help="model path (default: build the demo preset)")
     parser.add_argument("--out", type=Path, default=Path("out/fast-hits"))
-    parser.add_argument("--delay-ms", type=float, default=40.0, help="slow-tier: added per G3 block read")
+    parser.add_argument("--delay-ms", type=float, default=1000.0, help="slow-tier: added per G3 block read")
     args = parser.parse_args()
     if args.model is None:
         from kvbm.demo.tiny_model import build_model

@@ -118,3 +118,18 @@ def test_damaged_disk_blocks_are_recomputed(engine, reference, tmp_path, how, mo
     assert reread["kvbm"]["stats"]["bad_disk_blocks"] >= 1  # detected, counted, dropped
     assert reread["kvbm"]["pool_refs"] == 0
     assert again["cached"] == [5 * BLOCK]  # recomputed A was stored again: a hit once more
+
+
+def test_slow_disk_hits_are_recomputed_by_the_cost_rule(engine, reference, tmp_path):
+    """DYN_KVBM_ONBOARD_POLICY=cost: once kvbm has measured a crawling G3 (an injected 200 ms per
+    block read), later G3 hits are recomputed rather than loaded — a prefix partly loaded from
+    G2 and partly recomputed — and the tokens stay those of vLLM alone."""
+    kvbm = {**TIERED, "disk_cache_dir": str(tmp_path / "g3"), "onboard_policy": "cost",
+            "disk_fault_injection": "read_delay_ms=200"}
+    phases = [*FILL, gen("A", reset=True), gen("B", reset=True), gen("C", reset=True)]
+    pairs = run(tmp_path, "cost", engine, phases, kvbm)
+    check_outputs(pairs, reference)  # loaded, partly loaded or recomputed: the same tokens
+    first, later = pairs[4][1]["kvbm"]["stats"], pairs[6][1]["kvbm"]["stats"]
+    assert first["disk_hit_blocks"] >= 1  # nothing measured yet: G3 is tried, and timed
+    assert later["cost_skipped_disk_blocks"] >= 1  # then its hits go to recompute
+    assert pairs[6][1]["kvbm"]["pool_refs"] == 0
