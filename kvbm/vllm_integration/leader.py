@@ -89,7 +89,8 @@ class KvbmLeader:
             disk_filter=disk_filter,
             sync_load_tiers=SYNC_LOAD_TIERS[config.load_mode],
             cost=OnboardCost(policy=config.onboard_policy, block_size=self.block_size,
-                             block_bytes=bytes_per_block_per_rank(kv_cache_config)),
+                             block_bytes=bytes_per_block_per_rank(kv_cache_config),
+                             probe_blocks={DISK: 2}),  # learn a disk's speed on two blocks, not a prefix
         )
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self._step_seconds = Rate()  # steps per second, over every step
