@@ -64,3 +64,13 @@ def test_forcing_either_way(policy, want):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="cost"):
         OnboardCost(policy="sometimes")
+
+
+def test_an_unmeasured_slow_tier_is_probed_with_a_few_blocks_only():
+    cost = OnboardCost(block_size=BS, block_bytes=BB, probe_blocks={"G3": 2})
+    assert cost.choose([("G2", 10), ("G3", 8), ("G4", 5)]) == [10, 2, 0]  # G2 whole; G3 probed; G4 cut off
+    cost.observe_step(16_000, 1.0)
+    cost.observe_load("G3", 50e9, 1.0)  # measured fast: loaded whole from now on
+    assert cost.choose([("G2", 10), ("G3", 8)]) == [10, 8]
+    forced = OnboardCost(policy="always", block_size=BS, block_bytes=BB, probe_blocks={"G3": 2})
+    assert forced.choose([("G3", 8)]) == [8]

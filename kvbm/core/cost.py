@@ -46,6 +46,12 @@ class OnboardCost:
     whatever matched, "never" recomputes everything (kvbm then only stores).
     ``extra_seconds`` per tier is the fixed price of a load beyond its bytes
     (an asynchronous load waits at least one more engine step).
+
+    ``probe_blocks`` bounds what learning costs: until a tier's bandwidth is
+    measured, a match loads at most that many blocks from it (and nothing from
+    the tiers after it) — enough to time a read; a disk that turns out to
+    crawl then cost a block or two of one request, not every block of many.
+    Tiers not named there (host memory) are loaded whole from the start.
     """
 
     policy: str = "cost"
@@ -57,6 +63,7 @@ class OnboardCost:
     prefill: Rate = field(default_factory=Rate)
     bandwidth: dict[str, Rate] = field(default_factory=dict)
     extra_seconds: dict[str, float] = field(default_factory=dict)
+    probe_blocks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,14 +89,23 @@ class OnboardCost:
         compute = blocks * self.block_size / self.prefill.value
         return load < compute
 
+    def measured(self, tier: str) -> bool:
+        rate = self.bandwidth.get(tier)
+        return rate is not None and rate.value is not None
+
     def choose(self, parts: list[tuple[str, int]]) -> list[int]:
         """Per (tier, blocks) part of a match in chain order, the blocks to load: every
-        part up to the first that loses to recomputing, nothing after it."""
+        part up to the first that loses to recomputing (or is cut short to probe an
+        unmeasured tier), nothing after it."""
         chosen: list[int] = []
-        losing = False
+        stop = False
         for tier, blocks in parts:
-            losing = losing or (blocks > 0 and not self.worth_loading(tier, blocks))
-            chosen.append(0 if losing else blocks)
+            take = 0 if stop or (blocks > 0 and not self.worth_loading(tier, blocks)) else blocks
+            probe = self.probe_blocks.get(tier)
+            if self.policy == "cost" and probe is not None and take > probe and not self.measured(tier):
+                take = probe
+            stop = stop or take < blocks
+            chosen.append(take)
         return chosen
 
     def describe(self) -> str:

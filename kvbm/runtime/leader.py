@@ -20,7 +20,7 @@ from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
 from kvbm.core.hashing import engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
-from kvbm.core.tiers import G1, describe, move, standard_chain
+from kvbm.core.tiers import G1, HOST, describe, move, standard_chain
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.sizing import TierSizes
@@ -55,7 +55,9 @@ class LeaderRuntime:
             self.chain, block_size, world_size,
             sightings=FrequencyFilter(decay_period_s=config.disk_offload_filter_decay_secs,
                                       max_entries=config.disk_offload_filter_max_entries),
-            cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes),
+            # learn a slow tier's speed on two blocks, not on a whole prefix; host memory is never slow
+            cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes,
+                             probe_blocks={tier.name: 2 for tier in self.chain if tier.medium != HOST}),
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
         self.engine_root = engine_root(identity)
