@@ -40,7 +40,11 @@ def _kvbm_state(llm) -> dict:
     planner = connector._leader.planner
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    runner = get_kv_transfer_group()._worker._runner if has_kv_transfer_group() else None  # in-process worker
     return {
+        "layered_steps": getattr(runner, "layered_steps", 0),
         "stats": planner.stats.as_dict(),
         "pool_used": sum(pool.num_used for pool in pools),
         "pool_refs": refs,
