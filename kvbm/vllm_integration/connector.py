@@ -140,8 +140,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self._worker.start_load(meta, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Layer-wise in-step loads: this layer's blocks land before its attention (see
-        kvbm.runtime.layers; a full CUDA graph step, which skips this, waits for whole loads)."""
+        """Layer-wise in-step loads: this layer's blocks land before its attention (kvbm.runtime.layers)."""
         if self._worker is not None:
             self._worker.wait_for_layer_load(layer_name)
 
