@@ -142,7 +142,7 @@ def test_runner_lands_in_step_loads_layer_by_layer_then_stores():
     runner, views, host, layout = rank(caches())
     step = plan()
     runner.start_step(step, layer_order=[1, 0, 2])
-    assert runner.layered_steps == 1
+    assert runner.layered_steps == 1 and runner.layered
     assert not any(loaded(views, host, layout, i, [2, 3], [10, 11]) for i in range(LAYERS))
     runner.wait_layer(1)
     assert loaded(views, host, layout, 1, [2, 3], [10, 11])
@@ -172,7 +172,7 @@ def test_runner_whole_loads_without_an_order_and_layered_only_with_sync_loads():
     runner.start_step(plan(store=False))  # no layer order: whole loads, landed before the forward
     assert all(loaded(views, host, layout, i, [2, 3], [10, 11]) for i in range(LAYERS))
     runner.start_step(StepPlan(), layer_order=[0, 1, 2])  # nothing to load: not a layer-wise step
-    assert runner.layered_steps == 0
+    assert runner.layered_steps == 0 and not runner.layered
 
 
 def test_runner_medium_parts_land_before_the_forward_in_a_layered_step():
@@ -219,11 +219,11 @@ def test_runner_a_failed_layer_wise_load_poisons_the_store():
 NAMES = ["model.layers.0.attn", "model.layers.1.attn", "model.layers.2.attn"]
 
 
-def run_step(hooks: LayerHooks, hooked=NAMES, run=True) -> tuple[list[int] | None, bool]:
+def run_step(hooks: LayerHooks, hooked=NAMES, run=True, loads=True) -> tuple[list[int] | None, bool]:
     order = hooks.begin_step(run)
     for name in hooked:
         hooks.hooked(name)
-    return order, hooks.end_step()
+    return order, hooks.end_step(layered=order is not None and loads)
 
 
 def test_hooks_are_learned_from_a_whole_load_step_then_used():
@@ -250,6 +250,14 @@ def test_hooks_missing_a_layer_turn_layer_wise_off():
     hooks = LayerHooks(NAMES, NAMES, enabled=True)
     run_step(hooks)
     assert run_step(hooks, hooked=[]) == ([0, 1, 2], True)  # the hooks did not run at all
+
+
+def test_hooks_a_step_without_layered_loads_proves_nothing():
+    """vLLM 0.29+ starts a step without in-step loads after its forward pass: no hook is seen."""
+    hooks = LayerHooks(NAMES, NAMES, enabled=True)
+    run_step(hooks)
+    assert run_step(hooks, hooked=[], loads=False) == ([0, 1, 2], False)
+    assert hooks.armed
 
 
 def test_hooks_off_when_disabled_or_kv_is_shared():

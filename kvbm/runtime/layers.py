@@ -49,7 +49,6 @@ class LayerHooks:
         self.enabled = enabled and not shared
         self.order: list[int] | None = None  # learned: layer indices in the order their hooks run
         self._in_step = False
-        self._layered = False
         self._seen: list[str] = []
 
     @property
@@ -60,8 +59,7 @@ class LayerHooks:
         """A step starts; ``hooks_run``: its forward pass calls the per-layer hooks. Returns the
         layer order to land this step's in-step loads in, or None (whole loads)."""
         self._in_step, self._seen = hooks_run, []
-        self._layered = hooks_run and self.armed
-        return self.order if self._layered else None
+        return self.order if hooks_run and self.armed else None
 
     def hooked(self, name: str) -> int | None:
         """vLLM is about to run layer ``name``'s attention: its layer index (None: unknown)."""
@@ -69,13 +67,15 @@ class LayerHooks:
             self._seen.append(name)
         return self._index.get(name)
 
-    def end_step(self) -> bool:
-        """The step's forward pass is over: learn (or check) which layers' hooks ran. True: this
-        step landed loads layer by layer but some layer's attention ran without waiting."""
+    def end_step(self, layered: bool) -> bool:
+        """The step's forward pass is over: learn (or check) which layers' hooks ran. ``layered``:
+        this step's loads landed layer by layer. True: they did, but some layer's attention ran
+        without waiting for them. (vLLM may start a step without in-step loads after its forward
+        pass: such a step records no hook, which is no evidence either way.)"""
         in_step, self._in_step = self._in_step, False
         if not (in_step and self.enabled):
             return False
-        if self._layered and not self._seen:
+        if layered and not self._seen:
             self._seen = [""]  # not a single hook ran: every layer was missed
         elif not self._seen:
             return False
@@ -89,7 +89,7 @@ class LayerHooks:
                 return False
             self.order = [self._index[name] for name in dict.fromkeys(self._seen)]
             logger.info("kvbm: in-step loads land layer by layer (%d layers)", len(self.order))
-        elif self._layered and missing:
+        elif layered and missing:
             self.enabled = False
             logger.warning("kvbm: a forward pass skipped wait_for_layer_load for %s; this step's loads are "
                            "recomputed, and in-step loads land whole from now on", missing[:3])

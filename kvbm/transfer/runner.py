@@ -124,6 +124,11 @@ class PlanRunner:
             if not layered:
                 self.executor.fence()  # the forward pass waits for the copies, not the CPU
 
+    @property
+    def layered(self) -> bool:
+        """This step's in-step loads land layer by layer."""
+        return bool(self._layered_ops)
+
     def wait_layer(self, layer: int | None) -> None:
         """Before an attention layer (``layer``: its index in the layout; None: a layer kvbm
         does not know, which waits for every layer)."""

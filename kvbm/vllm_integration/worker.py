@@ -89,7 +89,7 @@ class KvbmWorker:
 
     def save(self, meta: KvbmMetadata) -> None:
         """After the forward pass: store the blocks this step filled."""
-        if self._hooks.end_step():
+        if self._hooks.end_step(self.runner.layered):
             self.runner.fail_layers()
         self.runner.store(meta.plan)
 
