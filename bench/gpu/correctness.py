@@ -19,7 +19,9 @@ and after G2 is overwritten with noise must give different tokens.
 Prints one table and writes ``summary.json``; exit status 1 when any kvbm run
 hits less than its oracle, a kvbm run whose loads all run inside the step (G2 by
 default, every tier with ``load_mode=sync``) differs from it, or the negative
-control does not bite. Runs with asynchronous loads are printed for comparison
+control does not bite, or a ``-layer-`` run (in-step loads landing layer by layer, each
+attention layer waiting for its own) never landed a load layer by layer ("layered" counts
+the steps that did). Runs with asynchronous loads are printed for comparison
 (vLLM's own ``OffloadingConnector`` loads asynchronously too).
 ``tests/test_gpu_vllm.py`` runs this under ``pytest -m gpu``.
 """
