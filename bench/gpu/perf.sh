@@ -35,8 +35,8 @@ declare -A conf=(
 configs() {  # names -> --config options (vllm is the built-in baseline)
   for name in "$@"; do [ "$name" = vllm ] || printf '%s\0' --config "$name=${conf[$name]}"; done
 }
-REUSE=${REUSE-"vllm kvbm-host kvbm-host-layer floor"}
-NO_REUSE=${NO_REUSE-"vllm kvbm-host"}
+REUSE=${REUSE-"vllm vllm-offload kvbm-host kvbm-host-layer floor"}
+NO_REUSE=${NO_REUSE-"vllm kvbm-host-layer"}
 
 if [ -n "$REUSE" ]; then
   mapfile -d '' extra < <(configs $REUSE)
