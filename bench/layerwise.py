@@ -33,12 +33,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=832, help="blocks loaded (832 x 16 tokens: a 13K-token hit)")
     ap.add_argument("--new-tokens", type=int, default=160, help="tokens the stand-in forward computes")
+    ap.add_argument("--staging-mib", type=int, default=0, help="the engine's staging buffers (0: its default)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
 
     setup = Setup(args.layers, 4096, args.blocks)
-    engine = setup.engine()
+    engine = setup.engine(staging_bytes=args.staging_mib << 20) if args.staging_mib else setup.engine()
     setup.buf.view(torch.uint8).random_(0, 256)  # the rows loaded hold noise, not zeros
     slots, blocks = setup.load_slots, setup.load_blocks
     nbytes = setup.batch_bytes
