@@ -412,7 +412,7 @@ def test_load_mode_is_validated():
 
 
 def test_layerwise_loads_is_validated():
-    assert load({CPU_GB: "1"}).layerwise_loads == "auto"
+    assert load({CPU_GB: "1"}).layerwise_loads == "off"
     for raw, mode in (("on", "on"), ("1", "on"), ("true", "on"), ("no", "off"), ("OFF", "off"), ("Auto", "auto")):
         assert load({CPU_GB: "1", "DYN_KVBM_LAYERWISE_LOADS": raw}).layerwise_loads == mode
     assert load({CPU_GB: "1"}, {"layerwise_loads": False}).layerwise_loads == "off"

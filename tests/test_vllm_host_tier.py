@@ -75,7 +75,7 @@ def baseline_run(model_path, tmp_path_factory):
 
 # auto: G2 loads run inside the step that matched them (the request is scheduled at once);
 # async: the request waits for the copy, unscheduled, as G3 loads do;
-# layerwise: in-step loads land layer by layer (the default on CUDA), each attention layer
+# layerwise: in-step loads land layer by layer (DYN_KVBM_LAYERWISE_LOADS=on), each attention layer
 # waiting for its own layer (on CPU: copied when vLLM's per-layer hook asks for it).
 MODES = {"auto": {"load_mode": "auto", "layerwise_loads": "off"}, "async": {"load_mode": "async"},
          "layerwise": {"load_mode": "auto", "layerwise_loads": "on"}}

@@ -80,7 +80,7 @@ def phases(negative: bool) -> list[dict]:
 
 
 #: name -> (eager, large GPU pool, kvbm settings or None, other kv_transfer_config or None).
-#: In-step G2 loads land layer by layer on CUDA unless layerwise_loads is "off" (the -layer-
+#: In-step G2 loads land layer by layer where layerwise_loads is "on" (the -layer-
 #: runs must really have done so: their "layered" count must be > 0).
 #: kvbm loads from G2 inside the step (DYN_KVBM_LOAD_MODE=auto), from G3 asynchronously unless
 #: "sync"; an asynchronous load schedules the request a step later than the oracle does, which
@@ -98,7 +98,7 @@ CONFIGS: dict[str, tuple[bool, bool, dict | None, dict | None]] = {
         "kv_connector_extra_config": {"cpu_bytes_to_use": 2e9}}),
     "kvbm-host-eager": (True, False, {**_G2, "layerwise_loads": "off"}, None),
     "kvbm-host-graphs": (False, False, {**_G2, "layerwise_loads": "off"}, None),
-    # Layer-wise in-step loads (the default on CUDA): each attention layer waits for its own layer.
+    # Layer-wise in-step loads (layerwise_loads "on"): each attention layer waits for its own layer.
     "kvbm-host-layer-eager": (True, False, {**_G2, "layerwise_loads": "on"}, None),
     "kvbm-host-layer-graphs": (False, False, {**_G2, "layerwise_loads": "on"}, None),
     "kvbm-host-async-eager": (True, False, {**_G2, "load_mode": "async"}, None),

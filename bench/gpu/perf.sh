@@ -5,7 +5,7 @@
 #   vllm            vLLM alone (its own prefix cache, small pool)
 #   vllm-offload    + vLLM's native OffloadingConnector with the same host memory as kvbm (32 GiB)
 #   kvbm-host       + kvbm, G2 = 32 GiB pinned host memory, in-step loads whole (the forward waits for all)
-#   kvbm-host-layer + the same, in-step loads layer by layer (kvbm's default on CUDA)
+#   kvbm-host-layer + the same, in-step loads layer by layer (DYN_KVBM_LAYERWISE_LOADS=on)
 #   kvbm-host+disk  + kvbm, G2 = 32 GiB and G3 = 20 GB on local disk
 #   floor           vLLM alone with a pool large enough for everything
 # then a no-reuse workload (every prompt new) for vllm vs kvbm-host: what kvbm costs when it cannot help.
