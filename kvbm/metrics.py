@@ -55,6 +55,7 @@ from kvbm.core.tiers import DISK, G1, HOST, move
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.core.planner import Planner, PlannerStats
+    from kvbm.storage.remote import RemoteStore
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +215,10 @@ class CacheMetrics:
     """
 
     def __init__(self, planner: Planner, *, window: int = 1000, world_size: int = 1,
-                 block_bytes: int = 0) -> None:
+                 block_bytes: int = 0, remote: RemoteStore | None = None) -> None:
         self.planner = planner
+        #: G4's store on the leader: its lookups, errors and round-trip latencies.
+        self.remote = remote
         self.world_size = max(1, world_size)
         #: Bytes one block takes over all ranks (what one G2/G3 slot holds in total).
         self.block_bytes = block_bytes

@@ -60,10 +60,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import zmq
@@ -277,9 +277,13 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         heartbeat_s: float = HEARTBEAT_S,
         dead_after_s: float = DEAD_AFTER_S,
         progress_log_s: float = PROGRESS_LOG_S,
+        remote_key: Callable[[Sequence[WorkerLayout]], str] | None = None,
     ) -> None:
+        """``remote_key``: with G4, the key every rank stores its blocks under, from the ranks'
+        layouts (the model identity covers them); workers get it with the sizes."""
         super().__init__(config, engine_id, heartbeat_s, dead_after_s)
         self.world_size = world_size
+        self.remote_key = remote_key
         self.drops = DropLog("kvbm leader")
         self.session = wire.new_id()
         self.progress_log_s = progress_log_s
@@ -418,6 +422,8 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 check_fits(self.config, sizes, local, machine, f"host {here}")
         except SizingError as exc:
             raise HandshakeError(str(exc)) from None
+        if self.remote_key is not None:
+            sizes = replace(sizes, remote_key=self.remote_key(layouts))
         logger.info(
             "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
             "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks, sizes.host_slots, sizes.disk_slots,
