@@ -97,7 +97,9 @@ class RemoteIndex:
         key = (hashes[start], hashes[stop - 1])  # a block's hash covers its whole prefix
         now = time.monotonic()
         cached = self._lookups.get(key)
-        if cached is not None and cached[0] > now:
+        # A cached answer holds until it expires, unless this server has since stored the block it stopped at.
+        if cached is not None and cached[0] > now and (
+                start + cached[1] >= stop or hashes[start + cached[1]] not in self._known):
             found = cached[1]
         else:
             found = self._lookup(hashes[start:stop])
