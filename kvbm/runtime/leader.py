@@ -74,6 +74,7 @@ class LeaderRuntime:
             indexes=indexes,
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
+        self._shared = {tier.name for tier in self.chain if tier.shared}
         self.engine_root = engine_root(identity)
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self._step_seconds = Rate()  # steps per second, over every step
@@ -153,11 +154,14 @@ class LeaderRuntime:
                     cost.observe_load(tier.name, report.transfer_bytes.get(direction, 0),
                                       report.transfer_seconds[direction])
         for tier, slots in report.bad_slots.items():
-            if slots:
+            if slots and not (tier in self._shared and self.planner.stats.tier(tier).bad_blocks > len(slots)):
+                # A shared tier's blocks vanish when another server or Redis evicts them: said once.
                 logger.warning(
                     "kvbm: %d %s block(s) failed verification or could not be read; they were dropped and "
-                    "their requests recompute (total so far: %d)",
+                    "their requests recompute (total so far: %d)%s",
                     len(slots), tier, self.planner.stats.tier(tier).bad_blocks,
+                    "; a shared tier loses blocks to evictions by Redis or other servers, so further ones are "
+                    "only counted" if tier in self._shared else "",
                 )
         if self.journal is not None:
             commits = self.planner.take_commits(self._persistent)

@@ -77,8 +77,9 @@ class RemoteIndex:
         self._pending: dict[int, BlockHash] = {}  # reserved, being stored
         self._pending_hashes: set[BlockHash] = set()
         self._hash_of: dict[int, BlockHash] = {}  # every live address
-        #: (first hash, last hash) of a looked-up range -> (valid until, blocks found)
-        self._lookups: OrderedDict[tuple[BlockHash, BlockHash], tuple[float, int]] = OrderedDict()
+        #: (first hash, last hash) of a looked-up range -> (valid until, blocks found, failures then)
+        self._lookups: OrderedDict[tuple[BlockHash, BlockHash], tuple[float, int, int]] = OrderedDict()
+        self._failed = 0  # known blocks dropped (a failed load): invalidates every cached answer
         self._next = 0
         self._forgotten = 0  # known hashes pushed out of the bounded table (invalidates matches)
         self.lookup_errors = 0
@@ -97,13 +98,15 @@ class RemoteIndex:
         key = (hashes[start], hashes[stop - 1])  # a block's hash covers its whole prefix
         now = time.monotonic()
         cached = self._lookups.get(key)
-        # A cached answer holds until it expires, unless this server has since stored the block it stopped at.
-        if cached is not None and cached[0] > now and (
+        # A cached answer holds until it expires, unless a known block failed its load since
+        # (evicted, or Redis went down: ask again rather than fail the same load again), or this
+        # server has since stored the block it stopped at.
+        if cached is not None and cached[0] > now and cached[2] == self._failed and (
                 start + cached[1] >= stop or hashes[start + cached[1]] not in self._known):
             found = cached[1]
         else:
             found = self._lookup(hashes[start:stop])
-            self._lookups[key] = (now + self.lookup_ttl_s, found)
+            self._lookups[key] = (now + self.lookup_ttl_s, found, self._failed)
             self._lookups.move_to_end(key)
             while len(self._lookups) > self.max_lookups:
                 self._lookups.popitem(last=False)
@@ -179,6 +182,7 @@ class RemoteIndex:
         elif self._known.get(block_hash) == slot:
             del self._known[block_hash]
             self._forgotten += 1
+            self._failed += 1
         self.stats.dropped += 1
 
     # ---- pins: none (another server may evict a block at any time) -----------------
