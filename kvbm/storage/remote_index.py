@@ -110,6 +110,7 @@ class RemoteIndex:
             self._lookups.move_to_end(key)
             while len(self._lookups) > self.max_lookups:
                 self._lookups.popitem(last=False)
+        found = min(found, self.max_known)  # every address handed out stays known until it is loaded
         return [self._see(h) for h in hashes[start:start + found]]
 
     def _lookup(self, hashes: Sequence[BlockHash]) -> int:
