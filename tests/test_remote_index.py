@@ -192,3 +192,34 @@ def test_wire_carries_the_remote_key():
     message["sizes"]["remote_key"] = "not hex"
     with pytest.raises(Malformed):
         wire.parse_beacon(message)
+
+
+def test_g4_metrics_rows():
+    """kvbm_remote_*: hits and blocks from the planner, errors and round trips from the leader's
+    store and the workers' reports, G4 moves in kvbm_transfer_bytes_total."""
+    from kvbm.metrics import CacheMetrics, exported_series, make_registry
+    from kvbm.storage.remote_index import LATENCY_BUCKETS_S
+
+    tokens = toks(4 * 3 + 1)
+    p = g2_g4(FakeStore(hashes(tokens)))
+    p.add_request("r", ROOT)
+    p.match("r", tokens, 0)
+    p.on_alloc("r", toks(4, 100), 3 * BS)
+    p.take_plan()
+    p.on_worker_report(finished_loads=["r"])
+    metrics = CacheMetrics(p, block_bytes=100)
+    metrics.on_step()
+    hist = [0.0] * len(LATENCY_BUCKETS_S) + [2.0, 0.004]  # two reads, both above the last bound
+    metrics.on_worker_report({"G4->G1": 300}, {"G4->G1": 0.01}, {"G4": {"timeout": 2}}, {"read": hist})
+    metrics.on_worker_report({}, {}, {}, {"read": hist})
+    registry = make_registry(metrics)
+    assert {"kvbm_remote_hit_blocks_total", "kvbm_remote_cache_hit_rate", "kvbm_remote_up",
+            "kvbm_remote_errors_total", "kvbm_remote_round_trip_seconds_bucket"} <= exported_series(registry)
+    assert registry.get_sample_value("kvbm_remote_hit_blocks_total") == 3
+    assert registry.get_sample_value("kvbm_remote_loaded_blocks_total") == 3
+    assert registry.get_sample_value("kvbm_remote_cache_hit_rate") == 1.0
+    assert registry.get_sample_value("kvbm_remote_errors_total", {"kind": "timeout"}) == 2
+    assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "read"}) == 4
+    assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "lookup"}) == 0
+    assert registry.get_sample_value("kvbm_transfer_bytes_total", {"direction": "G4->G1"}) == 300
+    assert registry.get_sample_value("kvbm_tier_used_blocks", {"tier": "remote"}) == 3

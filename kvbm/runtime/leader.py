@@ -145,7 +145,8 @@ class LeaderRuntime:
         """What the workers did (their reports merged), and what vLLM says finished."""
         self.planner.on_worker_report(report.stored, report.failed_batches, finished_loads, failed_loads, released,
                                       report.bad_slots)
-        self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors)
+        self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors,
+                                      report.round_trips)
         cost = self.planner.cost
         if cost is not None:
             for tier in self.chain:

@@ -43,7 +43,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RemoteIndex", "open_remote", "remote_key"]
+__all__ = ["BAD_VALUE_KINDS", "ERROR_KINDS", "LATENCY_BUCKETS_S", "RemoteIndex", "open_remote", "remote_key"]
+
+# What kvbm.storage.remote measures and kvbm.metrics exports: here, so that the metrics need not import redis.
+#: Redis round-trip latency histogram bounds (seconds), Prometheus-style ``le``.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: Errors by kind: shard-level (the node is then down) and per-command replies.
+ERROR_KINDS = ("connection", "timeout", "auth", "oom", "moved", "readonly", "busy", "response", "unroutable",
+               "other")
+#: Values that did not verify, by kind.
+BAD_VALUE_KINDS = ("foreign", "corrupt")
 
 
 def remote_key(identity: str) -> str:
