@@ -2,7 +2,7 @@
 # kvbm inside real vLLM on a CUDA machine: versions, correctness, transfer bandwidth, performance.
 #
 #   bench/gpu/run.sh OUT_DIR check        versions, imports, kvbm doctor
-#   bench/gpu/run.sh OUT_DIR gpu-tests    pytest -m gpu tests/test_gpu_transfer.py
+#   bench/gpu/run.sh OUT_DIR gpu-tests    pytest -m gpu tests/test_gpu_transfer.py tests/test_gpu_executor.py
 #   bench/gpu/run.sh OUT_DIR correctness  bench/gpu/correctness.py (engines side by side, minutes)
 #   bench/gpu/run.sh OUT_DIR transfer     bench/transfer.py (G1<->G2 copy engine against memcpy)
 #   bench/gpu/run.sh OUT_DIR perf-start   bench/gpu/perf.sh in the background (its own session)
@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
     check) stamp check; check 2>&1 | tee -a "$out/check.txt" ;;
     gpu-tests)  # the CUDA copy engine on every cache layout, byte for byte
       stamp gpu-tests | tee -a "$out/check.txt"
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_transfer.py 2>&1 | tail -n 15 | tee -a "$out/check.txt" ;;
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_transfer.py tests/test_gpu_executor.py 2>&1 | tail -n 15 | tee -a "$out/check.txt" ;;
     correctness)
       stamp correctness | tee -a "$out/correctness.txt"
       python3 bench/gpu/correctness.py --out "$work/correctness" 2>&1 | tail -n 40 | tee -a "$out/correctness.txt" ;;

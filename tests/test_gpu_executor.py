@@ -1,0 +1,78 @@
+"""The transfer executor on a CUDA GPU: the CUDA copy engine between a GPU KV cache and
+pinned host rows (G2), staging rows between the GPU and a real disk file (G3), and a
+medium of the tests' own (G9), byte for byte. The same jobs as tests/test_executor.py
+(which runs them on CPU in CI); here the GPU side is asynchronous, so every job is
+collected through ``poll``. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbm.storage.disk import DiskArena
+from kvbm.storage.host import HostArena
+from kvbm.transfer.executor import Blocks, TransferExecutor
+from kvbm.transfer.layout import describe_kv_caches
+from kvbm.transfer.media import DiskMedium
+from tests.test_executor import DictMedium, H, wait
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+NUM_BLOCKS = 64
+LAYERS = 3
+#: FlashAttention's [2, blocks, block size, KV heads, head dim] and the CPU backend's shape.
+SHAPES = {"flash": (2, NUM_BLOCKS, 16, 8, 128), "blocks-first": (NUM_BLOCKS, 2, 8, 16, 128)}
+
+
+def make_cache(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return {f"layer.{i}": torch.randn(shape, generator=gen, device="cuda").to(torch.bfloat16) for i in range(LAYERS)}
+
+
+def blocks_of(cache: dict[str, torch.Tensor], dim: int, ids: list[int]) -> list[torch.Tensor]:
+    return [t.index_select(dim, torch.tensor(ids, device="cuda")).cpu() for t in cache.values()]
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_every_move_of_the_chain_on_the_gpu(kind: str, tmp_path) -> None:
+    shape = SHAPES[kind]
+    dim = 1 if kind == "flash" else 0
+    cache = make_cache(shape)
+    layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+    g9 = DictMedium()
+    media = {"G3": DiskMedium(DiskArena(str(tmp_path / "g3"), 16, layout.block_bytes, file_tag="gpu"),
+                              delete_on_close=True), "G9": g9}
+    ex = TransferExecutor(layout, views, host=HostArena(16, layout.block_bytes, pin=True), media=media)
+    try:
+        want = blocks_of(cache, dim, [1, 2, 3, 4])
+        # G1 -> G2 (CUDA engine), G2 -> G3 (the file), G3 -> G9 (the dict)
+        ex.submit(1, Blocks("G1", [1, 2, 3, 4]), Blocks("G2", [0, 1, 2, 3]))
+        assert wait(ex)[0].ok
+        ex.submit(2, Blocks("G2", [0, 1, 2, 3]), Blocks("G3", [5, 6, 7, 8], [H(i) for i in (1, 2, 3, 4)]))
+        assert wait(ex)[0].ok
+        ex.submit(3, Blocks("G3", [5, 6, 7, 8], [H(i) for i in (1, 2, 3, 4)]),
+                  Blocks("G9", [0] * 4, [H(i) for i in (1, 2, 3, 4)]))
+        assert wait(ex)[0].ok and len(g9.blocks) == 4
+        # back into other GPU blocks from each tier: G2 (engine), G3 (staged), G9 (staged), G3 in-step
+        ex.submit(4, Blocks("G2", [0, 1, 2, 3]), Blocks("G1", [10, 11, 12, 13]))
+        ex.submit(5, Blocks("G3", [5, 6, 7, 8], [H(i) for i in (1, 2, 3, 4)]), Blocks("G1", [20, 21, 22, 23]))
+        ex.submit(6, Blocks("G9", [0] * 4, [H(i) for i in (1, 2, 3, 4)]), Blocks("G1", [30, 31, 32, 33]))
+        ex.submit(7, Blocks("G3", [5, 6, 7, 8], [H(i) for i in (1, 2, 3, 4)]), Blocks("G1", [40, 41, 42, 43]),
+                  now=True)
+        done = wait(ex, 4)
+        assert [(d.ok, d.moved) for d in done] == [(True, 4)] * 4
+        torch.cuda.synchronize()
+        for first in (10, 20, 30, 40):
+            got = blocks_of(cache, dim, list(range(first, first + 4)))
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), f"blocks {first}.. differ"
+        # a block that fails verification ends the landed prefix; nothing after it is written
+        before = blocks_of(cache, dim, [51, 52])
+        ex.submit(8, Blocks("G3", [5, 6, 7], [H(1), H(99), H(3)]), Blocks("G1", [50, 51, 52]))
+        (bad,) = wait(ex)
+        assert (bad.ok, bad.moved, bad.bad) == (False, 1, (6,))
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(blocks_of(cache, dim, [51, 52]), before))
+    finally:
+        ex.close()
