@@ -354,6 +354,10 @@ class CacheMetrics:
             if index is not None:
                 parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
         _, _, errors = self.snapshot()
+        if self.remote_store is not None:
+            up, remote_errors, _ = self.remote()
+            failed = ", ".join(f"{kind} {n}" for kind, n in remote_errors.items() if n)
+            parts.append(f"G4 {'up' if up else 'DOWN'}" + (f", errors: {failed}" if failed else ""))
         bad = s.total("bad_blocks")
         failures = s.failed_loads + s.failed_stores + bad + sum(errors.values())
         if failures:

@@ -223,3 +223,11 @@ def test_g4_metrics_rows():
     assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "lookup"}) == 0
     assert registry.get_sample_value("kvbm_transfer_bytes_total", {"direction": "G4->G1"}) == 300
     assert registry.get_sample_value("kvbm_tier_used_blocks", {"tier": "remote"}) == 3
+
+
+def test_summary_line_says_whether_g4_is_up(redis_server):
+    rt = runtime(redis_server.url)
+    try:
+        assert "G4 up" in rt.metrics.summary()
+    finally:
+        rt.close()
