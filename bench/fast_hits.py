@@ -8,8 +8,10 @@ no reuse at all, and a slow disk with and without the load-or-recompute rule.
 * ``hits``: the README demo's workload (LMBenchmark multi-round QA on the local
   demo model, vLLM's pool shrunk below the users' conversations) through vLLM
   alone, vLLM + kvbm with asynchronous loads (``DYN_KVBM_LOAD_MODE=async``),
-  vLLM + kvbm as shipped (G2 loads inside the step), and the floor: vLLM with a
-  pool large enough for everything. The table's "later-turn TTFT vs floor" row
+  vLLM + kvbm as shipped (G2 loads inside the step), the same with in-step
+  loads landing layer by layer (``DYN_KVBM_LAYERWISE_LOADS=on``, the default on
+  CUDA; on CPU each layer is copied when its attention asks: nothing overlaps),
+  and the floor: vLLM with a pool large enough for everything. The table's "later-turn TTFT vs floor" row
   is what a hit costs beyond a GPU prefix hit.
 * ``no-reuse``: no prompt shares a prefix; kvbm can only add work (its stores).
 * ``slow-tier``: disk-only kvbm whose G3 reads are slowed by a test-only delay
@@ -48,7 +50,8 @@ def part_hits(model: str, out: Path) -> None:
     vllm, kvbm, floor = builtin_configurations(["vllm", "kvbm-host", "floor"], 1.0)
     asynchronous = Configuration("kvbm-async", kvbm={"cpu_cache_gb": 1.0, "load_mode": "async"})
     kvbm.name = "kvbm-in-step"
-    outcomes = run_compare(model, [vllm, asynchronous, kvbm, floor], demo_spec(), ENGINE, out / "hits",
+    layered = Configuration("kvbm-layer", kvbm={"cpu_cache_gb": 1.0, "layerwise_loads": "on"})
+    outcomes = run_compare(model, [vllm, asynchronous, kvbm, layered, floor], demo_spec(), ENGINE, out / "hits",
                            progress=False)
     report(outcomes, out / "hits", True, "demo model: hits (in-step vs async) and the floor")
 

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 PREFIX = "DYN_KVBM_"
 LOAD_MODES = ("auto", "sync", "async")
+LAYERWISE_MODES = ("auto", "on", "off")
 ONBOARD_POLICIES = ("cost", "always", "never")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -218,6 +219,12 @@ class KvbmConfig:
     #: is scheduled at once) and from slower tiers asynchronously (it waits; others run);
     #: "sync" / "async" force one way for every tier.
     load_mode: str = "auto"
+    #: How an in-step load from the host tier lands: layer by layer ("on": layer i's blocks are
+    #: copied while layer i-1 computes, each attention layer waits for its own layer only) or
+    #: whole ("off": the forward pass waits for every block first). "auto": layer by layer on
+    #: CUDA, whole on CPU (a CPU copy is synchronous: nothing to overlap). Either way it is used
+    #: only where vLLM calls its per-layer hooks (see kvbm.runtime.layers).
+    layerwise_loads: str = "auto"
     #: Load or recompute a matched prefix: "cost" loads a tier's part only where that is
     #: faster than recomputing it (measured rates); "always" / "never" force one way.
     onboard_policy: str = "cost"
@@ -392,6 +399,15 @@ def _parse_load_mode(name: str, raw: Any) -> str:
     return mode
 
 
+def _parse_layerwise(name: str, raw: Any) -> str:
+    mode = str(raw).strip().lower()
+    mode = {**dict.fromkeys(_TRUE - {""}, "on"), **dict.fromkeys(_FALSE - {""}, "off")}.get(mode, mode)
+    if mode not in LAYERWISE_MODES:
+        raise ConfigError(f"{name}={raw!r} is not a layer-wise mode; use auto (layer by layer on CUDA), "
+                          "on or off (the forward pass waits for whole loads)")
+    return mode
+
+
 def _parse_onboard_policy(name: str, raw: Any) -> str:
     policy = str(raw).strip().lower()
     if policy not in ONBOARD_POLICIES:
@@ -492,6 +508,7 @@ _FIELDS: dict[str, Any] = {
     "log_level": _parse_log_level,
     "allow_untested_vllm": _parse_bool,
     "load_mode": _parse_load_mode,
+    "layerwise_loads": _parse_layerwise,
     "onboard_policy": _parse_onboard_policy,
     "remote_url": parse_remote_url,
     "remote_namespace": parse_remote_namespace,

@@ -44,7 +44,11 @@ def _kvbm_state(llm) -> dict:
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
     remote = connector._leader.runtime.remote
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    runner = get_kv_transfer_group()._worker._runner if has_kv_transfer_group() else None  # in-process worker
     return {
+        "layered_steps": getattr(runner, "layered_steps", 0),
         "stats": planner.stats.as_dict(),
         "tiers": {name: dict(vars(stats)) for name, stats in planner.stats.tiers.items()},
         "remote": None if remote is None else {k: v for k, v in remote.stats().items() if k != "latency"},

@@ -106,6 +106,7 @@ def test_all_settings_parse():
         "DYN_KVBM_LOG_LEVEL": "debug",
         "DYN_KVBM_ALLOW_UNTESTED_VLLM": "1",
         "DYN_KVBM_LOAD_MODE": "Sync",
+        "DYN_KVBM_LAYERWISE_LOADS": "Off",
         "DYN_KVBM_ONBOARD_POLICY": "always",
         "DYN_KVBM_REMOTE_URL": "rediss://kvbm:pw@redis.example:6380/2",
         "DYN_KVBM_REMOTE_NAMESPACE": "prod-kv",
@@ -133,6 +134,7 @@ def test_all_settings_parse():
     assert cfg.metrics_host == "127.0.0.1" and cfg.metrics_hit_rate_window == 50
     assert cfg.log_summary_secs == 0.0
     assert cfg.allow_untested_vllm is True and cfg.load_mode == "sync" and cfg.onboard_policy == "always"
+    assert cfg.layerwise_loads == "off"
     assert cfg.trace_file == "/tmp/kvbm-trace.jsonl"
     assert sorted(ENV_VARS) == sorted(env)  # every documented variable is covered here
 
@@ -415,6 +417,15 @@ def test_load_mode_is_validated():
     assert load({CPU_GB: "1"}).onboard_policy == "cost"
     with pytest.raises(ConfigError, match="DYN_KVBM_ONBOARD_POLICY.*cost, always, never"):
         load({CPU_GB: "1", "DYN_KVBM_ONBOARD_POLICY": "maybe"})
+
+
+def test_layerwise_loads_is_validated():
+    assert load({CPU_GB: "1"}).layerwise_loads == "auto"
+    for raw, mode in (("on", "on"), ("1", "on"), ("true", "on"), ("no", "off"), ("OFF", "off"), ("Auto", "auto")):
+        assert load({CPU_GB: "1", "DYN_KVBM_LAYERWISE_LOADS": raw}).layerwise_loads == mode
+    assert load({CPU_GB: "1"}, {"layerwise_loads": False}).layerwise_loads == "off"
+    with pytest.raises(ConfigError, match="DYN_KVBM_LAYERWISE_LOADS.*auto.*on or off"):
+        load({CPU_GB: "1", "DYN_KVBM_LAYERWISE_LOADS": "sometimes"})
 
 
 # ---- hostile and mistyped values ---------------------------------------------------

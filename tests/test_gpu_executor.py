@@ -7,6 +7,8 @@ collected through ``poll``. Skipped without a GPU.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -76,3 +78,54 @@ def test_every_move_of_the_chain_on_the_gpu(kind: str, tmp_path) -> None:
         assert all(torch.equal(g, w) for g, w in zip(blocks_of(cache, dim, [51, 52]), before))
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_layer_wise_in_step_load_through_the_plan_runner(kind: str, tmp_path) -> None:
+    """A step's in-step load from G2 and G3 landing layer by layer, each layer waited for on the
+    forward pass's stream (not the default one), then the step's store: the bytes of every layer."""
+    from kvbm.core.plan import LoadOp, LoadPart, StepPlan, StoreBatch
+    from kvbm.transfer.runner import PlanRunner
+
+    dim = 1 if kind == "flash" else 0
+    cache = make_cache(SHAPES[kind])
+    layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+    g3 = DiskMedium(DiskArena(str(tmp_path / "g3"), 16, layout.block_bytes, file_tag="gpu"), delete_on_close=True)
+    ex = TransferExecutor(layout, views, host=HostArena(16, layout.block_bytes, pin=True), media={"G3": g3})
+    runner = PlanRunner(ex, {"G2": 16, "G3": 16})
+    try:
+        want = blocks_of(cache, dim, [1, 2, 3, 4])
+        ex.submit(1, Blocks("G1", [1, 2, 3]), Blocks("G2", [5, 6, 7]))
+        ex.submit(2, Blocks("G1", [4]), Blocks("G3", [0], [H(4)]))
+        assert all(d.ok for d in wait(ex, 2))
+        step = StepPlan(loads=[LoadOp("r", [20, 21, 22, 23], [LoadPart("G2", [5, 6, 7]),
+                                                               LoadPart("G3", [0], [H(4)])], sync=True)],
+                        store=StoreBatch(9, "G2", [20, 21], [10, 11]))
+        forward = torch.cuda.Stream()
+        reads = []
+        with torch.cuda.stream(forward):
+            runner.start_step(step, layer_order=[2, 0, 1])
+            assert runner.layered
+            idx = torch.tensor([20, 21, 22, 23], device="cuda")
+            for layer in (2, 0, 1):
+                runner.wait_layer(layer)
+                reads.append((layer, views[layer].index_select(1, idx)))  # this layer's "attention"
+            runner.store(step)
+        torch.cuda.synchronize()
+        got = blocks_of(cache, dim, [20, 21, 22, 23])
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        for layer, read in reads:
+            assert torch.equal(read.cpu(), views[layer].index_select(1, idx).cpu()), f"layer {layer} read early"
+        reports = []
+        for _ in range(200):
+            runner.results()
+            reports.append(runner.take_report())
+            if any(r is not None and r.stored for r in reports):
+                break
+            time.sleep(0.01)
+        assert [r.stored for r in reports if r is not None and r.stored] == [{9: 1}]
+        assert not any(r.failed_loads or r.failed_batches for r in reports if r is not None)
+        rows = ex.host.buffer[:, : layout.block_bytes]
+        assert torch.equal(rows[10], rows[5]) and torch.equal(rows[11], rows[6])
+    finally:
+        runner.close()

@@ -10,7 +10,9 @@ on the GPU for every supported layout and dtype, describe them with
 * copies are ordered after the compute stream's earlier work, and never block,
 
 for both engine modes (staged DMA, zero-copy kernel), several staging, grid
-and chunk sizes, both kernel backends (Triton, CuPy) and both DMA APIs.
+and chunk sizes, both kernel backends (Triton, CuPy) and both DMA APIs; and
+that layer-wise loads land byte for byte, each layer waited for on another
+stream (the forward pass's) while the load stream is held back.
 
 The CPU tests check that the modules import without Triton/CuPy or a GPU and
 that the factory picks TorchCopyEngine for CPU tensors.
@@ -383,6 +385,92 @@ def test_allocate_pinned_is_pinned_and_dma_works() -> None:
     assert stats.pinned and other.is_pinned()
     del host, other
     gc.collect()
+
+
+def _layered_load(kind: str, dtype: torch.dtype, *, dma_api: str = "batch", seed: int = 21,
+                  fence: bool = False) -> None:
+    """Layer-wise loads (two requests, one bad one) issued from a side "compute" stream while the
+    load stream is held busy; each layer is waited for on that compute stream and read there at
+    once. Every read must see the loaded bytes, and the caches end equal to TorchCopyEngine's."""
+    from kvbm.storage.host import make_host_arena_buffer
+    from kvbm.transfer.cuda import CudaCopyEngine
+
+    rng = random.Random(seed)
+    gpu_caches = _make_caches(kind, dtype, "cuda", seed)
+    cpu_caches = {k: v.cpu().clone() for k, v in gpu_caches.items()}
+    layout, gviews = describe_kv_caches(gpu_caches, NUM_BLOCKS)
+    clayout, cviews = describe_kv_caches(cpu_caches, NUM_BLOCKS)
+    num_slots = 40
+    gbuf = make_host_arena_buffer(num_slots, layout.block_bytes, want_pinned=True)
+    _random_bytes_(gbuf, torch.Generator().manual_seed(seed + 1))
+    engine = CudaCopyEngine(layout, gviews, _arena(gbuf), dma_api=dma_api)
+    ref = TorchCopyEngine(clayout, cviews, _arena(gbuf.clone()))
+    blocks = rng.sample(range(NUM_BLOCKS), 30)
+    slots = rng.sample(range(num_slots), 30)
+    loads = [("a", slots[:17], blocks[:17]), ("bad", [0], [NUM_BLOCKS]), ("b", slots[17:], blocks[17:])]
+    order = list(range(len(layout.layers)))[::-1]
+    for key, s, b in loads[::2]:
+        ref.load(key, s, b)
+    compute = torch.cuda.Stream()
+    idx = torch.tensor(blocks, device="cuda")  # uploaded now: no index upload on the held stream
+    for view in gviews:  # load the kernels now: CUDA's lazy module loading may synchronize
+        view.index_select(1, idx)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(engine.load_stream):
+        torch.cuda._sleep(200_000_000)  # the loads start ~0.1 s late: an unordered read shows
+    with torch.cuda.stream(compute):
+        engine.load_layers(loads, order)
+        assert engine.poll() == [Completion("load", "bad", False)]  # fails alone, at once
+        reads = {}
+        if fence:
+            engine.fence_loads()
+        for layer in order:
+            if not fence:
+                engine.wait_layer(layer)  # the compute stream waits for this layer only
+            reads[layer] = gviews[layer].index_select(1, idx)  # the "attention" of this layer
+    assert not compute.query(), "the compute stream was not held back by the loads"
+    done = _wait(engine, 2)
+    assert [(c.key, c.ok) for c in done] == [("a", True), ("b", True)]
+    torch.cuda.synchronize()
+    for layer, got in reads.items():
+        want = cviews[layer][:, blocks]
+        assert torch.equal(got.cpu(), want), f"layer {layer} read before its load landed ({kind}, {dtype})"
+    got, want = _bytes(gpu_caches), _bytes(cpu_caches)
+    for name in got:
+        assert torch.equal(got[name], want[name]), f"layer {name} differs after layer-wise load ({kind}, {dtype})"
+    engine.close()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", LAYOUTS + ["odd"])
+def test_layer_wise_load_is_byte_exact_and_waited_per_layer(kind: str, dtype: torch.dtype) -> None:
+    _layered_load(kind, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["flash", "v2"])
+def test_layer_wise_load_with_plain_memcpy_and_whole_fence(kind: str) -> None:
+    _layered_load(kind, torch.bfloat16, dma_api="memcpy", seed=22)
+    _layered_load(kind, torch.bfloat16, fence=True, seed=23)
+
+
+@pytest.mark.gpu
+@gpu
+def test_layer_wise_loads_complete_in_order_with_other_copies() -> None:
+    engine, views, buf = _engine(num_slots=32)
+    buf[:4] = 0x5A
+    engine.load("whole", [0], [1])
+    engine.load_layers([("layered", [1, 2], [2, 3])], [0, 1, 2])
+    engine.fence_loads()  # as the runner does before a step's stores
+    engine.store(7, [2, 3], [10, 11])  # reads the blocks the layered load filled
+    engine.drain()
+    assert [(c.key, c.ok) for c in engine.poll()] == [(7, True), ("whole", True), ("layered", True)]
+    assert bool((buf[[10, 11]] == 0x5A).all())
+    for view in views:
+        assert bool((view[:, [1, 2, 3]] == 0x5A).all())
 
 
 # ---------------------------------------------------------------- CPU tests

@@ -74,23 +74,29 @@ def baseline_run(model_path, tmp_path_factory):
 
 
 # auto: G2 loads run inside the step that matched them (the request is scheduled at once);
-# async: the request waits for the copy, unscheduled, as G3 loads do.
-@pytest.fixture(scope="module", params=["auto", "async"])
+# async: the request waits for the copy, unscheduled, as G3 loads do;
+# layerwise: in-step loads land layer by layer (the default on CUDA), each attention layer
+# waiting for its own layer (on CPU: copied when vLLM's per-layer hook asks for it).
+MODES = {"auto": {"load_mode": "auto", "layerwise_loads": "off"}, "async": {"load_mode": "async"},
+         "layerwise": {"load_mode": "auto", "layerwise_loads": "on"}}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def runs(request, model_path, baseline_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"host_tier_{request.param}")
     kvbm = run_engine(tmp, "kvbm", _engine(model_path), list(PHASES.values()),
-                      kvbm={"cpu_cache_override_num_blocks": G2_BLOCKS, "load_mode": request.param})
-    return baseline_run, dict(zip(NAMES, kvbm))
+                      kvbm={"cpu_cache_override_num_blocks": G2_BLOCKS, **MODES[request.param]})
+    return request.param, baseline_run, dict(zip(NAMES, kvbm))
 
 
 @pytest.mark.parametrize("phase", [n for n in NAMES if n not in ("corrupt", "negative_load")])
 def test_outputs_identical_to_vllm_alone(runs, phase):
-    baseline, kvbm = runs
+    _, baseline, kvbm = runs
     assert kvbm[phase]["outputs"] == baseline[phase]["outputs"]
 
 
 def test_onboard_after_prefix_cache_reset(runs):
-    baseline, kvbm = runs
+    _, baseline, kvbm = runs
     assert baseline["onboard"]["cached"] == [0]  # vLLM alone recomputes everything
     assert kvbm["onboard"]["cached"] == [7 * BLOCK]  # every full block came from G2
     before = kvbm["store"]["kvbm"]["stats"]["onboarded_blocks"]
@@ -98,7 +104,7 @@ def test_onboard_after_prefix_cache_reset(runs):
 
 
 def test_more_hits_than_vllm_alone_with_eviction(runs):
-    baseline, kvbm = runs
+    _, baseline, kvbm = runs
     base_hits = sum(sum(baseline[f"chat{r}"]["cached"]) for r in range(3))
     kvbm_hits = sum(sum(kvbm[f"chat{r}"]["cached"]) for r in range(3))
     assert kvbm_hits > base_hits
@@ -106,20 +112,20 @@ def test_more_hits_than_vllm_alone_with_eviction(runs):
 
 
 def test_concurrent_overlap_stores_shared_prefix_once(runs):
-    _, kvbm = runs
+    _, _, kvbm = runs
     # Six concurrent prompts share 4 blocks; after G1 is reset they all hit them in G2.
     assert all(cached >= 4 * BLOCK for cached in kvbm["overlap1"]["cached"])
 
 
 def test_cache_salt_isolates_tenants(runs):
-    _, kvbm = runs
+    _, _, kvbm = runs
     assert kvbm["salt_b"]["cached"] == [0]
     assert kvbm["salt_a_again"]["cached"] == [3 * BLOCK]
 
 
 @pytest.mark.parametrize("phase", ["abort_early", "abort_loading", "abort_running", "preempt"])
 def test_nothing_leaks(runs, phase):
-    _, kvbm = runs
+    _, _, kvbm = runs
     state = kvbm[phase]["kvbm"]
     assert state["pool_refs"] == 0
     assert not state["busy"]
@@ -128,13 +134,22 @@ def test_nothing_leaks(runs, phase):
 
 
 def test_preempted_requests_resume_identically(runs):
-    baseline, kvbm = runs
+    _, baseline, kvbm = runs
     assert kvbm["preempt"]["kvbm"]["preemptions"] >= 1  # the scenario really preempted
     assert kvbm["preempt"]["outputs"] == baseline["preempt"]["outputs"]
 
 
 def test_negative_control_corrupt_host_changes_output(runs):
-    baseline, kvbm = runs
+    _, baseline, kvbm = runs
     assert kvbm["negative_load"]["cached"] == [3 * BLOCK]
     assert kvbm["negative_store"]["outputs"] == baseline["negative_store"]["outputs"]
     assert kvbm["negative_load"]["outputs"] != baseline["negative_load"]["outputs"]
+
+
+def test_in_step_loads_land_layer_by_layer_only_when_asked(runs):
+    mode, _, kvbm = runs
+    layered = kvbm[NAMES[-1]]["kvbm"]["layered_steps"]
+    if mode == "layerwise":  # after one step that learned vLLM's hooks, every in-step load
+        assert layered > 5
+    else:
+        assert layered == 0

@@ -19,7 +19,9 @@ and after G2 is overwritten with noise must give different tokens.
 Prints one table and writes ``summary.json``; exit status 1 when any kvbm run
 hits less than its oracle, a kvbm run whose loads all run inside the step (G2 by
 default, every tier with ``load_mode=sync``) differs from it, or the negative
-control does not bite. Runs with asynchronous loads are printed for comparison
+control does not bite, or a ``-layer-`` run (in-step loads landing layer by layer, each
+attention layer waiting for its own) never landed a load layer by layer ("layered" counts
+the steps that did). Runs with asynchronous loads are printed for comparison
 (vLLM's own ``OffloadingConnector`` loads asynchronously too).
 ``tests/test_gpu_vllm.py`` runs this under ``pytest -m gpu``.
 """
@@ -78,6 +80,8 @@ def phases(negative: bool) -> list[dict]:
 
 
 #: name -> (eager, large GPU pool, kvbm settings or None, other kv_transfer_config or None).
+#: In-step G2 loads land layer by layer on CUDA unless layerwise_loads is "off" (the -layer-
+#: runs must really have done so: their "layered" count must be > 0).
 #: kvbm loads from G2 inside the step (DYN_KVBM_LOAD_MODE=auto), from G3 asynchronously unless
 #: "sync"; an asynchronous load schedules the request a step later than the oracle does, which
 #: changes the batch (and on a GPU the bf16 rounding) without any byte of KV being different.
@@ -92,8 +96,11 @@ CONFIGS: dict[str, tuple[bool, bool, dict | None, dict | None]] = {
     "native-offload-eager": (True, False, None, {
         "kv_connector": "OffloadingConnector", "kv_role": "kv_both",
         "kv_connector_extra_config": {"cpu_bytes_to_use": 2e9}}),
-    "kvbm-host-eager": (True, False, _G2, None),
-    "kvbm-host-graphs": (False, False, _G2, None),
+    "kvbm-host-eager": (True, False, {**_G2, "layerwise_loads": "off"}, None),
+    "kvbm-host-graphs": (False, False, {**_G2, "layerwise_loads": "off"}, None),
+    # Layer-wise in-step loads (the default on CUDA): each attention layer waits for its own layer.
+    "kvbm-host-layer-eager": (True, False, {**_G2, "layerwise_loads": "on"}, None),
+    "kvbm-host-layer-graphs": (False, False, {**_G2, "layerwise_loads": "on"}, None),
     "kvbm-host-async-eager": (True, False, {**_G2, "load_mode": "async"}, None),
     "kvbm-host+disk-eager": (True, False, _G2G3, None),
     "kvbm-host+disk-sync-eager": (True, False, {**_G2G3, "load_mode": "sync"}, None),
@@ -176,10 +183,11 @@ def compare(results: dict[str, list[dict] | str]) -> tuple[list[dict], bool]:
         diffs = sum(a != b for a, b in zip(ours, theirs))
         cached = sum(c for phase in result[:n] for c in phase["cached"])
         oracle_cached = sum(c for phase in oracle[:n] for c in phase["cached"])
-        stats = result[n - 1].get("kvbm", {}).get("stats", {})
+        state = result[n - 1].get("kvbm", {})
+        stats = state.get("stats", {})
         row = {"config": name, "outputs": len(ours), "differ": diffs, "cached_tokens": cached,
                "oracle_cached_tokens": oracle_cached, "g2_hit_blocks": stats.get("host_hit_blocks", 0),
-               "g3_hit_blocks": stats.get("disk_hit_blocks", 0),
+               "g3_hit_blocks": stats.get("disk_hit_blocks", 0), "layered_steps": state.get("layered_steps", 0),
                "loads": "in-step" if name.startswith("kvbm") and strict(name) else (
                    "async" if name.startswith(("kvbm", "native")) else "-")}
         if name == "kvbm-host-eager" and len(result) > n + 2:
@@ -188,6 +196,9 @@ def compare(results: dict[str, list[dict] | str]) -> tuple[list[dict], bool]:
             ok = ok and clean != corrupt
         if name.startswith("kvbm"):  # every kvbm run hits as much as the oracle
             ok = ok and cached == oracle_cached and (diffs == 0 or not strict(name))
+        if "-layer-" in name and not row["layered_steps"]:
+            row["negative_control"] = "NO LAYER-WISE STEP"
+            ok = False
         rows.append(row)
     return rows, ok
 
@@ -214,13 +225,14 @@ def main() -> int:
     print(f"GPU correctness: {USERS} users x {ROUNDS} rounds, block {args.block}, small pool "
           f"{SMALL_POOL_TOKENS} tokens, oracle pool {LARGE_POOL_TOKENS}; {time.monotonic() - started:.0f} s")
     print(f"{'config':26} {'loads':>7} {'differ/outputs':>15} {'cached tokens':>14} {'oracle':>8} {'G2 hits':>8} "
-          f"{'G3 hits':>8}  notes")
+          f"{'G3 hits':>8} {'layered':>8}  notes")
     for row in rows:
         if "error" in row:
             print(f"{row['config']:26} ERROR {row['error']}")
             continue
         print(f"{row['config']:26} {row['loads']:>7} {row['differ']:>7}/{row['outputs']:<7} {row['cached_tokens']:>14} "
-              f"{row['oracle_cached_tokens']:>8} {row['g2_hit_blocks']:>8} {row['g3_hit_blocks']:>8}  "
+              f"{row['oracle_cached_tokens']:>8} {row['g2_hit_blocks']:>8} {row['g3_hit_blocks']:>8} "
+              f"{row['layered_steps']:>8}  "
               f"{row.get('negative_control', '')}")
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "ok": ok}, indent=1))
     print("PASS" if ok else "FAIL")

@@ -4,13 +4,16 @@
 # the users' working set is >= 4x it. Configurations, one after another on the same GPU:
 #   vllm            vLLM alone (its own prefix cache, small pool)
 #   vllm-offload    + vLLM's native OffloadingConnector with the same host memory as kvbm (32 GiB)
-#   kvbm-host       + kvbm, G2 = 32 GiB pinned host memory
+#   kvbm-host       + kvbm, G2 = 32 GiB pinned host memory, in-step loads whole (the forward waits for all)
+#   kvbm-host-layer + the same, in-step loads layer by layer (kvbm's default on CUDA)
 #   kvbm-host+disk  + kvbm, G2 = 32 GiB and G3 = 20 GB on local disk
 #   floor           vLLM alone with a pool large enough for everything
 # then a no-reuse workload (every prompt new) for vllm vs kvbm-host: what kvbm costs when it cannot help.
 #
 #   bench/gpu/perf.sh OUT_DIR [kvbm bench compare options]     (on a CUDA machine with vLLM installed)
 #   REUSE="vllm kvbm-host" NO_REUSE= bench/gpu/perf.sh OUT_DIR --time 20   (a subset)
+# The default lists fit about 8 minutes of GPU time less than they used to; kvbm-host+disk and
+# vllm-offload (measured in docs/gpu-vllm.md) run when named in REUSE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: perf.sh OUT_DIR [kvbm bench compare options]}; shift
@@ -24,15 +27,16 @@ workload=(--num-users 8 --num-rounds 8 --system-prompt 1000 --chat-history 12000
 
 declare -A conf=(
   [vllm-offload]="--kv-offloading-size 32"
-  [kvbm-host]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_METRICS=1"
+  [kvbm-host]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_METRICS=1 DYN_KVBM_LAYERWISE_LOADS=off"
+  [kvbm-host-layer]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_METRICS=1 DYN_KVBM_LAYERWISE_LOADS=on"
   [kvbm-host+disk]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_DISK_CACHE_GB=20 DYN_KVBM_DISK_CACHE_DIR=/tmp/kvbm-g3 DYN_KVBM_METRICS=1"
   [floor]="--num-gpu-blocks-override 24000"
 )
 configs() {  # names -> --config options (vllm is the built-in baseline)
   for name in "$@"; do [ "$name" = vllm ] || printf '%s\0' --config "$name=${conf[$name]}"; done
 }
-REUSE=${REUSE-"vllm vllm-offload kvbm-host kvbm-host+disk floor"}
-NO_REUSE=${NO_REUSE-"vllm kvbm-host"}
+REUSE=${REUSE-"vllm vllm-offload kvbm-host kvbm-host-layer floor"}
+NO_REUSE=${NO_REUSE-"vllm kvbm-host-layer"}
 
 if [ -n "$REUSE" ]; then
   mapfile -d '' extra < <(configs $REUSE)

@@ -42,6 +42,14 @@ last step, observed by ``poll`` through ``event.query()``; nothing but
 ``drain`` synchronizes. Block/slot indices go through preallocated pinned
 buffers and one ``non_blocking`` upload per batch.
 
+Layer-wise loads (``load_layers``): no staging and no kernel. Each layer of a
+step's in-step loads is one batched DMA (``cuMemcpyBatchAsync``, one copy per
+block and plane, straight from the pinned arena into the KV cache) on the load
+stream, followed by an event; ``wait_layer(i)`` makes the compute stream wait
+for layer *i*'s event only, so the copy of layer *i* overlaps the compute of
+the layers before it. ``fence_loads`` still orders the compute stream after
+everything on the load stream, layer-wise loads included.
+
 Nothing heavy is imported at module import: Triton (and CuPy, for the optional
 ``backend="cupy"``) are imported when an engine is built.
 """
@@ -55,6 +63,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kvbm.transfer.engine import Completion
@@ -65,7 +74,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CudaCopyEngine", "DEFAULT_CTAS", "DEFAULT_CHUNK_BYTES", "DEFAULT_STAGING_BYTES"]
+__all__ = ["CudaCopyEngine", "layer_copies", "view_planes", "DEFAULT_CTAS", "DEFAULT_CHUNK_BYTES",
+           "DEFAULT_STAGING_BYTES"]
 
 # Defaults, from bench/transfer.py on an H200 (docs/gpu-data-plane.md).
 DEFAULT_CTAS = 132  # zero-copy kernel: programs per launch
@@ -261,6 +271,26 @@ class _BatchCopier:
     def batched(self) -> bool:
         return self._batch is not None
 
+    def copy_arrays(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, to_host: bool,
+                    stream: int) -> None:
+        """:meth:`copy` from numpy arrays: a layer-wise load passes thousands of copies per layer,
+        and building ctypes arrays element by element would cost milliseconds of CPU."""
+        count = len(dsts)
+        if self._batch is None or count <= 1:
+            self.copy(dsts.tolist(), srcs.tolist(), sizes.tolist(), to_host, stream)
+            return
+        arrays = [np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]  # alive through the call
+        args: list[Any] = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
+        args += [ctypes.c_size_t(count), ctypes.byref(self._attrs[to_host]), self._zero, ctypes.c_size_t(1)]
+        if self._failidx:
+            args.append(ctypes.byref(ctypes.c_size_t(0)))
+        args.append(ctypes.c_void_p(stream))
+        err = self._batch(*args)
+        if err != 0:
+            logger.warning("kvbm: cuMemcpyBatchAsync failed (CUresult %d); using cuMemcpyAsync", err)
+            self._batch = None
+            self.copy(dsts.tolist(), srcs.tolist(), sizes.tolist(), to_host, stream)
+
     def copy(self, dsts: list[int], srcs: list[int], sizes: list[int], to_host: bool, stream: int) -> None:
         count = len(dsts)
         if count == 0:
@@ -286,6 +316,35 @@ class _BatchCopier:
 
 
 # --------------------------------------------------------------------------
+
+
+def layer_copies(planes: list[tuple[int, int, int, int]], arena_ptr: int, row_bytes: int, slots: list[int],
+                 blocks: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The copies of one layer-wise load step for one layer: (destinations, sources, sizes), one
+    per block and plane, host slot ``slots[i]`` into GPU block ``blocks[i]``. ``planes``: the
+    layer's ``(address of block 0, block stride, offset in a host row, bytes)``, as in
+    ``CudaCopyEngine._planes``. Pure address arithmetic (tested on CPU with real pointers)."""
+    block = np.asarray(blocks, dtype=np.uint64)
+    row = np.uint64(arena_ptr) + np.asarray(slots, dtype=np.uint64) * np.uint64(row_bytes)
+    dsts = np.concatenate([np.uint64(base) + block * np.uint64(stride) for base, stride, _, _ in planes])
+    srcs = np.concatenate([row + np.uint64(offset) for _, _, offset, _ in planes])
+    sizes = np.concatenate([np.full(len(block), size, dtype=np.uint64) for *_, size in planes])
+    return dsts, srcs, sizes
+
+
+def view_planes(layout: KVLayout, views: list[torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """Every layer's planes, in layout order: ``(address of block 0, block stride, offset in a
+    host row, bytes)`` (a block of a layer is ``outer`` such runs)."""
+    planes = []
+    for layer, view in zip(layout.layers, views, strict=True):
+        outer, nb, inner = view.shape
+        if (outer, inner) != (layer.outer, layer.inner_bytes) or nb != layout.num_blocks:
+            raise ValueError(f"layer {layer.name}: view {tuple(view.shape)} disagrees with the layout")
+        if view.stride(2) != 1:
+            raise ValueError(f"layer {layer.name}: runs must be contiguous")
+        for o in range(outer):
+            planes.append((view.data_ptr() + o * view.stride(0), view.stride(1), layer.offset + o * inner, inner))
+    return planes
 
 
 @dataclass
@@ -398,9 +457,9 @@ class CudaCopyEngine:
                                         device=self.device)
                             for _ in range(2)
                         ]
-                if dma_api not in ("batch", "memcpy"):
-                    raise ValueError(f"unknown dma_api {dma_api!r}: 'batch' or 'memcpy'")
-                self._copier = _BatchCopier(self._dev_index, use_batch=dma_api == "batch")
+            if dma_api not in ("batch", "memcpy"):
+                raise ValueError(f"unknown dma_api {dma_api!r}: 'batch' or 'memcpy'")
+            self._copier = _BatchCopier(self._dev_index, use_batch=dma_api == "batch")  # also layer-wise loads
             self._build_tables(views, buf)
             big = max(_IDX_SMALL, 2 * layout.num_blocks)
             self._idx_free = [self._new_idx(_IDX_SMALL) for _ in range(_IDX_POOL)]
@@ -412,6 +471,7 @@ class CudaCopyEngine:
         self._store_q: deque[_Inflight] = deque()
         self._load_q: deque[_Inflight] = deque()
         self._ready: list[Completion] = []
+        self._layer_events: dict[int, torch.cuda.Event] = {}  # the last layer-wise loads: layer -> landed
         logger.info(
             "kvbm: CUDA copy engine (store %s, load %s, %s, %d B vectors, staging %d rows x 2): "
             "%d planes x %d B per block",
@@ -438,19 +498,14 @@ class CudaCopyEngine:
     def _build_tables(self, views: list[torch.Tensor], buf: torch.Tensor) -> None:
         anchor = views[0]
         anchor_ptr = anchor.data_ptr()
-        planes = []  # (device address of block 0, device block stride, offset in a host row, length)
-        for layer, view in zip(self.layout.layers, views, strict=True):
-            outer, nb, inner = view.shape
-            if (outer, inner) != (layer.outer, layer.inner_bytes) or nb != self.layout.num_blocks:
-                raise ValueError(f"layer {layer.name}: view {tuple(view.shape)} disagrees with the layout")
-            if view.stride(2) != 1:
-                raise ValueError(f"layer {layer.name}: runs must be contiguous")
-            if view.device != self.device:
-                raise ValueError("all KV cache layers must be on one device")
-            for o in range(outer):
-                base = view.data_ptr() + o * view.stride(0)
-                planes.append((base, view.stride(1), layer.offset + o * inner, inner))
+        if any(view.device != self.device for view in views):
+            raise ValueError("all KV cache layers must be on one device")
+        planes = view_planes(self.layout, views)
         self._planes = planes
+        first = [0]
+        for layer in self.layout.layers:
+            first.append(first[-1] + layer.outer)
+        self._layer_planes = [planes[a:b] for a, b in zip(first, first[1:])]  # a layer's planes
         bases = [self._arena_ptr] + [t.data_ptr() for ts in self._staging.values() for t in ts]
         align = _alignment([anchor_ptr, self._row_bytes, *bases, *(x for p in planes for x in p)])
         if self.backend == "cupy" and align < 16:
@@ -559,8 +614,7 @@ class CudaCopyEngine:
             item.idx = None
         return item
 
-    def _submit(self, kind: str, key: int, blocks: list[int], slots: list[int]) -> None:
-        start = time.perf_counter()
+    def _check(self, blocks: list[int], slots: list[int]) -> None:
         n = len(blocks)
         if n != len(slots):
             raise ValueError(f"{n} GPU blocks but {len(slots)} host slots")
@@ -568,6 +622,11 @@ class CudaCopyEngine:
             raise IndexError(f"GPU block id out of range [0, {self.layout.num_blocks})")
         if n and (min(slots) < 0 or max(slots) >= self.num_slots):
             raise IndexError(f"host slot out of range [0, {self.num_slots})")
+
+    def _submit(self, kind: str, key: int, blocks: list[int], slots: list[int]) -> None:
+        start = time.perf_counter()
+        n = len(blocks)
+        self._check(blocks, slots)
         to_host = kind == "store"
         queue = self._store_q if to_host else self._load_q
         kstream = self._store_stream if to_host else self._load_stream
@@ -663,6 +722,52 @@ class CudaCopyEngine:
         except Exception:
             logger.exception("kvbm: load %s failed; it will be recomputed", key)
             self._ready.append(Completion("load", key, False))
+
+    def load_layers(self, loads: list[tuple[int, list[int], list[int]]], order: list[int]) -> None:
+        """Start the loads ``(key, host_slots, gpu_blocks)`` layer by layer (layers in ``order``,
+        any missing ones after): per layer one batched DMA of every load's blocks, straight from
+        the arena into the KV cache, then an event (see :meth:`wait_layer`). Like :meth:`load`,
+        ordered after the compute stream's earlier work; returns at once."""
+        start = time.perf_counter()
+        self._layer_events = {}
+        good = []
+        for key, slots, blocks in loads:
+            try:
+                self._check(blocks, slots)
+                good.append((key, slots, blocks))
+            except Exception:
+                logger.exception("kvbm: load %s failed; it will be recomputed", key)
+                self._ready.append(Completion("load", key, False))
+        if not good:
+            return
+        layers = list(dict.fromkeys([*order, *range(len(self._layer_planes))]))
+        try:
+            with torch.cuda.device(self.device):
+                stream = self._load_stream
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+                stream.wait_event(ready)
+                slots = [s for _, ss, _ in good for s in ss]
+                blocks = [b for _, _, bs in good for b in bs]
+                for layer in layers:
+                    copies = layer_copies(self._layer_planes[layer], self._arena_ptr, self._row_bytes, slots, blocks)
+                    self._copier.copy_arrays(*copies, False, stream.cuda_stream)
+                    landed = torch.cuda.Event()
+                    landed.record(stream)
+                    self._layer_events[layer] = landed
+        except Exception:  # the loads are recomputed; layers that were issued still order the forward
+            logger.exception("kvbm: layer-wise loads %s failed; they will be recomputed", [k for k, _, _ in good])
+            self._ready.extend(Completion("load", key, False) for key, _, _ in good)
+            return
+        for key, _, _ in good:  # one stream: they complete with the last layer, in order with other loads
+            self._load_q.append(_Inflight(landed, Completion("load", key, True), None, start))
+
+    def wait_layer(self, layer: int) -> None:
+        """The compute (current) stream waits for layer ``layer`` of the last layer-wise loads."""
+        event = self._layer_events.get(layer)
+        if event is not None:
+            with torch.cuda.device(self.device):
+                torch.cuda.current_stream(self.device).wait_event(event)
 
     def poll(self) -> list[Completion]:
         """Completions since the last poll, by event query; never blocks. A completion's

@@ -7,12 +7,24 @@ streams) or synchronously (the torch engine below, used on CPU). Each batch is
 one gather or scatter per layer over all its blocks, never a copy per block.
 Engines time their own copies (a completion carries its seconds), so callers
 never need to know which kind they hold.
+
+Layer-wise loads (:meth:`CopyEngine.load_layers`): a step's in-step loads are
+issued layer by layer, and each attention layer waits for its own layer only
+(:meth:`CopyEngine.wait_layer`) instead of the forward pass waiting for every
+block up front (:meth:`CopyEngine.fence_loads`), so layer *i* is copied while
+layer *i-1* computes. A CUDA engine copies on its load stream with an event
+per layer; the CPU engine below copies layer *i* when it is waited for (CPU
+copies are synchronous: nothing overlaps, but the same path runs, so real-vLLM
+tests on CPU cover it). ``fence_loads`` ends a step's layer-wise loads: every
+layer not waited for lands (CUDA: the compute stream is ordered after it)
+before the step's stores read G1 or the next step begins.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +52,14 @@ class CopyEngine(Protocol):
     def load(self, key: int, host_slots: list[int], gpu_blocks: list[int]) -> None:
         """Start copying host slots into GPU blocks (G2→G1)."""
 
+    def load_layers(self, loads: Sequence[tuple[int, list[int], list[int]]], order: Sequence[int]) -> None:
+        """Start the loads ``(key, host_slots, gpu_blocks)`` layer by layer, layers (indices into
+        the layout) in ``order``: the order the forward pass reaches them."""
+
+    def wait_layer(self, layer: int) -> None:
+        """Order the compute stream after layer ``layer`` of the layer-wise loads, without
+        blocking the CPU (the CPU engine copies that layer now)."""
+
     def poll(self) -> list[Completion]:
         """Completions since the last poll; never blocks."""
 
@@ -47,11 +67,20 @@ class CopyEngine(Protocol):
         """Block until every submitted copy has completed."""
 
     def fence_loads(self) -> None:
-        """Order the compute stream after every load submitted so far, without blocking the
-        CPU: a synchronous load's blocks are read by the forward pass of the same step."""
+        """Order the compute stream after every load submitted so far, layer-wise ones included,
+        without blocking the CPU: a synchronous load's blocks are read by the forward pass of
+        the same step."""
 
     def close(self) -> None:
         """Drain and release what the engine holds (streams, registrations)."""
+
+
+@dataclass
+class _LayeredLoad:
+    key: int
+    runs: list[tuple[int, int, int]]
+    ok: bool = True
+    seconds: float = 0.0
 
 
 class TorchCopyEngine:
@@ -61,6 +90,7 @@ class TorchCopyEngine:
     the host arena (slots are handed out in runs, so a prefix is often a few runs),
     per layer. Index-based gathers (``index_select`` + ``index_copy_``) go through a
     temporary and move ~1 GB/s here; plain copies of whole rows run at memory speed.
+    Layer-wise loads are lazy: layer *i* is copied when it is waited for.
     """
 
     def __init__(self, layout: KVLayout, views: list[torch.Tensor], arena: HostArena) -> None:
@@ -70,6 +100,8 @@ class TorchCopyEngine:
             arena.segment(layer.offset, layer.outer, layer.inner_bytes) for layer in layout.layers
         ]
         self._done: list[Completion] = []
+        self._layered: list[_LayeredLoad] = []  # layer-wise loads not complete yet
+        self._layers_left: list[int] = []  # their layers not copied yet, in order
 
     @staticmethod
     def _runs(blocks: list[int], slots: list[int]) -> list[tuple[int, int, int]]:
@@ -82,7 +114,8 @@ class TorchCopyEngine:
                 runs.append((block, slot, 1))
         return runs
 
-    def _copy(self, blocks: list[int], slots: list[int], to_host: bool) -> None:
+    def _check(self, blocks: list[int], slots: list[int]) -> list[tuple[int, int, int]]:
+        """The copy's runs; raises for ids out of range."""
         if len(blocks) != len(slots):
             raise ValueError(f"{len(blocks)} blocks but {len(slots)} slots")
         if blocks and (min(blocks) < 0 or max(blocks) >= self.layout.num_blocks):
@@ -90,13 +123,15 @@ class TorchCopyEngine:
         num_slots = self._host_views[0].shape[0]
         if slots and (min(slots) < 0 or max(slots) >= num_slots):
             raise IndexError(f"host slot out of range [0, {num_slots})")
-        runs = self._runs(blocks, slots)
-        for device, host in zip(self._device_views, self._host_views):
-            # device [outer, num_blocks, inner]; host [num_slots, outer, inner]
-            for block, slot, n in runs:
-                gpu = device[:, block : block + n]
-                row = host[slot : slot + n].transpose(0, 1)
-                (row if to_host else gpu).copy_(gpu if to_host else row)
+        return self._runs(blocks, slots)
+
+    def _copy_layer(self, layer: int, runs: list[tuple[int, int, int]], to_host: bool) -> None:
+        # device [outer, num_blocks, inner]; host [num_slots, outer, inner]
+        device, host = self._device_views[layer], self._host_views[layer]
+        for block, slot, n in runs:
+            gpu = device[:, block : block + n]
+            row = host[slot : slot + n].transpose(0, 1)
+            (row if to_host else gpu).copy_(gpu if to_host else row)
 
     def store(self, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
         self._run("store", key, gpu_blocks, host_slots)
@@ -107,21 +142,52 @@ class TorchCopyEngine:
     def _run(self, kind: str, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
         start, ok = time.perf_counter(), True
         try:
-            self._copy(gpu_blocks, host_slots, to_host=kind == "store")
+            runs = self._check(gpu_blocks, host_slots)
+            for layer in range(len(self._device_views)):
+                self._copy_layer(layer, runs, to_host=kind == "store")
         except Exception:  # a failed copy is a miss (store) or a recompute (load), never a crash
             logger.exception("kvbm: %s %s failed; its blocks are not cached / are recomputed", kind, key)
             ok = False
         self._done.append(Completion(kind, key, ok, time.perf_counter() - start))
+
+    def load_layers(self, loads: Sequence[tuple[int, list[int], list[int]]], order: Sequence[int]) -> None:
+        """Lazy: a layer is copied when it is waited for, the rest when the loads are fenced."""
+        self.fence_loads()  # earlier layer-wise loads land first, as on a stream
+        for key, host_slots, gpu_blocks in loads:
+            try:
+                self._layered.append(_LayeredLoad(key, self._check(gpu_blocks, host_slots)))
+            except Exception:
+                logger.exception("kvbm: load %s failed; it will be recomputed", key)
+                self._done.append(Completion("load", key, False))
+        self._layers_left = list(order) if self._layered else []
+
+    def wait_layer(self, layer: int) -> None:
+        if layer not in self._layers_left:
+            return  # copied already, or no layer-wise load pending
+        self._layers_left.remove(layer)
+        for load in self._layered:
+            start = time.perf_counter()
+            try:
+                self._copy_layer(layer, load.runs, to_host=False)
+            except Exception:
+                logger.exception("kvbm: load %s failed at layer %d; it will be recomputed", load.key, layer)
+                load.ok = False
+            load.seconds += time.perf_counter() - start
 
     def poll(self) -> list[Completion]:
         done, self._done = self._done, []
         return done
 
     def drain(self) -> None:
-        return None
+        self.fence_loads()
 
     def fence_loads(self) -> None:
-        return None  # copies are done when load() returns
+        """Copy the layers of the layer-wise loads not waited for yet; they then complete
+        (every other copy is done when store()/load() returns)."""
+        for layer in list(self._layers_left):
+            self.wait_layer(layer)
+        self._done.extend(Completion("load", load.key, load.ok, load.seconds) for load in self._layered)
+        self._layered = []
 
     def close(self) -> None:
-        return None
+        self.fence_loads()

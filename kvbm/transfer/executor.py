@@ -23,6 +23,11 @@ store never waits behind the disk). Jobs report what moved: a load may land
 a verified prefix of its blocks (``moved``) and name the source slots that
 failed verification (``bad``), which the leader drops.
 
+In-step loads from the host tier may land layer by layer (``layered``; see
+:mod:`kvbm.transfer.engine`): they are issued together by :meth:`TransferExecutor.start_layers`,
+the forward pass waits per layer (:meth:`TransferExecutor.wait_layer`), and
+:meth:`TransferExecutor.fence` ends them.
+
 Timing: the copy engines time their own copies; a medium's job is timed on
 its thread. ``seconds`` is what a bandwidth metric divides by.
 """
@@ -138,17 +143,19 @@ class TransferExecutor:
         self._engine_jobs: dict[int, int] = {}  # job id -> blocks, for copy-engine jobs
         self._io: list[_IoJob] = []
         self._done: list[Done] = []
+        self._layered: list[tuple[int, list[int], list[int]]] = []  # (job id, slots, blocks) not started
 
     @property
     def tiers(self) -> list[str]:
         """The tiers this rank holds (besides G1)."""
         return ([self.host_tier] if self.host_tier else []) + list(self.media)
 
-    def submit(self, job_id: int, src: Blocks, dst: Blocks, *, now: bool = False) -> None:
+    def submit(self, job_id: int, src: Blocks, dst: Blocks, *, now: bool = False, layered: bool = False) -> None:
         """Start copying ``src`` into ``dst`` (same number of blocks). ``now``: a medium's read
         runs on the caller's thread (the forward pass of this step reads the blocks); the job
-        still completes through :meth:`poll`. Raises only for caller bugs (an unknown tier,
-        mismatched lengths); a failed copy is a Done with ``ok=False``."""
+        still completes through :meth:`poll`. ``layered``: a host tier → G1 load waits for
+        :meth:`start_layers` and lands layer by layer (ignored for other jobs). Raises only for
+        caller bugs (an unknown tier, mismatched lengths); a failed copy is a Done with ``ok=False``."""
         n = len(src.ids)
         if n != len(dst.ids):
             raise ValueError(f"job {job_id}: {n} source blocks but {len(dst.ids)} destination blocks")
@@ -165,6 +172,8 @@ class TransferExecutor:
             self._engine_jobs[job_id] = n
             if src.tier == G1:
                 self._engine.store(job_id, list(src.ids), list(dst.ids))
+            elif layered:
+                self._layered.append((job_id, list(src.ids), list(dst.ids)))
             else:
                 self._engine.load(job_id, list(src.ids), list(dst.ids))
             return
@@ -247,9 +256,22 @@ class TransferExecutor:
             good = 0
         return Done(job.job_id, good == n, nbytes, seconds, good, bad)
 
+    def start_layers(self, order: Sequence[int]) -> None:
+        """Issue the layered loads submitted since the last call, together, layer by layer (layers
+        are indices into the layout, in ``order``: the order the forward pass reaches them)."""
+        if self._layered:
+            assert self._engine is not None
+            self._engine.load_layers(self._layered, order)
+            self._layered = []
+
+    def wait_layer(self, layer: int) -> None:
+        """The forward pass waits for layer ``layer`` of the layered loads (without blocking the CPU)."""
+        if self._engine is not None:
+            self._engine.wait_layer(layer)
+
     def fence(self) -> None:
-        """The forward pass waits for every G2 load submitted so far (without blocking the CPU);
-        loads from a medium are scattered synchronously when polled."""
+        """The forward pass waits for every G2 load submitted so far, layered ones included
+        (without blocking the CPU); loads from a medium are scattered synchronously when polled."""
         if self._engine is not None:
             self._engine.fence_loads()
 

@@ -14,13 +14,18 @@ Rules kept here (they hold for every tier):
   errors, and vLLM recomputes them;
 * a synchronous (in-step) load that failed poisons the step's store batch:
   blocks computed on top of bad KV are never kept (the leader re-stores what
-  vLLM recomputes).
+  vLLM recomputes);
+* in-step loads from the host tier may land layer by layer (``layer_order``
+  in :meth:`PlanRunner.start_step`): the forward pass calls
+  :meth:`PlanRunner.wait_layer` before each attention layer, and the step's
+  stores (or, without a forward pass, the step's results) first end them, so
+  every layer has landed before anything else reads G1.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvbm.core.plan import LoadOp, StepPlan, WorkerReport
@@ -65,6 +70,11 @@ class PlanRunner:
         #: A synchronous load failed this step: its store batch is dropped (see store).
         self._poisoned = False
         self._report = WorkerReport()
+        #: This step's in-step loads land layer by layer, until end_layers.
+        self._layers_open = False
+        self._layered_ops: list[LoadOp] = []  # this step's loads that land layer by layer
+        #: Steps whose in-step loads landed layer by layer (for tests and logs).
+        self.layered_steps = 0
 
     def check(self, capacities: Mapping[str, int]) -> None:
         """The leader's tier sizes must be this rank's."""
@@ -74,14 +84,20 @@ class PlanRunner:
                 f"{self.capacities}; start all processes with the same kvbm settings"
             )
 
-    def _submit(self, job: _Job, src: Blocks, dst: Blocks, now: bool = False) -> None:
+    def _submit(self, job: _Job, src: Blocks, dst: Blocks, now: bool = False, layered: bool = False) -> None:
         self._next_job += 1
         self._jobs[self._next_job] = job
-        self.executor.submit(self._next_job, src, dst, now=now)
+        self.executor.submit(self._next_job, src, dst, now=now, layered=layered)
 
     # ---- per step -------------------------------------------------------
-    def start_step(self, plan: StepPlan) -> None:
-        """Before the forward pass: the spills (they read committed blocks) and the loads."""
+    def start_step(self, plan: StepPlan, layer_order: Sequence[int] | None = None) -> None:
+        """Before the forward pass: the spills (they read committed blocks) and the loads.
+        ``layer_order``: in-step loads from the host tier land layer by layer, layers (indices
+        into the layout) in this order, and the forward pass calls :meth:`wait_layer` before
+        each attention layer; None: the forward pass waits for whole loads."""
+        self.end_layers()
+        layered = layer_order is not None and any(op.sync for op in plan.loads)
+        self._layered_ops = [op for op in plan.loads if op.sync] if layered else []
         for spill in plan.spills:
             self._submit(_Job(spill.src, spill.dst, spill.batch_id), Blocks(spill.src, spill.src_slots, spill.hashes),
                          Blocks(spill.dst, spill.dst_slots, spill.hashes))
@@ -93,17 +109,57 @@ class PlanRunner:
             for part in op.parts:
                 gpu = op.gpu_blocks[offset : offset + len(part.slots)]
                 self._submit(_Job(part.tier, G1, load=load, offset=offset), Blocks(part.tier, part.slots, part.hashes),
-                             Blocks(G1, gpu), now=op.sync)
+                             Blocks(G1, gpu), now=op.sync, layered=layered and op.sync)
                 offset += len(part.slots)
+        if layered:
+            assert layer_order is not None
+            self.executor.start_layers(layer_order)
+            self._layers_open = True
+            self.layered_steps += 1
         if any(op.sync for op in plan.loads):
             # Land the in-step loads now (a medium's verified blocks are scattered when polled)
             # and see a copy that failed to start: its blocks are reported invalid in this
             # step's output, and vLLM recomputes them.
             self.poll()
-            self.executor.fence()  # the forward pass waits for the copies, not the CPU
+            if not layered:
+                self.executor.fence()  # the forward pass waits for the copies, not the CPU
+
+    @property
+    def layered(self) -> bool:
+        """This step's in-step loads land layer by layer."""
+        return bool(self._layered_ops)
+
+    def wait_layer(self, layer: int | None) -> None:
+        """Before an attention layer (``layer``: its index in the layout; None: a layer kvbm
+        does not know, which waits for every layer)."""
+        if not self._layers_open:
+            return
+        if layer is None:
+            self.end_layers()
+        else:
+            self.executor.wait_layer(layer)
+
+    def fail_layers(self) -> None:
+        """Some attention layer of this step ran without waiting for its layer-wise loads: they
+        count as failed (vLLM discards what the step computed on them and recomputes them), and
+        the step's stores are dropped."""
+        for op in self._layered_ops:
+            self._report.failed_loads.add(op.req_id)
+            self._load_error_blocks.update(op.gpu_blocks)
+            self._poisoned = True
+        self._layered_ops = []
+
+    def end_layers(self) -> None:
+        """Every layer of this step's layer-wise loads lands before what comes next (on CUDA
+        the compute stream waits; nothing blocks the CPU); a failed one poisons the store."""
+        if self._layers_open:
+            self._layers_open = False
+            self.executor.fence()
+            self.poll()
 
     def store(self, plan: StepPlan) -> None:
         """After the forward pass: the blocks this step filled, G1 → the first tier."""
+        self.end_layers()  # the stores read G1 after every loaded layer (and see failed loads)
         poisoned, self._poisoned = self._poisoned, False
         store = plan.store
         if store is None:
@@ -163,6 +219,7 @@ class PlanRunner:
     # ---- what vLLM and the leader hear ----------------------------------
     def results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving) since the last call."""
+        self.end_layers()  # a step without a forward pass (no store) ends its loads here
         self.poll()
         released = {r for r, b in self._release_after.items() if b not in self._inflight_stores}
         for req_id in released:

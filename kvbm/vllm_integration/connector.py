@@ -137,10 +137,12 @@ class DynamoConnector(KVConnectorBase_V1):
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
-        self._worker.start_load(meta)
+        self._worker.start_load(meta, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads are asynchronous, whole-request, outside the forward pass
+        """Layer-wise in-step loads: this layer's blocks land before its attention (kvbm.runtime.layers)."""
+        if self._worker is not None:
+            self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any

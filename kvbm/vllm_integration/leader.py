@@ -12,15 +12,13 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
 from kvbm.runtime.fingerprint import fingerprint
-from kvbm.runtime.handshake import LeaderHandshake, WorkerLayout
+from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
-from kvbm.storage.remote_index import remote_key
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key
@@ -55,14 +53,12 @@ class KvbmLeader:
         self.world_size = par.world_size
         # vLLM builds the scheduler only after every worker registered its KV
         # caches, so all of them are waiting: size the tiers from their reports.
-        def identity_of(workers: Sequence[WorkerLayout]) -> str:
+        def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
             return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
                                   kv_layout="|".join(w.layout for w in workers))
 
-        joined = LeaderHandshake(  # with G4, every rank stores its shard under the identity's key
-            config, self.world_size, vllm_config.kv_transfer_config.engine_id,
-            remote_key=(lambda workers: remote_key(identity_of(workers))) if config.has_remote_tier else None,
-        ).start().wait()
+        joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id,
+                                 identity=identity_of).start().wait()
         identity = identity_of(joined.workers)
         self.runtime = LeaderRuntime(
             config, joined.sizes, block_size=self.block_size, world_size=self.world_size, identity=identity,
@@ -98,7 +94,7 @@ class KvbmLeader:
         restarts, or the request reloads the adapter in place, the same path
         may hold other weights than before: the files' fingerprint goes in too
         (read once per adapter, cached; unreadable ones are unique to this
-        process, so nothing is reused across restarts); so does G4, shared by servers.
+        process, so nothing is reused across restarts).
         """
         key = (lora.lora_name, lora.lora_int_id, getattr(lora, "lora_path", "") or "")
         reload = bool(getattr(lora, "load_inplace", False))

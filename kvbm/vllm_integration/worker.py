@@ -5,7 +5,8 @@ boot (:class:`kvbm.runtime.worker.WorkerBoot`: handshake, then tiers), and
 from the first step on every call goes to the rank's
 :class:`kvbm.transfer.runner.PlanRunner`, which runs the leader's plan through
 the transfer executor and reports back (store batches through worker
-metadata, loads through vLLM's finished_recving).
+metadata, loads through vLLM's finished_recving). Whether a step's in-step
+loads land layer by layer is :class:`kvbm.runtime.layers.LayerHooks`' call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvbm.config import KvbmConfig
+from kvbm.runtime.layers import LayerHooks, hooks_run
 from kvbm.runtime.worker import RankInfo, WorkerBoot
 from kvbm.transfer.layout import describe_kv_caches
 from kvbm.transfer.runner import PlanRunner
@@ -46,10 +48,14 @@ class KvbmWorker:
         )
         self._boot: WorkerBoot | None = None  # from register_kv_caches until the first step
         self._runner: PlanRunner | None = None  # from the first step on
+        self._hooks = LayerHooks((), (), enabled=False)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, views = describe_kv_caches(kv_caches, self.info.num_gpu_blocks)
         logger.info("kvbm worker: KV layout %s", layout.describe())
+        mode = self.config.layerwise_loads
+        self._hooks = LayerHooks([layer.name for layer in layout.layers], kv_caches,
+                                 enabled=mode == "on" or (mode == "auto" and views[0].is_cuda))
         # vLLM builds the scheduler (our leader) only after every worker has
         # registered and warmed up: never block here. The first step waits.
         self._boot = WorkerBoot(self.config, self.info, layout, views)
@@ -67,17 +73,24 @@ class KvbmWorker:
         if meta.plan.drain_stores:
             self.runner.drain()
 
-    def start_load(self, meta: KvbmMetadata) -> None:
+    def start_load(self, meta: KvbmMetadata, forward_context: object) -> None:
         """Every step, empty ones included: start the step's loads, and the plan's work that
         does not depend on this step's forward pass (spills read committed blocks). vLLM
         before 0.31 skips ``wait_for_save`` on steps without a forward pass, so work left
         for :meth:`save` would be lost there; only stores of blocks this step computes wait
         for it, and an empty step computes none."""
         self.runner.check(meta.capacities)
-        self.runner.start_step(meta.plan)
+        self.runner.start_step(meta.plan, self._hooks.begin_step(hooks_run(forward_context)))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        index = self._hooks.hooked(layer_name)
+        if self._runner is not None:
+            self._runner.wait_layer(index)
 
     def save(self, meta: KvbmMetadata) -> None:
         """After the forward pass: store the blocks this step filled."""
+        if self._hooks.end_step(self.runner.layered):
+            self.runner.fail_layers()
         self.runner.store(meta.plan)
 
     # Asked every step after the forward pass; nothing to say before the first step.
