@@ -244,6 +244,8 @@ class KvbmConfig:
     remote_optional: bool = False
     #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
     remote_timeout_secs: float = 2.0
+    #: Spill every block committed in the tier above into G4, not only repeated ones (the disk filter's policy).
+    disable_remote_offload_filter: bool = False
     #: Append one line per finished request (timestamps, lengths, block hashes;
     #: no text) to this file, for ``kvbm plan``. None: no trace.
     trace_file: str | None = None
@@ -261,6 +263,12 @@ class KvbmConfig:
     @property
     def has_remote_tier(self) -> bool:
         return self.remote_url is not None
+
+    @property
+    def blocks_outlive_process(self) -> bool:
+        """Blocks are reused by another process (a restarted server's G3, or any server's G4), so
+        "the same model" must mean the same weights: the identity fingerprints them."""
+        return self.disk_persist or self.has_remote_tier
 
     def host_blocks(self, bytes_per_block_all_ranks: int) -> int:
         """G2 capacity in blocks. Block counts win over GB; GB is the total
@@ -510,6 +518,7 @@ _FIELDS: dict[str, Any] = {
     "remote_budget_gb": _parse_gb,
     "remote_optional": _parse_bool,
     "remote_timeout_secs": _parse_seconds,
+    "disable_remote_offload_filter": _parse_bool,
     "trace_file": _parse_trace_file,
 }
 
@@ -573,11 +582,12 @@ def load_config(
             f"Known: {', '.join(ENV_VARS)}"
         )
     config = KvbmConfig(**values, sources=sources)
-    if not config.has_host_tier and not config.has_disk_tier:
+    if not (config.has_host_tier or config.has_disk_tier or config.has_remote_tier):
         raise ConfigError(
             "no kvbm cache tier is set: set DYN_KVBM_CPU_CACHE_GB (e.g. 4) or "
             "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS for the pinned host tier, and/or "
-            "DYN_KVBM_DISK_CACHE_GB / DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS for the disk tier"
+            "DYN_KVBM_DISK_CACHE_GB / DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS for the disk tier, and/or "
+            "DYN_KVBM_REMOTE_URL for the tier shared by servers (Redis)"
         )
     if config.leader_zmq_pub_port == config.leader_zmq_ack_port:
         raise ConfigError(

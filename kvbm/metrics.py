@@ -50,11 +50,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from kvbm.config import env_var
-from kvbm.core.tiers import DISK, G1, HOST, move
+from kvbm.core.plan import add_histograms
+from kvbm.core.tiers import DISK, G1, HOST, REMOTE, move
+from kvbm.storage.remote_index import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
     from kvbm.core.planner import Planner, PlannerStats
+    from kvbm.storage.remote import RemoteStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,9 @@ DIRECTION_LABELS: dict[str, str] = {
     move(G1, "G2"): OFFLOAD_D2H, move("G2", "G3"): OFFLOAD_H2D, move(G1, "G3"): OFFLOAD_D2D,
     move("G2", G1): ONBOARD_H2D, move("G3", G1): ONBOARD_D2D,
 }
-DIRECTIONS: tuple[str, ...] = tuple(DIRECTION_LABELS.values())
+#: Always exported (zero until they happen): the reference's directions, and G4's moves.
+DIRECTIONS: tuple[str, ...] = (*DIRECTION_LABELS.values(), move("G2", "G4"), move("G3", "G4"), move(G1, "G4"),
+                               move("G4", G1))
 
 #: G3 errors by kind: read = I/O error or short read (truncated file),
 #: checksum = header or payload CRC mismatch, mismatch = the slot holds
@@ -81,7 +86,8 @@ DIRECTIONS: tuple[str, ...] = tuple(DIRECTION_LABELS.values())
 DISK_ERROR_KINDS: tuple[str, ...] = ("read", "checksum", "mismatch", "write")
 
 #: kvbm_tier_*{tier=...}: the media of the standard chain, always exported (zero when absent).
-TIERS: tuple[str, ...] = (HOST, DISK)
+#: G4's used blocks are those this server knows to be there; its capacity is Redis's (0 here).
+TIERS: tuple[str, ...] = (HOST, DISK, REMOTE)
 
 #: The reference's counters: exact names, exported untyped (see module doc).
 #: name -> (tier or None for an engine-wide counter, PlannerStats / TierStats counter, help)
@@ -115,12 +121,22 @@ PLANNER_COUNTERS: dict[str, tuple[str | None, str, str]] = {
         "G2", "cost_skipped_blocks", "G2 hits recomputed because loading them would have been slower"),
     "kvbm_cost_skipped_disk_blocks": (
         "G3", "cost_skipped_blocks", "G3 hits recomputed because loading them would have been slower"),
+    "kvbm_remote_hit_blocks": ("G4", "hit_blocks", "Looked-up blocks found in the tier shared by servers (G4)"),
+    "kvbm_remote_loaded_blocks": ("G4", "loaded_blocks", "Blocks onboarded from G4 to GPU, G4 to G1"),
+    "kvbm_remote_spilled_blocks": ("G4", "spilled_blocks", "Blocks offloaded to G4 from the tier above it"),
+    "kvbm_remote_stored_blocks": ("G4", "stored_blocks", "Blocks offloaded GPU to G4 (G4 the only tier)"),
+    "kvbm_bad_remote_blocks": (
+        "G4", "bad_blocks", "G4 blocks that could not be loaded (evicted by Redis or another server, Redis down, "
+        "or failed verification); recomputed, never served"),
+    "kvbm_cost_skipped_remote_blocks": (
+        "G4", "cost_skipped_blocks", "G4 hits recomputed because loading them would have been slower"),
 }
 
 #: kvbm_{host,disk}_cache_hit_rate: the tier each gauge covers.
 HIT_RATE_GAUGES: dict[str, tuple[str, str]] = {
     "kvbm_host_cache_hit_rate": ("G2", "Host (G2)"),
     "kvbm_disk_cache_hit_rate": ("G3", "Disk (G3)"),
+    "kvbm_remote_cache_hit_rate": ("G4", "Shared (G4)"),
 }
 
 #: Lookup latency buckets (seconds): a lookup hashes new blocks and walks the pools.
@@ -214,8 +230,10 @@ class CacheMetrics:
     """
 
     def __init__(self, planner: Planner, *, window: int = 1000, world_size: int = 1,
-                 block_bytes: int = 0) -> None:
+                 block_bytes: int = 0, remote: RemoteStore | None = None) -> None:
         self.planner = planner
+        #: G4's store on the leader: its lookups, errors and round-trip latencies.
+        self.remote_store = remote
         self.world_size = max(1, world_size)
         #: Bytes one block takes over all ranks (what one G2/G3 slot holds in total).
         self.block_bytes = block_bytes
@@ -228,6 +246,11 @@ class CacheMetrics:
         self.disk_errors: dict[str, int] = dict.fromkeys(DISK_ERROR_KINDS, 0)
         self._tiers = {G1, *(tier.name for tier in planner.chain)}
         self._disk_tiers = {tier.name for tier in planner.chain if tier.medium == DISK}
+        self._remote_tiers = {tier.name for tier in planner.chain if tier.medium == REMOTE}
+        #: G4 failures the workers reported, by kind (the leader's own are in its store's stats).
+        self.remote_errors: dict[str, int] = {}
+        #: G4 round trips of the workers, by operation (see WorkerReport.round_trips).
+        self.round_trips: dict[str, list[float]] = {}
         self._warned_unknown: set[str] = set()
 
     @property
@@ -249,7 +272,8 @@ class CacheMetrics:
         self._seen = (s.lookup_requests, s.lookup_blocks, now)
 
     def on_worker_report(self, transfer_bytes: Mapping[str, int], transfer_seconds: Mapping[str, float],
-                         errors: Mapping[str, Mapping[str, int]]) -> None:
+                         errors: Mapping[str, Mapping[str, int]],
+                         round_trips: Mapping[str, list[float]] | None = None) -> None:
         """Add what the workers reported this step (already summed over ranks): bytes and
         seconds per move (``"G2->G1"``), failures per tier and kind.
 
@@ -257,7 +281,7 @@ class CacheMetrics:
         divided by the number of ranks: rate(bytes) / rate(seconds) is then
         the engine's aggregate bandwidth.
         """
-        if not (transfer_bytes or transfer_seconds or errors):
+        if not (transfer_bytes or transfer_seconds or errors or round_trips):
             return
         with self._lock:
             for direction, n in transfer_bytes.items():
@@ -272,6 +296,11 @@ class CacheMetrics:
                 for kind, n in kinds.items():
                     if tier in self._disk_tiers and self._known(kind, kind in self.disk_errors):
                         self.disk_errors[kind] += n
+                    elif tier in self._remote_tiers:
+                        self.remote_errors[kind] = self.remote_errors.get(kind, 0) + n
+            if round_trips:
+                self.round_trips = add_histograms(self.round_trips, {
+                    op: hist for op, hist in round_trips.items() if len(hist) == len(LATENCY_BUCKETS_S) + 2})
 
     def _known_move(self, direction: str) -> bool:
         src, _, dst = direction.partition("->")
@@ -286,6 +315,19 @@ class CacheMetrics:
     def snapshot(self) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
         with self._lock:
             return dict(self.transfer_bytes), dict(self.transfer_seconds), dict(self.disk_errors)
+
+    def remote(self) -> tuple[bool, dict[str, int], dict[str, list[float]]]:
+        """G4: (up as the leader sees it, errors by kind, round-trip histograms by operation),
+        the leader's lookups and the workers' reads and writes together."""
+        with self._lock:
+            errors, round_trips = dict(self.remote_errors), dict(self.round_trips)
+        if self.remote_store is None:
+            return False, errors, round_trips
+        stats = self.remote_store.stats()
+        for kind, n in (*stats["errors"].items(), *stats["bad_values"].items()):
+            errors[kind] = errors.get(kind, 0) + n
+        mine = {op: [n for _, n in h["buckets"]] + [h["sum"]] for op, h in stats["latency"].items() if h["count"]}
+        return stats["up"], errors, add_histograms(round_trips, mine)
 
     def tiers(self) -> dict[str, tuple[int, int, int]]:
         """Medium label -> (used blocks, capacity blocks, evicted blocks); zeros for an absent tier."""
@@ -312,6 +354,10 @@ class CacheMetrics:
             if index is not None:
                 parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
         _, _, errors = self.snapshot()
+        if self.remote_store is not None:
+            up, remote_errors, _ = self.remote()
+            failed = ", ".join(f"{kind} {n}" for kind, n in remote_errors.items() if n)
+            parts.append(f"G4 {'up' if up else 'DOWN'}" + (f", errors: {failed}" if failed else ""))
         bad = s.total("bad_blocks")
         failures = s.failed_loads + s.failed_stores + bad + sum(errors.values())
         if failures:
@@ -377,6 +423,23 @@ class KvbmCollector(Collector):
         yield evicted
         yield GaugeMetricFamily("kvbm_block_size_bytes", "Bytes one KV block takes over all ranks",
                                 value=m.block_bytes)
+
+        up, remote_errors, round_trips = m.remote()
+        yield GaugeMetricFamily("kvbm_remote_up", "1 while every node of G4's Redis answers the leader "
+                                "(0: down, or no G4 configured)", value=int(up))
+        family = CounterMetricFamily("kvbm_remote_errors", "G4 (Redis) failures by kind, leader and workers: "
+                                     "connection, timeout, oom, ..., and values that failed verification "
+                                     "(foreign, corrupt)", labels=["kind"])
+        for kind in dict.fromkeys((*ERROR_KINDS, *BAD_VALUE_KINDS, *sorted(remote_errors))):  # zeros without G4
+            family.add_metric([kind], remote_errors.get(kind, 0))
+        yield family
+        rtt = HistogramMetricFamily("kvbm_remote_round_trip_seconds", "One pipelined Redis round trip of G4, "
+                                    "by operation (lookup: the leader; read, write: the workers)", labels=["op"])
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
+        for op in dict.fromkeys(("lookup", "read", "write", *sorted(round_trips))):  # zeros without G4
+            hist = round_trips.get(op) or [0.0] * (len(bounds) + 1)
+            rtt.add_metric([op], list(zip(bounds, hist[:-1])), sum_value=hist[-1])
+        yield rtt
 
         hist = m.lookup_latency
         buckets = hist.cumulative()

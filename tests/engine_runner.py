@@ -11,6 +11,9 @@ settings, and one engine serves a whole test module. Phases:
   ``abort`` indices, run the rest to completion.
 * ``corrupt_host``: overwrite kvbm's host arena with noise (negative control).
 * ``worker_arenas``: each worker process's used G2 rows (works with tensor parallel).
+* ``barrier``: touch ``<dir>/<name>.reached`` and wait for ``<dir>/<name>.go`` (the test
+  kills or restarts Redis meanwhile).
+* ``wait_remote``: wait until the leader's and the worker's G4 stores are up again.
 
 After each phase it records kvbm's planner stats and leak checks.
 """
@@ -40,12 +43,15 @@ def _kvbm_state(llm) -> dict:
     planner = connector._leader.planner
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
+    remote = connector._leader.runtime.remote
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     runner = get_kv_transfer_group()._worker._runner if has_kv_transfer_group() else None  # in-process worker
     return {
         "layered_steps": getattr(runner, "layered_steps", 0),
         "stats": planner.stats.as_dict(),
+        "tiers": {name: dict(vars(stats)) for name, stats in planner.stats.tiers.items()},
+        "remote": None if remote is None else {k: v for k, v in remote.stats().items() if k != "latency"},
         "pool_used": sum(pool.num_used for pool in pools),
         "pool_refs": refs,
         "evicted": sum(pool.stats.evicted for pool in pools),
@@ -201,9 +207,37 @@ def _worker_arenas(llm, phase: dict) -> dict:
     return {"ranks": llm.collective_rpc(_arena_summary)}
 
 
+def _barrier(llm, phase: dict) -> dict:
+    import time
+    from pathlib import Path
+
+    base = Path(phase["dir"]) / phase["name"]
+    base.with_suffix(".reached").touch()
+    deadline = time.monotonic() + phase.get("timeout", 300)
+    while not base.with_suffix(".go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {phase['name']}: the test never said go")
+        time.sleep(0.05)
+    return {}
+
+
+def _wait_remote(llm, phase: dict) -> dict:
+    """Until G4 is back on the leader and the worker (their probers reconnect on their own)."""
+    import time
+
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    leader = llm.llm_engine.engine_core.engine_core.scheduler.connector._leader.runtime.remote
+    worker = get_kv_transfer_group()._worker.runner.executor.media["G4"].store
+    start = time.monotonic()
+    while not (leader.is_up and worker.is_up) and time.monotonic() - start < phase.get("timeout", 90):
+        time.sleep(0.05)
+    return {"up": leader.is_up and worker.is_up, "waited_s": time.monotonic() - start}
+
+
 PHASES = {
     "generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk,
-    "worker_arenas": _worker_arenas,
+    "worker_arenas": _worker_arenas, "barrier": _barrier, "wait_remote": _wait_remote,
 }
 
 

@@ -114,6 +114,7 @@ def test_all_settings_parse():
         "DYN_KVBM_REMOTE_BUDGET_GB": "50",
         "DYN_KVBM_REMOTE_OPTIONAL": "1",
         "DYN_KVBM_REMOTE_TIMEOUT_SECS": "0.5",
+        "DYN_KVBM_DISABLE_REMOTE_OFFLOAD_FILTER": "true",
         "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
     }
     cfg = load(env)
@@ -121,7 +122,7 @@ def test_all_settings_parse():
     assert cfg.remote_url.tls and cfg.remote_url.db == 2 and not cfg.remote_url.cluster
     assert (cfg.remote_url.username, cfg.remote_url.password) == ("kvbm", "pw")
     assert cfg.remote_namespace == "prod-kv" and cfg.remote_ttl_secs == 86400 and cfg.remote_budget_gb == 50
-    assert cfg.remote_optional is True and cfg.remote_timeout_secs == 0.5
+    assert cfg.remote_optional is True and cfg.remote_timeout_secs == 0.5 and cfg.disable_remote_offload_filter
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
     assert cfg.cpu_cache_override_num_blocks == 512 and cfg.disk_cache_override_num_blocks == 4096
     assert cfg.disk_cache_dir == "/var/cache/kvbm"
@@ -299,6 +300,13 @@ def test_no_tier_set():
         msg = _error(env)
         assert CPU_GB in msg
         assert CPU_N in msg
+        assert "DYN_KVBM_REMOTE_URL" in msg
+
+
+def test_g4_alone_is_a_valid_tier_setup():
+    config = load_config(environ={"DYN_KVBM_REMOTE_URL": "redis://127.0.0.1:6379"})
+    assert config.has_remote_tier and not config.has_host_tier and not config.has_disk_tier
+    assert config.blocks_outlive_process  # shared by servers: the identity fingerprints the weights
 
 
 @pytest.mark.parametrize("env", [{DISK_GB: "10"}, {DISK_N: "100"}])

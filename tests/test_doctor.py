@@ -407,3 +407,15 @@ def test_remote_checks_read_the_probe(overrides, name, status, needle):
 def test_remote_check_skipped_without_a_url():
     checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_CPU_CACHE_GB": "1"})}
     assert checks["G4 remote store"].status == SKIP
+
+
+def test_remote_check_against_a_real_redis(redis_server):
+    """G4 alone is a valid setup; doctor connects, and names the variable when Redis is not there."""
+    from tests.redis_procs import free_port
+
+    checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_REMOTE_URL": redis_server.url})}
+    assert checks["settings"].status == PASS and "G4" in checks["settings"].detail
+    assert checks["G4 remote store"].status == PASS and "G4 eviction" in checks
+    dead = f"redis://127.0.0.1:{free_port()}"
+    checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_REMOTE_URL": dead})}
+    assert checks["G4 remote store"].status == FAIL and "DYN_KVBM_REMOTE_URL" in checks["G4 remote store"].detail

@@ -172,7 +172,7 @@ def lora_key(leader, name: str, lora_id: int, path: str, load_inplace: bool = Fa
 def fake_leader(persist: bool):
     from collections import OrderedDict
 
-    return SimpleNamespace(config=SimpleNamespace(disk_persist=persist), _lora_keys=OrderedDict())
+    return SimpleNamespace(config=SimpleNamespace(blocks_outlive_process=persist), _lora_keys=OrderedDict())
 
 
 def test_lora_key_covers_name_id_and_path(tmp_path):

@@ -107,6 +107,9 @@ class WorkerReport:
     transfer_seconds: dict[str, float] = field(default_factory=dict)
     #: tier -> failures by kind (e.g. G3: read, checksum, mismatch, write).
     errors: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: G4 round trips by operation ("read", "write"): cumulative histogram counts per
+    #: bucket (kvbm.storage.remote_index.LATENCY_BUCKETS_S, then +Inf), then the seconds.
+    round_trips: dict[str, list[float]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not any(getattr(self, f.name) for f in fields(WorkerReport))
@@ -127,6 +130,7 @@ class WorkerReport:
             "transfer_seconds": _add(self.transfer_seconds, other.transfer_seconds),
             "errors": {tier: _add(self.errors.get(tier, {}), other.errors.get(tier, {}))
                        for tier in self.errors.keys() | other.errors.keys()},
+            "round_trips": add_histograms(self.round_trips, other.round_trips),
         }
 
 
@@ -135,6 +139,12 @@ def _add(a: dict, b: dict) -> dict:
     for key, value in b.items():
         out[key] = out.get(key, 0) + value
     return out
+
+
+def add_histograms(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Histograms by key added bucket by bucket (a key only one side has is copied)."""
+    return {key: [x + y for x, y in zip(a[key], b[key])] if key in a and key in b else list(a.get(key) or b[key])
+            for key in a.keys() | b.keys()}
 
 
 def _union(a: dict[str, set[int]], b: dict[str, set[int]]) -> dict[str, set[int]]:

@@ -88,11 +88,12 @@ def loads_in_step(load_mode: str, medium: str) -> bool:
 
 def standard_chain(host_blocks: int, disk_blocks: int, *, load_mode: str = "auto",
                    disk_filter_threshold: int | None = DEFAULT_THRESHOLD,
-                   disk_persistent: bool = False) -> tuple[Tier, ...]:
-    """G2 and/or G3 as the settings size them (0 blocks: no such tier).
+                   disk_persistent: bool = False, remote: bool = False,
+                   remote_filter_threshold: int | None = DEFAULT_THRESHOLD) -> tuple[Tier, ...]:
+    """G2 and/or G3 as the settings size them (0 blocks: no such tier), then G4 if ``remote``.
 
-    The disk filter only guards spills G2 → G3: in disk-only mode G3 is the
-    first tier and receives every block written through from G1.
+    A filter only guards spills from the tier above: the first tier (G3 in
+    disk-only mode, G4 alone) receives every block written through from G1.
     """
     chain = []
     if host_blocks:
@@ -100,6 +101,9 @@ def standard_chain(host_blocks: int, disk_blocks: int, *, load_mode: str = "auto
     if disk_blocks:
         chain.append(Tier("G3", DISK, disk_blocks, filter_threshold=disk_filter_threshold if host_blocks else None,
                           sync_load=loads_in_step(load_mode, DISK), persistent=disk_persistent))
+    if remote:
+        chain.append(Tier("G4", REMOTE, 0, filter_threshold=remote_filter_threshold if chain else None,
+                          shared=True, sync_load=loads_in_step(load_mode, REMOTE)))
     return tuple(chain)
 
 

@@ -60,10 +60,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import zmq
@@ -81,6 +81,7 @@ from kvbm.runtime.sizing import (
     plan_tiers,
 )
 from kvbm.runtime.wire import Beacon, DropLog, Malformed, Status
+from kvbm.storage.remote_index import remote_key
 
 logger = logging.getLogger(__name__)
 
@@ -277,9 +278,13 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         heartbeat_s: float = HEARTBEAT_S,
         dead_after_s: float = DEAD_AFTER_S,
         progress_log_s: float = PROGRESS_LOG_S,
+        identity: Callable[[Sequence[WorkerLayout]], str] | None = None,
     ) -> None:
+        """``identity``: the model identity from the ranks' layouts; with G4 its key
+        (:func:`remote_key`) goes to every rank with the sizes: each stores its shard under it."""
         super().__init__(config, engine_id, heartbeat_s, dead_after_s)
         self.world_size = world_size
+        self.identity = identity
         self.drops = DropLog("kvbm leader")
         self.session = wire.new_id()
         self.progress_log_s = progress_log_s
@@ -418,6 +423,8 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 check_fits(self.config, sizes, local, machine, f"host {here}")
         except SizingError as exc:
             raise HandshakeError(str(exc)) from None
+        if self.identity is not None and self.config.has_remote_tier:
+            sizes = replace(sizes, remote_key=remote_key(self.identity(layouts)))
         logger.info(
             "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
             "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks, sizes.host_slots, sizes.disk_slots,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost, Rate
@@ -20,12 +21,16 @@ from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
 from kvbm.core.hashing import engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
-from kvbm.core.tiers import G1, HOST, describe, move, standard_chain
+from kvbm.core.tiers import G1, HOST, TierIndex, describe, move, standard_chain
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.sizing import TierSizes
 from kvbm.storage.files import ensure_private_dir, g3_journal_path
 from kvbm.storage.journal import DiskJournal
+from kvbm.storage.remote_index import RemoteIndex, open_remote
+
+if TYPE_CHECKING:
+    from kvbm.storage.remote import RemoteStore
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ class LeaderRuntime:
     #: The index journal of the persistent tier (G3 with disk persistence); None: none.
     journal: DiskJournal | None = None
     exporter: MetricsExporter | None = None
+    #: G4's store (lookups of every rank's keys); None: no G4.
+    remote: RemoteStore | None = None
 
     def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
                  block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
@@ -50,7 +57,13 @@ class LeaderRuntime:
         self.chain = standard_chain(
             sizes.host_slots, sizes.disk_slots, load_mode=config.load_mode, disk_persistent=config.disk_persist,
             disk_filter_threshold=None if config.disable_disk_offload_filter else DEFAULT_THRESHOLD,
+            remote=bool(sizes.remote_key),
+            remote_filter_threshold=None if config.disable_remote_offload_filter else DEFAULT_THRESHOLD,
         )
+        indexes: dict[str, TierIndex] = {}
+        if sizes.remote_key:
+            self.remote = open_remote(config, sizes.remote_key, rank=0, world_size=world_size)
+            indexes["G4"] = RemoteIndex(self.remote)
         self.planner = Planner(
             self.chain, block_size, world_size,
             sightings=FrequencyFilter(decay_period_s=config.disk_offload_filter_decay_secs,
@@ -58,8 +71,10 @@ class LeaderRuntime:
             # learn a slow tier's speed on two blocks, not on a whole prefix; host memory is never slow
             cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes,
                              probe_blocks={tier.name: 2 for tier in self.chain if tier.medium != HOST}),
+            indexes=indexes,
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
+        self._shared = {tier.name for tier in self.chain if tier.shared}
         self.engine_root = engine_root(identity)
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self._step_seconds = Rate()  # steps per second, over every step
@@ -69,7 +84,7 @@ class LeaderRuntime:
             self._persistent = persistent[0]
             self.journal = self._open_journal(storage_key, identity)
         self.metrics = CacheMetrics(self.planner, window=config.metrics_hit_rate_window, world_size=world_size,
-                                    block_bytes=block_bytes * world_size)
+                                    block_bytes=block_bytes * world_size, remote=self.remote)
         if config.metrics:  # one exporter per engine (this leader), never per rank: counts are not duplicated
             self.exporter = MetricsExporter(self.metrics, config.metrics_host,
                                             metrics_port(config, data_parallel_rank_local))
@@ -130,7 +145,8 @@ class LeaderRuntime:
         """What the workers did (their reports merged), and what vLLM says finished."""
         self.planner.on_worker_report(report.stored, report.failed_batches, finished_loads, failed_loads, released,
                                       report.bad_slots)
-        self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors)
+        self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors,
+                                      report.round_trips)
         cost = self.planner.cost
         if cost is not None:
             for tier in self.chain:
@@ -139,11 +155,14 @@ class LeaderRuntime:
                     cost.observe_load(tier.name, report.transfer_bytes.get(direction, 0),
                                       report.transfer_seconds[direction])
         for tier, slots in report.bad_slots.items():
-            if slots:
+            if slots and not (tier in self._shared and self.planner.stats.tier(tier).bad_blocks > len(slots)):
+                # A shared tier's blocks vanish when another server or Redis evicts them: said once.
                 logger.warning(
                     "kvbm: %d %s block(s) failed verification or could not be read; they were dropped and "
-                    "their requests recompute (total so far: %d)",
+                    "their requests recompute (total so far: %d)%s",
                     len(slots), tier, self.planner.stats.tier(tier).bad_blocks,
+                    "; a shared tier loses blocks to evictions by Redis or other servers, so further ones are "
+                    "only counted" if tier in self._shared else "",
                 )
         if self.journal is not None:
             commits = self.planner.take_commits(self._persistent)
@@ -172,3 +191,6 @@ class LeaderRuntime:
         if self.journal is not None:
             self.journal.close()  # flushes what is pending: fewer misses after a restart
             self.journal = None
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None

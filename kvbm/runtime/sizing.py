@@ -55,6 +55,9 @@ class TierSizes:
     disk_slots: int
     #: Sum over ranks of :attr:`WorkerLayout.bytes_per_block`: what GB settings are divided by.
     bytes_per_block_all_ranks: int
+    #: G4: the digest of the model identity that names this engine's keys in Redis (the leader
+    #: computes it from every rank's layout; each rank stores its shard under it); "": no G4.
+    remote_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,7 @@ def parse_beacon(message: dict[str, Any]) -> Beacon:
         sizes = TierSizes(
             _int(sizes, "host_slots", 0, MAX_COUNT), _int(sizes, "disk_slots", 0, MAX_COUNT),
             _int(sizes, "bytes_per_block_all_ranks", 1, MAX_BLOCK_BYTES * MAX_WORLD_SIZE),
+            "" if sizes["remote_key"] == "" else _hex32(sizes, "remote_key"),
         )
     peers = message["peers"]
     if not isinstance(peers, list) or len(peers) > MAX_PEERS or not all(_is_hex32(p) for p in peers):

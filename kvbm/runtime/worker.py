@@ -10,7 +10,9 @@ constructor returned only after every rank acknowledged), and gets the
 rank's :class:`~kvbm.transfer.runner.PlanRunner`, built once.
 
 Which storage backs a tier comes from the chain (:mod:`kvbm.core.tiers`): a
-host tier is a :class:`HostArena`, a disk tier a :class:`DiskArena` file.
+host tier is a :class:`HostArena`, a disk tier a :class:`DiskArena` file, the
+shared tier (G4) this rank's :class:`~kvbm.storage.remote.RemoteStore`, keyed
+by the model identity the leader sent and this rank's shard.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbm.config import KvbmConfig
-from kvbm.core.tiers import DISK, HOST, standard_chain
+from kvbm.core.tiers import DISK, HOST, REMOTE, Tier, standard_chain
 from kvbm.runtime.handshake import TierSizes, WorkerHandshake, WorkerLayout
 from kvbm.storage.disk import DiskArena, FaultInjector
 from kvbm.storage.files import g3_file_tag
 from kvbm.storage.host import HostArena
+from kvbm.storage.remote_index import open_remote
 from kvbm.transfer.executor import TransferExecutor
 from kvbm.transfer.layout import KVLayout
-from kvbm.transfer.media import BlockMedium, DiskMedium
+from kvbm.transfer.media import BlockMedium, DiskMedium, RemoteMedium
 from kvbm.transfer.runner import PlanRunner
 
 __all__ = ["WorkerBoot", "RankInfo"]
@@ -76,7 +79,7 @@ class WorkerBoot:
             torch.cuda.set_device(self.views[0].device)  # per thread: pin in this rank's CUDA context
         cfg, bb = self.config, self.layout.block_bytes
         storage = _Storage()
-        for tier in standard_chain(sizes.host_slots, sizes.disk_slots):
+        for tier in _chain(sizes):
             if tier.medium == HOST:
                 storage.host_tier, storage.host = tier.name, HostArena(tier.capacity, bb, on_progress=progress)
             elif tier.medium == DISK:
@@ -90,6 +93,9 @@ class WorkerBoot:
                 )
                 storage.media[tier.name] = DiskMedium(arena, durable=cfg.disk_persist,
                                                       delete_on_close=not cfg.disk_persist)
+            elif tier.medium == REMOTE:
+                store = open_remote(cfg, sizes.remote_key, rank=self.info.rank, world_size=self.info.world_size)
+                storage.media[tier.name] = RemoteMedium(store)
         return storage
 
     def wait(self) -> PlanRunner:
@@ -98,8 +104,12 @@ class WorkerBoot:
         sizes, storage = self._handshake.wait()
         executor = TransferExecutor(self.layout, self.views, host=storage.host, host_tier=storage.host_tier,
                                     media=storage.media)
-        return PlanRunner(executor, {tier.name: tier.capacity for tier in standard_chain(sizes.host_slots,
-                                                                                          sizes.disk_slots)})
+        return PlanRunner(executor, {tier.name: tier.capacity for tier in _chain(sizes)})
 
     def close(self) -> None:
         self._handshake.close()
+
+
+def _chain(sizes: TierSizes) -> tuple[Tier, ...]:
+    """The tiers this rank holds: what the leader's chain names (the leader adds policy)."""
+    return standard_chain(sizes.host_slots, sizes.disk_slots, remote=bool(sizes.remote_key))

@@ -70,6 +70,7 @@ from redis.retry import Retry
 from kvbm.config import ConfigError, KvbmConfig, RemoteTarget, env_var, parse_remote_namespace, parse_remote_url
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8
+from kvbm.storage.remote_index import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
 
 try:  # ISA-L's CRC-32: the same checksum as zlib's, ~5-10x faster (PCLMUL), so writes keep up with the network
     from isal.isal_zlib import crc32 as _crc32
@@ -91,14 +92,7 @@ _CRC = struct.Struct("<I")
 HEADER_SIZE = _HDR.size + _CRC.size
 _DIGEST_TAG = b"kvbm-g4-v1|"
 
-#: Round-trip latency histogram bounds (seconds), Prometheus-style ``le``.
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 OPS = ("lookup", "read", "write", "delete")
-#: Errors by kind: shard-level (the node is then down) and per-command replies.
-ERROR_KINDS = ("connection", "timeout", "auth", "oom", "moved", "readonly", "busy", "response", "unroutable",
-               "other")
-#: Values that did not verify, by kind.
-BAD_VALUE_KINDS = ("foreign", "corrupt")
 
 
 class RemoteSetupError(ConfigError):

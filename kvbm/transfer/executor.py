@@ -285,6 +285,15 @@ class TransferExecutor:
         """Failures by kind per medium since the last call."""
         return {tier: errors for tier, medium in self.media.items() if (errors := medium.errors())}
 
+    def take_round_trips(self) -> dict[str, list[float]]:
+        """Round-trip histograms of the media that measure them (G4) since the last call."""
+        out: dict[str, list[float]] = {}
+        for medium in self.media.values():
+            take = getattr(medium, "round_trips", None)
+            if take is not None:
+                out.update(take())
+        return out
+
     def close(self) -> None:
         """Finish what is in flight, then release engines, threads and media."""
         if self._engine is not None:

@@ -103,6 +103,7 @@ class RemoteMedium:
     def __init__(self, store: RemoteStore) -> None:
         self.store = store
         self._seen: dict[str, int] = {}
+        self._rtt: dict[str, list[float]] = {}
 
     def read(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
         return self.store.read_blocks(list(zip(hashes, rows)))
@@ -115,6 +116,17 @@ class RemoteMedium:
         now = {**stats["errors"], **stats["bad_values"]}
         out = {kind: n - self._seen.get(kind, 0) for kind, n in now.items() if n > self._seen.get(kind, 0)}
         self._seen = now
+        return out
+
+    def round_trips(self) -> dict[str, list[float]]:
+        """Redis round trips by operation since the last call (see WorkerReport.round_trips)."""
+        now = {op: [n for _, n in h["buckets"]] + [h["sum"]] for op, h in self.store.stats()["latency"].items()}
+        out = {}
+        for op, hist in now.items():
+            before = self._rtt.get(op) or [0.0] * len(hist)
+            if hist[-2] > before[-2]:  # the +Inf bucket: the count
+                out[op] = [x - y for x, y in zip(hist, before)]
+        self._rtt = now
         return out
 
     def close(self) -> None:

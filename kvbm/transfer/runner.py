@@ -234,6 +234,7 @@ class PlanRunner:
 
     def take_report(self) -> WorkerReport | None:
         self._report.errors = self.executor.take_errors()
+        self._report.round_trips = self.executor.take_round_trips()
         report, self._report = self._report, WorkerReport()
         return None if report.is_empty() else report
 

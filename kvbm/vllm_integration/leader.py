@@ -53,9 +53,13 @@ class KvbmLeader:
         self.world_size = par.world_size
         # vLLM builds the scheduler only after every worker registered its KV
         # caches, so all of them are waiting: size the tiers from their reports.
-        joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id).start().wait()
-        identity = model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.disk_persist,
-                                  kv_layout="|".join(w.layout for w in joined.workers))
+        def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
+            return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
+                                  kv_layout="|".join(w.layout for w in workers))
+
+        joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id,
+                                 identity=identity_of).start().wait()
+        identity = identity_of(joined.workers)
         self.runtime = LeaderRuntime(
             config, joined.sizes, block_size=self.block_size, world_size=self.world_size, identity=identity,
             block_bytes=bytes_per_block_per_rank(kv_cache_config), gpu_blocks=kv_cache_config.num_blocks,
@@ -97,7 +101,7 @@ class KvbmLeader:
         cached = self._lora_keys.get(key)
         if cached is None or reload:
             weights = None
-            if self.config.disk_persist or reload:
+            if self.config.blocks_outlive_process or reload:
                 weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
             cached = json.dumps([*key, weights])
             self._lora_keys[key] = cached

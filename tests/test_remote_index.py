@@ -1,0 +1,233 @@
+"""G4's index (RemoteIndex) under the planner, on a fake store; and G4 in the leader's runtime
+against a real redis-server (the chain it builds, a clear error when Redis is unreachable)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvbm.config import ConfigError, KvbmConfig, parse_remote_url
+from kvbm.core.planner import Planner
+from kvbm.core.tiers import HOST, REMOTE, Tier, standard_chain
+from kvbm.runtime.sizing import TierSizes
+from kvbm.storage.remote_index import RemoteIndex, remote_key
+from tests.test_chain import BS, ROOT, complete, hashes, prefill, toks
+
+
+class FakeStore:
+    """What RemoteIndex needs of a RemoteStore: blocks other servers stored, and a count of round trips."""
+
+    def __init__(self, blocks=(), fail: bool = False) -> None:
+        self.blocks = set(blocks)
+        self.lookups = 0
+        self.fail = fail
+
+    def contains_prefix(self, hs) -> int:
+        self.lookups += 1
+        if self.fail:
+            raise RuntimeError("boom")
+        return next((i for i, h in enumerate(hs) if h not in self.blocks), len(hs))
+
+
+def g2_g4(store: FakeStore, g2: int = 8, g4_filter: int | None = None) -> Planner:
+    chain = [Tier("G2", HOST, g2, sync_load=True), Tier("G4", REMOTE, 0, filter_threshold=g4_filter, shared=True)]
+    return Planner(chain, BS, indexes={"G4": RemoteIndex(store)})
+
+
+def test_standard_chain_puts_g4_last_and_shared():
+    chain = standard_chain(8, 16, remote=True, remote_filter_threshold=3)
+    assert [(t.name, t.medium, t.shared, t.filter_threshold, t.sync_load) for t in chain][-1] == \
+        ("G4", REMOTE, True, 3, False)
+    (alone,) = standard_chain(0, 0, remote=True)
+    assert alone.filter_threshold is None  # the first tier gets every block written through
+
+
+def test_one_round_trip_for_the_rest_of_a_prompt_and_none_for_repeated_asks():
+    tokens = toks(4 * 40 + 1)  # 40 full blocks: more than the planner's first hashing window
+    store = FakeStore(hashes(tokens))
+    p = g2_g4(store)
+    p.add_request("r", ROOT)
+    for _ in range(5):  # vLLM asks again at every step while the request waits
+        assert p.match("r", tokens, 0) == 40 * BS
+    assert store.lookups == 1
+    p.on_alloc("r", toks(41, 100), 40 * BS)
+    (op,) = p.take_plan().loads
+    (part,) = op.parts
+    assert part.tier == "G4" and part.hashes == hashes(tokens) and not op.sync
+    p.add_request("s", ROOT)  # another request for the same prefix, within the cache's life
+    assert p.match("s", tokens, 0) == 40 * BS and store.lookups == 1
+
+
+def test_g2_run_first_then_g4_continues_it():
+    tokens = toks(4 * 6 + 1)
+    hs = hashes(tokens)
+    store = FakeStore(hs)  # other servers hold the whole prompt
+    p = g2_g4(store)
+    for b in (0, 1):
+        p.index("G2").commit(p.index("G2").reserve(hs[b]))
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 6 * BS
+    p.on_alloc("r", toks(7, 100), 6 * BS)
+    (op,) = p.take_plan().loads
+    assert [(part.tier, len(part.slots)) for part in op.parts] == [("G2", 2), ("G4", 4)]
+    assert op.parts[1].hashes == hs[2:6]
+    p.on_worker_report(finished_loads=["r"])
+    assert p.stats.tier("G4").loaded_blocks == 4 and not p.busy
+
+
+def test_blocks_spill_to_g4_once_and_never_over_another_servers_blocks():
+    tokens = toks(4 * 3 + 1)
+    hs = hashes(tokens)
+    store = FakeStore([hs[0]])  # another server stored block 0 (this server saw it in a lookup)
+    p = g2_g4(store)
+    plan = prefill(p, "a", tokens)
+    p.on_worker_report(stored={plan.store.batch_id: 1})
+    (spill,) = p.take_plan().spills
+    assert (spill.src, spill.dst, spill.hashes) == ("G2", "G4", hs[1:3])  # block 0 is known in G4
+    p.on_worker_report(stored={spill.batch_id: 1})
+    assert p.index("G4").contains(hs[1]) and p.stats.tier("G4").spilled_blocks == 2
+    plan = prefill(p, "b", tokens)  # computed again: nothing is stored twice
+    complete(p, plan)
+    assert p.stats.tier("G4").spilled_blocks == 2
+
+
+def test_g4_filter_admits_only_repeated_blocks():
+    tokens = toks(4 * 2 + 1)
+    p = g2_g4(FakeStore(), g2=2, g4_filter=2)
+    complete(p, prefill(p, "a", tokens))
+    assert p.stats.tier("G4").spilled_blocks == 0 and p.stats.filter_rejections == 2
+    p.add_request("b", ROOT)
+    assert p.match("b", tokens, 0) == 2 * BS  # a G2 hit: a second sighting
+    p.on_alloc("b", toks(3, 100), 2 * BS)
+    complete(p)
+    assert p.stats.tier("G4").spilled_blocks == 2
+
+
+def test_a_block_evicted_before_its_load_is_a_failed_load_and_asked_again():
+    tokens = toks(4 * 3 + 1)
+    hs = hashes(tokens)
+    store = FakeStore(hs)
+    p = g2_g4(store)
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 3 * BS
+    p.on_alloc("r", toks(4, 100), 3 * BS)
+    (op,) = p.take_plan().loads
+    store.blocks.clear()  # Redis evicted them meanwhile: the worker's reads fail
+    p.on_worker_report(finished_loads=["r"], failed_loads=["r"], bad_slots={"G4": set(op.parts[0].slots)})
+    assert p.stats.failed_loads == 1 and p.stats.tier("G4").bad_blocks == 3
+    assert not p.index("G4").contains(hs[0])
+    assert p.match("r", tokens, 0) == 0 and store.lookups == 2  # not the cached answer: asked again
+
+
+def test_errors_are_misses():
+    tokens = toks(4 * 3 + 1)
+    p = g2_g4(FakeStore(hashes(tokens), fail=True))
+    p.add_request("r", ROOT)
+    assert p.match("r", tokens, 0) == 0
+    assert p.index("G4").lookup_errors == 1
+
+
+def test_bounded_memory_and_forgotten_addresses_invalidate_matches():
+    hs = hashes(toks(4 * 20 + 1))
+    index = RemoteIndex(FakeStore(hs), max_known=8, max_lookups=2)
+    assert len(index.match_prefix(hs, 0, 20)) == 8  # never more than it can remember
+    index.match_prefix(hs, 10, 20)
+    assert index.num_used == 8 and index.stats.evicted == 8
+    assert index.ready_slot(hs[0]) is None and index.ready_slot(hs[17]) is not None
+    version = index.version
+    index.match_prefix(hs, 1, 20), index.match_prefix(hs, 2, 20)
+    assert len(index._lookups) == 2 and index.version != version
+
+
+def test_the_key_depends_on_the_identity_only():
+    assert remote_key("model a") == remote_key("model a") != remote_key("model b")
+    assert len(remote_key("x")) == 32
+
+
+# ---- the leader's runtime, real Redis --------------------------------------------------
+
+
+def runtime(url: str, **config):
+    from kvbm.runtime.leader import LeaderRuntime
+
+    cfg = KvbmConfig(remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", url), **config)
+    return LeaderRuntime(cfg, TierSizes(8, 0, 1024, remote_key("tiny")), block_size=BS, world_size=2,
+                         block_bytes=512, storage_key="k", identity="tiny", gpu_blocks=16,
+                         max_num_batched_tokens=64)
+
+
+def test_leader_builds_g2_then_g4_on_redis(redis_server):
+    rt = runtime(redis_server.url)
+    try:
+        assert [t.name for t in rt.chain] == ["G2", "G4"] and rt.capacities == {"G2": 8, "G4": 0}
+        assert isinstance(rt.planner.index("G4"), RemoteIndex) and rt.remote.world_size == 2
+        assert rt.chain[1].filter_threshold == 2  # the disk filter's policy by default
+    finally:
+        rt.close()
+
+
+def test_unreachable_redis_at_start_is_a_clear_error_or_optional():
+    from tests.redis_procs import free_port
+
+    pytest.importorskip("redis")
+    url = f"redis://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match="DYN_KVBM_REMOTE_URL.*DYN_KVBM_REMOTE_OPTIONAL"):
+        runtime(url, remote_timeout_secs=0.5)
+    rt = runtime(url, remote_timeout_secs=0.5, remote_optional=True)  # starts without G4, for now
+    try:
+        assert not rt.remote.is_up
+        rt.planner.add_request("r", ROOT)
+        assert rt.match("r", toks(4 * 3 + 1), 0) == (0, False)  # a miss at once, never a hang
+    finally:
+        rt.close()
+
+
+def test_wire_carries_the_remote_key():
+    from kvbm.runtime import wire
+    from kvbm.runtime.wire import Beacon, Malformed
+
+    sizes = TierSizes(4, 0, 8192, remote_key("m"))
+    beacon = Beacon("a" * 32, 1, "allocate", sizes, None, ())
+    assert wire.parse_beacon(wire.beacon_message(beacon)).sizes == sizes
+    message = wire.beacon_message(beacon)
+    message["sizes"]["remote_key"] = "not hex"
+    with pytest.raises(Malformed):
+        wire.parse_beacon(message)
+
+
+def test_g4_metrics_rows():
+    """kvbm_remote_*: hits and blocks from the planner, errors and round trips from the leader's
+    store and the workers' reports, G4 moves in kvbm_transfer_bytes_total."""
+    from kvbm.metrics import CacheMetrics, exported_series, make_registry
+    from kvbm.storage.remote_index import LATENCY_BUCKETS_S
+
+    tokens = toks(4 * 3 + 1)
+    p = g2_g4(FakeStore(hashes(tokens)))
+    p.add_request("r", ROOT)
+    p.match("r", tokens, 0)
+    p.on_alloc("r", toks(4, 100), 3 * BS)
+    p.take_plan()
+    p.on_worker_report(finished_loads=["r"])
+    metrics = CacheMetrics(p, block_bytes=100)
+    metrics.on_step()
+    hist = [0.0] * len(LATENCY_BUCKETS_S) + [2.0, 0.004]  # two reads, both above the last bound
+    metrics.on_worker_report({"G4->G1": 300}, {"G4->G1": 0.01}, {"G4": {"timeout": 2}}, {"read": hist})
+    metrics.on_worker_report({}, {}, {}, {"read": hist})
+    registry = make_registry(metrics)
+    assert {"kvbm_remote_hit_blocks_total", "kvbm_remote_cache_hit_rate", "kvbm_remote_up",
+            "kvbm_remote_errors_total", "kvbm_remote_round_trip_seconds_bucket"} <= exported_series(registry)
+    assert registry.get_sample_value("kvbm_remote_hit_blocks_total") == 3
+    assert registry.get_sample_value("kvbm_remote_loaded_blocks_total") == 3
+    assert registry.get_sample_value("kvbm_remote_cache_hit_rate") == 1.0
+    assert registry.get_sample_value("kvbm_remote_errors_total", {"kind": "timeout"}) == 2
+    assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "read"}) == 4
+    assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "lookup"}) == 0
+    assert registry.get_sample_value("kvbm_transfer_bytes_total", {"direction": "G4->G1"}) == 300
+    assert registry.get_sample_value("kvbm_tier_used_blocks", {"tier": "remote"}) == 3
+
+
+def test_summary_line_says_whether_g4_is_up(redis_server):
+    rt = runtime(redis_server.url)
+    try:
+        assert "G4 up" in rt.metrics.summary()
+    finally:
+        rt.close()
