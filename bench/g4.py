@@ -20,14 +20,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import redis
 
 from kvbm.storage.remote import RemoteStore
-from tests.redis_procs import RedisServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.redis_procs
+from tests.redis_procs import RedisServer  # noqa: E402
 
 
 def timed(fn) -> float:
