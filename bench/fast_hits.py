@@ -9,8 +9,8 @@ no reuse at all, and a slow disk with and without the load-or-recompute rule.
   demo model, vLLM's pool shrunk below the users' conversations) through vLLM
   alone, vLLM + kvbm with asynchronous loads (``DYN_KVBM_LOAD_MODE=async``),
   vLLM + kvbm as shipped (G2 loads inside the step), the same with in-step
-  loads landing layer by layer (``DYN_KVBM_LAYERWISE_LOADS=on``, the default on
-  CUDA; on CPU each layer is copied when its attention asks: nothing overlaps),
+  loads landing layer by layer (``DYN_KVBM_LAYERWISE_LOADS=on``; on CPU each
+  layer is copied when its attention asks: nothing overlaps),
   and the floor: vLLM with a pool large enough for everything. The table's "later-turn TTFT vs floor" row
   is what a hit costs beyond a GPU prefix hit.
 * ``no-reuse``: no prompt shares a prefix; kvbm can only add work (its stores).
