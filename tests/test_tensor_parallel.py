@@ -1,4 +1,4 @@
-"""kvbm under vLLM tensor parallelism (TP=2) on the CPU backend.
+"""kvbm under vLLM tensor parallelism (TP=2) on the CPU backend, G2 and G4.
 
 Both sides run TP=2 (outputs of TP=1 and TP=2 may differ in rounding), in
 vLLM's in-process engine mode, which still runs one worker process per rank.
@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
+from tests.conftest import BLOCK, _need_redis, engine_args, run_engine, token_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +72,31 @@ def test_every_rank_stored_its_own_shard(runs):
     assert ranks[0]["used_rows"] == ranks[1]["used_rows"]
     assert ranks[0]["digest"] != ranks[1]["digest"]
     assert kvbm["arenas"]["kvbm"]["host_used"] == PROMPT_BLOCKS
+
+
+def test_g4_shards_are_shared_by_servers_of_the_same_layout_only(model_path, runs, tmp_path):
+    """Two TP=2 servers, one after the other, on one Redis: each rank writes its own shard of a
+    block under its own key and the second server finds every rank's shard (same tokens as
+    TP=2 vLLM alone); a TP=1 server on the same namespace never sees them (another identity)."""
+    from tests.redis_procs import RedisServer
+
+    _need_redis()
+    baseline, _ = runs
+    server = RedisServer(str(tmp_path / "redis"))
+    try:
+        tp2 = engine_args(model_path, tensor_parallel_size=2, max_model_len=2048, max_num_seqs=4)
+        kvbm = {"cpu_cache_override_num_blocks": 64, "remote_url": server.url, "remote_namespace": "tp",
+                "disable_remote_offload_filter": True}
+        phases = [PHASES["store"]]
+        (a,) = run_engine(tmp_path, "tp2-g4-a", tp2, phases, kvbm=kvbm, env=TP_ENV, timeout=300)
+        assert a["kvbm"]["tiers"]["G4"]["spilled_blocks"] == PROMPT_BLOCKS
+        (b,) = run_engine(tmp_path, "tp2-g4-b", tp2, phases, kvbm=kvbm, env=TP_ENV, timeout=300)
+        assert b["outputs"] == baseline["store"]["outputs"]
+        assert b["kvbm"]["tiers"]["G4"]["hit_blocks"] == PROMPT_BLOCKS
+        assert b["cached"] == [PROMPT_BLOCKS * BLOCK]
+        assert b["kvbm"]["stats"]["failed_loads"] == 0
+        tp1 = engine_args(model_path, max_model_len=2048, max_num_seqs=4)
+        (c,) = run_engine(tmp_path, "tp1-g4", tp1, phases, kvbm=kvbm, timeout=300)
+        assert c["kvbm"]["tiers"]["G4"].get("hit_blocks", 0) == 0 and c["cached"] == [0]
+    finally:
+        server.kill()
