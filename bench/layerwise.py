@@ -4,8 +4,12 @@ A later turn of the 8B-shaped perf workload loads ~13,000 tokens (832 blocks of 
 over 32 layers: 1.7 GB) from pinned host memory (G2) before its forward. Two ways:
 
 * whole:  the copy engine's staged DMA of all layers; the forward waits for all of it;
-* layers: one batched DMA per layer straight into the KV cache; layer i's attention waits only
-          for layer i (``wait_layer``), so layer i+1's copy overlaps layer i's compute.
+* layers: layer by layer; layer i's attention waits only for layer i (``wait_layer``), so layer
+          i+1's copy overlaps layer i's compute. Two paths: "batch" (one DMA entry per block and
+          plane straight into the cache) and "staged" (the default: one 2-D DMA per run of
+          consecutive host slots into staging, then the scatter kernel), the latter with the
+          host slots shuffled (runs of one) and consecutive (as kvbm's pool hands out a
+          request's slots).
 
 For each, the copy alone (GPU time, GB/s, and the CPU time to submit it: the forward cannot be
 launched before) and a load followed by a stand-in forward: per layer, GEMMs sized like an 8B
@@ -39,9 +43,13 @@ def main() -> None:
     args = ap.parse_args()
 
     setup = Setup(args.layers, 4096, args.blocks)
-    engine = setup.engine(staging_bytes=args.staging_mib << 20) if args.staging_mib else setup.engine()
+    kw = {"staging_bytes": args.staging_mib << 20} if args.staging_mib else {}
+    staged = setup.engine(**kw)
+    batch = setup.engine(layer_path="batch", **kw)
     setup.buf.view(torch.uint8).random_(0, 256)  # the rows loaded hold noise, not zeros
-    slots, blocks = setup.load_slots, setup.load_blocks
+    blocks = setup.load_blocks
+    scattered = setup.load_slots  # a shuffled half of the arena: runs of one slot
+    runs = list(range(args.blocks, 2 * args.blocks))  # one request's blocks, as kvbm's pool hands them out
     nbytes = setup.batch_bytes
     hidden = 4096
     x = torch.randn(args.new_tokens, hidden, device="cuda", dtype=torch.bfloat16)
@@ -54,27 +62,27 @@ def main() -> None:
         h = x @ w_mlp
         (h[:, :14336] @ w_down).sum()
 
-    submit: dict[str, list[float]] = {"whole": [], "layers": []}
+    submit: dict[str, list[float]] = {}
 
     def whole(forward: bool):
         def run():
-            engine._load_dma_stream.wait_stream(torch.cuda.current_stream())
+            staged._load_dma_stream.wait_stream(torch.cuda.current_stream())
             t0 = time.perf_counter()
-            engine.load(1, slots, blocks)
-            engine.fence_loads()
-            submit["whole"].append(time.perf_counter() - t0)
+            staged.load(1, scattered, blocks)
+            staged.fence_loads()
+            submit.setdefault("whole", []).append(time.perf_counter() - t0)
             if forward:
                 for _ in range(args.layers):
                     layer_compute()
-            engine.poll()
-            return [engine.load_stream]
+            staged.poll()
+            return [staged.load_stream]
         return run
 
-    def layers(forward: bool):
+    def layers(engine, slots, name: str, forward: bool):
         def run():
             t0 = time.perf_counter()
             engine.load_layers([(2, slots, blocks)], list(range(args.layers)))
-            submit["layers"].append(time.perf_counter() - t0)
+            submit.setdefault(name, []).append(time.perf_counter() - t0)
             for i in range(args.layers):
                 engine.wait_layer(i)
                 if forward:
@@ -88,36 +96,46 @@ def main() -> None:
             layer_compute()
         return []
 
-    rows = {
-        "copy whole": measure(whole(False), args.warmup, args.reps),
-        "copy layers": measure(layers(False), args.warmup, args.reps),
-        "forward alone": measure(forward_only, args.warmup, args.reps),
-        "whole + forward": measure(whole(True), args.warmup, args.reps),
-        "layers + forward": measure(layers(True), args.warmup, args.reps),
+    ways = {  # name: (engine, host slots)
+        "layers batch": (batch, scattered),
+        "layers staged, scattered slots": (staged, scattered),
+        "layers staged, slot runs": (staged, runs),
     }
-    # Both ways land the same bytes: a whole load, then zeroed blocks refilled layer by layer.
-    engine.drain()
-    engine.poll()
+    rows = {"copy whole": measure(whole(False), args.warmup, args.reps)}
+    for name, (engine, slots) in ways.items():
+        rows[f"copy {name}"] = measure(layers(engine, slots, name, False), args.warmup, args.reps)
+    rows["forward alone"] = measure(forward_only, args.warmup, args.reps)
+    rows["whole + forward"] = measure(whole(True), args.warmup, args.reps)
+    for name, (engine, slots) in ways.items():
+        rows[f"{name} + forward"] = measure(layers(engine, slots, name, True), args.warmup, args.reps)
+    # Every way lands the same bytes: a whole load, then zeroed blocks refilled layer by layer.
+    ok = True
     index = torch.tensor(blocks, device="cuda")
-    want = [v.index_select(1, index) for v in setup.views]
-    for v in setup.views:
-        v.index_fill_(1, index, 0)
-    engine.load_layers([(3, slots, blocks)], list(range(args.layers)))
-    for i in range(args.layers):
-        engine.wait_layer(i)
-    torch.cuda.synchronize()
-    engine.poll()
-    ok = all(torch.equal(v.index_select(1, index), w) for v, w in zip(setup.views, want))
+    for engine, slots in ways.values():
+        staged.drain()
+        staged.poll()
+        staged.load("want", slots, blocks)
+        staged.drain()
+        staged.poll()
+        want = [v.index_select(1, index) for v in setup.views]
+        for v in setup.views:
+            v.index_fill_(1, index, 0)
+        engine.load_layers([(3, slots, blocks)], list(range(args.layers)))
+        for i in range(args.layers):
+            engine.wait_layer(i)
+        torch.cuda.synchronize()
+        engine.poll()
+        ok &= all(torch.equal(v.index_select(1, index), w) for v, w in zip(setup.views, want))
     print(f"{args.blocks} blocks x {setup.layout.block_bytes / 2**20:.1f} MiB = {nbytes / 1e9:.2f} GB, "
           f"{args.layers} layers, stand-in forward over {args.new_tokens} tokens; medians of {args.reps}")
     for name, ms in rows.items():
         extra = f"  {gbps(nbytes, ms):6.1f} GB/s" if name.startswith("copy") else ""
-        print(f"  {name:18s} {ms:8.2f} ms{extra}")
+        ratio = f"  ({ms / rows['whole + forward']:.3f} of whole + forward)" if name.endswith("+ forward") else ""
+        print(f"  {name:42s} {ms:8.2f} ms{extra}{ratio}")
     for name, times in submit.items():
-        print(f"  submit {name:11s} {statistics.median(times) * 1e3:8.2f} ms of CPU before the forward can launch")
-    print(f"  layers+forward / whole+forward: {rows['layers + forward'] / rows['whole + forward']:.3f}"
-          f"   (ideal: max(copy, forward) / (copy + forward) = "
-          f"{max(rows['copy layers'], rows['forward alone']) / (rows['copy whole'] + rows['forward alone']):.3f})")
+        print(f"  submit {name:35s} {statistics.median(times) * 1e3:8.2f} ms of CPU before the forward can launch")
+    ideal = max(rows["copy whole"], rows["forward alone"]) / (rows["copy whole"] + rows["forward alone"])
+    print(f"  ideal layers + forward: max(copy, forward) / (copy + forward) = {ideal:.3f} of whole + forward")
     print("  verified" if ok else "  MISMATCH")
 
 

@@ -388,7 +388,7 @@ def test_allocate_pinned_is_pinned_and_dma_works() -> None:
 
 
 def _layered_load(kind: str, dtype: torch.dtype, *, dma_api: str = "batch", seed: int = 21,
-                  fence: bool = False) -> None:
+                  fence: bool = False, **engine_options) -> None:
     """Layer-wise loads (two requests, one bad one) issued from a side "compute" stream while the
     load stream is held busy; each layer is waited for on that compute stream and read there at
     once. Every read must see the loaded bytes, and the caches end equal to TorchCopyEngine's."""
@@ -403,10 +403,11 @@ def _layered_load(kind: str, dtype: torch.dtype, *, dma_api: str = "batch", seed
     num_slots = 40
     gbuf = make_host_arena_buffer(num_slots, layout.block_bytes, want_pinned=True)
     _random_bytes_(gbuf, torch.Generator().manual_seed(seed + 1))
-    engine = CudaCopyEngine(layout, gviews, _arena(gbuf), dma_api=dma_api)
+    engine = CudaCopyEngine(layout, gviews, _arena(gbuf), dma_api=dma_api, **engine_options)
     ref = TorchCopyEngine(clayout, cviews, _arena(gbuf.clone()))
     blocks = rng.sample(range(NUM_BLOCKS), 30)
     slots = rng.sample(range(num_slots), 30)
+    slots[3:12] = range(20, 29)  # a run of consecutive slots (one 2-D DMA) among scattered ones
     loads = [("a", slots[:17], blocks[:17]), ("bad", [0], [NUM_BLOCKS]), ("b", slots[17:], blocks[17:])]
     order = list(range(len(layout.layers)))[::-1]
     for key, s, b in loads[::2]:
@@ -455,6 +456,18 @@ def test_layer_wise_load_is_byte_exact_and_waited_per_layer(kind: str, dtype: to
 def test_layer_wise_load_with_plain_memcpy_and_whole_fence(kind: str) -> None:
     _layered_load(kind, torch.bfloat16, dma_api="memcpy", seed=22)
     _layered_load(kind, torch.bfloat16, fence=True, seed=23)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("options", [
+    {"layer_path": "batch"},  # one DMA entry per block and plane, straight into the cache
+    {"load_mode": "kernel"},  # no load staging: the batch path
+    {"staging_bytes": 1},  # staging of one row: a staging buffer-full per block, both buffers in turn
+], ids=["batch", "kernel-loads", "tiny-staging"])
+def test_layer_wise_load_paths(options: dict) -> None:
+    _layered_load("flash", torch.bfloat16, seed=24, **options)
+    _layered_load("v2", torch.bfloat16, seed=25, **options)
 
 
 @pytest.mark.gpu

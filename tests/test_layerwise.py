@@ -1,6 +1,6 @@
 """Layer-wise in-step loads without vLLM: the CPU engine's lazy per-layer copies, the
 executor's and runner's per-layer scheduling, the hook gate, and the CUDA engine's
-per-layer DMA addresses (applied with memmove to real CPU tensors).
+per-layer DMA addresses, both ways (applied with memmove to real CPU tensors).
 
 The same path inside real vLLM: tests/test_vllm_host_tier.py (mode "layerwise");
 on a GPU, byte for byte: tests/test_gpu_transfer.py (``-m gpu``).
@@ -17,7 +17,7 @@ import torch
 from kvbm.core.plan import LoadOp, LoadPart, StepPlan, StoreBatch
 from kvbm.runtime.layers import LayerHooks, hooks_run
 from kvbm.storage.host import HostArena
-from kvbm.transfer.cuda import layer_copies, view_planes
+from kvbm.transfer.cuda import layer_copies, stage_copies, staged_chunks, view_planes
 from kvbm.transfer.engine import Completion, TorchCopyEngine
 from kvbm.transfer.executor import TransferExecutor
 from kvbm.transfer.layout import describe_kv_caches
@@ -121,6 +121,50 @@ def test_layer_copies_land_what_the_torch_engine_lands(shape, perm):
             ctypes.memmove(dst, src, size)
     for name in cache:
         assert torch.equal(cache[name].view(torch.int16), ref_cache[name].view(torch.int16)), name  # bytes: NaNs too
+
+
+def test_staged_chunks_sort_slots_into_runs():
+    chunks = staged_chunks([7, 3, 4, 5, 9, 8, 0], [70, 30, 40, 50, 90, 80, 0], rows_per_chunk=4)
+    assert [c.blocks for c in chunks] == [[0, 30, 40, 50], [70, 80, 90]]
+    assert [c.runs for c in chunks] == [[(0, 0, 1), (1, 3, 3)], [(0, 7, 3)]]
+    assert staged_chunks([], [], 4) == []
+    with pytest.raises(ValueError):
+        staged_chunks([1], [1], 0)
+
+
+@pytest.mark.parametrize("shape,perm", [
+    ((2, NUM_BLOCKS, 16, 2, 8), None),  # FlashAttention: K and V planes (outer 2)
+    ((NUM_BLOCKS, 16, 2, 16), (0, 2, 1, 3)),  # vLLM 0.26+ GPU runner: a permuted view
+    ((NUM_BLOCKS, 16, 36), None),  # MLA
+], ids=["flash", "v2", "mla"])
+@pytest.mark.parametrize("min_run", [1, 3, 99])  # all 2-D, mixed, all batch entries
+def test_staged_layer_copies_land_what_the_torch_engine_lands(shape, perm, min_run):
+    """The staged layer path's DMAs (2-D runs and batch entries) applied with memmove into a
+    staging buffer, then the scatter the kernel does (staging row j, plane o -> block j's plane o),
+    layer by layer: the cache ends equal to a whole load by the CPU engine."""
+    cache = caches(shape, seed=4, perm=perm)
+    ref_cache = {k: v.clone() for k, v in cache.items()}
+    layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+    ref_layout, ref_views = describe_kv_caches(ref_cache, NUM_BLOCKS)
+    host = arena(layout.block_bytes, seed=5)
+    slots, blocks = [9, 2, 3, 4, 0, 5, 7, 8], [3, 17, 0, 1, NUM_BLOCKS - 1, 6, 12, 9]
+    TorchCopyEngine(ref_layout, ref_views, host).load(1, slots, blocks)
+    widest = max(layer.block_bytes for layer in layout.layers)
+    staging = torch.zeros(3 * widest, dtype=torch.uint8)  # 3 rows: several chunks
+    for i, layer in enumerate(layout.layers):
+        for chunk in staged_chunks(slots, blocks, 3):
+            two_d, (dsts, srcs, sizes) = stage_copies(chunk, host.buffer.data_ptr(), host.buffer.stride(0),
+                                                      layer.offset, layer.block_bytes, staging.data_ptr(), min_run)
+            for dst, dpitch, src, spitch, width, height in two_d:
+                for r in range(height):
+                    ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+            for dst, src, size in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
+                ctypes.memmove(dst, src, size)
+            for j, block in enumerate(chunk.blocks):
+                row = staging[j * layer.block_bytes : (j + 1) * layer.block_bytes].view(layer.outer, -1)
+                views[i][:, block] = row
+    for name in cache:
+        assert torch.equal(cache[name].view(torch.int16), ref_cache[name].view(torch.int16)), name
 
 
 # ---- executor and runner ----------------------------------------------------------------

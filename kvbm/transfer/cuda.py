@@ -42,13 +42,18 @@ last step, observed by ``poll`` through ``event.query()``; nothing but
 ``drain`` synchronizes. Block/slot indices go through preallocated pinned
 buffers and one ``non_blocking`` upload per batch.
 
-Layer-wise loads (``load_layers``): no staging and no kernel. Each layer of a
-step's in-step loads is one batched DMA (``cuMemcpyBatchAsync``, one copy per
-block and plane, straight from the pinned arena into the KV cache) on the load
-stream, followed by an event; ``wait_layer(i)`` makes the compute stream wait
-for layer *i*'s event only, so the copy of layer *i* overlaps the compute of
-the layers before it. ``fence_loads`` still orders the compute stream after
-everything on the load stream, layer-wise loads included.
+Layer-wise loads (``load_layers``): per layer, the layer's bytes of every
+loaded block (contiguous inside a host row) are gathered by DMA into a load
+staging buffer, then scattered into the KV cache by the kernel, as a whole
+load is but one layer at a time, each layer followed by an event;
+``wait_layer(i)`` makes the compute stream wait for layer *i*'s event only, so
+the copy of layer *i* overlaps the compute of the layers before it. Host slots
+are sorted first and every run of consecutive slots is one 2-D DMA (pitch: a
+host row), so a layer costs a few driver calls, not one per block and plane
+(``layer_path="batch"``, the first version: one ``cuMemcpyBatchAsync`` entry
+per block and plane straight into the cache, CPU-bound at ~0.6 us an entry).
+``fence_loads`` still orders the compute stream after everything on the load
+stream, layer-wise loads included.
 
 Nothing heavy is imported at module import: Triton (and CuPy, for the optional
 ``backend="cupy"``) are imported when an engine is built.
@@ -74,8 +79,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CudaCopyEngine", "layer_copies", "view_planes", "DEFAULT_CTAS", "DEFAULT_CHUNK_BYTES",
-           "DEFAULT_STAGING_BYTES"]
+__all__ = ["CudaCopyEngine", "StagedChunk", "layer_copies", "stage_copies", "staged_chunks", "view_planes",
+           "DEFAULT_CTAS", "DEFAULT_CHUNK_BYTES", "DEFAULT_STAGING_BYTES"]
 
 # Defaults, from bench/transfer.py on an H200 (docs/gpu-data-plane.md).
 DEFAULT_CTAS = 132  # zero-copy kernel: programs per launch
@@ -237,6 +242,23 @@ _CU_MEM_LOCATION_TYPE_DEVICE = 1
 _CU_MEM_LOCATION_TYPE_HOST = 2
 
 
+class _Memcpy2D(ctypes.Structure):
+    """``CUDA_MEMCPY2D``: ``Height`` rows of ``WidthInBytes``, each side with its own pitch."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
+    ]
+
+
+_CU_MEMORYTYPE_UNIFIED = 4  # an address in the one UVA space: host (pinned) or device
+
+
 class _BatchCopier:
     """``cuMemcpyBatchAsync`` (one call for many copies), else one ``cuMemcpyAsync`` per copy."""
 
@@ -256,6 +278,11 @@ class _BatchCopier:
         self._single = lib.cuMemcpyAsync
         self._single.restype = ctypes.c_int
         self._single.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self._copy2d_fn = lib.cuMemcpy2DAsync_v2
+        self._copy2d_fn.restype = ctypes.c_int
+        self._copy2d_fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+        self._desc2d = _Memcpy2D()
+        self._desc2d.srcMemoryType = self._desc2d.dstMemoryType = _CU_MEMORYTYPE_UNIFIED
         self._attrs = {}
         for to_host in (True, False):
             attr = _MemcpyAttributes()
@@ -290,6 +317,18 @@ class _BatchCopier:
             logger.warning("kvbm: cuMemcpyBatchAsync failed (CUresult %d); using cuMemcpyAsync", err)
             self._batch = None
             self.copy(dsts.tolist(), srcs.tolist(), sizes.tolist(), to_host, stream)
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+               stream: int) -> None:
+        """One ``cuMemcpy2DAsync``: ``height`` runs of ``width`` bytes, ``src_pitch`` apart in the
+        source and ``dst_pitch`` apart in the destination (one driver call for a whole run of
+        consecutive host slots, where a batch would take one entry per slot)."""
+        d = self._desc2d
+        d.srcDevice, d.srcPitch, d.dstDevice, d.dstPitch = src, src_pitch, dst, dst_pitch
+        d.WidthInBytes, d.Height = width, height
+        err = self._copy2d_fn(ctypes.byref(d), ctypes.c_void_p(stream))
+        if err != 0:
+            raise RuntimeError(f"cuMemcpy2DAsync failed (CUresult {err})")
 
     def copy(self, dsts: list[int], srcs: list[int], sizes: list[int], to_host: bool, stream: int) -> None:
         count = len(dsts)
@@ -347,6 +386,58 @@ def view_planes(layout: KVLayout, views: list[torch.Tensor]) -> list[tuple[int, 
     return planes
 
 
+@dataclass(frozen=True)
+class StagedChunk:
+    """One staging buffer-full of a layer-wise load: staging row ``j`` lands in GPU block
+    ``blocks[j]``; ``runs`` are ``(first staging row, first host slot, rows)`` over consecutive
+    host slots (one 2-D DMA each, whatever the layer)."""
+
+    blocks: list[int]
+    runs: list[tuple[int, int, int]]
+
+
+def staged_chunks(slots: list[int], blocks: list[int], rows_per_chunk: int) -> list[StagedChunk]:
+    """Split a layer-wise load into staging buffer-fulls, host slots sorted so that consecutive
+    slots (what kvbm's pool hands out to one request's blocks) become one run. The same chunks
+    serve every layer: computed once per step, not per layer."""
+    if rows_per_chunk < 1:
+        raise ValueError("a staging buffer must hold at least one row")
+    pairs = sorted(zip(slots, blocks, strict=True))
+    chunks = []
+    for c in range(0, len(pairs), rows_per_chunk):
+        part = pairs[c : c + rows_per_chunk]
+        runs: list[tuple[int, int, int]] = []
+        for j, (slot, _) in enumerate(part):
+            if runs and runs[-1][1] + runs[-1][2] == slot:
+                row, first, count = runs[-1]
+                runs[-1] = (row, first, count + 1)
+            else:
+                runs.append((j, slot, 1))
+        chunks.append(StagedChunk([b for _, b in part], runs))
+    return chunks
+
+
+def stage_copies(chunk: StagedChunk, arena_ptr: int, row_bytes: int, layer_offset: int, layer_bytes: int,
+                 staging_ptr: int, min_run: int = 4
+                 ) -> tuple[list[tuple[int, int, int, int, int, int]], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The DMAs that gather one layer of ``chunk`` into staging (row ``j`` at ``j * layer_bytes``):
+    runs of at least ``min_run`` slots as 2-D copies ``(dst, dst_pitch, src, src_pitch, width,
+    height)``, shorter ones as batch entries ``(dsts, srcs, sizes)`` (a 2-D call costs the driver
+    several batch entries). Pure address arithmetic (tested on CPU with real pointers)."""
+    two_d = []
+    singles: list[tuple[int, int]] = []
+    for row, slot, count in chunk.runs:
+        src = arena_ptr + slot * row_bytes + layer_offset
+        dst = staging_ptr + row * layer_bytes
+        if count >= min_run:
+            two_d.append((dst, layer_bytes, src, row_bytes, layer_bytes, count))
+        else:
+            singles += [(dst + k * layer_bytes, src + k * row_bytes) for k in range(count)]
+    dsts = np.array([d for d, _ in singles], dtype=np.uint64)
+    srcs = np.array([s for _, s in singles], dtype=np.uint64)
+    return two_d, (dsts, srcs, np.full(len(singles), layer_bytes, dtype=np.uint64))
+
+
 @dataclass
 class _Inflight:
     event: torch.cuda.Event
@@ -385,6 +476,10 @@ class CudaCopyEngine:
     gather/scatter into staging. ``chunk_bytes``: bytes per work item.
     ``dma_api``: ``"batch"`` (one ``cuMemcpyBatchAsync`` per staging buffer) or
     ``"memcpy"`` (one ``cuMemcpyAsync`` per run of consecutive host slots).
+    ``layer_path``: how :meth:`load_layers` moves a layer: ``"staged"`` (default: 2-D DMA of
+    runs of host slots into the load staging buffers, then the scatter kernel) or ``"batch"``
+    (one batched DMA entry per block and plane straight into the cache; also used when loads
+    have no staging, ``load_mode="kernel"``).
     """
 
     def __init__(
@@ -401,6 +496,7 @@ class CudaCopyEngine:
         staging_ctas: int | None = None,
         chunk_bytes: int | None = None,
         dma_api: str = "batch",
+        layer_path: str = "staged",
         load_priority: int = 0,
         warmup: bool = True,
     ) -> None:
@@ -413,6 +509,9 @@ class CudaCopyEngine:
         for mode in (store_mode, load_mode):
             if mode not in ("dma", "kernel"):
                 raise ValueError(f"unknown mode {mode!r}: 'dma' or 'kernel'")
+        if layer_path not in ("staged", "batch"):
+            raise ValueError(f"unknown layer_path {layer_path!r}: 'staged' or 'batch'")
+        self.layer_path = layer_path if load_mode == "dma" else "batch"
         self.layout = layout
         self.device = views[0].device
         self._views = views
@@ -523,6 +622,15 @@ class CudaCopyEngine:
 
         self._seg_dev, self._seg_stride = col(0, anchor_ptr), col(1)
         self._seg_host, self._seg_len = col(2), col(3)
+        # Per layer, for layer-wise loads through staging: the layer's planes, each at its offset
+        # inside the layer's bytes (a staging row holds one layer of one block).
+        self._layer_segs = []
+        for layer, a, b in zip(self.layout.layers, first, first[1:], strict=True):
+            inside = torch.tensor([(p[2] - layer.offset) // unit for p in planes[a:b]], dtype=torch.int64,
+                                  device=self.device)
+            # own tensors, not slices: Triton compiles a kernel per pointer alignment
+            self._layer_segs.append((self._seg_dev[a:b].clone(), self._seg_stride[a:b].clone(), inside,
+                                     self._seg_len[a:b].clone()))
         self._host_row = self._row_bytes // unit
         self._host_base = {"arena": (self._arena_ptr - anchor_ptr) // unit}
         for to_host, ts in self._staging.items():
@@ -539,19 +647,29 @@ class CudaCopyEngine:
         """Compile every kernel variant now rather than inside the first engine step."""
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
-            empty = self._idx_free[0].dev[:0]
-            for to_host, mode in ((True, self.store_mode), (False, self.load_mode)):
-                if mode == "kernel":
-                    self._launch(empty, 0, to_host, "arena", self.ctas, stream)
-                else:
-                    for k in range(2):
-                        self._launch(empty, 0, to_host, (to_host, k), self.staging_ctas, stream)
+            # index slices of a batch split over staging buffers may be only 8-byte aligned
+            for empty in (self._idx_free[0].dev[:0], self._idx_free[0].dev[1:1]):
+                for to_host, mode in ((True, self.store_mode), (False, self.load_mode)):
+                    if mode == "kernel":
+                        self._launch(empty, 0, to_host, "arena", self.ctas, stream)
+                    else:
+                        for k in range(2):
+                            self._launch(empty, 0, to_host, (to_host, k), self.staging_ctas, stream)
             stream.synchronize()
 
     # ---- launching ------------------------------------------------------
     def _launch(self, idx: torch.Tensor, n: int, to_host: bool, target: Any, ctas: int,
-                stream: torch.cuda.Stream) -> None:
-        num_segs = self._seg_len.numel()
+                stream: torch.cuda.Stream, layer: int | None = None) -> None:
+        """Copy ``n`` blocks between the cache and host rows (arena or a staging buffer); with
+        ``layer``, only that layer's planes, between the cache and staging rows of that layer's
+        bytes."""
+        if layer is None:
+            seg_dev, seg_stride, seg_host, seg_len = self._seg_dev, self._seg_stride, self._seg_host, self._seg_len
+            host_row = self._host_row
+        else:
+            seg_dev, seg_stride, seg_host, seg_len = self._layer_segs[layer]
+            host_row = self.layout.layers[layer].block_bytes // self._unit
+        num_segs = seg_len.numel()
         total = n * num_segs * self._chunks_per_seg
         grid = max(1, min(ctas, total))
         host_base = self._host_base[target]
@@ -559,8 +677,8 @@ class CudaCopyEngine:
             kernel = _triton_kernel()
             with torch.cuda.stream(stream):
                 kernel[(grid,)](
-                    self._anchor, self._seg_dev, self._seg_stride, self._seg_host, self._seg_len,
-                    idx, n, host_base, self._host_row, num_segs, self._chunks_per_seg,
+                    self._anchor, seg_dev, seg_stride, seg_host, seg_len,
+                    idx, n, host_base, host_row, num_segs, self._chunks_per_seg,
                     TO_HOST=to_host, BLOCK=self.chunk_bytes // self._esize, VEC=self._vec,
                     EVEN=self._even, num_warps=_NUM_WARPS,
                 )
@@ -573,9 +691,9 @@ class CudaCopyEngine:
                 kernel(
                     (grid,), (_CUPY_THREADS,),
                     (
-                        np.uint64(self._seg_dev.data_ptr()), np.uint64(self._seg_stride.data_ptr()),
-                        np.uint64(self._seg_host.data_ptr()), np.uint64(self._seg_len.data_ptr()),
-                        np.uint64(idx.data_ptr()), np.int64(n), np.int64(host_base), np.int64(self._host_row),
+                        np.uint64(seg_dev.data_ptr()), np.uint64(seg_stride.data_ptr()),
+                        np.uint64(seg_host.data_ptr()), np.uint64(seg_len.data_ptr()),
+                        np.uint64(idx.data_ptr()), np.int64(n), np.int64(host_base), np.int64(host_row),
                         np.int32(num_segs), np.int32(self._chunks_per_seg), np.int32(1 if to_host else 0),
                         np.uint64(self._anchor_ptr),
                     ),
@@ -725,9 +843,9 @@ class CudaCopyEngine:
 
     def load_layers(self, loads: list[tuple[int, list[int], list[int]]], order: list[int]) -> None:
         """Start the loads ``(key, host_slots, gpu_blocks)`` layer by layer (layers in ``order``,
-        any missing ones after): per layer one batched DMA of every load's blocks, straight from
-        the arena into the KV cache, then an event (see :meth:`wait_layer`). Like :meth:`load`,
-        ordered after the compute stream's earlier work; returns at once."""
+        any missing ones after): per layer, every load's blocks of that layer, then an event (see
+        :meth:`wait_layer`). Like :meth:`load`, ordered after the compute stream's earlier work;
+        returns at once."""
         start = time.perf_counter()
         self._layer_events = {}
         good = []
@@ -741,6 +859,7 @@ class CudaCopyEngine:
         if not good:
             return
         layers = list(dict.fromkeys([*order, *range(len(self._layer_planes))]))
+        idx = None
         try:
             with torch.cuda.device(self.device):
                 stream = self._load_stream
@@ -749,18 +868,67 @@ class CudaCopyEngine:
                 stream.wait_event(ready)
                 slots = [s for _, ss, _ in good for s in ss]
                 blocks = [b for _, _, bs in good for b in bs]
-                for layer in layers:
-                    copies = layer_copies(self._layer_planes[layer], self._arena_ptr, self._row_bytes, slots, blocks)
-                    self._copier.copy_arrays(*copies, False, stream.cuda_stream)
-                    landed = torch.cuda.Event()
-                    landed.record(stream)
-                    self._layer_events[layer] = landed
+                if self.layer_path == "staged":
+                    idx = self._layers_staged(slots, blocks, layers)
+                else:
+                    for layer in layers:
+                        copies = layer_copies(self._layer_planes[layer], self._arena_ptr, self._row_bytes, slots,
+                                              blocks)
+                        self._copier.copy_arrays(*copies, False, stream.cuda_stream)
+                        landed = torch.cuda.Event()
+                        landed.record(stream)
+                        self._layer_events[layer] = landed
         except Exception:  # the loads are recomputed; layers that were issued still order the forward
             logger.exception("kvbm: layer-wise loads %s failed; they will be recomputed", [k for k, _, _ in good])
             self._ready.extend(Completion("load", key, False) for key, _, _ in good)
             return
-        for key, _, _ in good:  # one stream: they complete with the last layer, in order with other loads
-            self._load_q.append(_Inflight(landed, Completion("load", key, True), None, start))
+        last = self._layer_events[layers[-1]]
+        for n, (key, _, _) in enumerate(good):  # one stream: they complete with the last layer, in order
+            # the index buffer goes back to the pool with the first completion (all share one event)
+            self._load_q.append(_Inflight(last, Completion("load", key, True), idx if n == 0 else None, start))
+
+    def _layers_staged(self, slots: list[int], blocks: list[int], layers: list[int]) -> _IdxBuf:
+        """Per layer and staging buffer-full: the layer's bytes of runs of consecutive host slots
+        by 2-D DMA into staging (DMA stream), then the scatter kernel into the cache (load stream),
+        then that layer's event. The two staging buffers alternate as in :meth:`_submit_staged`."""
+        kstream, dstream = self._load_stream, self._load_dma_stream
+        widest = max(layer.block_bytes for layer in self.layout.layers)
+        rows = max(1, self._rows_per_staging * self._row_bytes // widest)
+        chunks = staged_chunks(slots, blocks, rows)
+        values: list[int] = []
+        for chunk in chunks:
+            values += chunk.blocks
+            values += range(len(chunk.blocks))
+        idx = self._upload(values, kstream)
+        subs, offset = [], 0
+        for chunk in chunks:
+            m = len(chunk.blocks)
+            subs.append(idx.dev[offset : offset + 2 * m])
+            offset += 2 * m
+        for layer in layers:
+            lay = self.layout.layers[layer]
+            for chunk, sub in zip(chunks, subs, strict=True):
+                k = self._staging_next[False]
+                self._staging_next[False] = 1 - k
+                staging = self._staging[False][k]
+                free = self._staging_free[False][k]
+                if free is not None:
+                    dstream.wait_event(free)
+                two_d, batch = stage_copies(chunk, self._arena_ptr, self._row_bytes, lay.offset, lay.block_bytes,
+                                            staging.data_ptr())
+                for copy in two_d:
+                    self._copier.copy2d(*copy, dstream.cuda_stream)
+                if len(batch[0]):
+                    self._copier.copy_arrays(*batch, False, dstream.cuda_stream)
+                landed = torch.cuda.Event()
+                landed.record(dstream)
+                kstream.wait_event(landed)
+                self._launch(sub, len(chunk.blocks), False, (False, k), self.staging_ctas, kstream, layer=layer)
+                scattered = torch.cuda.Event()
+                scattered.record(kstream)
+                self._staging_free[False][k] = scattered
+            self._layer_events[layer] = scattered
+        return idx
 
     def wait_layer(self, layer: int) -> None:
         """The compute (current) stream waits for layer ``layer`` of the last layer-wise loads."""
