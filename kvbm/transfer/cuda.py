@@ -52,6 +52,8 @@ are sorted first and every run of consecutive slots is one 2-D DMA (pitch: a
 host row), so a layer costs a few driver calls, not one per block and plane
 (``layer_path="batch"``, the first version: one ``cuMemcpyBatchAsync`` entry
 per block and plane straight into the cache, CPU-bound at ~0.6 us an entry).
+When the slots are too scattered for runs to pay (``min_mean_run``), the loads
+land whole through staging and every layer's event is the whole load's.
 ``fence_loads`` still orders the compute stream after everything on the load
 stream, layer-wise loads included.
 
@@ -512,6 +514,8 @@ class CudaCopyEngine:
         if layer_path not in ("staged", "batch"):
             raise ValueError(f"unknown layer_path {layer_path!r}: 'staged' or 'batch'")
         self.layer_path = layer_path if load_mode == "dma" else "batch"
+        #: staged layer-wise loads land whole when host slots form runs shorter than this on average
+        self.min_mean_run = 8
         self.layout = layout
         self.device = views[0].device
         self._views = views
@@ -625,7 +629,7 @@ class CudaCopyEngine:
         # Per layer, for layer-wise loads through staging: the layer's planes, each at its offset
         # inside the layer's bytes (a staging row holds one layer of one block).
         self._layer_segs = []
-        for layer, a, b in zip(self.layout.layers, first, first[1:], strict=True):
+        for layer, a, b in zip(self.layout.layers, first[:-1], first[1:], strict=True):
             inside = torch.tensor([(p[2] - layer.offset) // unit for p in planes[a:b]], dtype=torch.int64,
                                   device=self.device)
             # own tensors, not slices: Triton compiles a kernel per pointer alignment
@@ -895,6 +899,13 @@ class CudaCopyEngine:
         widest = max(layer.block_bytes for layer in self.layout.layers)
         rows = max(1, self._rows_per_staging * self._row_bytes // widest)
         chunks = staged_chunks(slots, blocks, rows)
+        if sum(len(chunk.runs) for chunk in chunks) * self.min_mean_run > len(blocks):
+            # Host slots too scattered (a pool churned by evictions): per layer, a DMA entry per
+            # block costs more CPU than the copy takes (bench/layerwise.py: 39 ms against 31 for
+            # 832 blocks), so the load lands whole and every layer waits for all of it.
+            done, idx = self._submit_staged(False, blocks, slots, kstream)
+            self._layer_events = dict.fromkeys(layers, done)
+            return idx
         values: list[int] = []
         for chunk in chunks:
             values += chunk.blocks
