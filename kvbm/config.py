@@ -223,9 +223,11 @@ class KvbmConfig:
     #: copied while layer i-1 computes, each attention layer waits for its own layer only) or
     #: whole ("off": the forward pass waits for every block first). "auto": layer by layer on
     #: CUDA, whole on CPU (a CPU copy is synchronous: nothing to overlap). Either way it is used
-    #: only where vLLM calls its per-layer hooks (see kvbm.runtime.layers). Off by default: on
-    #: an H200 the per-layer copies run at 48.8 GB/s against 54.7 for whole loads and cost 32 ms
-    #: of CPU to submit, so a short turn's hit got slower (bench/layerwise.py, docs/gpu-vllm.md).
+    #: only where vLLM calls its per-layer hooks (see kvbm.runtime.layers). Off by default: on an
+    #: H200 a 13K-token hit copied layer by layer runs at the PCIe limit (55.7 GB/s) and hides the
+    #: forward behind the copy (load + forward 0.87x of a whole load's with 160 new tokens, 0.62x
+    #: with 1,024: bench/layerwise.py), but inside vLLM, on the 8B-shaped perf workload, later turns
+    #: were no faster than with whole loads (docs/gpu-vllm.md): not yet shown to pay where it counts.
     layerwise_loads: str = "off"
     #: Load or recompute a matched prefix: "cost" loads a tier's part only where that is
     #: faster than recomputing it (measured rates); "always" / "never" force one way.
