@@ -44,6 +44,7 @@ def _kvbm_state(llm) -> dict:
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
     remote = connector._leader.runtime.remote
+    remote_index = connector._leader.runtime.remote_index
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     runner = get_kv_transfer_group()._worker._runner if has_kv_transfer_group() else None  # in-process worker
@@ -52,6 +53,8 @@ def _kvbm_state(llm) -> dict:
         "stats": planner.stats.as_dict(),
         "tiers": {name: dict(vars(stats)) for name, stats in planner.stats.tiers.items()},
         "remote": None if remote is None else {k: v for k, v in remote.stats().items() if k != "latency"},
+        "g4_lookups": None if remote_index is None else {"deferred": remote_index.deferred,
+                                                         "gave_up": remote_index.gave_up},
         "pool_used": sum(pool.num_used for pool in pools),
         "pool_refs": refs,
         "evicted": sum(pool.stats.evicted for pool in pools),

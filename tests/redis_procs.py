@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -109,6 +110,17 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets (connections are accepted by the kernel) but
+        answers nothing, like a Redis stuck in a long command or a frozen VM."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause` (harmless otherwise)."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     @property
     def alive(self) -> bool:

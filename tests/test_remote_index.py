@@ -1,7 +1,11 @@
 """G4's index (RemoteIndex) under the planner, on a fake store; and G4 in the leader's runtime
-against a real redis-server (the chain it builds, a clear error when Redis is unreachable)."""
+against a real redis-server (the chain it builds, a clear error when Redis is unreachable, a
+stalled Redis that never holds a scheduler step)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
@@ -28,9 +32,33 @@ class FakeStore:
         return next((i for i, h in enumerate(hs) if h not in self.blocks), len(hs))
 
 
-def g2_g4(store: FakeStore, g2: int = 8, g4_filter: int | None = None) -> Planner:
+class GatedStore(FakeStore):
+    """A FakeStore whose answers wait for ``gate``: a Redis that stalls until it is let go."""
+
+    def __init__(self, blocks=()) -> None:
+        super().__init__(blocks)
+        self.gate = threading.Event()
+
+    def contains_prefix(self, hs) -> int:
+        self.gate.wait(30)
+        return super().contains_prefix(hs)
+
+
+def g2_g4(store: FakeStore, g2: int = 8, g4_filter: int | None = None, **index) -> Planner:
     chain = [Tier("G2", HOST, g2, sync_load=True), Tier("G4", REMOTE, 0, filter_threshold=g4_filter, shared=True)]
-    return Planner(chain, BS, indexes={"G4": RemoteIndex(store)})
+    return Planner(chain, BS, indexes={"G4": RemoteIndex(store, **index)})
+
+
+def until_known(p: Planner, rid: str, tokens, timeout: float = 30.0) -> int:
+    """Ask as vLLM does, a step at a time, until the answer is known (never forever)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p.index("G4").begin_step()
+        answer = p.match(rid, tokens, 0)
+        if answer is not None:
+            return answer
+        assert time.monotonic() < deadline, "the G4 answer never came"
+        time.sleep(0.01)
 
 
 def test_standard_chain_puts_g4_last_and_shared():
@@ -138,6 +166,79 @@ def test_bounded_memory_and_forgotten_addresses_invalidate_matches():
     assert len(index._lookups) == 2 and index.version != version
 
 
+def test_a_lookup_not_answered_in_time_is_asked_again_next_step():
+    tokens = toks(4 * 6 + 1)
+    store = GatedStore(hashes(tokens))
+    p = g2_g4(store, wait_s=0.001)
+    try:
+        p.add_request("r", ROOT)
+        assert p.match("r", tokens, 0) is None  # not known yet: vLLM skips the request this step
+        p.index("G4").begin_step()
+        assert p.match("r", tokens, 0) is None and p.index("G4").deferred == 2
+        p.on_alloc("r", [], 0)  # what vLLM does not do for a skipped request: harmless anyway
+        store.gate.set()
+        assert until_known(p, "r", tokens) == 6 * BS
+        assert store.lookups == 1  # the same lookup, picked up: one round trip
+        p.on_alloc("r", toks(7, 100), 6 * BS)
+        (op,) = p.take_plan().loads
+        assert [(part.tier, len(part.slots)) for part in op.parts] == [("G4", 6)]
+        p.add_request("s", ROOT)  # cached like any answer
+        assert p.match("s", tokens, 0) == 6 * BS and store.lookups == 1
+    finally:
+        store.gate.set()
+        p.index("G4").close()
+
+
+def test_local_hits_are_served_while_g4_is_out():
+    tokens = toks(4 * 6 + 1)
+    hs = hashes(tokens)
+    store = GatedStore(hs)
+    p = g2_g4(store, wait_s=0.001)
+    try:
+        for b in (0, 1):
+            p.index("G2").commit(p.index("G2").reserve(hs[b]))
+        p.add_request("r", ROOT)
+        assert p.match("r", tokens, 0) == 2 * BS  # G2's run now; only G4's continuation is unknown
+        p.on_alloc("r", toks(7, 100), 2 * BS)
+        (op,) = p.take_plan().loads
+        assert [(part.tier, len(part.slots)) for part in op.parts] == [("G2", 2)] and op.sync
+        store.gate.set()
+        p.add_request("s", ROOT)  # a later request gets both once G4 answered
+        assert until_known(p, "s", tokens) == 6 * BS
+    finally:
+        store.gate.set()
+        p.index("G4").close()
+
+
+def test_a_late_lookup_is_a_miss_and_lookups_out_are_bounded():
+    prompts = [toks(4 * 3 + 1, base=100 * i) for i in range(4)]
+    store = GatedStore([h for t in prompts for h in hashes(t)])
+    p = g2_g4(store, wait_s=0.001, timeout_s=0.5, max_pending=2)
+    index = p.index("G4")
+    try:
+        p.add_request("r", ROOT)
+        assert p.match("r", prompts[0], 0) is None
+        time.sleep(0.7)  # past timeout_s: a miss, and not asked again while cached
+        index.begin_step()
+        assert p.match("r", prompts[0], 0) == 0 and index.gave_up == 1
+        assert p.match("r", prompts[0], 0) == 0 and index.gave_up == 1
+        for i in (1, 2):  # queued behind the stuck lookup
+            p.add_request(f"s{i}", ROOT)
+            assert p.match(f"s{i}", prompts[i], 0) is None
+        p.add_request("s3", ROOT)
+        assert p.match("s3", prompts[3], 0) == 0  # too many out: a miss at once, never a wait
+        assert len(index._inflight) == 2
+        began = time.monotonic()
+        index.close()  # bounded even with a lookup stuck in the store
+        assert time.monotonic() - began < 5
+        time.sleep(0.7)
+        p.add_request("t", ROOT)
+        assert p.match("t", prompts[1], 0) == 0  # closed: misses
+    finally:
+        store.gate.set()
+    assert store.lookups <= 1  # late and abandoned lookups never reached the store
+
+
 def test_the_key_depends_on_the_identity_only():
     assert remote_key("model a") == remote_key("model a") != remote_key("model b")
     assert len(remote_key("x")) == 32
@@ -179,6 +280,60 @@ def test_unreachable_redis_at_start_is_a_clear_error_or_optional():
         assert rt.match("r", toks(4 * 3 + 1), 0) == (0, False)  # a miss at once, never a hang
     finally:
         rt.close()
+
+
+def test_a_stalled_redis_never_holds_a_scheduler_step(redis_server):
+    """SIGSTOPped redis-server (connections accepted, nothing answered): every ask returns at
+    once, "not known yet" (None); after SIGCONT the real answer; stopped past the remote
+    timeout, a miss, then hits again once Redis is back. Timings are generous bounds only."""
+    import numpy as np
+
+    from kvbm.storage.remote import RemoteStore
+
+    prompts = [toks(4 * 5 + 1, base=1000 * i) for i in range(3)]
+    for rank in range(2):  # what two TP ranks of another server stored
+        with RemoteStore(redis_server.url, remote_key("tiny"), rank=rank, world_size=2) as writer:
+            assert all(writer.write_blocks([(h, np.zeros(64, np.uint8)) for t in prompts for h in hashes(t)]))
+    rt = runtime(redis_server.url, remote_timeout_secs=2.0, onboard_policy="always")  # whole hits, no probes
+
+    def ask(rid: str, tokens) -> tuple[int | None, bool]:
+        rt.begin_step(0)  # what vLLM's build_connector_meta does at the end of each schedule()
+        began = time.monotonic()
+        answer = rt.match(rid, tokens, 0)
+        assert time.monotonic() - began < 1.0  # never the 2 s remote timeout
+        return answer
+
+    def until_known(rid: str, tokens) -> tuple[int | None, bool]:
+        deadline = time.monotonic() + 30
+        while (answer := ask(rid, tokens))[0] is None:
+            assert time.monotonic() < deadline, "a request waited forever"
+            time.sleep(0.02)
+        return answer
+
+    hit = (5 * BS, True)  # G4 loads are asynchronous
+    try:
+        for rid in "abc":
+            rt.planner.add_request(rid, ROOT)
+        assert until_known("a", prompts[0]) == hit  # healthy
+        redis_server.pause()
+        assert ask("b", prompts[1]) == (None, False)
+        time.sleep(0.3)
+        redis_server.resume()  # within the timeout: the same lookup answers
+        assert until_known("b", prompts[1]) == hit
+        assert rt.remote.is_up
+
+        redis_server.pause()
+        assert ask("c", prompts[2]) == (None, False)
+        assert until_known("c", prompts[2]) == (0, False)  # past the remote timeout: a miss
+        redis_server.resume()
+        deadline = time.monotonic() + 30
+        while until_known("c", prompts[2]) != hit:  # the breaker lets Redis back in by itself
+            assert time.monotonic() < deadline, "G4 never came back"
+            time.sleep(0.1)
+    finally:
+        redis_server.resume()
+        rt.close()
+    assert rt.remote_index is None and rt.remote is None
 
 
 def test_wire_carries_the_remote_key():

@@ -6,7 +6,8 @@ turn of some conversations, server B (fresh) continues them and loads A's
 blocks from Redis; a server of another identity (dtype), or a request with
 another cache salt, never hits them. The same through a 3-node Redis Cluster
 with a node killed while B runs, and a server that starts while Redis is down
-and sees it killed and restarted: served throughout, G4 back by itself.
+and sees it killed and restarted: served throughout, G4 back by itself. And a
+Redis that stalls (SIGSTOP) mid-run: the scheduler never waits for it.
 """
 
 from __future__ import annotations
@@ -187,3 +188,32 @@ def test_redis_down_at_start_then_killed_and_restarted(engine, reference, tmp_pa
     assert state["remote"]["down_episodes"] >= 2  # down at start, and killed
     assert state["stats"]["failed_loads"] <= 1  # a load that failed is not retried from a stale lookup
     assert delta(pairs, 11, "hit_blocks") == 4  # G4 is back, empty, and fills again
+
+
+def test_redis_stalled_mid_run_never_holds_the_engine(engine, reference, tmp_path):
+    """G4 alone; Redis SIGSTOPped (connections accepted, nothing answered) between requests:
+    lookups are "not known yet" for a few steps, then misses; every request is served with
+    vLLM's own tokens, and G4 serves again after SIGCONT."""
+    from tests.redis_procs import RedisServer
+
+    _need_redis()
+    server = RedisServer(str(tmp_path / "redis"), extra=["--maxmemory-policy", "allkeys-lru"])
+    kvbm = {"remote_url": server.url, "remote_timeout_secs": 1.0}
+    phases = [
+        gen("A"), gen("A"),  # stored, then loaded from G4
+        barrier(tmp_path, "stop"), gen("B"), gen("A"),  # stalled: served, computed
+        barrier(tmp_path, "cont"), {"type": "wait_remote"},
+        gen("C"), gen("C"),  # back: stored and loaded again
+    ]
+    try:
+        pairs = run(tmp_path, "stalled", engine, phases, kvbm, reference,
+                    events={"stop": server.pause, "cont": server.resume})
+    finally:
+        server.resume()
+        server.kill()
+    assert delta(pairs, 1, "hit_blocks") == 4  # healthy: the second A from Redis
+    stalled = pairs[4][1]["kvbm"]
+    assert stalled["g4_lookups"]["deferred"] >= 1  # asked again next step, not waited for
+    assert not stalled["remote"]["up"]  # the lookup thread (or a store) hit the timeout
+    assert pairs[6][1]["up"]
+    assert delta(pairs, 8, "hit_blocks") == 4  # G4 is back

@@ -221,9 +221,13 @@ class Planner:
         req = self._requests.get(req_id)
         return req.hashes if req is not None else ()
 
-    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int:
+    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> int | None:
         """Tokens beyond ``num_computed`` that the chain can supply (a multiple of the
-        block size). Safe to call repeatedly: it only records a candidate."""
+        block size). Safe to call repeatedly: it only records a candidate.
+
+        None: not known yet. A shared tier's lookup is still out and nothing before it
+        matched; vLLM then asks again next step. When an earlier tier did match, that
+        match is answered now (a local hit is never held back by a remote server)."""
         req = self._requests.get(req_id)
         if req is None or req.root is None:
             return 0
@@ -239,8 +243,11 @@ class Planner:
             return 0
         key = (num_computed, len(tokens), *map(_VERSION, self._indexes))
         if key != req.match_key:
-            req.last_match = (start, self._match_tiers(req, tokens, start, max_blocks), max_blocks - start)
-            req.match_key = key
+            parts, known = self._match_tiers(req, tokens, start, max_blocks)
+            req.last_match = (start, parts, max_blocks - start)
+            req.match_key = key if known else None  # not known: ask the tiers again next time
+            if not known and not any(parts):
+                return None
         start, parts, asked = req.last_match  # type: ignore[misc]
         if self.cost is not None and any(parts):
             keep = self.cost.choose([(t.name, len(p)) for t, p in zip(self._tiers, parts)])
@@ -249,10 +256,13 @@ class Planner:
         req.candidate = (start, parts, asked)
         return sum(map(len, parts)) * bs
 
-    def _match_tiers(self, req: _Request, tokens: Sequence[int], start: int, max_blocks: int) -> list[list[int]]:
+    def _match_tiers(self, req: _Request, tokens: Sequence[int], start: int,
+                     max_blocks: int) -> tuple[list[list[int]], bool]:
         """Per tier, the slots of the longest stored run from block ``start``: the first
         tier's run, then the next tier continuing it, and so on; hashing only as far as
-        the run reaches (doubling windows; a shared tier is asked once for the rest)."""
+        the run reaches (doubling windows; a shared tier is asked once for the rest).
+        Also whether the run is known: False when a tier's answer is not there yet (the
+        run then stops before that tier)."""
         parts: list[list[int]] = [[] for _ in self._tiers]
         bs = self.block_size
         pos, window, i = start, _FIRST_WINDOW, 0
@@ -266,12 +276,14 @@ class Planner:
                     end = max_blocks
                     extend_hashes(req.hashes, tokens, bs, req.root, end * bs)
                 got = tier.index.match_prefix(req.hashes, pos, end)
+                if got is None:
+                    return parts, False
                 parts[i] += got
                 pos += len(got)
                 if pos == end:
                     break  # the next window continues in this tier
                 i += 1  # this tier's run ended: the next tier may continue it from here
-        return parts
+        return parts, True
 
     def load_is_async(self, req_id: str) -> bool:
         """Whether the load of the match just made for ``req_id`` is asynchronous."""

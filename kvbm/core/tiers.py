@@ -151,8 +151,10 @@ class TierIndex(Protocol):
     version: int
     stats: PoolStats  # stored / evicted / dropped, for metrics
 
-    def match_prefix(self, hashes: Sequence[BlockHash], start: int = 0, stop: int | None = None) -> list[int]:
-        """Addresses of the longest run of visible hashes in ``hashes[start:stop]``."""
+    def match_prefix(self, hashes: Sequence[BlockHash], start: int = 0,
+                     stop: int | None = None) -> list[int] | None:
+        """Addresses of the longest run of visible hashes in ``hashes[start:stop]``. None: not
+        known yet (a shared tier whose lookup is still out; the planner then says "ask again")."""
         ...
 
     def ready_slot(self, block_hash: BlockHash) -> int | None: ...

@@ -27,7 +27,7 @@ from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.sizing import TierSizes
 from kvbm.storage.files import ensure_private_dir, g3_journal_path
 from kvbm.storage.journal import DiskJournal
-from kvbm.storage.remote_index import RemoteIndex, open_remote
+from kvbm.storage.remote_index import LOOKUP_WAIT_S, RemoteIndex, open_remote
 
 if TYPE_CHECKING:
     from kvbm.storage.remote import RemoteStore
@@ -45,6 +45,8 @@ class LeaderRuntime:
     exporter: MetricsExporter | None = None
     #: G4's store (lookups of every rank's keys); None: no G4.
     remote: RemoteStore | None = None
+    #: G4's index: its lookups run on a thread of their own, waited for at most LOOKUP_WAIT_S a step.
+    remote_index: RemoteIndex | None = None
 
     def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
                  block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
@@ -63,7 +65,8 @@ class LeaderRuntime:
         indexes: dict[str, TierIndex] = {}
         if sizes.remote_key:
             self.remote = open_remote(config, sizes.remote_key, rank=0, world_size=world_size)
-            indexes["G4"] = RemoteIndex(self.remote)
+            self.remote_index = RemoteIndex(self.remote, wait_s=LOOKUP_WAIT_S, timeout_s=config.remote_timeout_secs)
+            indexes["G4"] = self.remote_index
         self.planner = Planner(
             self.chain, block_size, world_size,
             sightings=FrequencyFilter(decay_period_s=config.disk_offload_filter_decay_secs,
@@ -106,12 +109,15 @@ class LeaderRuntime:
         logger.info("kvbm: reusing %d %s blocks from %s", restored, self._persistent, journal.path)
         return journal
 
-    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> tuple[int, bool]:
+    def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> tuple[int | None, bool]:
         """(tokens the chain can load beyond ``num_computed``, whether the load is asynchronous),
-        as vLLM asks it; the time it took goes to the lookup histogram."""
+        as vLLM asks it; the time it took goes to the lookup histogram. ``(None, False)``: not
+        known yet (G4's lookup is still out): vLLM skips the request this step and asks again."""
         start = time.perf_counter()
         matched = self.planner.match(req_id, tokens, num_computed)
         self.metrics.observe_lookup(time.perf_counter() - start)
+        if matched is None:
+            return None, False
         return matched, matched > 0 and self.planner.load_is_async(req_id)
 
     # ---- per step -------------------------------------------------------
@@ -119,6 +125,8 @@ class LeaderRuntime:
         """The engine's prefill rate, for the load-or-recompute rule: the time from one step's
         scheduling to the next one's, over the tokens the first computed (vLLM steps back to
         back while it has work; an idle gap after a step only lowers one sample of an EWMA)."""
+        if self.remote_index is not None:
+            self.remote_index.begin_step()  # the next scheduler step may wait for G4 again
         now = time.perf_counter()
         last, self._last_step = self._last_step, (now, tokens)
         cost = self.planner.cost
@@ -191,6 +199,9 @@ class LeaderRuntime:
         if self.journal is not None:
             self.journal.close()  # flushes what is pending: fewer misses after a restart
             self.journal = None
+        if self.remote_index is not None:
+            self.remote_index.close()  # its thread uses the store: first
+            self.remote_index = None
         if self.remote is not None:
             self.remote.close()
             self.remote = None

@@ -8,6 +8,11 @@ it. The version itself is checked once, at startup, only to refuse releases
 nobody has tested (older ones lack hooks kvbm needs; newer ones may have moved
 them), with a message naming the versions that work.
 
+What needs no detection: ``get_num_new_matched_tokens`` may answer ``None``
+("not known yet", kvbm's answer while a G4 lookup is out). Every supported
+release's scheduler (``vllm/v1/core/sched/scheduler.py``, 0.26.0 through
+0.33.0) then skips the request for this step and asks again at the next one.
+
 The version-range helpers at the top import nothing from vLLM, so ``kvbm
 doctor`` can use them on a machine where importing vLLM is slow or broken;
 :func:`features` imports vLLM and is called by the adapter only.

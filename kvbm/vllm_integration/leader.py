@@ -110,7 +110,9 @@ class KvbmLeader:
         self._lora_keys.move_to_end(key)
         return cached
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """(None, False) while G4's lookup is out: vLLM skips the request this step and asks again
+        (every supported release does, see compat)."""
         self._track(request)
         return self.runtime.match(request.request_id, request.all_token_ids, num_computed_tokens)
 
