@@ -329,6 +329,17 @@ class CacheMetrics:
         mine = {op: [n for _, n in h["buckets"]] + [h["sum"]] for op, h in stats["latency"].items() if h["count"]}
         return stats["up"], errors, add_histograms(round_trips, mine)
 
+    def remote_lookups(self) -> dict[str, int]:
+        """G4 lookups the scheduler did not wait for (kvbm.storage.remote_index): "deferred", asks
+        answered "not known yet" (vLLM asks again next step); "timed_out", lookups Redis did not
+        answer within the remote timeout (misses). Zeros without G4."""
+        out = {"deferred": 0, "timed_out": 0}
+        for name in self._remote_tiers:
+            index = self.planner.index(name)
+            out["deferred"] += getattr(index, "deferred", 0)
+            out["timed_out"] += getattr(index, "gave_up", 0)
+        return out
+
     def tiers(self) -> dict[str, tuple[int, int, int]]:
         """Medium label -> (used blocks, capacity blocks, evicted blocks); zeros for an absent tier."""
         out = dict.fromkeys(TIERS, (0, 0, 0))
@@ -433,6 +444,12 @@ class KvbmCollector(Collector):
         for kind in dict.fromkeys((*ERROR_KINDS, *BAD_VALUE_KINDS, *sorted(remote_errors))):  # zeros without G4
             family.add_metric([kind], remote_errors.get(kind, 0))
         yield family
+        lookups = CounterMetricFamily("kvbm_remote_lookups_not_waited", "G4 lookups the scheduler did not "
+                                      "wait for: deferred (asked again next step), timed_out (a miss)",
+                                      labels=["outcome"])
+        for outcome, n in m.remote_lookups().items():
+            lookups.add_metric([outcome], n)
+        yield lookups
         rtt = HistogramMetricFamily("kvbm_remote_round_trip_seconds", "One pipelined Redis round trip of G4, "
                                     "by operation (lookup: the leader; read, write: the workers)", labels=["op"])
         bounds = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]

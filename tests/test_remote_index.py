@@ -325,6 +325,9 @@ def test_a_stalled_redis_never_holds_a_scheduler_step(redis_server):
         redis_server.pause()
         assert ask("c", prompts[2]) == (None, False)
         assert until_known("c", prompts[2]) == (0, False)  # past the remote timeout: a miss
+        # kvbm_remote_lookups_not_waited_total{outcome}; the late lookup's miss came from the store's
+        # own socket timeout (kvbm_remote_errors_total) or from the index giving up: either may win
+        assert rt.metrics.remote_lookups()["deferred"] >= 2
         redis_server.resume()
         deadline = time.monotonic() + 30
         while until_known("c", prompts[2]) != hit:  # the breaker lets Redis back in by itself
@@ -376,6 +379,7 @@ def test_g4_metrics_rows():
     assert registry.get_sample_value("kvbm_remote_errors_total", {"kind": "timeout"}) == 2
     assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "read"}) == 4
     assert registry.get_sample_value("kvbm_remote_round_trip_seconds_count", {"op": "lookup"}) == 0
+    assert registry.get_sample_value("kvbm_remote_lookups_not_waited_total", {"outcome": "deferred"}) == 0
     assert registry.get_sample_value("kvbm_transfer_bytes_total", {"direction": "G4->G1"}) == 300
     assert registry.get_sample_value("kvbm_tier_used_blocks", {"tier": "remote"}) == 3
 
