@@ -238,9 +238,21 @@ def _wait_remote(llm, phase: dict) -> dict:
     return {"up": leader.is_up and worker.is_up, "waited_s": time.monotonic() - start}
 
 
+def _engine_info(llm, phase: dict) -> dict:
+    """What vLLM made of the model: its KV-cache groups, whether its hybrid manager is on, its pool."""
+    core = llm.llm_engine.engine_core.engine_core
+    config = core.scheduler.kv_cache_config
+    return {
+        "hybrid_manager": not core.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager,
+        "groups": [type(g.kv_cache_spec).__name__ for g in config.kv_cache_groups],
+        "num_blocks": config.num_blocks,
+    }
+
+
 PHASES = {
     "generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk,
     "worker_arenas": _worker_arenas, "barrier": _barrier, "wait_remote": _wait_remote,
+    "engine_info": _engine_info,
 }
 
 

@@ -50,6 +50,9 @@ class StoreBatch:
     gpu_blocks: list[int]
     slots: list[int]
     hashes: list[BlockHash] = field(default_factory=list)  # keyed tiers only
+    #: Some blocks belong to a windowed KV-cache group: vLLM may give them to another request
+    #: in the next step, so the copy must have read them before the next forward pass.
+    volatile: bool = False
 
 
 @dataclass

@@ -33,6 +33,7 @@ from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
 from kvbm.core.filter import FrequencyFilter
+from kvbm.core.groups import SINGLE_FULL, KVGroup, check_groups, group_root
 from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.plan import LoadOp, LoadPart, SpillBatch, StepPlan, StoreBatch, WorkerReport
 from kvbm.core.pool import BlockPool
@@ -121,20 +122,49 @@ class _Tier:
 
 
 @dataclass
-class _Request:
-    root: BlockHash | None  # None: never cached (e.g. prompt embeddings)
+class _Seq:
+    """One KV-cache group's share of a request: its hash chain and its GPU blocks."""
+
+    root: BlockHash | None
     hashes: list[BlockHash] = field(default_factory=list)
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
+
+
+@dataclass
+class _Match:
+    """A hit: blocks ``start .. end - 1`` of the request, and per group where they come from."""
+
+    start: int  # the first block vLLM does not hold
+    end: int
+    asked: int  # blocks looked up (for the stats)
+    #: Per group: (its first block to load, slots per tier in chain order). A full-attention
+    #: group loads from ``start``; a windowed group only the window before ``end``.
+    parts: list[tuple[int, list[list[int]]]]
+    tokens: Sequence[int] = ()  # the prompt it was made for (to trim it if vLLM takes less)
+
+    @property
+    def blocks(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class _Request:
+    root: BlockHash | None  # None: never cached (e.g. prompt embeddings)
+    seqs: list[_Seq]  # one per KV-cache group
     last_batch: int = -1  # newest store batch holding one of its blocks
-    #: (first block, slots per tier, blocks asked for)
-    candidate: tuple[int, list[list[int]], int] | None = None
+    candidate: _Match | None = None
     #: (num_computed, num_tokens, index versions) of the last match, to answer
     #: vLLM's repeated asks for a waiting request in O(1).
     match_key: tuple[int, ...] | None = None
-    last_match: tuple[int, list[list[int]], int] | None = None
+    last_match: _Match | None = None
     #: Blocks per tier of the candidate that the cost rule left to recompute.
     skipped: list[int] | None = None
+
+    @property
+    def hashes(self) -> list[BlockHash]:
+        """The first group's chain (the request's identity in traces)."""
+        return self.seqs[0].hashes
 
 
 @dataclass
@@ -148,7 +178,7 @@ class _PendingBatch:
 
 @dataclass
 class _Loading:
-    parts: list[list[int]]  # slots per tier, pinned
+    parts: list[tuple[_Tier, list[int]]]  # pinned slots, per group and tier
     sync: bool = False
     first_block: int = 0  # the request's block index where the load starts
 
@@ -165,13 +195,23 @@ class Planner:
         sightings: FrequencyFilter | None = None,
         cost: OnboardCost | None = None,
         indexes: Mapping[str, TierIndex] | None = None,
+        groups: Sequence[KVGroup] = SINGLE_FULL,
+        null_block: int | None = None,
     ) -> None:
         """``chain``: the tiers, in order. ``sightings``: the table of block frequencies the
         admission filters read (built with defaults when a tier has a filter and none is
         given). ``cost``: the load-or-recompute rule; None loads whatever matched.
-        ``indexes``: a tier's own index (a shared tier's); by default a BlockPool."""
+        ``indexes``: a tier's own index (a shared tier's); by default a BlockPool.
+        ``groups``: the model's KV-cache groups (:mod:`kvbm.core.groups`); with more than
+        one, GPU block ids come as one list per group. ``null_block``: the GPU block id vLLM
+        puts where a group keeps no block (outside a sliding window): never stored or loaded."""
         check_chain(chain)
+        check_groups(groups)
         self.chain = tuple(chain)
+        self.groups = tuple(groups)
+        self.null_block = null_block
+        #: The group whose parts the cost rule weighs: the first full-attention one.
+        self._lead = next((i for i, g in enumerate(self.groups) if not g.windowed), None)
         self.stats = PlannerStats()
         indexes = indexes or {}
         self._tiers = [_Tier(t, indexes.get(t.name) or BlockPool(t.capacity, t.name),
@@ -214,7 +254,9 @@ class Planner:
     def add_request(self, req_id: str, root: BlockHash | None, hashes: Sequence[BlockHash] = ()) -> None:
         """Track a request. ``hashes``: its block hashes when already known (``kvbm plan``
         replays a trace of hashes without tokens); blocks they cover are never hashed again."""
-        self._requests[req_id] = _Request(root=root, hashes=list(hashes))
+        seqs = [_Seq(group_root(root, g) if root is not None else None) for g in self.groups]
+        seqs[0].hashes = list(hashes)
+        self._requests[req_id] = _Request(root=root, seqs=seqs)
 
     def request_hashes(self, req_id: str) -> Sequence[BlockHash]:
         """Hashes of the request's blocks computed so far (read-only; empty if untracked)."""
@@ -243,20 +285,92 @@ class Planner:
             return 0
         key = (num_computed, len(tokens), *map(_VERSION, self._indexes))
         if key != req.match_key:
-            parts, known = self._match_tiers(req, tokens, start, max_blocks)
-            req.last_match = (start, parts, max_blocks - start)
+            found, known = self._match_groups(req, tokens, start, max_blocks)
+            found.asked = max_blocks - start
+            req.last_match = found
             req.match_key = key if known else None  # not known: ask the tiers again next time
-            if not known and not any(parts):
+            if not known and not found.blocks:
                 return None
-        start, parts, asked = req.last_match  # type: ignore[misc]
-        if self.cost is not None and any(parts):
-            keep = self.cost.choose([(t.name, len(p)) for t, p in zip(self._tiers, parts)])
-            req.skipped = [len(p) - k for p, k in zip(parts, keep)]
-            parts = [p[:k] for p, k in zip(parts, keep)]
-        req.candidate = (start, parts, asked)
-        return sum(map(len, parts)) * bs
+        found = req.last_match
+        assert found is not None
+        if self.cost is not None and found.blocks:
+            found = self._weigh(req, found)
+        req.candidate = found
+        return found.blocks * bs
 
-    def _match_tiers(self, req: _Request, tokens: Sequence[int], start: int,
+    def _match_groups(self, req: _Request, tokens: Sequence[int], start: int,
+                      limit: int) -> tuple[_Match, bool]:
+        """The longest hit from block ``start`` (ending at or before ``limit``) that every
+        group can serve, and whether it is known (see :meth:`_match_tiers`).
+
+        vLLM's own rule: each full-attention group bounds the hit by its run from ``start``;
+        a windowed group needs only the window before the hit's end, and where that window
+        has a gap the hit ends before it. Shortening the hit for one windowed group moves
+        every other window, so they are asked again until the end settles (it only moves
+        down, so this ends); full-attention runs stay valid for any shorter hit."""
+        end, known = limit, True
+        parts: list[tuple[int, list[list[int]]]] = [(start, [[] for _ in self._tiers]) for _ in self.groups]
+        for i, group in enumerate(self.groups):
+            if not group.windowed and end > start:
+                got, ok = self._match_tiers(req.seqs[i], tokens, start, end)
+                known &= ok
+                end = start + sum(map(len, got))
+                parts[i] = (start, got)
+        windowed = [i for i, g in enumerate(self.groups) if g.windowed]
+        settled = not windowed
+        while not settled and end > start:
+            settled = True
+            for i in windowed:
+                window = self.groups[i].window_blocks
+                assert window is not None
+                reach, first, got, ok = self._match_window(req.seqs[i], tokens, start, end, window)
+                known &= ok
+                parts[i] = (first, got)
+                if reach < end:
+                    end, settled = reach, False
+                    break
+        for i, group in enumerate(self.groups):  # trim full runs to the settled end
+            if not group.windowed:
+                parts[i] = (start, _take(parts[i][1], end - start))
+        if end == start:
+            parts = [(start, [[] for _ in self._tiers]) for _ in self.groups]
+        return _Match(start, end, limit - start, parts, tokens), known
+
+    def _match_window(self, seq: _Seq, tokens: Sequence[int], start: int, end: int,
+                      window: int) -> tuple[int, int, list[list[int]], bool]:
+        """(end, first, slots per tier, known) of the latest window of ``window`` blocks ending at
+        or before ``end`` that the chain holds (blocks before ``start`` are vLLM's own: a window
+        reaching back past it needs only its part from ``start``)."""
+        known = True
+        while end > start:
+            first = max(start, end - window)
+            got, ok = self._match_tiers(seq, tokens, first, end)
+            known &= ok
+            reach = first + sum(map(len, got))
+            if reach == end:
+                return end, first, got, known
+            end = reach  # a window must end at or before the first block it lacks
+        return start, start, [[] for _ in self._tiers], known
+
+    def _weigh(self, req: _Request, found: _Match) -> _Match:
+        """The load-or-recompute rule (kvbm.core.cost) over the lead group's parts: the hit
+        keeps what loads faster than it computes, shortened at a slow tier."""
+        assert self.cost is not None
+        if self._lead is None:
+            return found  # windows only: a few blocks per group, always worth loading
+        _, parts = found.parts[self._lead]
+        keep = self.cost.choose([(t.name, len(p)) for t, p in zip(self._tiers, parts)])
+        req.skipped = [len(p) - k for p, k in zip(parts, keep)]
+        if not any(req.skipped):
+            return found
+        if len(self.groups) == 1:
+            return _Match(found.start, found.start + sum(keep), found.asked,
+                          [(found.start, [p[:k] for p, k in zip(parts, keep)])], found.tokens)
+        trimmed, _ = self._match_groups(req, found.tokens, found.start, found.start + sum(keep))
+        trimmed.asked = found.asked
+        return trimmed
+
+    def _match_tiers(self, seq: _Seq, tokens: Sequence[int], start: int,
                      max_blocks: int) -> tuple[list[list[int]], bool]:
         """Per tier, the slots of the longest stored run from block ``start``: the first
         tier's run, then the next tier continuing it, and so on; hashing only as far as
@@ -269,13 +383,13 @@ class Planner:
         while pos < max_blocks and i < len(self._tiers):
             end = min(max_blocks, pos + window)
             window *= 2
-            extend_hashes(req.hashes, tokens, bs, req.root, end * bs)
+            extend_hashes(seq.hashes, tokens, bs, seq.root, end * bs)
             while i < len(self._tiers):
                 tier = self._tiers[i]
                 if tier.spec.shared and end < max_blocks:  # one round trip for the whole rest
                     end = max_blocks
-                    extend_hashes(req.hashes, tokens, bs, req.root, end * bs)
-                got = tier.index.match_prefix(req.hashes, pos, end)
+                    extend_hashes(seq.hashes, tokens, bs, seq.root, end * bs)
+                got = tier.index.match_prefix(seq.hashes, pos, end)
                 if got is None:
                     return parts, False
                 parts[i] += got
@@ -290,93 +404,143 @@ class Planner:
         req = self._requests.get(req_id)
         if req is None or req.candidate is None:
             return True
-        return not self._sync(req.candidate[1])
+        return not self._sync(req.candidate)
 
-    def _sync(self, parts: Sequence[Sequence[int]]) -> bool:
-        return all(tier.spec.sync_load for tier, slots in zip(self._tiers, parts) if slots)
+    def _sync(self, found: _Match) -> bool:
+        return all(tier.spec.sync_load for _, parts in found.parts for tier, slots in zip(self._tiers, parts) if slots)
 
-    def on_alloc(self, req_id: str, gpu_blocks: Sequence[int], num_external_tokens: int) -> None:
-        """vLLM allocated GPU blocks; ``num_external_tokens`` of them are ours to load."""
+    def _per_group(self, gpu_blocks: Sequence[int] | Sequence[Sequence[int]]) -> Sequence[Sequence[int]]:
+        """GPU block ids as one list per group (a model with one group may pass its list)."""
+        if len(self.groups) == 1 and (not gpu_blocks or isinstance(gpu_blocks[0], int)):
+            return (gpu_blocks,)  # type: ignore[return-value]
+        if len(gpu_blocks) != len(self.groups):
+            raise ValueError(f"kvbm: {len(gpu_blocks)} block lists for {len(self.groups)} KV-cache groups")
+        return gpu_blocks  # type: ignore[return-value]
+
+    def on_alloc(self, req_id: str, gpu_blocks: Sequence[int] | Sequence[Sequence[int]],
+                 num_external_tokens: int) -> None:
+        """vLLM allocated GPU blocks (per group, with several); ``num_external_tokens`` of them
+        are ours to load."""
         req = self._requests.get(req_id)
         if req is None:
             return
-        candidate, req.candidate = req.candidate, None
+        found, req.candidate = req.candidate, None
         skipped, req.skipped = req.skipped, None
         for tier, n in zip(self._tiers, skipped or ()):
             tier.stats.cost_skipped_blocks += n
-        if candidate is not None:
+        if found is not None:
             self.stats.lookup_requests += 1
-            self.stats.lookup_blocks += candidate[2]
-        if num_external_tokens <= 0 or candidate is None:
+            self.stats.lookup_blocks += found.asked
+        if num_external_tokens <= 0 or found is None:
             return
-        start, matched, _ = candidate
         n = num_external_tokens // self.block_size
-        total = sum(map(len, matched))
-        if n > total:
+        if n > found.blocks:
             raise RuntimeError(
-                f"kvbm: vLLM asked to load {n} blocks for {req_id} but only {total} were matched; "
+                f"kvbm: vLLM asked to load {n} blocks for {req_id} but only {found.blocks} were matched; "
                 "this is a kvbm bug, please report it"
             )
-        parts, left = [], n
-        for slots in matched:
-            parts.append(slots[:left])
-            left -= len(parts[-1])
-        # Scheduling happens between match() and here without any eviction,
-        # so the slots must still hold the hashes; check anyway, cheaply.
-        first = start
-        for tier, slots in zip(self._tiers, parts):
-            for i, slot in enumerate(slots):
-                if tier.index.ready_slot(req.hashes[first + i]) != slot:
-                    raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
-            first += len(slots)
-        op = LoadOp(req_id, list(gpu_blocks[start : start + n]), sync=self._sync(parts))
-        first = start
-        for tier, slots in zip(self._tiers, parts):
-            if slots:
-                tier.index.acquire(slots)  # every part pinned before a sighting below may evict
-                tier.stats.hit_blocks += len(slots)
-                hashes = req.hashes[first : first + len(slots)] if tier.spec.keyed else []
-                op.parts.append(LoadPart(tier.name, slots, hashes))
-            first += len(slots)
-        self._loading[req_id] = _Loading(parts, op.sync, start)
+        if n < found.blocks:  # vLLM took less than offered: the windows move with the end
+            found, _ = self._match_groups(req, found.tokens, found.start, found.start + n)
+            if found.blocks != n:
+                raise RuntimeError(f"kvbm: cannot serve {req_id}'s shortened hit of {n} blocks; please report it")
+        per_group = self._per_group(gpu_blocks)
+        start, end = found.start, found.end
+        op = LoadOp(req_id, [], sync=self._sync(found))
+        loaded: list[tuple[_Tier, list[int]]] = []
+        sighted: list[tuple[_Seq, int, list[list[int]]]] = []
+        for seq, group, blocks, (first, parts) in zip(req.seqs, self.groups, per_group, found.parts):
+            if group.windowed and self.null_block is not None:
+                # vLLM keeps a window's blocks only: where it put its null block there is nothing
+                # to load; where it put a real block the KV must land (or the step reads garbage).
+                if any(b != self.null_block for b in blocks[start:first]):
+                    raise RuntimeError(f"kvbm: vLLM kept blocks of {req_id} before the window kvbm matched "
+                                       f"({group.tag}); please report it")
+                skip = 0
+                while first + skip < end and blocks[first + skip] == self.null_block:
+                    skip += 1
+                parts, first = _drop(parts, skip), first + skip
+            sighted.append((seq, first, parts))
+            # Scheduling happens between match() and here without any eviction,
+            # so the slots must still hold the hashes; check anyway, cheaply.
+            at = first
+            for tier, slots in zip(self._tiers, parts):
+                for i, slot in enumerate(slots):
+                    if tier.index.ready_slot(seq.hashes[at + i]) != slot:
+                        raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
+                at += len(slots)
+            at = first
+            for tier, slots in zip(self._tiers, parts):
+                if slots:
+                    tier.index.acquire(slots)  # every part pinned before a sighting below may evict
+                    tier.stats.hit_blocks += len(slots)
+                    hashes = seq.hashes[at : at + len(slots)] if tier.spec.keyed else []
+                    op.gpu_blocks.extend(blocks[at : at + len(slots)])
+                    op.parts.append(LoadPart(tier.name, slots, hashes))
+                    loaded.append((tier, slots))
+                at += len(slots)
+        self._loading[req_id] = _Loading(loaded, op.sync, start)
         self._plan.loads.append(op)
         self.stats.matched_tokens += n * self.block_size
         if self.filter is not None:
-            first = start
-            for tier, slots in zip(self._tiers, parts):
-                if tier.next is not None:
-                    for i, slot in enumerate(slots):  # a hit is a sighting: hot blocks earn the next tier
-                        self._sighted(tier, req.hashes[first + i], slot)
-                first += len(slots)
+            for seq, first, parts in sighted:
+                at = first
+                for tier, slots in zip(self._tiers, parts):
+                    if tier.next is not None:
+                        for i, slot in enumerate(slots):  # a hit is a sighting: hot blocks earn the next tier
+                            self._sighted(tier, seq.hashes[at + i], slot)
+                    at += len(slots)
 
     def on_scheduled(
         self,
         req_id: str,
         tokens: Sequence[int],
-        new_gpu_blocks: Sequence[int] | None,
+        new_gpu_blocks: Sequence[int] | Sequence[Sequence[int]] | None,
         replace_blocks: bool,
         num_computed_after_step: int,
+        num_computed_before_step: int | None = None,
     ) -> None:
-        """The request runs this step; store every block it fills (write-through to the first tier)."""
+        """The request runs this step; store every block it fills (write-through to the first tier).
+
+        ``new_gpu_blocks``: its new GPU blocks (one list per group with several groups).
+        ``num_computed_before_step``: where this step starts; a windowed group stores only the
+        blocks this step computes, because vLLM frees its older blocks while the request runs
+        (such a block, stored a step late, could hold another request's KV)."""
         req = self._requests.get(req_id)
         if req is None:
             return
-        if replace_blocks:
-            req.gpu_blocks = list(new_gpu_blocks or ())
-        elif new_gpu_blocks:
-            req.gpu_blocks.extend(new_gpu_blocks)
+        per_group = self._per_group(new_gpu_blocks) if new_gpu_blocks is not None else None
+        for i, seq in enumerate(req.seqs):
+            blocks = per_group[i] if per_group is not None else ()
+            if replace_blocks:
+                seq.gpu_blocks = list(blocks)
+            elif blocks:
+                seq.gpu_blocks.extend(blocks)
         if req.root is None:
             return
         # Only blocks whose every token is known and computed by this step.
         n_full = min(num_computed_after_step, len(tokens)) // self.block_size
-        n_full = min(n_full, len(req.gpu_blocks))
-        if n_full <= req.next_store:
+        for seq, group in zip(req.seqs, self.groups):
+            if group.windowed:
+                if num_computed_before_step is not None:
+                    seq.next_store = max(seq.next_store, num_computed_before_step // self.block_size)
+                self._store(req, seq, tokens, n_full, volatile=True)
+            else:
+                self._store(req, seq, tokens, n_full, volatile=False)
+
+    def _store(self, req: _Request, seq: _Seq, tokens: Sequence[int], n_full: int, volatile: bool) -> None:
+        """Add ``seq``'s blocks up to ``n_full`` that the first tier lacks to this step's store."""
+        n_full = min(n_full, len(seq.gpu_blocks))
+        if n_full <= seq.next_store:
             return
-        extend_hashes(req.hashes, tokens, self.block_size, req.root, n_full * self.block_size)
+        extend_hashes(seq.hashes, tokens, self.block_size, seq.root, n_full * self.block_size)
         first = self._tiers[0]
         index = first.index
-        for b in range(req.next_store, n_full):
-            block_hash = req.hashes[b]
+        null = self.null_block
+        for b in range(seq.next_store, n_full):
+            gpu = seq.gpu_blocks[b]
+            if gpu == null:
+                continue  # vLLM keeps no block here (outside a sliding window)
+            block_hash = seq.hashes[b]
             ready = index.ready_slot(block_hash)
             if ready is not None:
                 # Stored already: write once, but keep it as fresh as the blocks
@@ -389,27 +553,31 @@ class Planner:
                 continue  # being stored by another request
             slot = index.reserve(block_hash)
             if slot is None:
+                if volatile:
+                    continue  # its GPU block may be gone next step: now or never
                 # Every slot is pinned or pending: resume from here next step
                 # (storing later blocks alone would be unreachable by prefix).
-                req.next_store = b
+                seq.next_store = b
                 return
             store = self._plan.store
             if store is None:
                 store = self._plan.store = StoreBatch(self._new_batch_id(), first.name, [], [])
-            store.gpu_blocks.append(req.gpu_blocks[b])
+            store.gpu_blocks.append(gpu)
             store.slots.append(slot)
             store.hashes.append(block_hash)
+            store.volatile |= volatile
             req.last_batch = store.batch_id
             if self.filter is not None:
                 self.filter.observe(block_hash)
-        req.next_store = n_full
+        seq.next_store = n_full
 
     def on_preempted(self, req_id: str) -> None:
         """vLLM freed the request's GPU blocks; it gets new ones on resume."""
         req = self._requests.get(req_id)
         if req is not None:
-            req.gpu_blocks = []
-            req.next_store = 0
+            for seq in req.seqs:
+                seq.gpu_blocks = []
+                seq.next_store = 0
             req.candidate = None
         self._plan.drain_stores = True
 
@@ -525,17 +693,19 @@ class Planner:
             loading = self._loading.pop(req_id, None)
             if loading is None:
                 continue
-            for tier, slots in zip(self._tiers, loading.parts):
+            for tier, slots in loading.parts:
                 tier.index.release(slots)
             if req_id in failed:
                 self.stats.failed_loads += 1
                 req = self._requests.get(req_id)
                 if loading.sync and req is not None:
                     # The step that used it ran, and its stores were dropped; vLLM recomputes
-                    # from the first bad block. Store what it recomputes (it is good KV).
-                    req.next_store = min(req.next_store, loading.first_block)
+                    # from the first bad block. Store what it recomputes (it is good KV; a
+                    # windowed group stores it as the step that recomputes it runs).
+                    for seq in req.seqs:
+                        seq.next_store = min(seq.next_store, loading.first_block)
             else:
-                for tier, slots in zip(self._tiers, loading.parts):
+                for tier, slots in loading.parts:
                     tier.stats.loaded_blocks += len(slots)
         self._awaiting_release.difference_update(released)
 
@@ -571,10 +741,10 @@ class Planner:
     # ---- introspection --------------------------------------------------
     def load_sources(self, req_id: str) -> dict[str, int]:
         """Blocks per tier (every tier of the chain, in order) of the request's in-flight load."""
-        loading = self._loading.get(req_id)
-        if loading is None:
-            return dict.fromkeys(self._by_name, 0)
-        return {tier.name: len(slots) for tier, slots in zip(self._tiers, loading.parts)}
+        sources = dict.fromkeys(self._by_name, 0)
+        for tier, slots in self._loading[req_id].parts if req_id in self._loading else ():
+            sources[tier.name] += len(slots)
+        return sources
 
     @property
     def busy(self) -> bool:
@@ -583,3 +753,22 @@ class Planner:
 
     def num_tracked_requests(self) -> int:
         return len(self._requests)
+
+
+def _take(parts: list[list[int]], n: int) -> list[list[int]]:
+    """The first ``n`` blocks of per-tier runs laid end to end."""
+    out = []
+    for slots in parts:
+        out.append(slots[: max(0, n)])
+        n -= len(out[-1])
+    return out
+
+
+def _drop(parts: list[list[int]], n: int) -> list[list[int]]:
+    """Per-tier runs laid end to end, less their first ``n`` blocks."""
+    out = []
+    for slots in parts:
+        cut = min(n, len(slots))
+        out.append(slots[cut:])
+        n -= cut
+    return out

@@ -71,6 +71,10 @@ class ModelPreset:
     #: False: config and tokenizer only, for vLLM's ``load_format="dummy"`` (seeded random
     #: weights made on the GPU). An 8B-shaped model then costs seconds to build, not 16 GB.
     weights: bool = True
+    #: Per-layer attention ("full_attention" / "sliding_attention", as in Hugging Face's
+    #: ``layer_types``) for hybrid models; None: every layer full attention.
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None  # tokens, for the "sliding_attention" layers
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -96,6 +100,20 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=64,
         vocab_size=4096,
         max_position_embeddings=16384,
+    ),
+    # Sliding window + full attention (Gemma-3's 5:1 pattern, a 256-token window): vLLM's
+    # hybrid KV-cache manager gives it two kinds of KV-cache group.
+    "test-swa": ModelPreset(
+        num_hidden_layers=6,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=2048,
+        max_position_embeddings=4096,
+        layer_types=("sliding_attention",) * 5 + ("full_attention",),
+        sliding_window=256,
     ),
     # GPU correctness runs: FlashAttention with head_dim 128, bf16, small enough to build in seconds.
     "gpu": ModelPreset(
@@ -294,6 +312,9 @@ def _build_weights(preset: ModelPreset, out_dir: Path, special_ids: dict[str, in
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
+    if preset.layer_types is not None:
+        config.layer_types = list(preset.layer_types)
+        config.sliding_window = preset.sliding_window
     generation = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost, Rate
 from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
+from kvbm.core.groups import SINGLE_FULL, KVGroup
 from kvbm.core.hashing import engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
@@ -50,9 +51,11 @@ class LeaderRuntime:
 
     def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
                  block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
-                 data_parallel_rank_local: int = 0) -> None:
+                 data_parallel_rank_local: int = 0, groups: Sequence[KVGroup] = SINGLE_FULL,
+                 null_block: int | None = None) -> None:
         """``block_bytes``: one block on one rank; ``storage_key``/``identity``: what names the
-        persistent files and what must match to reuse them (kvbm.vllm_integration.sizing)."""
+        persistent files and what must match to reuse them (kvbm.vllm_integration.sizing);
+        ``groups``/``null_block``: the model's KV-cache groups (kvbm.core.groups)."""
         self.config = config
         self.block_size = block_size
         self.world_size = world_size
@@ -74,7 +77,7 @@ class LeaderRuntime:
             # learn a slow tier's speed on two blocks, not on a whole prefix; host memory is never slow
             cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes,
                              probe_blocks={tier.name: 2 for tier in self.chain if tier.medium != HOST}),
-            indexes=indexes,
+            indexes=indexes, groups=groups, null_block=null_block,
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
         self._shared = {tier.name for tier in self.chain if tier.shared}

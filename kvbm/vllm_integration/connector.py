@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 
 from kvbm.config import load_config
@@ -46,7 +47,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class DynamoConnector(KVConnectorBase_V1):
+class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
+    """Declares ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on, so sliding-window
+    models keep their smaller GPU footprint and kvbm keeps every group's blocks
+    (:mod:`kvbm.core.groups`)."""
+
     if VLLM.cache_hit_source is not None:
         _cache_hit_source = VLLM.cache_hit_source.HOST
 
@@ -118,6 +123,15 @@ class DynamoConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._leader is not None
         return self._leader.request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call under its hybrid manager (every group's blocks at once); kvbm's answer
+        does not depend on the block ids: it holds a finished request's blocks while its stores
+        are in flight, in every group alike."""
+        assert self._leader is not None
+        return self._leader.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def has_pending_push_work(self) -> bool:
         # Keep the engine stepping until in-flight copies are reported, so

@@ -21,7 +21,7 @@ from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key
+from kvbm.vllm_integration.sizing import NULL_BLOCK, bytes_per_block_per_rank, kv_groups, model_identity, storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,14 +41,9 @@ LORA_KEYS = 4096
 
 class KvbmLeader:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-        if len(kv_cache_config.kv_cache_groups) != 1:
-            raise ValueError(
-                "kvbm supports models with one KV cache group (one attention type); "
-                f"this model has {len(kv_cache_config.kv_cache_groups)}. Remove the kvbm "
-                "kv-transfer-config for this model."
-            )
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
+        self.groups = kv_groups(kv_cache_config, self.block_size)
         par = vllm_config.parallel_config
         self.world_size = par.world_size
         # vLLM builds the scheduler only after every worker registered its KV
@@ -65,6 +60,7 @@ class KvbmLeader:
             block_bytes=bytes_per_block_per_rank(kv_cache_config), gpu_blocks=kv_cache_config.num_blocks,
             storage_key=storage_key(vllm_config, kv_cache_config),
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            groups=self.groups, null_block=NULL_BLOCK,
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if par.data_parallel_size > 1 else 0,
         )
         self.planner = self.runtime.planner
@@ -118,7 +114,7 @@ class KvbmLeader:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._track(request)
-        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        block_ids = blocks.get_block_ids() if num_external_tokens > 0 else [[] for _ in self.groups]
         self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
         if self.runtime.trace is not None:
             sources = self.planner.load_sources(request.request_id)
@@ -140,16 +136,18 @@ class KvbmLeader:
         for new in so.scheduled_new_reqs:
             request = self._requests.get(new.req_id)
             if request is not None:
-                planner.on_scheduled(new.req_id, request.all_token_ids, new.block_ids[0], True,
-                                     new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
+                planner.on_scheduled(new.req_id, request.all_token_ids, new.block_ids, True,
+                                     new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0),
+                                     new.num_computed_tokens)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             request = self._requests.get(req_id)
             if request is not None:
                 new_ids = cached.new_block_ids[i]
-                planner.on_scheduled(req_id, request.all_token_ids, new_ids[0] if new_ids else None,
+                planner.on_scheduled(req_id, request.all_token_ids, new_ids or None,
                                      req_id in cached.resumed_req_ids,
-                                     cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0))
+                                     cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0),
+                                     cached.num_computed_tokens[i])
         return KvbmMetadata(plan=self.runtime.end_step(), capacities=self.runtime.capacities)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:

@@ -8,6 +8,7 @@ import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from kvbm.core.groups import SINGLE_FULL, KVGroup
 from kvbm.runtime.fingerprint import canonical, fingerprint
 from kvbm.vllm_integration.compat import features, kv_cache_layout
 
@@ -19,6 +20,72 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the identity's recipe changes, so old persisted blocks stop matching.
 IDENTITY_VERSION = 2
+
+
+#: vLLM's null block: the id its block pool hands out for positions a group keeps no KV for
+#: (before a sliding window). Block 0 of the pool, never given to a request as a real block.
+NULL_BLOCK = 0
+
+#: Spec classes whose hits need the whole prefix (MLA and attention sinks keep full KV too).
+_FULL = ("FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec")
+#: Spec classes that need only a window of blocks before the hit point.
+_WINDOWED = ("SlidingWindowSpec", "SlidingWindowMLASpec", "ChunkedLocalAttentionSpec")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _group_window(spec: Any, block_size: int) -> int | None:
+    """None for full attention; else the blocks before a hit point that the group reads."""
+    kind = type(spec).__name__
+    if kind == "UniformTypeKVCacheSpecs":  # layers of one type with different head shapes
+        windows = {_group_window(inner, block_size) for inner in spec.kv_cache_specs.values()}
+        if len(windows) == 1:
+            return windows.pop()
+        raise UnsupportedGroup(kind)
+    if kind in _FULL:
+        return None
+    if kind in ("SlidingWindowSpec", "SlidingWindowMLASpec"):
+        # vLLM keeps the blocks holding the last window - 1 (+ extra retained) tokens; its own
+        # offloading asks for max(window, window - 1 + extra) tokens' worth, and so do we.
+        extra = int(getattr(spec, "extra_retained_tokens", 0) or 0)
+        return max(_cdiv(spec.sliding_window, block_size), _cdiv(spec.sliding_window - 1 + extra, block_size))
+    if kind == "ChunkedLocalAttentionSpec":
+        return _cdiv(spec.attention_chunk_size, block_size)
+    raise UnsupportedGroup(kind)
+
+
+class UnsupportedGroup(ValueError):
+    """A KV-cache group of a type kvbm does not offload."""
+
+
+def kv_groups(kv_cache_config: KVCacheConfig, block_size: int) -> tuple[KVGroup, ...]:
+    """The model's KV-cache groups as the planner needs them (kvbm.core.groups).
+
+    One group: the plain request chain, as before hybrid support (persisted blocks stay
+    valid). Several: each gets a tag with its index, type and window, folded into its
+    blocks' hashes. A group type kvbm cannot serve stops startup with its name."""
+    specs = [group.kv_cache_spec for group in kv_cache_config.kv_cache_groups]
+    groups: list[KVGroup] = []
+    for i, spec in enumerate(specs):
+        layers = list(getattr(kv_cache_config.kv_cache_groups[i], "layer_names", []) or [])
+        try:
+            window = _group_window(spec, block_size)
+            spec_block = getattr(spec, "block_size", block_size)
+            if spec_block != block_size:
+                raise UnsupportedGroup(f"{type(spec).__name__} with {spec_block}-token blocks")
+        except UnsupportedGroup as exc:
+            shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+            raise ValueError(
+                f"kvbm: KV-cache group {i} of this model ({shown or 'no layers'}) is {exc}, which kvbm "
+                "does not offload; kvbm serves full attention, MLA, sliding-window and chunked local "
+                "attention groups (docs/models.md). Serve this model without kvbm's --kv-transfer-config."
+            ) from None
+        groups.append(KVGroup(f"{i}:{type(spec).__name__}:{window}", window))
+    if len(groups) == 1 and groups[0].window_blocks is None:
+        return SINGLE_FULL
+    return tuple(groups)
 
 
 def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
