@@ -21,7 +21,7 @@ from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key
+from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key, weights_fingerprint
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -51,11 +51,16 @@ class KvbmLeader:
         self.block_size = vllm_config.cache_config.block_size
         par = vllm_config.parallel_config
         self.world_size = par.world_size
+        # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
+        # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.
+        weights = (weights_fingerprint(vllm_config, config.disk_cache_dir)
+                   if config.blocks_outlive_process else None)
+
         # vLLM builds the scheduler only after every worker registered its KV
         # caches, so all of them are waiting: size the tiers from their reports.
         def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
             return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
-                                  kv_layout="|".join(w.layout for w in workers))
+                                  kv_layout="|".join(w.layout for w in workers), weights=weights)
 
         joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id,
                                  identity=identity_of).start().wait()
@@ -102,7 +107,7 @@ class KvbmLeader:
         if cached is None or reload:
             weights = None
             if self.config.blocks_outlive_process or reload:
-                weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
+                weights = fingerprint(key[2], self.config.disk_cache_dir) or f"unknown-{uuid.uuid4().hex}"
             cached = json.dumps([*key, weights])
             self._lora_keys[key] = cached
             while len(self._lora_keys) > LORA_KEYS:
