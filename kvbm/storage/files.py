@@ -65,9 +65,14 @@ def g3_data_path(directory: str, file_tag: str) -> str:
     return os.path.join(directory, f"{G3_FILE_PREFIX}{file_tag}.bin")
 
 
-def g3_journal_path(directory: str, storage_key: str) -> str:
-    """The persistent G3 index of the model and slot shape ``storage_key`` (the leader's)."""
-    return os.path.join(directory, f"{G3_FILE_PREFIX}{_storage_name(storage_key)}.journal")
+def g3_journal_path(directory: str, storage_key: str, data_parallel_rank: int = 0) -> str:
+    """The persistent G3 index of the model and slot shape ``storage_key`` kept by the leader of
+    data-parallel engine ``data_parallel_rank``. Each engine has data files of its own (named
+    by global rank) and so needs its own index of them; one shared index would be appended by
+    every engine, and each one's rewrites would erase the others' entries. Engine 0 keeps the
+    name of a single engine's index, so a single engine restores what it persisted before."""
+    suffix = f"-dp{data_parallel_rank}" if data_parallel_rank else ""
+    return os.path.join(directory, f"{G3_FILE_PREFIX}{_storage_name(storage_key)}{suffix}.journal")
 
 
 class DiskSetupError(RuntimeError):

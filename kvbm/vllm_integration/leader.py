@@ -71,6 +71,7 @@ class KvbmLeader:
             storage_key=storage_key(vllm_config, kv_cache_config),
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if par.data_parallel_size > 1 else 0,
+            data_parallel_rank=(par.data_parallel_rank or 0) if par.data_parallel_size > 1 else 0,
         )
         self.planner = self.runtime.planner
         self._requests: dict[str, Request] = {}
