@@ -46,7 +46,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -68,8 +68,11 @@ _CONFIG = re.compile(r"(config|params|adapter_config)\.json|.*\.index\.json|.*qu
 
 try:  # vLLM depends on blake3: several GB/s per core
     from blake3 import blake3 as _blake3
+
+    _ALL_CORES = _blake3.AUTO
 except ImportError:  # pragma: no cover - exercised only without vLLM's dependencies
     _blake3 = None
+    _ALL_CORES = 1
 
 
 class _Hasher(Protocol):
@@ -95,17 +98,17 @@ def fingerprint(path: str, cache_dir: str | None = None) -> str | None:
     ``cache_dir``: where digests are remembered across processes (see the module
     docstring); None hashes every byte every time.
     """
-    if os.path.isfile(path):
-        directory, names = os.path.dirname(path), [os.path.basename(path)]
-    elif os.path.isdir(path):
-        directory = path
-        names = sorted(n for n in os.listdir(path) if n.endswith(_WEIGHTS) or _CONFIG.fullmatch(n))
-    else:
-        return None
-    if not any(name.endswith(_WEIGHTS) for name in names):
-        return None
-    cache = _Cache(cache_dir) if cache_dir else None
     try:
+        if os.path.isfile(path):
+            directory, names = os.path.dirname(path), [os.path.basename(path)]
+        elif os.path.isdir(path):
+            directory = path
+            names = sorted(n for n in os.listdir(path) if n.endswith(_WEIGHTS) or _CONFIG.fullmatch(n))
+        else:
+            return None
+        if not any(name.endswith(_WEIGHTS) for name in names):
+            return None
+        cache = _Cache(cache_dir) if cache_dir else None
         digests = file_digests([os.path.join(directory, name) for name in names], cache)
     except OSError as exc:
         logger.warning("kvbm: cannot read %s for the weights fingerprint (%s)", exc.filename or path,
@@ -117,8 +120,7 @@ def fingerprint(path: str, cache_dir: str | None = None) -> str | None:
     return total.hexdigest()
 
 
-def file_digests(paths: list[str], cache: _Cache | None = None,
-                 on_hashed: Callable[[str, int], None] | None = None) -> list[tuple[int, str]]:
+def file_digests(paths: list[str], cache: _Cache | None = None) -> list[tuple[int, str]]:
     """``(size, "algo:hexdigest")`` of every byte of each file, from the cache when the file is
     unchanged; the others hashed in parallel threads. Raises the first ``OSError``."""
     results: list[tuple[int, str] | None] = [None] * len(paths)
@@ -133,7 +135,7 @@ def file_digests(paths: list[str], cache: _Cache | None = None,
         started = time.monotonic()
         workers = min(len(todo), _MAX_THREADS, os.cpu_count() or 1)
         # One file: let BLAKE3 spread it over the cores; several: a thread per file.
-        threads = -1 if len(todo) == 1 else 1
+        threads = _ALL_CORES if len(todo) == 1 else 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvbm-fingerprint") as pool:
             hashed = list(pool.map(lambda i: _hash_file(paths[i], threads), todo))
         nbytes = 0
@@ -142,8 +144,6 @@ def file_digests(paths: list[str], cache: _Cache | None = None,
             nbytes += size
             if cache is not None and key is not None:
                 cache.put(paths[i], key, digest)
-            if on_hashed is not None:
-                on_hashed(paths[i], size)
         seconds = time.monotonic() - started
         logger.info("kvbm: hashed %d weight/config file(s), %.2f GB, in %.1f s for the weights fingerprint "
                     "(%d unchanged file(s) from the cache)", len(todo), nbytes / 1e9, seconds,
@@ -207,8 +207,12 @@ class _Cache:
         except (OSError, DiskSetupError) as exc:
             logger.warning("kvbm: ignoring the weights fingerprint cache: %s", exc)
             return {}
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_CACHE_BYTES + 1)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read(_MAX_CACHE_BYTES + 1)
+        except OSError as exc:
+            logger.warning("kvbm: ignoring the weights fingerprint cache %s (%s)", self.path, exc.strerror or exc)
+            return {}
         try:
             data = json.loads(raw) if len(raw) <= _MAX_CACHE_BYTES else None
         except ValueError:
