@@ -180,7 +180,7 @@ def test_fingerprint_of_other_formats_and_of_nothing(tmp_path):
     assert fingerprint(str(empty)) is None
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "model.safetensors").write_bytes(b"\xff" * 64)  # header length beyond the file: sampled as opaque
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)  # not a valid safetensors header: hashed like any file
     assert fingerprint(str(bad))
 
 
