@@ -23,6 +23,7 @@ import pytest
 from kvbm.storage import disk as disk_mod
 from kvbm.storage.disk import DiskArena, DiskSetupError, FaultInjector
 from kvbm.storage.files import ensure_private_dir
+from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_UID = 54321
@@ -79,6 +80,24 @@ def test_symlinked_directory_into_a_shared_directory_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(shared)
     with pytest.raises(DiskSetupError, match="writable by other users"):
         DiskArena(str(tmp_path / "link"), 2, 4096, file_tag="x")
+
+
+@needs_other_user
+def test_a_link_another_user_planted_as_the_cache_directory_is_refused(tmp_path):
+    """With HOME=/ (or unset) the default G3 directory is a fixed name in a shared directory
+    (/var/tmp/kvbm-<uid>). "nobody" plants that name as a link to a directory of root's that
+    passes every check of the target (root's, 0700): before, kvbm followed it and wrote there."""
+    with shared_dir() as shared:
+        victim = tmp_path / "root-only"
+        victim.mkdir(mode=0o700)
+        name = shared / f"kvbm-{os.geteuid()}"
+        as_nobody("ln", "-s", str(victim), str(name))
+        with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_DIR") as e:
+            DiskArena(str(name), 2, 4096, file_tag="x")
+        assert "symbolic link" in str(e.value) and f"uid {NOBODY}" in str(e.value)
+        with pytest.raises(DiskSetupError, match="symbolic link"):
+            ensure_private_dir(str(name))
+        assert list(victim.iterdir()) == []  # nothing written through the link
 
 
 # ---- files in it -----------------------------------------------------------------

@@ -361,6 +361,32 @@ def test_secret_file_must_be_private(tmp_path):
         wire.handshake_key(cfg, True, str(tmp_path))
 
 
+def test_a_fifo_as_the_secret_file_is_refused_without_hanging(tmp_path):
+    """Before, the open blocked until a writer came, before any timeout applied: startup hung."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo, 0o600)
+    var = "DYN_KVBM_LEADER_ZMQ_SECRET_FILE"
+    code = ("import sys\nfrom kvbm.config import ConfigError\nfrom kvbm.runtime.wire import read_secret_file\n"
+            "try:\n    read_secret_file(sys.argv[1], sys.argv[2])\nexcept ConfigError as e:\n    print('REFUSED', e)")
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(fifo), var], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": root})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a FIFO as {var} hung the start-up")
+    assert f"REFUSED {var}=" in out.stdout and "not a regular file" in out.stdout, out
+    writer_side = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # with a writer attached: still refused
+    try:
+        with pytest.raises(ConfigError, match=f"{var}=.*not a regular file"):
+            wire.read_secret_file(str(fifo), var)
+    finally:
+        os.close(writer_side)
+
+
 def test_weak_or_leaky_secret_settings_are_refused():
     with pytest.raises(ConfigError, match="DYN_KVBM_LEADER_ZMQ_SECRET must be 16"):
         load_config({"cpu_cache_gb": 1}, environ={"DYN_KVBM_LEADER_ZMQ_SECRET": "hunter2"})

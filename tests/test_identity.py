@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvbm.runtime.fingerprint import TENSORS_PER_FILE, fingerprint
+import kvbm.runtime.fingerprint as fp
+from kvbm.runtime.fingerprint import CACHE_NAME, fingerprint
 from kvbm.vllm_integration.sizing import model_identity, storage_key
 
 
@@ -62,14 +64,105 @@ def test_fingerprint_samples_one_changed_tensor(tmp_path):
     assert fingerprint(str(model)) != before
 
 
-def test_fingerprint_reads_a_bounded_sample_of_large_files(tmp_path, monkeypatch):
-    model = write_model(tmp_path / "m", tensors=TENSORS_PER_FILE * 4)
-    reads: list[int] = []
-    real_pread = os.pread
-    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real_pread(fd, n, off))
-    assert fingerprint(str(model))
-    assert len(reads) <= TENSORS_PER_FILE + 2  # the header, and one sample per chosen tensor
-    assert sum(reads) < (model / "model.safetensors").stat().st_size // 20
+def test_fingerprint_sees_one_changed_tensor_among_many(tmp_path):
+    """A partial fine-tune: one tensor of 300, one element of it (before: the fingerprint
+    sampled 64 tensors' middles and this change went unseen)."""
+    from safetensors.torch import load_file
+
+    model = write_model(tmp_path / "m", tensors=300)
+    before = fingerprint(str(model))
+    tensors = load_file(str(model / "model.safetensors"))
+    for name in ("layer7.weight", "layer150.weight", "layer299.weight"):
+        changed = dict(tensors)
+        changed[name] = tensors[name].clone()
+        changed[name][0, 0] += 1.0
+        save_file(changed, str(model / "model.safetensors"))
+        assert fingerprint(str(model)) != before, name
+    save_file(tensors, str(model / "model.safetensors"))  # the original bytes again
+    assert fingerprint(str(model)) == before
+
+
+def _counting_hashes(monkeypatch) -> list[str]:
+    hashed: list[str] = []
+    real = fp._hash_file
+    monkeypatch.setattr(fp, "_hash_file", lambda path, threads: hashed.append(os.path.basename(path))
+                        or real(path, threads))
+    return hashed
+
+
+def test_fingerprint_cache_skips_unchanged_files_and_sees_every_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp, "RACY_NS", 0)  # the files were written just now
+    cache = tmp_path / "cache"
+    model = write_model(tmp_path / "m", tensors=16)
+    weights = model / "model.safetensors"
+    hashed = _counting_hashes(monkeypatch)
+    first = fingerprint(str(model), str(cache))
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+    assert (cache / CACHE_NAME).stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
+    hashed.clear()
+    assert fingerprint(str(model), str(cache)) == first and hashed == []  # nothing read again
+    time.sleep(0.05)  # past one timestamp tick: the change below gets a new ctime
+
+    st = weights.stat()  # other bytes of the same size, mtime set back: the ctime still moves
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    changed = fingerprint(str(model), str(cache))
+    assert hashed == ["model.safetensors"] and changed != first
+    hashed.clear()
+    time.sleep(0.05)
+
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # mtime only: hashed again, same bytes
+    assert fingerprint(str(model), str(cache)) == changed and hashed == ["model.safetensors"]
+    hashed.clear()
+    time.sleep(0.05)
+
+    with open(weights, "ab") as f:  # size
+        f.write(b"\0")
+    assert fingerprint(str(model), str(cache)) not in (first, changed) and hashed == ["model.safetensors"]
+    hashed.clear()
+
+    copy = tmp_path / "copy"  # same bytes elsewhere: hashed once (new inodes), same fingerprint
+    shutil.copytree(model, copy)
+    assert fingerprint(str(copy), str(cache)) == fingerprint(str(model), str(cache))
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+
+
+def test_digest_of_a_file_still_being_written_is_not_cached(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    model = write_model(tmp_path / "m")  # ctime: just now, within RACY_NS
+    hashed = _counting_hashes(monkeypatch)
+    first = fingerprint(str(model), str(cache))
+    assert fingerprint(str(model), str(cache)) == first
+    assert hashed.count("model.safetensors") == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_a_foreign_or_linked_fingerprint_cache_is_never_trusted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fp, "RACY_NS", 0)
+    model = write_model(tmp_path / "m")
+    cache = tmp_path / "cache"
+    truth = fingerprint(str(model), str(cache))
+    time.sleep(0.05)
+    entries = json.loads((cache / CACHE_NAME).read_text())
+    write_model(model, seed=1)  # new weights; a forged cache entry claims the old digest for them
+    real = str((model / "model.safetensors").resolve())
+    entries["files"][real][:5] = fp._stat_key(os.stat(real))
+    forged = json.dumps(entries)
+    (cache / CACHE_NAME).write_text(forged)
+    os.chown(cache / CACHE_NAME, 65534, 65534)
+    hashed = _counting_hashes(monkeypatch)
+    assert fingerprint(str(model), str(cache)) != truth and "model.safetensors" in hashed
+    assert "belongs to uid 65534" in caplog.text
+    (cache / CACHE_NAME).unlink()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(forged)
+    os.symlink(elsewhere, cache / CACHE_NAME)
+    hashed.clear()
+    assert fingerprint(str(model), str(cache)) != truth and "model.safetensors" in hashed
+    assert "symbolic link" in caplog.text
 
 
 def test_fingerprint_of_other_formats_and_of_nothing(tmp_path):
@@ -87,7 +180,7 @@ def test_fingerprint_of_other_formats_and_of_nothing(tmp_path):
     assert fingerprint(str(empty)) is None
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "model.safetensors").write_bytes(b"\xff" * 64)  # header length beyond the file: sampled as opaque
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)  # not a valid safetensors header: hashed like any file
     assert fingerprint(str(bad))
 
 
@@ -169,10 +262,11 @@ def lora_key(leader, name: str, lora_id: int, path: str, load_inplace: bool = Fa
     return KvbmLeader._lora_key(leader, LoRARequest(name, lora_id, path, load_inplace=load_inplace))
 
 
-def fake_leader(persist: bool):
+def fake_leader(persist: bool, cache_dir: str | None = None):
     from collections import OrderedDict
 
-    return SimpleNamespace(config=SimpleNamespace(blocks_outlive_process=persist), _lora_keys=OrderedDict())
+    return SimpleNamespace(config=SimpleNamespace(blocks_outlive_process=persist, disk_cache_dir=cache_dir),
+                           _lora_keys=OrderedDict())
 
 
 def test_lora_key_covers_name_id_and_path(tmp_path):
@@ -185,9 +279,10 @@ def test_lora_key_covers_name_id_and_path(tmp_path):
 
 def test_lora_key_follows_the_adapter_files_when_persisting_or_reloading(tmp_path):
     path = str(write_model(tmp_path / "a"))
-    persisting, plain = fake_leader(persist=True), fake_leader(persist=False)
+    cache = str(tmp_path / "cache")
+    persisting, plain = fake_leader(persist=True, cache_dir=cache), fake_leader(persist=False)
     before, plain_before = lora_key(persisting, "ad", 1, path), lora_key(plain, "ad", 1, path)
     write_model(tmp_path / "a", seed=3)  # the adapter retrained in place (a restart, or load_inplace)
-    assert lora_key(fake_leader(persist=True), "ad", 1, path) != before  # after a restart
+    assert lora_key(fake_leader(persist=True, cache_dir=cache), "ad", 1, path) != before  # after a restart
     assert lora_key(plain, "ad", 1, path) == plain_before  # vLLM keeps the loaded adapter: same KV
     assert lora_key(plain, "ad", 1, path, load_inplace=True) != plain_before  # reloaded: new weights

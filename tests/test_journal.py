@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zlib
@@ -40,7 +41,13 @@ def ints(state: dict[bytes, int]) -> dict[int, int]:
 
 
 def reopen(path: Path, identity: str = ID) -> dict[int, int]:
-    return ints(DiskJournal(str(path), identity=identity).load())
+    """What a restart would load from ``path`` now. Loaded from a copy: the journal may still be
+    open (and locked) by the test's writer, and loading may rewrite what it reads."""
+    with tempfile.TemporaryDirectory() as elsewhere:  # not next to it: the test's disk may be full
+        copy = os.path.join(elsewhere, path.name)
+        shutil.copyfile(path, copy)
+        with DiskJournal(copy, identity=identity) as j:
+            return ints(j.load())
 
 
 def test_round_trip(tmp_path):
@@ -477,8 +484,8 @@ def test_format_1_journal_is_ignored_with_one_line(tmp_path, caplog):
     body = struct.pack("<B7xQQ", 1, 12345, 3)
     rec = body + struct.pack("<I", zlib.crc32(body)) + bytes(4)
     path.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + rec * 10)
-    with caplog.at_level(logging.INFO, logger="kvbm.storage.journal"):
-        assert reopen(path) == {}
+    with caplog.at_level(logging.INFO, logger="kvbm.storage.journal"), DiskJournal(str(path), identity=ID) as j:
+        assert j.load() == {}
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "format version 1" in warnings[0]
     assert journal_mod._HEAD.unpack_from(path.read_bytes())[1] == journal_mod.FORMAT_VERSION
@@ -508,7 +515,8 @@ def test_start_up_on_unwritable_or_full_directory_names_the_setting(tmp_path, ho
         with pytest.raises(DiskSetupError, match="DYN_KVBM_DISK_CACHE_DIR") as e:
             j.load()
         assert str(mnt / "j") in str(e.value) and "DYN_KVBM_DISK_PERSIST" in str(e.value)
-        assert not [p for p in mnt.iterdir() if p.name != "filler"]  # no temp file left behind
+        # no temp file left behind (the lock file of an index is not one: it stays, empty)
+        assert not [p for p in mnt.iterdir() if p.name not in ("filler", "j.lock")]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
@@ -553,8 +561,8 @@ def test_damaged_journal_on_a_full_disk_still_loads(tmp_path, caplog):
         finally:
             os.close(fd)
         expected = {1000 + i: i for i in range(100) if i != 9}
-        with caplog.at_level(logging.WARNING, logger="kvbm.storage.journal"):
-            assert reopen(path) == expected  # no exception, the damage still costs one record
+        with caplog.at_level(logging.WARNING, logger="kvbm.storage.journal"), DiskJournal(str(path), identity=ID) as j:
+            assert ints(j.load()) == expected  # no exception, the damage still costs one record
         assert "could not be rewritten" in caplog.text
         (mnt / "filler").unlink()
         j2 = DiskJournal(str(path), identity=ID)
@@ -564,3 +572,78 @@ def test_damaged_journal_on_a_full_disk_still_loads(tmp_path, caplog):
         assert reopen(path) == {**expected, 7: 500}
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ---- data-parallel engines: one index each, locked ---------------------------------------
+
+
+def dp_leader(directory: Path, dp_rank: int):
+    from kvbm.config import KvbmConfig
+    from kvbm.runtime.leader import LeaderRuntime
+    from kvbm.runtime.sizing import TierSizes
+
+    cfg = KvbmConfig(disk_persist=True, disk_cache_dir=str(directory))
+    return LeaderRuntime(cfg, TierSizes(8, 64, 1024), block_size=16, world_size=1, block_bytes=1024,
+                         storage_key="model-k", identity=ID, gpu_blocks=16, max_num_batched_tokens=64,
+                         data_parallel_rank=dp_rank, data_parallel_rank_local=dp_rank)
+
+
+def test_data_parallel_engines_each_persist_their_own_disk_index(tmp_path, caplog):
+    """Issue: two DP engines appended to one unlocked index (named by model only); after a
+    restart each engine restored the other's entries for its own data file, and its own were lost."""
+    cache = tmp_path / "g3"
+    engines = [dp_leader(cache, 0), dp_leader(cache, 1)]
+    assert engines[0].journal.path != engines[1].journal.path
+    for step in range(4):  # interleaved, as two engines serving at once; same slots, other blocks
+        for dp, rt in enumerate(engines):
+            rt.journal.record_stored(hs([(1000 * (dp + 1) + step, step)]))
+            rt.journal.flush()
+    for rt in engines:
+        rt.close()
+    with caplog.at_level(logging.INFO, logger="kvbm.runtime.leader"):
+        restarted = [dp_leader(cache, 0), dp_leader(cache, 1)]
+    try:
+        for dp, rt in enumerate(restarted):
+            assert ints(rt.journal.snapshot()) == {1000 * (dp + 1) + step: step for step in range(4)}
+        assert caplog.text.count("reusing 4 G3 blocks") == 2
+    finally:
+        for rt in restarted:
+            rt.close()
+
+
+def test_a_single_engine_keeps_its_index_name_and_restores(tmp_path):
+    from kvbm.storage.files import g3_journal_path
+
+    assert g3_journal_path(str(tmp_path), "model-k") == g3_journal_path(str(tmp_path), "model-k", 0)
+    rt = dp_leader(tmp_path / "g3", 0)
+    rt.journal.record_stored(hs([(7, 3)]))
+    rt.close()
+    rt = dp_leader(tmp_path / "g3", 0)
+    try:
+        assert ints(rt.journal.snapshot()) == {7: 3}
+    finally:
+        rt.close()
+
+
+def test_a_second_process_on_the_same_index_is_refused(tmp_path):
+    """The index is written by one process: a second one (same directory and model and DP rank)
+    is refused at start-up, naming the setting, instead of interleaving two histories."""
+    path = tmp_path / "j"
+    j = DiskJournal(str(path), identity=ID)
+    j.load()
+    code = textwrap.dedent(f"""
+        from kvbm.storage.files import DiskSetupError
+        from kvbm.storage.journal import DiskJournal
+        try:
+            DiskJournal({str(path)!r}, identity={ID!r}).load()
+        except DiskSetupError as e:
+            print("REFUSED", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "REFUSED" in out.stdout and "in use by another process" in out.stdout, out
+    assert "DYN_KVBM_DISK_CACHE_DIR" in out.stdout
+    j.close()  # released: the next server may take it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "REFUSED" not in out.stdout, out

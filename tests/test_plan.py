@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from kvbm.plan.report import (
 )
 from kvbm.plan.simulate import SizePoint, gpu_pass, replay, sweep
 from kvbm.plan.trace import TraceError, TraceWriter, read_trace
+from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
 
 BS = 4  # tokens per block in these traces
 
@@ -114,6 +116,50 @@ def test_writer_skips_requests_never_scheduled_and_keeps_appending(tmp_path):
 def test_writer_names_the_setting_when_it_cannot_open(tmp_path):
     with pytest.raises(ConfigError, match="DYN_KVBM_TRACE_FILE"):
         TraceWriter(str(tmp_path / "missing-dir" / "t.jsonl"), {"block_size": BS})
+
+
+@needs_other_user
+def test_trace_file_refuses_a_link_or_a_file_another_user_planted(tmp_path):
+    """A shared log directory: "nobody" plants the trace's name as a link to root's file, or
+    creates the file first. Before, kvbm (root) followed the link and appended to root's file."""
+    with shared_dir() as shared:
+        victim = tmp_path / "root-file"
+        victim.write_text("root's data\n")
+        as_nobody("ln", "-s", str(victim), str(shared / "trace.jsonl"))
+        with pytest.raises(ConfigError, match="DYN_KVBM_TRACE_FILE=.*symbolic link"):
+            TraceWriter(str(shared / "trace.jsonl"), {"block_size": BS})
+        assert victim.read_text() == "root's data\n"
+        as_nobody("touch", str(shared / "theirs.jsonl"))
+        with pytest.raises(ConfigError, match=f"DYN_KVBM_TRACE_FILE=.*belongs to uid {NOBODY}"):
+            TraceWriter(str(shared / "theirs.jsonl"), {"block_size": BS})
+        assert (shared / "theirs.jsonl").stat().st_size == 0
+        writer = TraceWriter(str(shared / "mine.jsonl"), {"block_size": BS})  # a fresh name: fine
+        writer.close()
+        assert (shared / "mine.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_trace_file_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    """Before, opening a FIFO for writing blocked until a reader came: start-up hung forever."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "trace.jsonl"
+    os.mkfifo(fifo, 0o600)
+    code = ("import sys\nfrom kvbm.config import ConfigError\nfrom kvbm.plan.trace import TraceWriter\n"
+            "try:\n    TraceWriter(sys.argv[1], {'block_size': 4})\nexcept ConfigError as e:\n    print('REFUSED', e)")
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": root})
+    except subprocess.TimeoutExpired:
+        pytest.fail("opening a FIFO as DYN_KVBM_TRACE_FILE hung")
+    assert "REFUSED DYN_KVBM_TRACE_FILE=" in out.stdout and "FIFO" in out.stdout, out
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # with a reader the open succeeds: fstat refuses
+    try:
+        with pytest.raises(ConfigError, match="DYN_KVBM_TRACE_FILE=.*not a regular file"):
+            TraceWriter(str(fifo), {"block_size": BS})
+    finally:
+        os.close(reader)
 
 
 def test_config_checks_the_trace_path(tmp_path):

@@ -29,10 +29,13 @@ blocks never seen again.
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import stat
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -345,6 +348,43 @@ def _hex(block_hash: bytes | int) -> str:
     return block_hash.hex() if isinstance(block_hash, bytes) else format(block_hash, "x")
 
 
+def open_trace_file(path: str) -> int:
+    """Open (or create, 0600) the trace for appending, refusing what another user could have prepared.
+
+    kvbm often runs as root and trace files go to shared log directories, so the
+    last name is not followed if it is a link (``O_NOFOLLOW``: a planted link would
+    have us append to any file), the file must be a regular file (a planted FIFO
+    would block the open, and the start, forever; ``O_NONBLOCK`` makes the open
+    return so ``fstat`` can tell) and ours (not another user's file, which they
+    could have linked elsewhere or read)."""
+    var = env_var("trace_file")
+    fix = f"point {var} at a regular file of this user (uid {os.geteuid()}) in a directory others cannot write, " \
+          "or unset it"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):  # (O_CREAT on a link in a sticky dir: EACCES)
+            raise ConfigError(f"{var}={path} is a symbolic link; kvbm does not follow one for its trace (another "
+                              f"user may have planted it to make kvbm append to a file of their choosing); {fix}") \
+                from None
+        if e.errno == errno.ENXIO:  # O_NONBLOCK write-open of a FIFO nobody reads
+            raise ConfigError(f"{var}={path} is a FIFO, not a regular file; {fix}") from None
+        raise ConfigError(f"{var}={path}: cannot open it for appending ({e.strerror}); {fix}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{var}={path} is not a regular file (a FIFO, socket, device or directory); {fix}")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(f"{var}={path} belongs to uid {info.st_uid}, not to this process (uid "
+                              f"{os.geteuid()}); kvbm does not append to another user's file; {fix}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class TraceWriter:
     """Appends kvbm's request log while serving (opt-in: ``trace_file``, see config).
 
@@ -362,11 +402,7 @@ class TraceWriter:
     def __init__(self, path: str, header: dict[str, Any], clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
-        try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise ConfigError(f"{env_var('trace_file')}={path}: cannot open it for appending ({e.strerror}); "
-                              "point it at a writable file or unset it") from None
+        self._fd: int | None = open_trace_file(path)
         self._scheduled: dict[Any, tuple[float, tuple[int, int]]] = {}
         self._buffer: list[str] = [json.dumps({"kvbm_trace": FORMAT_VERSION, "started": clock(), **header})]
         self._last_flush = clock()

@@ -51,11 +51,13 @@ class LeaderRuntime:
 
     def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
                  block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
-                 data_parallel_rank_local: int = 0, groups: Sequence[KVGroup] = SINGLE_FULL,
-                 null_block: int | None = None) -> None:
+                 data_parallel_rank_local: int = 0, data_parallel_rank: int = 0,
+                 groups: Sequence[KVGroup] = SINGLE_FULL, null_block: int | None = None) -> None:
         """``block_bytes``: one block on one rank; ``storage_key``/``identity``: what names the
         persistent files and what must match to reuse them (kvbm.vllm_integration.sizing);
-        ``groups``/``null_block``: the model's KV-cache groups (kvbm.core.groups)."""
+        ``data_parallel_rank``: this engine's, which names its G3 index; ``groups``/``null_block``:
+        the model's KV-cache groups (kvbm.core.groups)."""
+        self.data_parallel_rank = data_parallel_rank
         self.config = config
         self.block_size = block_size
         self.world_size = world_size
@@ -107,7 +109,7 @@ class LeaderRuntime:
         """Reload what a previous server left on disk: same files (``storage_key``), and only
         if the identity (weights, quantization, overrides, ...) is unchanged."""
         directory = ensure_private_dir(self.config.disk_cache_dir)
-        journal = DiskJournal(g3_journal_path(directory, storage_key), identity=identity)
+        journal = DiskJournal(g3_journal_path(directory, storage_key, self.data_parallel_rank), identity=identity)
         restored = self.planner.restore(self._persistent, journal.load())
         logger.info("kvbm: reusing %d %s blocks from %s", restored, self._persistent, journal.path)
         return journal

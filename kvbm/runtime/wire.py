@@ -239,9 +239,12 @@ def handshake_key(config: KvbmConfig, tcp: bool, private_dir: str) -> bytes:
 
 
 def read_secret_file(path: str, setting: str) -> bytes:
-    """A secret from a file only this user (or root) owns and nobody else can read."""
+    """A secret from a file only this user (or root) owns and nobody else can read.
+
+    Opened without blocking: a FIFO (or a device) would hang the open, and with it the
+    start-up, forever (the handshake timeout only starts later); it is refused instead."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(
             f"{setting}={path}: cannot open it ({exc.strerror}); give a regular file of mode 0600 holding "
@@ -250,7 +253,9 @@ def read_secret_file(path: str, setting: str) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{setting}={path} is not a regular file")
+            raise ConfigError(f"{setting}={path} is not a regular file (a FIFO, socket, device or directory); "
+                              "give a regular file of mode 0600 holding the secret")
+        os.set_blocking(fd, True)
         if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o077:
             raise ConfigError(
                 f"{setting}={path} is readable or writable by other users (mode {info.st_mode & 0o777:o}, "

@@ -65,9 +65,14 @@ def g3_data_path(directory: str, file_tag: str) -> str:
     return os.path.join(directory, f"{G3_FILE_PREFIX}{file_tag}.bin")
 
 
-def g3_journal_path(directory: str, storage_key: str) -> str:
-    """The persistent G3 index of the model and slot shape ``storage_key`` (the leader's)."""
-    return os.path.join(directory, f"{G3_FILE_PREFIX}{_storage_name(storage_key)}.journal")
+def g3_journal_path(directory: str, storage_key: str, data_parallel_rank: int = 0) -> str:
+    """The persistent G3 index of the model and slot shape ``storage_key`` kept by the leader of
+    data-parallel engine ``data_parallel_rank``. Each engine has data files of its own (named
+    by global rank) and so needs its own index of them; one shared index would be appended by
+    every engine, and each one's rewrites would erase the others' entries. Engine 0 keeps the
+    name of a single engine's index, so a single engine restores what it persisted before."""
+    suffix = f"-dp{data_parallel_rank}" if data_parallel_rank else ""
+    return os.path.join(directory, f"{G3_FILE_PREFIX}{_storage_name(storage_key)}{suffix}.journal")
 
 
 class DiskSetupError(RuntimeError):
@@ -86,12 +91,21 @@ def private_dir_problem(directory: str) -> str | None:
 
     It must be a directory owned by this process's user that neither group nor
     others can write: anyone who can create names in it can plant links and
-    files under the names kvbm uses.
+    files under the names kvbm uses. The name itself may be a symbolic link to
+    such a directory only if the link is ours too (checked with ``lstat``): a
+    link another user planted where kvbm creates its directory (the fallback
+    ``/var/tmp/kvbm-<uid>``) is refused, not followed.
     """
     try:
-        st = os.stat(directory)
+        link = os.lstat(directory)  # the name itself: a link in a shared directory may be anyone's
+        st = os.stat(directory) if stat.S_ISLNK(link.st_mode) else link
     except OSError as e:
         return f"cannot be inspected ({e.strerror})"
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != os.geteuid():
+        # Someone else's link (e.g. planted in a sticky /var/tmp) would send kvbm's files, as
+        # this user (often root), into a directory of their choosing that passes the checks below.
+        return (f"is a symbolic link (to {os.path.realpath(directory)}) owned by uid {link.st_uid}, not by this "
+                f"process (uid {os.geteuid()}); another user may have planted it")
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory"
     if st.st_uid != os.geteuid():

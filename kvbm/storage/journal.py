@@ -32,6 +32,15 @@ file owned by this user (a planted link or another user's journal is refused
 with :class:`~kvbm.storage.files.DiskSetupError`); its replacement is written
 to a fresh ``mkstemp`` file in the same directory and renamed over it.
 
+One writer: :meth:`DiskJournal.load` takes an exclusive ``flock`` on
+``<journal>.lock`` (a side file: the journal itself is replaced by renames,
+which a lock on its inode would not survive) and holds it until
+:meth:`~DiskJournal.close`. A second process on the same journal (another
+server with the same directory, or data-parallel engines given one journal)
+is refused with a message instead of silently interleaving two histories,
+where the last writer's compaction erases the other's entries. Data-parallel
+engines each get a journal of their own (:func:`~kvbm.storage.files.g3_journal_path`).
+
 If writes keep failing (full disk), pending records are bounded: beyond
 ``max_pending`` the oldest are dropped (counted and logged). A dropped record
 only makes its block a miss after a restart.
@@ -41,6 +50,7 @@ Not thread-safe: one owner (the leader's scheduler thread) calls it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -128,6 +138,7 @@ class DiskJournal:
         self._auto_compact = auto_compact
         self._max_pending = max_pending
         self._fd = -1
+        self._lock_fd = -1  # flock on <path>.lock while this journal is in use
         self._durable_size = 0  # bytes of the file known to be valid and flushed
         self._pending = bytearray()
         self._slot_of: dict[BlockHash, int] = {}
@@ -182,6 +193,7 @@ class DiskJournal:
         created (full or read-only directory).
         """
         self._close_fd()
+        self._lock()
         self._slot_of.clear()
         self._hash_of.clear()
         self._pending.clear()
@@ -446,6 +458,30 @@ class DiskJournal:
         """Current in-memory state (including records not yet flushed)."""
         return dict(self._slot_of)
 
+    # ---- locking -------------------------------------------------------------
+    def _lock(self) -> None:
+        """Hold ``<path>.lock`` exclusively, or refuse: one process writes a journal."""
+        if self._lock_fd >= 0:
+            return
+        lock_path = self.path + ".lock"
+        try:
+            fd = open_private_file(lock_path, os.O_RDWR | os.O_CREAT, "disk index lock")
+        except OSError as e:
+            raise DiskSetupError(
+                f"cannot create the lock of the disk index {self.path}: {e.strerror} (errno {e.errno}). Set "
+                f"{CACHE_DIR_VAR} to a writable directory with room (or turn {env_var('disk_persist')} off: "
+                f"the index is only needed to reuse the disk after a restart)"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DiskSetupError(
+                f"disk index {self.path} is in use by another process (another kvbm server with the same "
+                f"{CACHE_DIR_VAR} and model?); give each server its own {CACHE_DIR_VAR}"
+            ) from None
+        self._lock_fd = fd
+
     # ---- closing -------------------------------------------------------------
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -453,10 +489,24 @@ class DiskJournal:
             self._fd = -1
 
     def close(self) -> None:
-        """Flush pending records and close the file (idempotent)."""
+        """Flush pending records, close the file and release the lock (idempotent)."""
         if self._loaded and self._pending and self._fd >= 0:
             self.flush()
         self._close_fd()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = -1
+
+    def __del__(self) -> None:
+        # An abandoned journal (no close) behaves like a crashed process: nothing flushed, lock gone.
+        try:
+            self._close_fd()
+            self._release()
+        except (AttributeError, OSError):
+            pass
 
     def __enter__(self) -> DiskJournal:
         return self

@@ -21,7 +21,14 @@ from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import NULL_BLOCK, bytes_per_block_per_rank, kv_groups, model_identity, storage_key
+from kvbm.vllm_integration.sizing import (
+    NULL_BLOCK,
+    bytes_per_block_per_rank,
+    kv_groups,
+    model_identity,
+    storage_key,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -46,11 +53,16 @@ class KvbmLeader:
         self.groups = kv_groups(kv_cache_config, self.block_size)
         par = vllm_config.parallel_config
         self.world_size = par.world_size
+        # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
+        # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.
+        weights = (weights_fingerprint(vllm_config, config.disk_cache_dir)
+                   if config.blocks_outlive_process else None)
+
         # vLLM builds the scheduler only after every worker registered its KV
         # caches, so all of them are waiting: size the tiers from their reports.
         def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
             return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
-                                  kv_layout="|".join(w.layout for w in workers))
+                                  kv_layout="|".join(w.layout for w in workers), weights=weights)
 
         joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id,
                                  identity=identity_of).start().wait()
@@ -62,6 +74,7 @@ class KvbmLeader:
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             groups=self.groups, null_block=NULL_BLOCK,
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if par.data_parallel_size > 1 else 0,
+            data_parallel_rank=(par.data_parallel_rank or 0) if par.data_parallel_size > 1 else 0,
         )
         self.planner = self.runtime.planner
         self._requests: dict[str, Request] = {}
@@ -98,7 +111,7 @@ class KvbmLeader:
         if cached is None or reload:
             weights = None
             if self.config.blocks_outlive_process or reload:
-                weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
+                weights = fingerprint(key[2], self.config.disk_cache_dir) or f"unknown-{uuid.uuid4().hex}"
             cached = json.dumps([*key, weights])
             self._lora_keys[key] = cached
             while len(self._lora_keys) > LORA_KEYS:

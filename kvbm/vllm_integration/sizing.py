@@ -122,7 +122,7 @@ def storage_key(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
 
 
 def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, fingerprint_weights: bool,
-                   kv_layout: str = "") -> str:
+                   kv_layout: str = "", weights: str | None = None) -> str:
     """Everything that makes equal token ids produce different KV bytes.
 
     Besides the slot shape (:func:`storage_key`): the weights' source and
@@ -144,6 +144,9 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
     files are not read. Weights that cannot be fingerprinted (streamed from
     object storage, a hub name not in the local cache) get an identity of
     their own per process: nothing persisted is reused, with a warning.
+    ``weights``: that fingerprint, computed beforehand (:func:`weights_fingerprint`;
+    the leader does so before its handshake, whose thread must not stall on
+    hashing a large checkpoint).
     """
     model = vllm_config.model_config
     cache = vllm_config.cache_config
@@ -171,13 +174,19 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
         "seed": model.seed if load_format == "dummy" else None,
     }
     if fingerprint_weights and load_format != "dummy":
-        parts["weights"] = _weights_fingerprint(model, getattr(load, "download_dir", None))
+        parts["weights"] = weights if weights is not None else weights_fingerprint(vllm_config)
     return json.dumps(parts, sort_keys=True)
 
 
-def _weights_fingerprint(model: ModelConfig, download_dir: str | None) -> str:
-    where = _weights_location(model, download_dir)
-    found = fingerprint(where) if where else None
+def weights_fingerprint(vllm_config: VllmConfig, cache_dir: str | None = None) -> str | None:
+    """The fingerprint of every byte of the model's weight files (:mod:`kvbm.runtime.fingerprint`),
+    digests cached in ``cache_dir``; unreadable weights get one unique to this call. None for
+    random ("dummy") weights, which the identity covers by their seed."""
+    if str(getattr(getattr(vllm_config, "load_config", None), "load_format", "auto")) == "dummy":
+        return None
+    model = vllm_config.model_config
+    where = _weights_location(model, getattr(getattr(vllm_config, "load_config", None), "download_dir", None))
+    found = fingerprint(where, cache_dir) if where else None
     if found is None:
         logger.warning(
             "kvbm: cannot read the weights of %s to fingerprint them; persisted disk blocks (G3) will not be "
