@@ -356,6 +356,56 @@ def gpu_kv_pool(args: argparse.Namespace | None, gpu: dict[str, Any], environ: M
 # ---- ports ---------------------------------------------------------------------------
 
 
+#: Hugging Face model types whose layers keep recurrent state (Mamba, linear attention).
+_STATE_MODELS = ("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "qwen3_next", "mamba", "mamba2",
+                 "zamba", "zamba2", "plamo2", "lfm2", "minimax", "kimi_linear")
+
+
+def model_kv_groups(hf_config: Mapping[str, Any]) -> Check:
+    """What kinds of KV-cache group vLLM's hybrid manager will make of a model (from its
+    config.json alone, before vLLM starts) and what kvbm does with each (docs/models.md)."""
+    config = dict(hf_config.get("text_config") or {}, **{k: v for k, v in hf_config.items() if k != "text_config"})
+    model_type = str(config.get("model_type", "")).lower()
+    layers = int(config.get("num_hidden_layers") or 0)
+    kinds: dict[str, int] = {}
+    for kind in config.get("layer_types") or ():
+        kinds[str(kind)] = kinds.get(str(kind), 0) + 1
+    window = config.get("sliding_window")
+    if not kinds:
+        if window and config.get("use_sliding_window", True):
+            kinds = {"sliding_attention": layers}
+        elif config.get("attention_chunk_size"):
+            kinds = {"chunked_attention": layers}
+        else:
+            kinds = {"full_attention": layers}
+    mla = bool(config.get("kv_lora_rank"))
+    stateful = [k for k in kinds if any(w in k for w in ("mamba", "linear", "ssm", "conv"))]
+    if model_type in _STATE_MODELS or config.get("layers_block_type") or config.get("hybrid_override_pattern"):
+        stateful = stateful or ["mamba"]
+    parts = [f"{n} {kind.replace('_', ' ')}" + (f" ({window} tokens)" if "sliding" in kind and window else "")
+             for kind, n in kinds.items()]
+    summary = f"{model_type or 'model'}: " + ", ".join(parts) + (" (MLA: one latent KV per token)" if mla else "")
+    if stateful:
+        return Check("model KV groups", FAIL, summary + f"; {', '.join(stateful)} layers keep recurrent state, "
+                     "which kvbm does not offload yet: it stops at startup naming the group",
+                     "serve this model without kvbm's --kv-transfer-config (docs/models.md)")
+    windowed = [k for k in kinds if "sliding" in k or "chunk" in k]
+    if windowed:
+        return Check("model KV groups", PASS, summary + "; vLLM's hybrid manager stays on: kvbm keeps every "
+                     "group's blocks and loads only the window a hit needs for windowed layers")
+    return Check("model KV groups", PASS, summary + "; one KV-cache group, every block of a prefix loaded on a hit")
+
+
+def check_model(model: str | None) -> Check:
+    if not model:
+        return Check("model KV groups", SKIP, "pass --model to see what kvbm does with the model's layers")
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else None
+    if path is None or not os.path.isfile(path):
+        return Check("model KV groups", SKIP, f"no config.json under {model!r} (a local model directory is needed)")
+    with open(path) as f:
+        return model_kv_groups(json.load(f))
+
+
 def port_free(host: str, port: int) -> str | None:
     """None if a server could listen on host:port now, else why not."""
     try:
@@ -501,6 +551,7 @@ def run_checks(args: argparse.Namespace | None = None, environ: Mapping[str, str
     guarded(lambda: check_ports(config, env), "ports")
     guarded(lambda: check_gpu(gpu, vllm), "GPU")
     guarded(lambda: check_vllm(vllm), "vLLM version")
+    guarded(lambda: check_model(getattr(args, "model", None)), "model KV groups")
     return checks
 
 
@@ -530,7 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-kv-gb", type=float,
                         help="vLLM's KV cache (G1) over all GPUs, GB, for the sizing advice "
                              "(vLLM logs it at startup as 'Available KV cache memory')")
-    parser.add_argument("--model", help="model path or name, to subtract its weights when estimating G1")
+    parser.add_argument("--model", help="model path or name: its KV-cache groups (what kvbm does with each "
+                                        "kind of layer) and its weights, subtracted when estimating G1")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default: 1)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="as given to vLLM, for the G1 estimate (default: 0.9)")

@@ -419,3 +419,44 @@ def test_remote_check_against_a_real_redis(redis_server):
     dead = f"redis://127.0.0.1:{free_port()}"
     checks = {c.name: c for c in run_checks(environ={"DYN_KVBM_REMOTE_URL": dead})}
     assert checks["G4 remote store"].status == FAIL and "DYN_KVBM_REMOTE_URL" in checks["G4 remote store"].detail
+
+
+# ---- the model's KV-cache groups (docs/models.md) ------------------------------------
+
+
+def test_model_groups_sliding_window_and_full():
+    from kvbm.doctor import PASS, model_kv_groups
+
+    check = model_kv_groups({"model_type": "gpt_oss", "num_hidden_layers": 4, "sliding_window": 128,
+                             "layer_types": ["sliding_attention", "full_attention"] * 2})
+    assert check.status == PASS
+    assert "2 sliding attention (128 tokens), 2 full attention" in check.detail
+    assert "window" in check.detail
+
+
+def test_model_groups_mamba_hybrid_fails_naming_the_layers():
+    from kvbm.doctor import FAIL, model_kv_groups
+
+    check = model_kv_groups({"model_type": "nemotron_h", "num_hidden_layers": 4, "hybrid_override_pattern": "M*M-"})
+    assert check.status == FAIL and "recurrent state" in check.detail and "without kvbm" in check.fix
+
+
+def test_model_groups_mla_and_plain_models():
+    from kvbm.doctor import PASS, model_kv_groups
+
+    mla = model_kv_groups({"model_type": "deepseek_v2", "num_hidden_layers": 27, "kv_lora_rank": 512})
+    assert mla.status == PASS and "MLA" in mla.detail and "one KV-cache group" in mla.detail
+    qwen = model_kv_groups({"model_type": "qwen2", "num_hidden_layers": 2, "sliding_window": 4096,
+                            "use_sliding_window": False})
+    assert "2 full attention" in qwen.detail
+
+
+def test_doctor_reports_a_local_models_groups(tmp_path):
+    import json
+
+    from kvbm.doctor import SKIP, check_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    assert "2 full attention" in check_model(str(tmp_path)).detail
+    assert check_model(None).status == SKIP
+    assert check_model(str(tmp_path / "missing")).status == SKIP
