@@ -1,0 +1,46 @@
+"""vLLM's KV-cache group specs → kvbm's groups (kvbm.vllm_integration.sizing.kv_groups), on vLLM's own classes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec  # noqa: E402
+
+from kvbm.core.groups import SINGLE_FULL  # noqa: E402
+from kvbm.vllm_integration.sizing import kv_groups  # noqa: E402
+
+ATTN = {"num_kv_heads": 2, "head_size": 64, "dtype": torch.float32}
+
+
+def config(*specs) -> SimpleNamespace:
+    groups = [SimpleNamespace(kv_cache_spec=s, layer_names=[f"model.layers.{i}.attn"]) for i, s in enumerate(specs)]
+    return SimpleNamespace(kv_cache_groups=groups)
+
+
+def test_one_full_attention_group_keeps_the_plain_chain():
+    assert kv_groups(config(FullAttentionSpec(128, **ATTN)), 128) == SINGLE_FULL
+
+
+def test_sliding_window_groups_get_their_window_in_blocks_and_distinct_tags():
+    groups = kv_groups(config(SlidingWindowSpec(128, sliding_window=256, **ATTN),
+                              SlidingWindowSpec(128, sliding_window=256, **ATTN),
+                              FullAttentionSpec(128, **ATTN)), 128)
+    assert [g.window_blocks for g in groups] == [2, 2, None]
+    assert len({g.tag for g in groups}) == 3
+    # a window of 257 tokens reaches into a third block; extra retained tokens widen it
+    assert kv_groups(config(SlidingWindowSpec(128, sliding_window=257, **ATTN)), 128)[0].window_blocks == 3
+    wide = SlidingWindowSpec(128, sliding_window=256, extra_retained_tokens=64, **ATTN)
+    assert kv_groups(config(wide), 128)[0].window_blocks == 3
+
+
+def test_a_mamba_group_stops_startup_naming_the_group_and_the_fix():
+    mamba = MambaSpec(128, shapes=((4, 8),), dtypes=(torch.float32,))
+    with pytest.raises(ValueError) as err:
+        kv_groups(config(FullAttentionSpec(128, **ATTN), mamba), 128)
+    message = str(err.value)
+    assert "group 1" in message and "MambaSpec" in message and "model.layers.1.attn" in message
+    assert "without kvbm" in message and "docs/models.md" in message
