@@ -362,7 +362,9 @@ class CacheMetrics:
         ]
         for tier in self.planner.chain:
             index = self.planner.index(tier.name)
-            if index is not None:
+            if index is not None and tier.shared:  # Redis bounds it (maxmemory), not a capacity of ours
+                parts.append(f"{tier.name} {index.num_used} blocks known to be in Redis")
+            elif index is not None:
                 parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
         _, _, errors = self.snapshot()
         if self.remote_store is not None:
