@@ -262,7 +262,7 @@ class KvbmConfig:
     remote_optional: bool = False
     #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
     remote_timeout_secs: float = 2.0
-    #: G4 values carry an HMAC under this fleet secret (kvbm.storage.remote), given directly (environment
+    #: G4 values carry a MAC (keyed BLAKE3) under this fleet secret (kvbm.storage.remote), given directly (environment
     #: only: vLLM logs kv_connector_extra_config) or as a file of mode 0600; neither: values are checked
     #: against corruption only, and anyone who can write to Redis can have KV served (warned at startup).
     remote_secret: str | None = field(default=None, repr=False)

@@ -571,7 +571,7 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                     # A setting to fix (ConfigError: G4 unreachable, a bad secret file) speaks for itself.
                     detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
                     raise HandshakeError(
-                        f"kvbm worker rank {rank} could not set up its tiers ({_describe(sizes)}): {detail}"
+                        f"kvbm worker rank {rank} could not allocate its tiers ({_describe(sizes)}): {detail}"
                     )
                 self._status("ready")
                 logger.info("kvbm worker rank %d: tiers allocated, waiting for the other ranks", rank)
