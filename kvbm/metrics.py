@@ -442,7 +442,7 @@ class KvbmCollector(Collector):
                                 "(0: down, or no G4 configured)", value=int(up))
         family = CounterMetricFamily("kvbm_remote_errors", "G4 (Redis) failures by kind, leader and workers: "
                                      "connection, timeout, oom, ..., and values that failed verification "
-                                     "(foreign, corrupt)", labels=["kind"])
+                                     "(foreign, corrupt, forged)", labels=["kind"])
         for kind in dict.fromkeys((*ERROR_KINDS, *BAD_VALUE_KINDS, *sorted(remote_errors))):  # zeros without G4
             family.add_metric([kind], remote_errors.get(kind, 0))
         yield family

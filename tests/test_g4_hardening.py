@@ -343,3 +343,25 @@ def test_summary_line_explains_g4(redis_server):
         rt.close()
     assert "G4 0 blocks known to be in Redis" in line and "G2 0/8 used" in line
     assert "/0 used" not in line  # G4 has no capacity of its own: Redis's maxmemory bounds it
+
+
+def test_doctor_says_whether_g4_values_are_signed(tmp_path):
+    from kvbm.doctor import FAIL, PASS, WARN, check_remote
+
+    probe = {"target": "redis://127.0.0.1:6379", "error": None, "unreachable": False, "mode": "single node",
+             "nodes": 1, "version": "7", "maxmemory": 1 << 30, "maxmemory_policy": "allkeys-lru", "latency_ms": 0.1}
+    base = {"DYN_KVBM_REMOTE_URL": "redis://127.0.0.1:6379"}
+
+    def status(**env) -> tuple[str, str]:
+        check = {c.name: c for c in check_remote(load_config(environ={**base, **env}), probe=probe)}["G4 values"]
+        return check.status, check.detail
+
+    assert status()[0] == WARN and "DYN_KVBM_REMOTE_SECRET" in status()[1]
+    assert status(DYN_KVBM_REMOTE_SECRET="k" * 20)[0] == PASS
+    loose = tmp_path / "secret"
+    loose.write_text("k" * 20)
+    loose.chmod(0o644)
+    result, detail = status(DYN_KVBM_REMOTE_SECRET_FILE=str(loose))
+    assert result == FAIL and "chmod 600" in detail
+    loose.chmod(0o600)
+    assert status(DYN_KVBM_REMOTE_SECRET_FILE=str(loose))[0] == PASS
