@@ -265,7 +265,7 @@ class _Wire:
     def _left(self) -> float:
         left = self._deadline - time.monotonic()
         if left <= 0:
-            raise redis.exceptions.TimeoutError("the round trip took longer than the G4 timeout")
+            raise redis.exceptions.TimeoutError(f"the round trip took longer than {env_var('remote_timeout_secs')}")
         return left
 
     def send(self, frames: Iterator[Any]) -> None:
