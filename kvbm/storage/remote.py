@@ -50,9 +50,10 @@ one unreachable node fails that pipeline as a whole, and its fallback resends
 failed commands one at a time (a round trip per block). Per-node pipelines
 keep the other nodes' keys served while one node is down: its keys are misses.
 
-Faults never raise into the caller: connect and socket timeouts are bounded,
-and a node that errors or times out is marked down (a circuit breaker: one
-log line per episode, counted); while it is down every operation on its keys
+Faults never raise into the caller: connecting and each round trip as a whole
+are bounded by ``timeout_s`` (see Round trips), and a node that errors or
+times out is marked down (a circuit breaker: one log line per episode,
+counted); while it is down every operation on its keys
 answers at once (misses, dropped stores). A background thread pings it with
 exponential backoff and puts it back when it answers, refreshing the cluster
 topology meanwhile (a failover moves slots to a replica). Set-up problems at
