@@ -507,9 +507,9 @@ def test_doctor_remote_checks(redis_server, redis_factory):
     assert checks["G4 eviction"].status == WARN and "noeviction" in checks["G4 eviction"].detail
 
     down = f"redis://127.0.0.1:{free_port()}"
-    (check,) = check_remote(remote_config(down, remote_timeout_secs=0.5))
-    assert check.status == FAIL and "DYN_KVBM_REMOTE_URL" in check.detail
-    (check,) = check_remote(remote_config(down, remote_timeout_secs=0.5, remote_optional=True))
+    check, values = check_remote(remote_config(down, remote_timeout_secs=0.5))  # values: signed or not
+    assert check.status == FAIL and "DYN_KVBM_REMOTE_URL" in check.detail and values.name == "G4 values"
+    check, _ = check_remote(remote_config(down, remote_timeout_secs=0.5, remote_optional=True))
     assert check.status == WARN and "DYN_KVBM_REMOTE_OPTIONAL" in check.detail
     (check,) = check_remote(KvbmConfig(cpu_cache_gb=1))
     assert check.status == SKIP
