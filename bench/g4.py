@@ -3,10 +3,14 @@
 Side by side in one run, against the same Redis (a fresh local redis-server on
 loopback unless ``--url`` is given), with the same batch sizes:
 
-* store: ``RemoteStore.write_blocks`` (header + CRC-32 + one copy per block)
-  against raw pipelined ``SET`` of the same payload bytes;
-* load: ``RemoteStore.read_blocks`` (GET, verify, copy into the destination)
-  against raw pipelined ``GET`` of the same keys' bytes (no verify, no copy);
+* store: ``RemoteStore.write_blocks`` (header + tag, header and payload sent
+  as they are) against raw pipelined ``SET`` of the same payload bytes, without
+  a fleet secret (CRC-32) and with one (HMAC-SHA256 over every value);
+* load: ``RemoteStore.read_blocks`` (GETRANGE, verify, copy into the
+  destination) against raw pipelined ``GET`` of the same keys' bytes (no
+  verify, no copy), without and with the secret;
+* the MAC alone, one thread, over one block: keyed BLAKE3 (what kvbm signs
+  with), HMAC-SHA256 and keyed BLAKE2b (the stdlib's candidates).
 * lookup: ``contains_prefix`` of a 32K-token prompt (block size 16: 2048
   blocks, all present: the worst case) against one PING and a raw pipelined
   ``EXISTS`` of the same 2048 keys.
@@ -18,6 +22,8 @@ Needs redis-server and the redis client. Ratios >= 0.9 are the goal.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import os
 import statistics
 import sys
@@ -25,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import redis
 
@@ -79,27 +86,38 @@ def run(args: argparse.Namespace) -> None:
     payloads = [d.tobytes() for d in data]
     dests = [np.empty(size, np.uint8) for _ in range(n)]
     store = RemoteStore.open(args.url, "bench-model", timeout_s=30.0)
+    keyed = RemoteStore.open(args.url, "bench-model", timeout_s=30.0, secret=b"bench-secret-0123456789abcdef")
     client = redis.Redis.from_url(str(args.url).split(",")[0], socket_timeout=30.0)
     raw_keys = [b"bench-raw:" + h.hex().encode() for h in hashes]
     batch = store._batch_bytes
     sizes = [size] * n
     gb = n * size / 1e9
-    results: dict[str, list[float]] = {k: [] for k in ("raw_set", "g4_store", "raw_get", "g4_load")}
-    for _ in range(args.reps):
+    results: dict[str, list[float]] = {k: [] for k in ("raw_set", "g4_store", "mac_store", "raw_get", "g4_load",
+                                                        "mac_load")}
+    for _ in range(args.reps):  # interleaved, so a busy moment hits every variant alike
         results["raw_set"].append(gb / timed(lambda: raw_pipeline(
             client, [("SET", k, p) for k, p in zip(raw_keys, payloads)], batch, sizes)))
         results["g4_store"].append(gb / timed(lambda: store.write_blocks(list(zip(hashes, data)))))
+        results["mac_store"].append(gb / timed(lambda: keyed.write_blocks(list(zip(hashes, data)))))
         results["raw_get"].append(gb / timed(lambda: raw_pipeline(
             client, [("GET", k) for k in raw_keys], batch, sizes)))
-        results["g4_load"].append(gb / timed(lambda: store.read_blocks(list(zip(hashes, dests)))))
+        results["g4_load"].append(gb / timed(lambda: _load(store, hashes, dests)))
+        results["mac_load"].append(gb / timed(lambda: _load(keyed, hashes, dests)))
     assert all((d == s).all() for d, s in zip(dests, data)), "G4 loaded wrong bytes"
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"redis {client.info('server')['redis_version']}, {n} blocks x {args.block_kib} KiB = {gb:.3f} GB per "
-          f"rep, median of {args.reps}, batches of {batch >> 20} MiB, hiredis: {_hiredis()}")
-    print(f"store: G4 {med['g4_store']:.2f} GB/s, raw SET {med['raw_set']:.2f} GB/s, "
-          f"ratio {med['g4_store'] / med['raw_set']:.2f}")
-    print(f"load:  G4 {med['g4_load']:.2f} GB/s, raw GET {med['raw_get']:.2f} GB/s, "
-          f"ratio {med['g4_load'] / med['raw_get']:.2f}")
+          f"rep, median of {args.reps}, batches of {batch >> 20} MiB, hiredis: {_hiredis()}, {os.cpu_count()} CPUs")
+    for op, raw_name, raw_key in (("store", "raw SET", "raw_set"), ("load", "raw GET", "raw_get")):
+        print(f"{op + ':':6} G4 {med['g4_' + op]:.2f} GB/s (ratio {med['g4_' + op] / med[raw_key]:.2f}), "
+              f"G4 with secret {med['mac_' + op]:.2f} GB/s (ratio {med['mac_' + op] / med[raw_key]:.2f}), "
+              f"{raw_name} {med[raw_key]:.2f} GB/s")
+    key = os.urandom(32)
+    one = data[0]
+    mac_rates = {name: size * 20 / timed(lambda fn=fn: [fn() for _ in range(20)]) / 1e9 for name, fn in (
+        ("keyed BLAKE3", lambda: blake3.blake3(one, key=key).digest(16)),
+        ("HMAC-SHA256", lambda: hmac.new(key, one, "sha256").digest()),
+        ("keyed BLAKE2b", lambda: hashlib.blake2b(one, key=key, digest_size=16).digest()))}
+    print("MAC alone, one thread, one block: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in mac_rates.items()))
 
     # lookup of a 32K-token prompt, block size 16, every block present (the whole list is checked)
     blocks = 32 * 1024 // 16
@@ -118,6 +136,12 @@ def run(args: argparse.Namespace) -> None:
           f"ms (medians of 50); round trips per lookup: {_round_trips(store, lookup_hashes)}")
     client.delete(*raw_keys)
     store.close()
+    keyed.close()
+
+
+def _load(store: RemoteStore, hashes: list[bytes], dests: list[np.ndarray]) -> None:
+    ok = store.read_blocks(list(zip(hashes, dests)))
+    assert all(ok), f"{ok.count(False)} blocks missing: is Redis's maxmemory too small for the bench?"
 
 
 def _round_trips(store: RemoteStore, hashes: list[bytes]) -> int:

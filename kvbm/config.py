@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,7 @@ def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
                               f"(TLS); {example}")
         if not url.hostname:
             raise ConfigError(f"{name}={shown!r}: no host in {_redact_url(part)!r}; {example}")
+        _check_host_name(name, shown, url.hostname, example)
         if port == 0:
             raise ConfigError(f"{name}={shown!r}: port 0 is not a port; {example}")
         path = url.path.strip("/")
@@ -140,6 +142,20 @@ def parse_remote_url(name: str, raw: Any) -> RemoteTarget:
     username, password = creds.pop() if creds else (None, None)
     return RemoteTarget(tuple(dict.fromkeys(nodes)), cluster=cluster, tls=schemes.pop() == "rediss", db=db,
                         username=username, password=password, ca_certs=ca_certs)
+
+
+def _check_host_name(name: str, shown: str, host: str, example: str) -> None:
+    """A host the resolver can take: otherwise the first connect fails with a raw ``UnicodeError``
+    (a label over 63 characters, an empty label) from deep inside the socket library."""
+    if ":" in host:  # an IPv6 literal, from [..] in the URL
+        return
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        encoded = b""
+    if not encoded or len(encoded) > 253 or any(not 0 < len(label) <= 63 for label in encoded.rstrip(b".").split(b".")):
+        raise ConfigError(f"{name}={shown!r}: {host!r} is not a valid host name (dot-separated labels of 1 to 63 "
+                          f"characters, at most 253 in all); {example}")
 
 
 def parse_remote_namespace(name: str, raw: Any) -> str:
@@ -246,6 +262,11 @@ class KvbmConfig:
     remote_optional: bool = False
     #: Bound on connecting and on each Redis round trip; past it, G4 counts as down for a while.
     remote_timeout_secs: float = 2.0
+    #: G4 values carry a MAC (keyed BLAKE3) under this fleet secret (kvbm.storage.remote), given directly (environment
+    #: only: vLLM logs kv_connector_extra_config) or as a file of mode 0600; neither: values are checked
+    #: against corruption only, and anyone who can write to Redis can have KV served (warned at startup).
+    remote_secret: str | None = field(default=None, repr=False)
+    remote_secret_file: str | None = None
     #: Spill every block committed in the tier above into G4, not only repeated ones (the disk filter's policy).
     disable_remote_offload_filter: bool = False
     #: Append one line per finished request (timestamps, lengths, block hashes;
@@ -485,6 +506,46 @@ def _parse_secret(name: str, raw: Any) -> str:
     return secret
 
 
+def read_secret_file(path: str, setting: str, what: str = "the handshake secret",
+                     misuse: str = "pose as the leader") -> bytes:
+    """A secret from a file only this user (or root) owns and nobody else can read.
+
+    Shared by every ``*_SECRET_FILE`` setting so they follow one rule: a regular file (not a
+    symbolic link, which could be swapped; not a FIFO, whose open would wait for a writer, hence
+    ``O_NONBLOCK``), mode 0600 or stricter, 16 to 4096 characters. ``what`` names the
+    secret and ``misuse`` what a reader of the file could do, for the error messages.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}={path}: cannot open it ({exc.strerror}); give a regular file of mode 0600 holding "
+            f"{what} (not a symbolic link)"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{setting}={path} is not a regular file (a FIFO, socket, device or directory); "
+                              f"give a regular file of mode 0600 holding {what}")
+        os.set_blocking(fd, True)
+        if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o077:
+            raise ConfigError(
+                f"{setting}={path} is readable or writable by other users (mode {info.st_mode & 0o777:o}, "
+                f"owner uid {info.st_uid}): anyone who reads it can {misuse}. Run `chmod 600 {path}` "
+                "as its owner (Kubernetes secrets: defaultMode 0400)"
+            )
+        raw = os.read(fd, MAX_SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    secret = raw.strip()
+    if not MIN_SECRET_CHARS <= len(secret) <= MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{setting}={path} must hold {MIN_SECRET_CHARS} to {MAX_SECRET_BYTES} bytes of secret; "
+            "generate one with e.g. `openssl rand -hex 32 > FILE`"
+        )
+    return secret
+
+
 _FIELDS: dict[str, Any] = {
     "cpu_cache_gb": _parse_gb,
     "cpu_cache_override_num_blocks": _parse_count,
@@ -520,6 +581,8 @@ _FIELDS: dict[str, Any] = {
     "remote_budget_gb": _parse_gb,
     "remote_optional": _parse_bool,
     "remote_timeout_secs": _parse_seconds,
+    "remote_secret": _parse_secret,
+    "remote_secret_file": _parse_str,
     "disable_remote_offload_filter": _parse_bool,
     "trace_file": _parse_trace_file,
 }
@@ -565,10 +628,10 @@ def load_config(
                 unknown.append(f"kv_connector_extra_config[{key!r}]")
             continue  # other connectors' keys (e.g. under MultiConnector) are not ours
         name = f"kv_connector_extra_config[{key!r}]"
-        if short == "leader_zmq_secret":
+        if short in ("leader_zmq_secret", "remote_secret"):
             raise ConfigError(
                 f"{name}: vLLM prints its kv_transfer_config in the startup log, so a secret there leaks; "
-                f"set {env_var('leader_zmq_secret')} in the environment or {env_var('leader_zmq_secret_file')} "
+                f"set {env_var(short)} in the environment or {env_var(short + '_file')} "
                 "to a file of mode 0600 instead"
             )
         values[short] = _FIELDS[short](name, raw)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvbm.config import _FIELDS, PREFIX, ConfigError, KvbmConfig, env_var, load_config
+from kvbm.config import _FIELDS, PREFIX, ConfigError, KvbmConfig, env_var, load_config, read_secret_file
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,29 @@ def check_remote(config: KvbmConfig, probe: dict[str, Any] | None = None) -> lis
     var = env_var("remote_url")
     if config.remote_url is None:
         return [Check("G4 remote store", SKIP, f"no shared tier ({var} not set)")]
+    return [*_check_remote_store(config, probe), _check_remote_secret(config)]
+
+
+def _check_remote_secret(config: KvbmConfig) -> Check:
+    """Whether G4 values are signed: without the fleet secret G4 trusts every writer of the Redis."""
+    name, var, file_var = "G4 values", env_var("remote_secret"), env_var("remote_secret_file")
+    if config.remote_secret is not None:
+        return Check(name, PASS, f"signed with the fleet secret ({var})")
+    if config.remote_secret_file is not None:
+        try:
+            read_secret_file(config.remote_secret_file, file_var, what="the G4 secret",
+                             misuse="have forged KV served to every server of the fleet")
+        except ConfigError as e:
+            return Check(name, FAIL, str(e), f"fix {file_var}")
+        return Check(name, PASS, f"signed with the fleet secret in {config.remote_secret_file}")
+    return Check(name, WARN, f"not authenticated ({var} unset): anyone who can write to this Redis can have any "
+                 "KV served to every server of the fleet (docs/g4.md, trust model)",
+                 f"set {file_var} to a 0600 file holding `openssl rand -hex 32`, the same on every server")
+
+
+def _check_remote_store(config: KvbmConfig, probe: dict[str, Any] | None) -> list[Check]:
+    var = env_var("remote_url")
+    assert config.remote_url is not None
     if probe is None:
         try:
             from kvbm.storage.remote import probe_remote

@@ -362,7 +362,9 @@ class CacheMetrics:
         ]
         for tier in self.planner.chain:
             index = self.planner.index(tier.name)
-            if index is not None:
+            if index is not None and tier.shared:  # Redis bounds it (maxmemory), not a capacity of ours
+                parts.append(f"{tier.name} {index.num_used} blocks known to be in Redis")
+            elif index is not None:
                 parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
         _, _, errors = self.snapshot()
         if self.remote_store is not None:
@@ -440,7 +442,7 @@ class KvbmCollector(Collector):
                                 "(0: down, or no G4 configured)", value=int(up))
         family = CounterMetricFamily("kvbm_remote_errors", "G4 (Redis) failures by kind, leader and workers: "
                                      "connection, timeout, oom, ..., and values that failed verification "
-                                     "(foreign, corrupt)", labels=["kind"])
+                                     "(foreign, corrupt, forged)", labels=["kind"])
         for kind in dict.fromkeys((*ERROR_KINDS, *BAD_VALUE_KINDS, *sorted(remote_errors))):  # zeros without G4
             family.add_metric([kind], remote_errors.get(kind, 0))
         yield family

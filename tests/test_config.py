@@ -114,6 +114,8 @@ def test_all_settings_parse():
         "DYN_KVBM_REMOTE_BUDGET_GB": "50",
         "DYN_KVBM_REMOTE_OPTIONAL": "1",
         "DYN_KVBM_REMOTE_TIMEOUT_SECS": "0.5",
+        "DYN_KVBM_REMOTE_SECRET": "r" * 32,
+        "DYN_KVBM_REMOTE_SECRET_FILE": "/etc/kvbm/g4-secret",
         "DYN_KVBM_DISABLE_REMOTE_OFFLOAD_FILTER": "true",
         "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
     }
@@ -123,6 +125,8 @@ def test_all_settings_parse():
     assert (cfg.remote_url.username, cfg.remote_url.password) == ("kvbm", "pw")
     assert cfg.remote_namespace == "prod-kv" and cfg.remote_ttl_secs == 86400 and cfg.remote_budget_gb == 50
     assert cfg.remote_optional is True and cfg.remote_timeout_secs == 0.5 and cfg.disable_remote_offload_filter
+    assert cfg.remote_secret == "r" * 32 and cfg.remote_secret_file == "/etc/kvbm/g4-secret"
+    assert "r" * 32 not in repr(cfg)
     assert cfg.disk_cache_gb == 100.0 and cfg.has_disk_tier
     assert cfg.cpu_cache_override_num_blocks == 512 and cfg.disk_cache_override_num_blocks == 4096
     assert cfg.disk_cache_dir == "/var/cache/kvbm"

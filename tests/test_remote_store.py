@@ -60,15 +60,17 @@ def same(dests: list[np.ndarray], data: list[np.ndarray], ok: list[bool]) -> boo
 
 @pytest.fixture
 def sends(monkeypatch):
-    """Counts client socket writes of commands: one per pipeline round trip."""
+    """Counts the pipelines sent (kvbm frames commands itself): one per round trip."""
+    from kvbm.storage import remote
+
     count = {"n": 0}
-    original = redis.connection.AbstractConnection.send_packed_command
+    original = remote._Wire.send
 
-    def counting(self, command, check_health=True):
+    def counting(self, frames):
         count["n"] += 1
-        return original(self, command, check_health)
+        return original(self, frames)
 
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(remote._Wire, "send", counting)
     return count
 
 
@@ -131,7 +133,7 @@ def test_one_round_trip_per_call_and_bounded_batches(redis_server, sends):
         assert store.read_blocks(list(zip(hashes, empty(n)))) == [True] * n
         assert sends["n"] - before == 3  # one round trip each, not one per block
         stats = r.info("commandstats")
-        assert stats["cmdstat_set"]["calls"] == n and stats["cmdstat_get"]["calls"] == n
+        assert stats["cmdstat_set"]["calls"] == n and stats["cmdstat_getrange"]["calls"] == n
     # bounded batches: by keys, then by bytes
     with open_store(redis_server.url, batch_keys=100) as store:
         store.contains_prefix(hashes[:1])
@@ -174,7 +176,7 @@ def test_bad_values_are_misses_counted_and_deleted(redis_server):
         assert all(not d.any() for d in dests[:5])  # never copied into the destination
         assert same(dests, data, ok)
         s = store.stats()
-        assert s["bad_values"] == {"foreign": 4, "corrupt": 1}
+        assert s["bad_values"] == {"foreign": 4, "corrupt": 1, "forged": 0}
         assert s["deleted_bad"] == 5 and r.exists(*keys[:5]) == 0
         # a wrong-size destination (another layout under the same identity) is a miss too
         assert store.read_blocks([(hashes[5], np.zeros(BLOCK // 2, np.uint8))]) == [False]
@@ -505,9 +507,9 @@ def test_doctor_remote_checks(redis_server, redis_factory):
     assert checks["G4 eviction"].status == WARN and "noeviction" in checks["G4 eviction"].detail
 
     down = f"redis://127.0.0.1:{free_port()}"
-    (check,) = check_remote(remote_config(down, remote_timeout_secs=0.5))
-    assert check.status == FAIL and "DYN_KVBM_REMOTE_URL" in check.detail
-    (check,) = check_remote(remote_config(down, remote_timeout_secs=0.5, remote_optional=True))
+    check, values = check_remote(remote_config(down, remote_timeout_secs=0.5))  # values: signed or not
+    assert check.status == FAIL and "DYN_KVBM_REMOTE_URL" in check.detail and values.name == "G4 values"
+    check, _ = check_remote(remote_config(down, remote_timeout_secs=0.5, remote_optional=True))
     assert check.status == WARN and "DYN_KVBM_REMOTE_OPTIONAL" in check.detail
     (check,) = check_remote(KvbmConfig(cpu_cache_gb=1))
     assert check.status == SKIP

@@ -69,7 +69,7 @@ from typing import Any, Generic, TypeVar
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvbm.config import KvbmConfig, env_var
+from kvbm.config import ConfigError, KvbmConfig, env_var
 from kvbm.runtime import wire
 from kvbm.runtime.sizing import (
     SizingError,
@@ -568,8 +568,10 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
             if allocation is not None and allocation.done() and self._state == "allocating":
                 exc = allocation.exception()
                 if exc is not None:
+                    # A setting to fix (ConfigError: G4 unreachable, a bad secret file) speaks for itself.
+                    detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
                     raise HandshakeError(
-                        f"kvbm worker rank {rank} could not allocate its tiers ({sizes}): {type(exc).__name__}: {exc}"
+                        f"kvbm worker rank {rank} could not allocate its tiers ({_describe(sizes)}): {detail}"
                     )
                 self._status("ready")
                 logger.info("kvbm worker rank %d: tiers allocated, waiting for the other ranks", rank)
@@ -620,6 +622,14 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
         )
         threading.Thread(target=run, name=f"kvbm-worker{self.layout.rank}-allocate", daemon=True).start()
         return future
+
+
+def _describe(sizes: TierSizes | None) -> str:
+    """The tiers of an allocation in words, for messages (not the dataclass repr)."""
+    if sizes is None:
+        return "none"
+    parts = [f"{name} {n} blocks" for name, n in (("G2", sizes.host_slots), ("G3", sizes.disk_slots)) if n]
+    return ", ".join(parts + (["G4 (Redis)"] if sizes.remote_key else [])) or "none"
 
 
 def _who(layout: WorkerLayout) -> str:

@@ -69,7 +69,7 @@ class LeaderRuntime:
         )
         indexes: dict[str, TierIndex] = {}
         if sizes.remote_key:
-            self.remote = open_remote(config, sizes.remote_key, rank=0, world_size=world_size)
+            self.remote = open_remote(config, sizes.remote_key, rank=0, world_size=world_size, announce=True)
             self.remote_index = RemoteIndex(self.remote, wait_s=LOOKUP_WAIT_S, timeout_s=config.remote_timeout_secs)
             indexes["G4"] = self.remote_index
         self.planner = Planner(

@@ -33,13 +33,12 @@ import math
 import os
 import re
 import secrets
-import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvbm.config import MAX_COUNT, MAX_SECRET_BYTES, MIN_SECRET_CHARS, ConfigError, KvbmConfig, env_var
+from kvbm.config import MAX_COUNT, KvbmConfig, env_var, read_secret_file
 from kvbm.runtime.sizing import MAX_BLOCK_BYTES, MAX_WORLD_SIZE, TierSizes, WorkerLayout
 
 logger = logging.getLogger(__name__)
@@ -236,42 +235,6 @@ def handshake_key(config: KvbmConfig, tcp: bool, private_dir: str) -> bytes:
     else:
         return _IPC_KEY
     return hashlib.sha256(b"kvbm-handshake-key|" + secret).digest()
-
-
-def read_secret_file(path: str, setting: str) -> bytes:
-    """A secret from a file only this user (or root) owns and nobody else can read.
-
-    Opened without blocking: a FIFO (or a device) would hang the open, and with it the
-    start-up, forever (the handshake timeout only starts later); it is refused instead."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ConfigError(
-            f"{setting}={path}: cannot open it ({exc.strerror}); give a regular file of mode 0600 holding "
-            "the handshake secret (not a symbolic link)"
-        ) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{setting}={path} is not a regular file (a FIFO, socket, device or directory); "
-                              "give a regular file of mode 0600 holding the secret")
-        os.set_blocking(fd, True)
-        if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o077:
-            raise ConfigError(
-                f"{setting}={path} is readable or writable by other users (mode {info.st_mode & 0o777:o}, "
-                f"owner uid {info.st_uid}): anyone who reads it can pose as the leader. Run `chmod 600 {path}` "
-                "as its owner (Kubernetes secrets: defaultMode 0400)"
-            )
-        raw = os.read(fd, MAX_SECRET_BYTES + 1)
-    finally:
-        os.close(fd)
-    secret = raw.strip()
-    if not MIN_SECRET_CHARS <= len(secret) <= MAX_SECRET_BYTES:
-        raise ConfigError(
-            f"{setting}={path} must hold {MIN_SECRET_CHARS} to {MAX_SECRET_BYTES} bytes of secret; "
-            "generate one with e.g. `openssl rand -hex 32 > FILE`"
-        )
-    return secret
 
 
 def _per_user_secret(private_dir: str) -> bytes:

@@ -13,19 +13,35 @@ the tensor-parallel rank and world size (each rank holds its own shard of a
 block), so different models, dtypes or layouts never share a key; cache salts
 and LoRA adapters are already folded into the block hash.
 
-Values: a 56-byte header, then the payload. Header, little-endian: magic
-``KVBMG4\\0\\1`` (8), format version (u16), flags (u16, 0), block hash (16),
-identity digest (16), payload length (u64), CRC-32 of the preceding 52 header
-bytes continued over the payload (u32). A value that fails any check (absent
-header, other format, other block or identity, wrong length, checksum) is a
-miss: counted, logged once per kind, deleted best-effort, never returned. SET
-is atomic per key, so a block is visible only once its whole value is stored.
+Values: a 68-byte header, then the payload. Header, little-endian: magic
+``KVBMG4\\0\\1`` (8), format version (u16, 2), flags (u16: 1 = keyed), block
+hash (16), identity digest (16), payload length (u64), then a 16-byte tag over
+the preceding 52 header bytes and the payload: with a fleet secret
+(``remote_secret``, see config), keyed BLAKE3 (its MAC mode) truncated to 128
+bits under a key derived from it; without one, a CRC-32 (u32) and 12 zero bytes. A value that
+fails any check (absent header, other format, other block or identity, wrong
+length, checksum, tag) is a miss: counted, logged once per kind, deleted
+best-effort, never copied into the destination. SET is atomic per key, so a
+block is visible only once its whole value is stored.
+
+Trust (docs/g4.md): without a secret, values are protected against accidents
+only: anyone who can write to the namespace and knows the model can compute a
+valid header and CRC and have any KV served. With one, only holders of the
+secret can make a value that verifies: a forged one is a miss (``forged``).
+The secret's key id is folded into the identity digest, so servers with
+different secrets (or none) use different keys and never delete each other's
+values as forged; a changed secret starts from an empty G4.
 
 Round trips: every call is pipelined, one round trip per node and batch
-(``EXISTS`` per key for lookups, ``GET`` for loads, ``SET [EX ttl]`` for
-stores), never one per block. Batches are bounded in keys and bytes so a huge
-call cannot hit the socket timeout as a whole (Python's ``sendall`` timeout
-covers the whole send).
+(``EXISTS`` per key for lookups, ``GETRANGE key 0 <value size>`` for loads,
+``SET [EX ttl]`` for stores), never one per block. ``GETRANGE`` rather than
+``GET``: Redis sends at most one byte more than a block's value, so a huge
+hostile or stale value costs that, not its size (it is then too long: a miss).
+Commands are framed and replies parsed here, straight on the socket, so a
+value's payload is received into one buffer and never copied by the client
+library, and one deadline (``timeout_s``) covers the whole round trip: a slow
+link that trickles bytes cannot stretch it as a per-read socket timeout would.
+Batches are bounded in keys and bytes so a round trip stays well inside it.
 
 Redis Cluster: redis-py's :class:`~redis.cluster.RedisCluster` supplies the
 topology (slot of a key, node of a slot, refreshes); the commands then go out
@@ -34,9 +50,10 @@ one unreachable node fails that pipeline as a whole, and its fallback resends
 failed commands one at a time (a round trip per block). Per-node pipelines
 keep the other nodes' keys served while one node is down: its keys are misses.
 
-Faults never raise into the caller: connect and socket timeouts are bounded,
-and a node that errors or times out is marked down (a circuit breaker: one
-log line per episode, counted); while it is down every operation on its keys
+Faults never raise into the caller: connecting and each round trip as a whole
+are bounded by ``timeout_s`` (see Round trips), and a node that errors or
+times out is marked down (a circuit breaker: one log line per episode,
+counted); while it is down every operation on its keys
 answers at once (misses, dropped stores). A background thread pings it with
 exponential backoff and puts it back when it answers, refreshing the cluster
 topology meanwhile (a failover moves slots to a replica). Set-up problems at
@@ -47,7 +64,10 @@ naming the ``remote_url`` setting (see config) from :meth:`RemoteStore.open`.
 from __future__ import annotations
 
 import binascii
+import hmac
 import logging
+import os
+import socket
 import statistics
 import struct
 import threading
@@ -55,11 +75,12 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
+import blake3
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
@@ -67,7 +88,15 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from kvbm.config import ConfigError, KvbmConfig, RemoteTarget, env_var, parse_remote_namespace, parse_remote_url
+from kvbm.config import (
+    ConfigError,
+    KvbmConfig,
+    RemoteTarget,
+    env_var,
+    parse_remote_namespace,
+    parse_remote_url,
+    read_secret_file,
+)
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8
 from kvbm.storage.remote_index import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
@@ -81,16 +110,22 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ERROR_KINDS", "HEADER_SIZE", "LATENCY_BUCKETS_S", "RemoteSetupError", "RemoteStore", "identity_digest",
-    "probe_remote",
+    "probe_remote", "remote_secret",
 ]
 
 MAGIC = b"KVBMG4\x00\x01"
-FORMAT_VERSION = 1
+#: 2: a 16-byte tag (MAC or CRC-32) and the key id in the identity digest; version 1 values are misses.
+FORMAT_VERSION = 2
+#: Header flag: the tag is a MAC (keyed BLAKE3) under the fleet secret.
+FLAG_KEYED = 1
 #: magic, version, flags, block hash, identity digest, payload length
 _HDR = struct.Struct(f"<8sHH{HASH_BYTES}s{HASH_BYTES}sQ")
 _CRC = struct.Struct("<I")
-HEADER_SIZE = _HDR.size + _CRC.size
-_DIGEST_TAG = b"kvbm-g4-v1|"
+TAG_SIZE = 16
+HEADER_SIZE = _HDR.size + TAG_SIZE
+_DIGEST_TAG = b"kvbm-g4-v2|"
+#: Payloads at least this large are MAC'd on the tag threads (hashlib releases the GIL), smaller ones inline.
+_MAC_THREAD_BYTES = 64 << 10
 
 OPS = ("lookup", "read", "write", "delete")
 
@@ -107,9 +142,29 @@ class RemoteSetupError(ConfigError):
         self.unreachable = unreachable
 
 
-def identity_digest(identity: str, rank: int = 0, world_size: int = 1) -> bytes:
-    """The 16-byte digest in a rank's keys and values: model identity, value format and shard."""
-    return blake2b(_DIGEST_TAG + f"{identity}|rank {rank}/{world_size}".encode(), digest_size=16).digest()
+def identity_digest(identity: str, rank: int = 0, world_size: int = 1, key_id: str = "") -> bytes:
+    """The 16-byte digest in a rank's keys and values: model identity, value format, shard, and the
+    fleet secret's key id ("" without a secret), so fleets with different secrets never share keys."""
+    keyed = f"|key {key_id}" if key_id else "|unkeyed"
+    return blake2b(_DIGEST_TAG + f"{identity}|rank {rank}/{world_size}{keyed}".encode(), digest_size=16).digest()
+
+
+def _mac_key(secret: bytes) -> tuple[bytes, str]:
+    """The value MAC key derived from the fleet secret (not the secret itself: the same string
+    used elsewhere, e.g. as the handshake secret, then signs nothing here), and its public key id."""
+    key = blake3.blake3(secret, derive_key_context="kvbm 2026 G4 value MAC key v2").digest()
+    return key, blake3.blake3(b"kvbm-g4-key-id", key=key).hexdigest(8)
+
+
+def remote_secret(config: KvbmConfig) -> bytes | None:
+    """The fleet secret that signs G4 values: ``remote_secret`` (environment only) or the file
+    ``remote_secret_file`` (mode 0600, the handshake secret's rules); None without either."""
+    if config.remote_secret is not None:
+        return config.remote_secret.encode()
+    if config.remote_secret_file is not None:
+        return read_secret_file(config.remote_secret_file, env_var("remote_secret_file"), what="the G4 secret",
+                                misuse="have forged KV served to every server of the fleet")
+    return None
 
 
 def _error_kind(e: BaseException) -> str:
@@ -146,10 +201,15 @@ _FLUSH_BYTES = 64 << 10
 
 @dataclass(frozen=True)
 class _Value:
-    """A block's value: header and payload, sent without joining them."""
+    """A block's value: header and payload, sent without joining them. The header may still be
+    being computed (its MAC, on a tag thread): the send waits for it when it gets there."""
 
-    header: bytes
+    head: bytes | Future[bytes]
     payload: np.ndarray
+
+    @property
+    def header(self) -> bytes:
+        return self.head if isinstance(self.head, bytes) else self.head.result()
 
 
 def _frames(commands: list[tuple[Any, ...]]) -> Iterator[Any]:
@@ -181,11 +241,103 @@ def _frames(commands: list[tuple[Any, ...]]) -> Iterator[Any]:
         yield buf
 
 
-def _read_reply(conn: Any) -> Any:
-    try:
-        return conn.read_response()
-    except redis.exceptions.ResponseError as e:  # a refused command; the connection is still in step
-        return e
+#: Longest reply line (status, error, integer, bulk length) a Redis sends for kvbm's commands.
+_MAX_LINE = 64 << 10
+_CHUNK = 64 << 10
+
+
+class _Wire:
+    """RESP2 on a connection's socket, every send and receive under one deadline.
+
+    A socket timeout bounds each ``recv``: a link that delivers a few bytes a second never
+    trips it while one 512 KiB reply takes minutes. Here each call gets the time left until
+    the deadline instead. Replies: bytes (a bulk, received into one buffer of its size; status
+    replies as bytes too), int, None (nil), or the ResponseError of a refused command (the
+    connection is still in step). A bulk longer than ``max_bulk`` or anything unexpected is a
+    protocol error: the caller drops the connection.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, max_bulk: int) -> None:
+        self._sock, self._deadline, self._max_bulk = sock, deadline, max_bulk
+        self._buf = bytearray()
+        self._pos = 0
+        self._chunk = bytearray(_CHUNK)
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise redis.exceptions.TimeoutError(f"the round trip took longer than {env_var('remote_timeout_secs')}")
+        return left
+
+    def send(self, frames: Iterator[Any]) -> None:
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            while view.nbytes:
+                self._sock.settimeout(self._left())
+                view = view[self._sock.send(view):]
+
+    def _recv_into(self, view: memoryview) -> int:
+        self._sock.settimeout(self._left())
+        n = self._sock.recv_into(view)
+        if not n:
+            raise redis.exceptions.ConnectionError("Redis closed the connection")
+        return n
+
+    def _line(self) -> bytes:
+        while True:
+            end = self._buf.find(b"\r\n", self._pos)
+            if end >= 0:
+                line = bytes(self._buf[self._pos:end])
+                self._pos = end + 2
+                return line
+            if len(self._buf) - self._pos > _MAX_LINE:
+                raise redis.exceptions.InvalidResponse("a reply line of over 64 KiB")
+            self._fill()
+
+    def _fill(self) -> None:
+        """Receive one more chunk into the line buffer."""
+        del self._buf[:self._pos]
+        self._pos = 0
+        chunk = memoryview(self._chunk)
+        n = self._recv_into(chunk)
+        self._buf += chunk[:n]
+
+    def _bulk(self, n: int) -> bytearray:
+        """``n`` bytes and their CRLF; beyond what is buffered, received straight into the result."""
+        out = bytearray(n)
+        have = min(n, len(self._buf) - self._pos)
+        out[:have] = memoryview(self._buf)[self._pos:self._pos + have]
+        self._pos += have
+        with memoryview(out) as view:
+            while have < n:
+                have += self._recv_into(view[have:])
+        while len(self._buf) - self._pos < 2:
+            self._fill()
+        if self._buf[self._pos:self._pos + 2] != b"\r\n":
+            raise redis.exceptions.InvalidResponse("a bulk reply not followed by CRLF")
+        self._pos += 2
+        return out
+
+    def reply(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        try:
+            if kind == b"$":
+                n = int(rest)
+                if n < 0:
+                    return None
+                if n > self._max_bulk:
+                    raise redis.exceptions.InvalidResponse(f"a {n}-byte reply where at most {self._max_bulk} fit")
+                return self._bulk(n)
+            if kind == b":":
+                return int(rest)
+        except ValueError:
+            raise redis.exceptions.InvalidResponse(f"unparsable reply {line[:64]!r}") from None
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return redis.exceptions.ResponseError(rest.decode("utf-8", "replace"))
+        raise redis.exceptions.InvalidResponse(f"unexpected reply {line[:64]!r}")
 
 
 def _get_connection(pool: Any) -> Any:
@@ -259,7 +411,10 @@ class RemoteStore:
         batch_keys: int = 1024,
         batch_bytes: int = 16 << 20,
         lookup_batch_keys: int = 16384,
+        secret: bytes | None = None,
     ) -> None:
+        """``secret``: the fleet secret (see :func:`remote_secret`); values are then signed and
+        only values signed with it are served. None: CRC-32 only (no protection against writers)."""
         if isinstance(target, str):
             target = parse_remote_url(env_var("remote_url"), target)
         namespace = parse_remote_namespace(env_var("remote_namespace"), namespace)
@@ -279,9 +434,12 @@ class RemoteStore:
         self.timeout_s = timeout_s
         self._backoff_s, self._max_backoff_s = backoff_s, max(backoff_s, max_backoff_s)
         self._batch_keys, self._batch_bytes, self._lookup_batch_keys = batch_keys, batch_bytes, lookup_batch_keys
-        self._digest = identity_digest(identity, rank, world_size)
+        self._mac, key_id = (None, "") if secret is None else _mac_key(secret)
+        self._flags = FLAG_KEYED if secret is not None else 0
+        self._digest = identity_digest(identity, rank, world_size, key_id)
         self._prefixes = [
-            f"{namespace}:{identity_digest(identity, r, world_size).hex()}:".encode() for r in range(world_size)
+            f"{namespace}:{identity_digest(identity, r, world_size, key_id).hex()}:".encode()
+            for r in range(world_size)
         ]
         self._prefix = self._prefixes[rank]
         self._client_kwargs: dict[str, Any] = dict(
@@ -295,6 +453,7 @@ class RemoteStore:
         self._closed = False
         self._prober: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._tag_pool: ThreadPoolExecutor | None = None
         self._logged: set[str] = set()
         self._refresh_due = False
         self._budget_used = 0
@@ -338,23 +497,43 @@ class RemoteStore:
                            env_var("remote_optional"), e)
             store._trip_all(e.__cause__ or e)
             return store
-        logger.info("kvbm: shared G4 tier ready: %s (%s), namespace %r, rank %d/%d, ttl %s, budget %s",
+        logger.info("kvbm: shared G4 tier ready: %s (%s), namespace %r, rank %d/%d, ttl %s, budget %s, values %s",
                     store.target, f"cluster of {len(store._nodes)} primaries" if store.target.cluster else
                     "single node", store.namespace, store.rank, store.world_size,
                     f"{store.ttl_secs} s" if store.ttl_secs else "none",
-                    f"{store.budget_bytes / 1e9:g} GB" if store.budget_bytes else "none")
+                    f"{store.budget_bytes / 1e9:g} GB" if store.budget_bytes else "none",
+                    "signed with the fleet secret (keyed BLAKE3)" if store.keyed else "checksummed only (no secret)")
         store._advise_eviction_policy()
         return store
 
     @classmethod
-    def from_config(cls, config: KvbmConfig, identity: str, *, rank: int = 0, world_size: int = 1) -> RemoteStore:
-        """:meth:`open` with the ``remote_*`` settings (see config); the budget is shared by the ranks."""
+    def from_config(cls, config: KvbmConfig, identity: str, *, rank: int = 0, world_size: int = 1,
+                    announce: bool = False) -> RemoteStore:
+        """:meth:`open` with the ``remote_*`` settings (see config); the budget is shared by the ranks.
+
+        ``announce``: this process speaks for the server (the leader), so it logs the one
+        startup WARNING that, without ``remote_secret``, G4 trusts everyone who can write to Redis.
+        """
         if config.remote_url is None:
             raise ValueError("from_config: no remote store configured (remote_url is None)")
+        secret = remote_secret(config)  # a bad secret file fails here, before any connection
         budget = int(config.remote_budget_gb * 1e9 / world_size) if config.remote_budget_gb else None
-        return cls.open(config.remote_url, identity, optional=config.remote_optional,
-                        namespace=config.remote_namespace, rank=rank, world_size=world_size,
-                        ttl_secs=config.remote_ttl_secs, budget_bytes=budget, timeout_s=config.remote_timeout_secs)
+        store = cls.open(config.remote_url, identity, optional=config.remote_optional,
+                         namespace=config.remote_namespace, rank=rank, world_size=world_size,
+                         ttl_secs=config.remote_ttl_secs, budget_bytes=budget, timeout_s=config.remote_timeout_secs,
+                         secret=secret)
+        if announce and secret is None:
+            logger.warning(
+                "kvbm: G4 values are NOT authenticated: %s is not set, so every client that can write to this "
+                "Redis (namespace %r) can have any KV served to every server of the fleet. Set %s or %s "
+                "(the same secret on every server; docs/g4.md, trust model).",
+                env_var("remote_secret"), store.namespace, env_var("remote_secret"), env_var("remote_secret_file"))
+        return store
+
+    @property
+    def keyed(self) -> bool:
+        """Values are signed with a fleet secret (and only signed ones are served)."""
+        return self._mac is not None
 
     def check(self) -> None:
         """Connect and PING every node now; raise :class:`RemoteSetupError` saying what to fix.
@@ -363,6 +542,7 @@ class RemoteStore:
         down (their keys are misses until they answer); none reachable, wrong
         credentials or the wrong kind of server raise.
         """
+        _check_ca_file(self.target)
         try:
             if self._topology is not None:
                 self._connect_cluster()
@@ -469,10 +649,26 @@ class RemoteStore:
         _check_hashes([h for h, _ in items])
         dests = [as_u8(d, writable=True, what=f"destination of block {h.hex()}") for h, d in items]
         keys = [self._prefix + binascii.hexlify(h) for h, _ in items]
-        replies = self._execute("read", [("GET", k) for k in keys], sizes=[d.size + HEADER_SIZE for d in dests])
+        sizes = [d.size + HEADER_SIZE for d in dests]
+        # At most one byte past the value's size: a longer value is refused without receiving it.
+        commands = [("GETRANGE", k, 0, n) for k, n in zip(keys, sizes)]
+        checks: list[Any] = [None] * len(items)
+
+        def arrived(i: int, reply: Any) -> None:
+            """Verify (MAC) a large value on a tag thread while the next one is received."""
+            if self._mac is not None and isinstance(reply, bytearray) and len(reply) >= _MAC_THREAD_BYTES:
+                checks[i] = self._tag_threads().submit(self._verify, items[i][0], reply, dests[i])
+
+        replies = self._execute("read", commands, sizes=sizes, max_bulk=max(sizes, default=0) + 1,
+                                on_reply=arrived)
         ok, bad_keys, nbytes = [], [], 0
-        for (block_hash, _), key, dst, reply in zip(items, keys, dests, replies):
-            problem = "down" if reply is _DOWN or isinstance(reply, Exception) else self._verify(block_hash, reply, dst)
+        for (block_hash, _), key, dst, reply, check in zip(items, keys, dests, replies, checks):
+            if check is not None:  # verified as it arrived (even if a later reply of its batch failed)
+                problem = check.result()
+            elif reply is _DOWN or isinstance(reply, Exception):
+                problem = "down"
+            else:
+                problem = self._verify(block_hash, reply, dst)
             ok.append(problem is None)
             if problem is None:
                 nbytes += dst.size
@@ -499,8 +695,14 @@ class RemoteStore:
         srcs = [as_u8(s, writable=False, what=f"data of block {h.hex()}") for h, s in items]
         admitted = self._admit([s.size + HEADER_SIZE for s in srcs])
         ex = ("EX", self.ttl_secs) if self.ttl_secs else ()
-        commands = [("SET", self._prefix + binascii.hexlify(h), self._value(h, s), *ex)
-                    for (h, _), s in zip(items[:admitted], srcs[:admitted])]
+        pairs = [(h, s) for (h, _), s in zip(items[:admitted], srcs[:admitted])]
+        if self._mac is not None and len(pairs) > 1 and sum(s.size for _, s in pairs) >= 2 * _MAC_THREAD_BYTES:
+            # MACs on the tag threads, in order, while the values before them are being sent
+            pool = self._tag_threads()
+            values = [_Value(pool.submit(self._header, h, s), s) for h, s in pairs]
+        else:
+            values = [_Value(self._header(h, s), s) for h, s in pairs]
+        commands = [("SET", self._prefix + binascii.hexlify(h), value, *ex) for (h, _), value in zip(pairs, values)]
         replies = self._execute("write", commands, sizes=[s.size + HEADER_SIZE for s in srcs[:admitted]])
         ok = [r == b"OK" for r in replies] + [False] * (len(items) - admitted)
         stored = sum(s.size + HEADER_SIZE for s, good in zip(srcs, ok) if good)
@@ -545,8 +747,9 @@ class RemoteStore:
         self._wake.set()
         if self._prober is not None and self._prober is not threading.current_thread():
             self._prober.join(timeout=self.timeout_s * 4)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._tag_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
         for breaker in list(self._nodes.values()):
             _quietly(breaker.client.close)
         if self._cluster is not None:
@@ -562,23 +765,39 @@ class RemoteStore:
     def _value(self, block_hash: BlockHash, src: np.ndarray) -> _Value:
         """The value of a block, sent as header + payload straight from ``src``: joining them
         into a fresh buffer per block cost more than the checksum (page faults and a copy)."""
-        head = _HDR.pack(MAGIC, FORMAT_VERSION, 0, block_hash, self._digest, src.size)
-        return _Value(head + _CRC.pack(_crc32(src, _crc32(head))), src)
+        return _Value(self._header(block_hash, src), src)
+
+    def _header(self, block_hash: BlockHash, src: np.ndarray) -> bytes:
+        head = _HDR.pack(MAGIC, FORMAT_VERSION, self._flags, block_hash, self._digest, src.size)
+        return head + self._tag(head, src)
+
+    def _tag(self, head: Any, payload: Any) -> bytes:
+        """The 16-byte tag of a header (52 bytes) and payload: keyed BLAKE3 (a MAC: BLAKE3's
+        keyed_hash mode) under the fleet key, truncated to 128 bits; else CRC-32 and zeros.
+        BLAKE3 rather than HMAC-SHA256 or keyed BLAKE2b: about 2x and 3x their speed per core
+        here (SIMD; bench/g4.py prints all three), and it releases the GIL on large inputs, so
+        the tag threads MAC beside the socket I/O. blake3 is a dependency of vLLM's anyway."""
+        if self._mac is None:
+            return _CRC.pack(_crc32(payload, _crc32(head))) + bytes(TAG_SIZE - _CRC.size)
+        return blake3.blake3(head, key=self._mac).update(payload).digest(TAG_SIZE)
 
     def _verify(self, block_hash: BlockHash, value: Any, dst: np.ndarray) -> str | None:
-        """None after copying a verified payload into ``dst``; else why it is a miss."""
-        if value is None:
+        """None after copying a verified payload into ``dst``; else why it is a miss. Nothing
+        reaches ``dst`` (and so the GPU) before the tag is checked."""
+        if value is None or not value:  # GETRANGE of a missing key: empty
             return "absent"
-        if not isinstance(value, bytes) or len(value) < HEADER_SIZE:
-            return "foreign"
-        magic, version, _flags, h, digest, length = _HDR.unpack_from(value, 0)
+        if not isinstance(value, (bytes, bytearray)) or len(value) != HEADER_SIZE + dst.size:
+            return "foreign"  # truncated, or longer than a block (only its first bytes were sent)
+        magic, version, flags, h, digest, length = _HDR.unpack_from(value, 0)
         if (magic != MAGIC or version != FORMAT_VERSION or h != block_hash or digest != self._digest
-                or length != len(value) - HEADER_SIZE or length != dst.size):
+                or length != dst.size):
             return "foreign"
         view = memoryview(value)
-        (crc,) = _CRC.unpack_from(value, _HDR.size)
-        if _crc32(view[HEADER_SIZE:], _crc32(view[:_HDR.size])) != crc:
-            return "corrupt"
+        if self._mac is None and flags != self._flags:
+            return "foreign"  # a keyed value (another fleet's key space: only a copied value gets here)
+        if flags != self._flags or not hmac.compare_digest(self._tag(view[:_HDR.size], view[HEADER_SIZE:]),
+                                                           view[_HDR.size:HEADER_SIZE]):
+            return "forged" if self._mac is not None else "corrupt"
         np.copyto(dst, np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE))
         return None
 
@@ -588,8 +807,11 @@ class RemoteStore:
             first = f"bad:{kind}" not in self._logged
             self._logged.add(f"bad:{kind}")
         if first:
-            what = "failed its checksum" if kind == "corrupt" else "is not this block's value (other block, " \
-                "identity or format)"
+            what = {
+                "corrupt": "failed its checksum",
+                "forged": f"failed its authentication tag: written by a client without this fleet's "
+                          f"{env_var('remote_secret')} (or with another one), or altered in Redis",
+            }.get(kind, "is not this block's value (other block, identity, format or size)")
             logger.warning("kvbm: G4 value of block %s %s; treated as a miss and deleted. Further ones are only "
                            "counted.", block_hash.hex(), what)
 
@@ -626,11 +848,14 @@ class RemoteStore:
 
     # ---- pipelines -------------------------------------------------------------------
     def _execute(self, op: str, commands: list[tuple[Any, ...]], *, sizes: list[int] | None = None,
-                 max_keys: int | None = None) -> list[Any]:
+                 max_keys: int | None = None, max_bulk: int = 0,
+                 on_reply: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Run ``commands`` (key second) as pipelines: per node, in batches, nodes in parallel.
 
         Returns the replies in order; a reply is an exception for a command
         Redis refused, or ``_DOWN`` where the node was down or failed.
+        ``max_bulk``: the longest bulk reply expected (loads); ``on_reply(i, reply)`` sees
+        each reply as it arrives, so loads verify one value while the next is received.
         """
         results: list[Any] = [_DOWN] * len(commands)
         if not commands:
@@ -640,7 +865,8 @@ class RemoteStore:
 
         def run(breaker: _Breaker, indices: list[int]) -> None:
             for batch in _batches(indices, sizes, max_keys, self._batch_bytes):
-                replies = self._pipeline(breaker, op, [commands[i] for i in batch])
+                seen = None if on_reply is None else (lambda j, reply, batch=batch: on_reply(batch[j], reply))
+                replies = self._pipeline(breaker, op, [commands[i] for i in batch], max_bulk, seen)
                 if replies is None:
                     return
                 for i, reply in zip(batch, replies):
@@ -674,13 +900,15 @@ class RemoteStore:
                         count=unroutable)
         return groups
 
-    def _pipeline(self, breaker: _Breaker, op: str, commands: list[tuple[Any, ...]]) -> list[Any] | None:
-        """One round trip on a pooled connection; None (and the node marked down) if it failed as a whole.
+    def _pipeline(self, breaker: _Breaker, op: str, commands: list[tuple[Any, ...]], max_bulk: int = 0,
+                  on_reply: Callable[[int, Any], None] | None = None) -> list[Any] | None:
+        """One round trip on a pooled connection, within ``timeout_s`` as a whole; None (and the
+        node marked down) if it failed or ran out of time.
 
         Commands are framed here (RESP) rather than by redis-py's pipeline so
         that a value's header and payload go out as they are; replies come
-        back raw: ``b"OK"``, ints, bytes or None, or the ResponseError of a
-        refused command.
+        back raw (see :class:`_Wire`): ``b"OK"``, ints, bytes or None, or the
+        ResponseError of a refused command.
         """
         if breaker.down_since is not None:
             with self._lock:
@@ -689,14 +917,21 @@ class RemoteStore:
             return None
         pool = breaker.client.connection_pool
         start = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
         try:
             conn = _get_connection(pool)
         except _FAULTS as e:
             self._trip(breaker, e)
             return None
         try:
-            conn.send_packed_command(_frames(commands), check_health=False)
-            replies = [_read_reply(conn) for _ in commands]
+            wire = _Wire(conn._sock, deadline, max(max_bulk, _MAX_LINE))
+            wire.send(_frames(commands))
+            replies = []
+            for j in range(len(commands)):
+                replies.append(wire.reply())
+                if on_reply is not None:
+                    on_reply(j, replies[-1])
+            conn._sock.settimeout(self.timeout_s)  # what redis-py's own commands (PING, CONFIG) expect
         except BaseException as e:
             conn.disconnect()  # replies may still be in flight: never reuse this connection
             if not isinstance(e, _FAULTS):
@@ -717,6 +952,15 @@ class RemoteStore:
                     self._refresh_due = True
                     self._ensure_prober()
         return replies
+
+    def _tag_threads(self) -> ThreadPoolExecutor:
+        """Threads for MACs of large values: hashlib releases the GIL, so they run beside the
+        socket I/O and each other. Not the fan-out pool, whose tasks wait for these."""
+        with self._lock:
+            if self._tag_pool is None:
+                self._tag_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                    thread_name_prefix="kvbm-g4-mac")
+            return self._tag_pool
 
     def _fanout_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -864,6 +1108,17 @@ def _quietly(fn: Callable[[], Any]) -> None:
         logger.debug("kvbm: G4 close failed", exc_info=True)
 
 
+def _check_ca_file(target: RemoteTarget) -> None:
+    """A missing CA bundle is a setting to fix, not an unreachable Redis (which may heal)."""
+    path = target.ca_certs
+    if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        why = "is not a readable file" if os.path.exists(path) else "does not exist"
+        raise RemoteSetupError(
+            f"{env_var('remote_url')}={target}: the CA bundle ssl_ca_certs={path} {why}; give the path of the "
+            "PEM file of the CA that signed the Redis server's certificate, or drop ?ssl_ca_certs= to trust "
+            "the system's CAs")
+
+
 def _setup_error(target: RemoteTarget, e: BaseException) -> RemoteSetupError:
     """What a set-up failure means for the user, naming the setting to fix."""
     var, optional = env_var("remote_url"), env_var("remote_optional")
@@ -873,6 +1128,11 @@ def _setup_error(target: RemoteTarget, e: BaseException) -> RemoteSetupError:
             cause = cause.__cause__
     kind = _error_kind(cause)
     text = str(cause) or type(cause).__name__
+    if target.ca_certs and (target.ca_certs in text or any(
+            isinstance(c, (FileNotFoundError, PermissionError, IsADirectoryError)) for c in _causes(e))):
+        return RemoteSetupError(
+            f"{var}={target}: cannot load the CA bundle ssl_ca_certs={target.ca_certs} ({text}); give a readable "
+            "PEM file of the CA that signed the Redis server's certificate")
     if kind == "auth" or ("AUTH" in text and "password" in text):
         return RemoteSetupError(
             f"{var}={target}: Redis refused the credentials ({text}); put the right password in the URL "
@@ -894,6 +1154,15 @@ def _setup_error(target: RemoteTarget, e: BaseException) -> RemoteSetupError:
         return RemoteSetupError(
             f"{var}={target}: {text}; for a single Redis server give one URL without ?cluster=1")
     return RemoteSetupError(f"{var}={target}: Redis answered with an error: {text}")
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
 
 
 def probe_remote(target: RemoteTarget | str, timeout_s: float = 2.0, pings: int = 5) -> dict[str, Any]:

@@ -70,8 +70,9 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 #: Errors by kind: shard-level (the node is then down) and per-command replies.
 ERROR_KINDS = ("connection", "timeout", "auth", "oom", "moved", "readonly", "busy", "response", "unroutable",
                "other")
-#: Values that did not verify, by kind.
-BAD_VALUE_KINDS = ("foreign", "corrupt")
+#: Values that did not verify, by kind: foreign (another block, identity, format or size), corrupt
+#: (checksum), forged (authentication tag: written without the fleet secret; see remote_secret).
+BAD_VALUE_KINDS = ("foreign", "corrupt", "forged")
 
 
 def remote_key(identity: str) -> str:
@@ -80,12 +81,13 @@ def remote_key(identity: str) -> str:
     return blake2b(b"kvbm-g4-engine|" + identity.encode(), digest_size=16).hexdigest()
 
 
-def open_remote(config: KvbmConfig, key: str, *, rank: int, world_size: int) -> RemoteStore:
+def open_remote(config: KvbmConfig, key: str, *, rank: int, world_size: int, announce: bool = False) -> RemoteStore:
     """G4's store of one rank, or a :class:`RemoteSetupError` naming the setting to fix. The
-    leader looks up every rank's keys through rank 0's store. redis is imported only here."""
+    leader looks up every rank's keys through rank 0's store, and ``announce``s (logs once per
+    server) that values are unauthenticated without a secret. redis is imported only here."""
     from kvbm.storage.remote import RemoteStore
 
-    return RemoteStore.from_config(config, key, rank=rank, world_size=world_size)
+    return RemoteStore.from_config(config, key, rank=rank, world_size=world_size, announce=announce)
 
 
 @dataclass(eq=False)
