@@ -206,7 +206,9 @@ def compare(results: dict[str, list[dict] | str]) -> tuple[list[dict], bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/gpu-correctness"))
-    parser.add_argument("--model", default=None, help="model path (default: build the 'gpu' preset)")
+    parser.add_argument("--model", default=None, help="model path (default: build --preset)")
+    parser.add_argument("--preset", default="gpu", help="kvbm.demo.tiny_model preset to build: 'gpu' (full "
+                        "attention) or 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--timeout", type=float, default=540.0)
     parser.add_argument("--block", type=int, default=BLOCK, help="tokens per block (default: %(default)s)")
@@ -215,7 +217,7 @@ def main() -> int:
     if model is None:
         from kvbm.demo.tiny_model import build_model
 
-        model = str(build_model(preset="gpu"))
+        model = str(build_model(preset=args.preset))
     global VOCAB
     VOCAB = min(VOCAB, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     names = [n for n in args.configs.split(",") if n]

@@ -126,6 +126,20 @@ PRESETS: dict[str, ModelPreset] = {
         vocab_size=4096,
         max_position_embeddings=32768,
     ),
+    # GPU correctness runs of a hybrid model: the 'gpu' shape with Gemma 3's 5:1 pattern of
+    # sliding-window (512 tokens) and full-attention layers.
+    "gpu-swa": ModelPreset(
+        num_hidden_layers=6,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=4096,
+        max_position_embeddings=32768,
+        layer_types=("sliding_attention",) * 5 + ("full_attention",),
+        sliding_window=512,
+    ),
     # GPU performance runs: Llama-3.1-8B's shape (prefill cost and KV bytes per token are an
     # 8B model's: 128 KiB per token in bf16) with a small vocabulary; weights come from vLLM's
     # dummy loader (``--load-format dummy``).
@@ -222,7 +236,11 @@ def generate_text(num_words: int, *, seed: int = 0) -> str:
 
 
 def _config_hash(name: str, preset: ModelPreset) -> str:
-    payload = {"name": name, "build_version": BUILD_VERSION, **dataclasses.asdict(preset)}
+    fields = dataclasses.asdict(preset)
+    for hybrid in ("layer_types", "sliding_window"):  # absent before hybrid presets: old builds keep their name
+        if fields[hybrid] is None:
+            del fields[hybrid]
+    payload = {"name": name, "build_version": BUILD_VERSION, **fields}
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
