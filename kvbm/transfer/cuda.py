@@ -966,6 +966,13 @@ class CudaCopyEngine:
         with torch.cuda.device(self.device):
             torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
 
+    def fence_stores(self) -> None:
+        """The compute stream waits for every store submitted so far, without blocking the CPU."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._store_stream)
+            current.wait_stream(self._store_dma_stream)
+
     def drain(self) -> None:
         """Block until every submitted copy has completed (completions still come from poll)."""
         for stream in (self._store_stream, self._store_dma_stream, self._load_stream, self._load_dma_stream):

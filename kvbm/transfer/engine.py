@@ -71,6 +71,12 @@ class CopyEngine(Protocol):
         without blocking the CPU: a synchronous load's blocks are read by the forward pass of
         the same step."""
 
+    def fence_stores(self) -> None:
+        """Order the compute stream after every store submitted so far (the next forward pass may
+        overwrite blocks they read: a sliding-window group's, which vLLM frees while a request
+        runs). Engines whose stores complete before returning need nothing; by default, drain."""
+        self.drain()
+
     def close(self) -> None:
         """Drain and release what the engine holds (streams, registrations)."""
 
@@ -180,6 +186,9 @@ class TorchCopyEngine:
 
     def drain(self) -> None:
         self.fence_loads()
+
+    def fence_stores(self) -> None:
+        """Nothing to wait for: a store has copied its blocks when store() returns."""
 
     def fence_loads(self) -> None:
         """Copy the layers of the layer-wise loads not waited for yet; they then complete

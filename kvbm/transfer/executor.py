@@ -275,6 +275,12 @@ class TransferExecutor:
         if self._engine is not None:
             self._engine.fence_loads()
 
+    def fence_stores(self) -> None:
+        """The next forward pass runs after every store submitted so far has read its GPU blocks
+        (without blocking the CPU on CUDA); medium writes read their own host rows."""
+        if self._engine is not None:
+            self._engine.fence_stores()
+
     def drain(self) -> None:
         """Block until the copy engine's in-flight copies are done (preemption: their GPU blocks
         may be reused); medium writes read their own host rows and need no drain."""

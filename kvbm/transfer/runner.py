@@ -102,7 +102,7 @@ class PlanRunner:
             # The last store read blocks of a sliding-window group, which vLLM frees while the
             # request runs: this step's forward pass may write them for another request.
             self._volatile_store = False
-            self.executor.drain()
+            self.executor.fence_stores()
         layered = layer_order is not None and any(op.sync for op in plan.loads)
         self._layered_ops = [op for op in plan.loads if op.sync] if layered else []
         for spill in plan.spills:
