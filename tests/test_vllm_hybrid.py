@@ -148,3 +148,15 @@ def test_negative_control_bites(runs):
         pytest.skip("the host-tier run corrupts G2; the tiered run may serve the prompt from G3")
     assert kvbm["negative_load"]["cached"] == [3 * BLOCK]
     assert kvbm["negative_load"]["outputs"] != baseline["negative_load"]["outputs"]
+
+
+def test_kv_cache_capacity_equals_vllm_alone(swa_model, tmp_path):
+    """Without a pool override vLLM sizes its pool from memory: with kvbm (hybrid manager on) it
+    must hold as many blocks as without, i.e. kvbm costs no GPU KV capacity."""
+    engine = engine_args(swa_model, dtype="float32", max_model_len=2048, max_num_batched_tokens=1024)
+    alone = run_engine(tmp_path, "alone", engine, [{"type": "engine_info"}], kvbm=None)[0]
+    ours = run_engine(tmp_path, "kvbm", engine, [{"type": "engine_info"}],
+                      kvbm={"cpu_cache_override_num_blocks": 64})[0]
+    assert ours["hybrid_manager"] and alone["hybrid_manager"]
+    assert ours["num_blocks"] == alone["num_blocks"]
+    assert ours["groups"] == alone["groups"]
