@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -391,4 +395,110 @@ def test_binary_file_is_refused_cleanly(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b'{"kvbm_trace": 1, "block_size": 4}\n\xff\xfe\x00garbage\n')
     with pytest.raises(TraceError, match=r":2: not UTF-8"):
+        read_trace(path, progress=False)
+
+
+# ---- hostile traces: one clear error naming the line and the field, bounded memory ----------
+
+_HEADER = '{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8}'
+
+
+def _plan_in_a_box(args: list[str], tmp_path: Path, memory_gb: int = 3) -> subprocess.CompletedProcess:
+    """``kvbm plan ARGS`` in a child whose address space is capped, so a reader that grows without
+    bound fails there (MemoryError) instead of eating the machine the tests share."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+
+    return subprocess.run([sys.executable, "-m", "kvbm", "plan", *args, "--no-progress", "--no-plots", "--jobs", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=cap, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def test_deeply_nested_line_is_a_clear_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(_HEADER + "\n" + '{"t": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: JSON nested too deeply"):
+        read_trace(path, progress=False)
+
+
+@pytest.mark.parametrize("header, field", [
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "bytes_per_block": 1' + "0" * 400 + "}", "bytes_per_block"),
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 1000000000000}', "gpu_blocks"),
+    ('{"kvbm_trace": 1, "block_size": 1000000000, "gpu_blocks": 8}', "block_size"),
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "host_blocks": 100000000000000}', "host_blocks"),
+])
+def test_absurd_header_values_name_the_line_and_field(tmp_path, header, field):
+    """Read only (a reader that let them through would have the replay build a pool that size)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(header + "\n" + '{"t": 1, "prompt": 9, "hashes": ["aa", "bb"]}\n')
+    with pytest.raises(TraceError, match=rf"t.jsonl:1: '{field}' must be a whole number from 0 to"):
+        read_trace(path, progress=False)
+
+
+def test_huge_bytes_per_block_is_one_line_not_an_overflow(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "bytes_per_block": 1' + "0" * 400 + "}\n"
+                    '{"t": 1, "prompt": 9, "hashes": ["aa", "bb"]}\n')
+    assert kvbm_main(["plan", str(path), "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "t.jsonl:1: 'bytes_per_block' must be a whole number from 0 to" in err and len(err.splitlines()) == 1
+
+
+def test_absurd_flags_are_refused_or_bounded(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_kvbm_trace(path, chat_requests(users=3, rounds=2), gpu_blocks=16)
+    base = ["plan", str(path), "--no-progress", "--no-plots", "--jobs", "1", "--out", str(tmp_path / "o")]
+    for flags, message in ((["--bytes-per-block", "1" + "0" * 400], "--bytes-per-block"),
+                           (["--host-budget-gb", "inf", "--bytes-per-block", "1000"], "--host-budget-gb"),
+                           (["--points", "100000000"], "--points"),
+                           (["--g2", "1e400GB", "--bytes-per-block", "1000"], "--g2")):
+        assert kvbm_main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err
+    # A G2 larger than the trace's every block replays as that (not a pool of a trillion slots).
+    run = _plan_in_a_box([str(path), "--g2", "5,1000000000000", "--g3", "1000000000000"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "G2 sizes above" in run.stdout and "G3 sizes above" in run.stdout
+
+
+def test_lone_surrogate_in_a_prompt_names_the_line(tmp_path, model_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hello"}\n{"prompt": "bad \\ud800 text"}\n')
+    with pytest.raises(TraceError, match=r"p.jsonl:2: 'prompt' is not valid Unicode text.*lone surrogate"):
+        read_trace(path, model=model_path, progress=False)
+    path.write_text('{"prompt_token_ids": [1, 2], "cache_salt": "\\udc00"}\n')
+    with pytest.raises(TraceError, match=r"p.jsonl:1: 'cache_salt' is not valid Unicode"):
+        read_trace(path, progress=False)
+
+
+def test_huge_output_tokens_is_refused_in_bounded_memory(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt_token_ids": [1, 2, 3], "output_tokens": 1000000000000}\n')
+    run = _plan_in_a_box([str(path), "--gpu-blocks", "8"], tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "p.jsonl:1: 'output_tokens' must be a whole number from 0 to 16,777,216" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_trace_blocks_in_all_are_bounded(tmp_path, monkeypatch):
+    """Each line within bounds, the sum too large: stopped at the line that crosses it, with --limit."""
+    import kvbm.plan.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "MAX_TRACE_BLOCKS", 100)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt_token_ids": [1] * 8, "output_tokens": 150}) + "\n"
+                            for _ in range(20)))
+    with pytest.raises(TraceError, match=r"p.jsonl:3: .*--limit 2"):
+        read_trace(path, block_size=4, progress=False)
+    path.write_text(_HEADER + "\n" + json.dumps({"t": 1, "prompt": 9, "hashes": ["ab"] * 200}) + "\n")
+    with pytest.raises(TraceError, match=r"t?.jsonl:2: .*more than the replay keeps"):
+        read_trace(path, progress=False)
+
+
+def test_overlong_line_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    import kvbm.plan.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "t.jsonl"
+    path.write_text(_HEADER + "\n" + json.dumps({"t": 1, "prompt": 9, "hashes": ["ab"] * 500}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: the line is longer than"):
         read_trace(path, progress=False)

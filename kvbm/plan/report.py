@@ -65,7 +65,7 @@ def parse_sizes(text: str, bytes_per_block: int | None, flag: str) -> list[int]:
             raise PlanError(f"{flag} {text!r}: sizes in GB need --model or --bytes-per-block")
         try:
             n = int(float(item[:-2]) * GB // bytes_per_block) if in_gb else int(item)  # type: ignore[operator]
-        except ValueError:
+        except (ValueError, OverflowError):
             raise PlanError(f"{flag} {text!r}: expected block counts or GB sizes, e.g. {flag} 1000,4000 or "
                             f"{flag} 2GB,8GB") from None
         if n < 1:
