@@ -65,7 +65,17 @@ class KvbmStartupError(ConfigError, SystemExit):
         self.code = message  # what multiprocessing and the interpreter print for a SystemExit
 
 
-def _startup_error(error: ConfigError) -> KvbmStartupError:
+def _is_startup_error(error: Exception) -> bool:
+    """kvbm's own startup refusals, whose messages name the setting and the fix: a bad value
+    (ConfigError), tiers this machine cannot hold (SizingError), a rank that failed or never
+    joined the handshake (HandshakeError)."""
+    from kvbm.runtime.handshake import HandshakeError
+    from kvbm.runtime.sizing import SizingError
+
+    return isinstance(error, (ConfigError, HandshakeError, SizingError))
+
+
+def _startup_error(error: Exception) -> KvbmStartupError:
     ensure_log_handler("INFO")
     logger.error("kvbm: cannot start: %s", error)
     path = os.environ.get(STARTUP_ERROR_FILE_VAR)
@@ -88,8 +98,10 @@ class DynamoConnector(KVConnectorBase_V1):
             self._start(vllm_config, role, kv_cache_config)
         except KvbmStartupError:
             raise
-        except ConfigError as e:  # a setting (or the machine against it) is wrong: one clear line
-            raise _startup_error(e) from None
+        except Exception as e:
+            if not _is_startup_error(e):
+                raise
+            raise _startup_error(e) from None  # a setting, or the machine against it, is wrong: one clear line
 
     def _start(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
