@@ -37,7 +37,8 @@ async def measure(url: str, spec: WorkloadSpec) -> dict[str, float]:
         result = await run_workload(client, spec)
     s = result.summary()
     return {"made": len(result.records), "scheduled": on_schedule(spec),
-            "lag_p50": statistics.median(r.client_lag for r in result.records), "lag_p99": s["client_lag_p99"], "ttft_median": statistics.median(r.ttft for r in result.records),
+            "lag_p50": statistics.median(r.client_lag for r in result.records), "lag_p99": s["client_lag_p99"],
+            "ttft_median": statistics.median(r.ttft for r in result.records),
             "errors": len(result.errors)}
 
 
