@@ -25,7 +25,7 @@ from kvbm.plan.report import (
     knee,
     parse_sizes,
 )
-from kvbm.plan.simulate import SizePoint, gpu_pass, replay, sweep
+from kvbm.plan.simulate import PointResult, SizePoint, gpu_pass, replay, sweep
 from kvbm.plan.trace import TraceError, TraceWriter, read_trace
 
 BS = 4  # tokens per block in these traces
@@ -502,3 +502,26 @@ def test_overlong_line_is_refused_before_it_is_read_whole(tmp_path, monkeypatch)
     path.write_text(_HEADER + "\n" + json.dumps({"t": 1, "prompt": 9, "hashes": ["ab"] * 500}) + "\n")
     with pytest.raises(TraceError, match=r"t.jsonl:2: the line is longer than"):
         read_trace(path, progress=False)
+
+
+def _point(host_blocks: int, g2_share: float, prompt_tokens: int = 100_000) -> PointResult:
+    return PointResult(host_blocks, 0, True, requests=10, prompt_tokens=prompt_tokens,
+                       host_hit_blocks=round(g2_share * prompt_tokens / BS), looked_up_blocks=prompt_tokens // BS)
+
+
+def test_recommended_g2_is_never_below_the_printed_knee():
+    """The issue's case: refined sizes packed around the 95% point (84, 89 blocks) on a curve still
+    rising there; 95% alone recommended 84 while the knee line said 89."""
+    shares = {10: 0.0, 20: 0.05, 40: 0.30, 80: 0.80, 84: 0.95, 89: 0.99, 160: 0.995, 320: 1.0}
+    sweep_ = [_point(n, g) for n, g in shares.items()]
+    plan = Plan("t", 10, 100_000, BS, 16, None, _point(0, 0.0), sweep_)
+    knee_line = next(line for line in plan.knees() if line.startswith("G2: knee at"))
+    assert knee_line.startswith("G2: knee at 89 blk")
+    assert plan.recommended_host().host_blocks == 89
+    assert "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=89" in "\n".join(plan.recommendation())
+    # A knee below the 95% point: the recommendation is the 95% point, and the output says why.
+    shares = {10: 0.0, 20: 0.60, 40: 0.70, 80: 0.80, 160: 0.96, 320: 1.0}
+    plan = Plan("t", 10, 100_000, BS, 16, None, _point(0, 0.0), [_point(n, g) for n, g in shares.items()])
+    lines = plan.knees()
+    assert lines[0].startswith("G2: knee at 20 blk") and plan.recommended_host().host_blocks == 160
+    assert lines[1].startswith("  recommended G2 160 blk: the smallest size with 95% of the largest gain")
