@@ -7,15 +7,24 @@ tracebacks. ``kvbm serve``, ``kvbm bench compare`` and ``kvbm demo`` know the
 ``--kv-transfer-config`` they hand to vLLM and the environment it will see, so
 they build the same validated config object (:func:`kvbm.config.load_config`)
 first and stop with one line. Imports nothing heavy: it runs before vLLM.
+
+Inside vLLM the connector turns kvbm's own startup refusals into
+:class:`KvbmStartupError` (:func:`startup_error`): one ERROR line, and the
+reason left for ``kvbm serve`` to print last.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kvbm.config import KvbmConfig, load_config
+from kvbm.config import ConfigError, KvbmConfig, load_config
+from kvbm.logs import ensure_log_handler
+
+logger = logging.getLogger(__name__)
 
 CONNECTOR = "DynamoConnector"
 #: Set by ``kvbm serve`` (kvbm.cli): a private file where engine processes leave the reason they
@@ -73,3 +82,46 @@ def check_vllm_args(argv: Sequence[str], environ: Mapping[str, str]) -> list[Kvb
     if not transfers:
         return []
     return [load_config(extra, environ) for extra in kvbm_extra_configs(transfers[-1])]
+
+
+# ---- inside vLLM's engine (kvbm.vllm_integration.connector) ----------------------------------
+
+
+class KvbmStartupError(ConfigError, SystemExit):
+    """A kvbm setting stops the engine: its ``str`` is the one clear message.
+
+    Also a ``SystemExit``, so the message reaches the user as one line, not
+    three tracebacks: vLLM's engine process re-raises a SystemExit without
+    logging its stack ("EngineCore failed to start." + traceback), and
+    ``multiprocessing`` then prints only the message as the process exits;
+    uncaught in a script it is likewise one line. Still a ``ConfigError``
+    (a ``ValueError``), so ``except ConfigError`` / ``except Exception`` around an
+    in-process ``vllm.LLM(...)`` catch it as before.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = message  # what multiprocessing and the interpreter print for a SystemExit
+
+
+def is_startup_error(error: Exception) -> bool:
+    """kvbm's own startup refusals, whose messages name the setting and the fix: a bad value
+    (ConfigError), tiers this machine cannot hold (SizingError), a rank that failed or never
+    joined the handshake (HandshakeError)."""
+    from kvbm.runtime.handshake import HandshakeError
+    from kvbm.runtime.sizing import SizingError
+
+    return isinstance(error, (ConfigError, HandshakeError, SizingError))
+
+
+def startup_error(error: Exception) -> KvbmStartupError:
+    ensure_log_handler("INFO")
+    logger.error("kvbm: cannot start: %s", error)
+    path = os.environ.get(STARTUP_ERROR_FILE_VAR)
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(str(error).replace("\n", " ") + "\n")
+        except OSError:
+            pass  # the log line above still says it
+    return KvbmStartupError(str(error))

@@ -13,7 +13,6 @@ This class only routes calls; policy and data movement live elsewhere.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,11 +23,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvbm.config import ConfigError, load_config
+from kvbm.config import load_config
 from kvbm.core.tiers import DISK, HOST
 from kvbm.logs import ensure_log_handler
 from kvbm.platform import prepare_cpu_process
-from kvbm.preflight import STARTUP_ERROR_FILE_VAR
+from kvbm.preflight import KvbmStartupError, is_startup_error, startup_error
 from kvbm.vllm_integration import compat
 from kvbm.vllm_integration.metadata import KvbmMetadata
 
@@ -48,46 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class KvbmStartupError(ConfigError, SystemExit):
-    """A kvbm setting stops the engine: its ``str`` is the one clear message.
-
-    Also a ``SystemExit``, so the message reaches the user as one line, not
-    three tracebacks: vLLM's engine process re-raises a SystemExit without
-    logging its stack ("EngineCore failed to start." + traceback), and
-    ``multiprocessing`` then prints only the message as the process exits;
-    uncaught in a script it is likewise one line. Still a ``ConfigError``
-    (a ``ValueError``), so ``except ConfigError`` / ``except Exception`` around an
-    in-process ``vllm.LLM(...)`` catch it as before.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = message  # what multiprocessing and the interpreter print for a SystemExit
-
-
-def _is_startup_error(error: Exception) -> bool:
-    """kvbm's own startup refusals, whose messages name the setting and the fix: a bad value
-    (ConfigError), tiers this machine cannot hold (SizingError), a rank that failed or never
-    joined the handshake (HandshakeError)."""
-    from kvbm.runtime.handshake import HandshakeError
-    from kvbm.runtime.sizing import SizingError
-
-    return isinstance(error, (ConfigError, HandshakeError, SizingError))
-
-
-def _startup_error(error: Exception) -> KvbmStartupError:
-    ensure_log_handler("INFO")
-    logger.error("kvbm: cannot start: %s", error)
-    path = os.environ.get(STARTUP_ERROR_FILE_VAR)
-    if path:
-        try:
-            with open(path, "a") as f:
-                f.write(str(error).replace("\n", " ") + "\n")
-        except OSError:
-            pass  # the log line above still says it
-    return KvbmStartupError(str(error))
-
-
 class DynamoConnector(KVConnectorBase_V1):
     if VLLM.cache_hit_source is not None:
         _cache_hit_source = VLLM.cache_hit_source.HOST
@@ -99,9 +58,9 @@ class DynamoConnector(KVConnectorBase_V1):
         except KvbmStartupError:
             raise
         except Exception as e:
-            if not _is_startup_error(e):
+            if not is_startup_error(e):
                 raise
-            raise _startup_error(e) from None  # a setting, or the machine against it, is wrong: one clear line
+            raise startup_error(e) from None  # a setting, or the machine against it, is wrong: one clear line
 
     def _start(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
