@@ -302,7 +302,11 @@ def _without_pool_override(args: list[str]) -> list[str]:
 
 
 def _root_cause(log: str) -> str | None:
-    """The last exception line in a server log ("ValueError: ..."), the reason users need to see."""
+    """The last exception line in a server log ("ValueError: ..."), the reason users need to see;
+    kvbm's own refusal (``kvbm serve: error: ...``, printed last by the server) wins."""
+    refusals = [line.split("kvbm serve: error: ", 1)[1] for line in log.splitlines() if "kvbm serve: error: " in line]
+    if refusals:
+        return refusals[-1] if len(refusals[-1]) < 400 else refusals[-1][:400] + "..."
     pattern = re.compile(r"(?:^|\]\s|\s)([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
     causes = [f"{m.group(1)}: {m.group(2)}" for line in log.splitlines() if (m := pattern.search(line))]
     generic = ("Engine core initialization failed", "RuntimeError: vLLM server exited")
