@@ -76,7 +76,7 @@ def test_which_connectors_are_checked():
                            {"DYN_KVBM_CPU_CACHE_GB": "2"})[0].cpu_cache_gb == 2.0
 
 
-def test_engine_side_error_is_one_line(tmp_path, monkeypatch, caplog):
+def test_engine_side_error_is_one_line(tmp_path, monkeypatch):
     """Inside vLLM's engine: logged once at ERROR, raised as an exception whose str is the message, left
     for `kvbm serve` in its file; a process that dies of it prints that one line, no traceback."""
     from kvbm.preflight import KvbmStartupError, startup_error
@@ -84,10 +84,17 @@ def test_engine_side_error_is_one_line(tmp_path, monkeypatch, caplog):
     message = "DYN_KVBM_CPU_CACHE_GB='abc' is not a number; set it to e.g. DYN_KVBM_CPU_CACHE_GB=4"
     handoff = tmp_path / "serve.err"
     monkeypatch.setenv(STARTUP_ERROR_FILE_VAR, str(handoff))
-    with caplog.at_level(logging.ERROR, logger="kvbm"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("kvbm")  # its own handler: other tests may stop kvbm's propagation
+    log.addHandler(handler)
+    try:
         error = startup_error(ConfigError(message))
+    finally:
+        log.removeHandler(handler)
     assert str(error) == message and isinstance(error, ConfigError) and isinstance(error, Exception)
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("kvbm")] == [f"kvbm: cannot start: {message}"]
+    assert [r.getMessage() for r in records] == [f"kvbm: cannot start: {message}"]
     assert handoff.read_text() == message + "\n"
     assert isinstance(error, KvbmStartupError)
     # As vLLM's engine process dies of it (multiprocessing), and as a script does.
