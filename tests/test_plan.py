@@ -458,6 +458,10 @@ def test_absurd_flags_are_refused_or_bounded(tmp_path, capsys):
     run = _plan_in_a_box([str(path), "--g2", "5,1000000000000", "--g3", "1000000000000"], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "G2 sizes above" in run.stdout and "G3 sizes above" in run.stdout
+    run = _plan_in_a_box([str(path), "--host-budget-gb", "1000000", "--bytes-per-block", "1000", "--no-disk"],
+                         tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "G2 sizes above" in run.stdout
 
 
 def test_lone_surrogate_in_a_prompt_names_the_line(tmp_path, model_path):

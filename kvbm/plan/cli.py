@@ -162,9 +162,9 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     host_sizes = parse_sizes(args.g2, bpb, "--g2") if args.g2 else grid(lowest, everything, args.points)
     if trace.host_blocks and not args.g2:
         host_sizes = sorted(set(host_sizes) | {trace.host_blocks})  # what the server had, for comparison
-    host_sizes = _within(host_sizes, everything, "G2", plan_notes)
     if budget:
         host_sizes = sorted({s for s in host_sizes if s <= budget} | {budget})
+    host_sizes = _within(host_sizes, everything, "G2", plan_notes)  # after the budget: it may be huge
     baseline = replay(trace, gpu, SizePoint(0))
     replay_started = time.perf_counter()
     host_sweep = sweep(trace, gpu, [SizePoint(s) for s in host_sizes], settings, jobs, progress, "G2 sizes")
