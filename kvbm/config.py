@@ -402,6 +402,10 @@ def _parse_faults(name: str, raw: Any) -> tuple[tuple[str, float], ...]:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={raw!r}: {value!r} is not a number, e.g. {example}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={raw!r}: {key}={value.strip()} is not a finite number, e.g. {example}")
+        if key == "seed" and not (number.is_integer() and 0 <= number < 2**63):
+            raise ConfigError(f"{name}={raw!r}: seed must be a whole number from 0 to 2^63-1, e.g. {example}")
         if key == "read_delay_ms" and not 0.0 <= number <= 10_000:
             raise ConfigError(f"{name}={raw!r}: read_delay_ms must be 0-10000 milliseconds per block read")
         if key not in ("seed", "read_delay_ms") and not 0.0 <= number <= 1.0:
@@ -602,7 +606,16 @@ def _unknown_env(name: str) -> str:
     exact = PREFIX + name[len(PREFIX):].upper()
     if exact in ENV_VARS:
         return f"{name} (variable names are case-sensitive: did you mean {exact}?)"
-    return name
+    close = _closest(exact, ENV_VARS)
+    return f"{name} (did you mean {close}?)" if close else name
+
+
+def _closest(name: str, known: tuple[str, ...] | list[str], cutoff: float = 0.75) -> str | None:
+    """The known name a typo most likely meant (``DYN_KVBM_CPU_CACHE_GBS`` -> ``DYN_KVBM_CPU_CACHE_GB``)."""
+    import difflib
+
+    found = difflib.get_close_matches(name, known, n=1, cutoff=cutoff)
+    return found[0] if found else None
 
 
 def load_config(
@@ -624,9 +637,12 @@ def load_config(
     for key, raw in (extra_config or {}).items():
         short = key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
         if short not in _FIELDS:
-            if key.upper().startswith(PREFIX):
-                unknown.append(f"kv_connector_extra_config[{key!r}]")
-            continue  # other connectors' keys (e.g. under MultiConnector) are not ours
+            # Other connectors' keys (e.g. under MultiConnector) are not ours, but one a letter or
+            # two from a kvbm key (cpu_cache_gbs) is a typo that would silently drop the setting.
+            close = _closest(short, list(_FIELDS), 0.85)
+            if key.upper().startswith(PREFIX) or close:
+                unknown.append(f"kv_connector_extra_config[{key!r}]" + (f" (did you mean {close!r}?)" if close else ""))
+            continue
         name = f"kv_connector_extra_config[{key!r}]"
         if short in ("leader_zmq_secret", "remote_secret"):
             raise ConfigError(
@@ -642,9 +658,10 @@ def load_config(
             )
         sources[short] = name
     if unknown:
+        guessed = all("did you mean" in u for u in unknown)
         raise ConfigError(
-            f"unknown kvbm setting(s): {', '.join(sorted(unknown))}. "
-            f"Known: {', '.join(ENV_VARS)}"
+            f"unknown kvbm setting(s): {', '.join(sorted(unknown))}"
+            + ("" if guessed else f". Known: {', '.join(ENV_VARS)}")
         )
     config = KvbmConfig(**values, sources=sources)
     if not (config.has_host_tier or config.has_disk_tier or config.has_remote_tier):

@@ -30,6 +30,7 @@ import bisect
 import errno
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -565,6 +566,21 @@ class _GuardedServer(ThreadingWSGIServer):
             self._reading.pop(request, None)
         super().shutdown_request(request)
 
+    def handle_error(self, request: socket.socket, client_address: object) -> None:
+        """A connection that failed: one log line, not socketserver's traceback on stderr.
+
+        A client that stalls until its deadline (or hangs up, or resets) is the
+        normal case this server is built for; it was printing 15 lines of stack
+        to the server's stderr for each one.
+        """
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # TimeoutError, ConnectionResetError, BrokenPipeError, ...
+            logger.debug("kvbm metrics: closed the connection from %s: %s", _peer(client_address),
+                         error.strerror or str(error) or type(error).__name__)
+        else:
+            logger.warning("kvbm metrics: error answering %s: %s: %s", _peer(client_address),
+                           type(error).__name__, error)
+
     def service_actions(self) -> None:
         """Called by serve_forever about twice a second: close connections past their deadline."""
         with self._lock:
@@ -583,6 +599,10 @@ class _GuardedServer(ThreadingWSGIServer):
             request.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _peer(address: object) -> str:
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)
 
 
 def _serve(host: str, port: int, registry: CollectorRegistry, max_connections: int,

@@ -148,3 +148,6 @@ RuntimeError: Engine core initialization failed. See root cause above.
 """
     assert _root_cause(log) == "ValueError: CPU Offloading is currently only supported on CUDA"
     assert _root_cause("all good") is None
+    # kvbm's own refusal, which `kvbm serve` prints last, is the reason.
+    log += "kvbm serve: error: DYN_KVBM_DISK_CACHE_DIR=/tmp/x is writable by other users; fix it\n"
+    assert _root_cause(log) == "DYN_KVBM_DISK_CACHE_DIR=/tmp/x is writable by other users; fix it"

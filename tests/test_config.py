@@ -72,7 +72,8 @@ def test_disk_fault_injection_setting():
     assert cfg.disk_fault_injection == (("read_error", 0.1), ("write_corrupt", 0.05), ("seed", 7.0))
     slow = load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": "read_delay_ms=40"})
     assert slow.disk_fault_injection == (("read_delay_ms", 40.0),)
-    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x", "read_delay_ms=-1"]:
+    for bad in ["read_eror=0.1", "read_error", "read_error=2", "read_error=x", "read_delay_ms=-1",
+                "seed=nan", "seed=inf", "seed=1.5", "seed=-1", "read_error=nan", "read_delay_ms=inf"]:
         with pytest.raises(ConfigError, match="DYN_KVBM_DISK_FAULT_INJECTION"):
             load({CPU_GB: "1", "DYN_KVBM_DISK_FAULT_INJECTION": bad})
     assert cfg.leader_worker_init_timeout_secs == 1800.0
@@ -341,11 +342,28 @@ def test_equal_zmq_ports():
     assert PUB in msg and ACK in msg
 
 
-@pytest.mark.parametrize("typo", ["DYN_KVBM_CPU_CACH_GB", "DYN_KVBM_CPU_CACHE_GIB", "DYN_KVBM_METRIC"])
-def test_unknown_env_variable(typo):
+@pytest.mark.parametrize("typo, meant", [("DYN_KVBM_CPU_CACH_GB", CPU_GB), ("DYN_KVBM_CPU_CACHE_GIB", CPU_GB),
+                                         ("DYN_KVBM_CPU_CACHE_GBS", CPU_GB), ("DYN_KVBM_METRIC", "DYN_KVBM_METRICS")])
+def test_unknown_env_variable(typo, meant):
+    """One suggestion, the closest known name, not a line of all 36."""
     msg = _error({CPU_GB: "1", typo: "4"})
-    assert typo in msg
-    assert CPU_GB in msg  # the list of known settings points to the right spelling
+    assert f"{typo} (did you mean {meant}?)" in msg
+    assert "Known:" not in msg
+
+
+def test_unknown_env_variable_far_from_any_lists_the_known_ones():
+    msg = _error({CPU_GB: "1", "DYN_KVBM_XYZZY": "4"})
+    assert "DYN_KVBM_XYZZY" in msg and "did you mean" not in msg and f"Known: {CPU_GB}" in msg
+
+
+def test_misspelt_extra_config_key_is_an_error_with_the_closest_key():
+    """An unprefixed key a letter away from a kvbm key was silently dropped (the setting not in effect);
+    keys of other connectors sharing the extra config are still left alone."""
+    msg = _error({}, {"cpu_cache_gbs": 2})
+    assert "kv_connector_extra_config['cpu_cache_gbs'] (did you mean 'cpu_cache_gb'?)" in msg
+    msg = _error({CPU_GB: "1"}, {"DYN_KVBM_DISK_CACHE_GBS": 2})
+    assert "did you mean 'disk_cache_gb'?" in msg
+    assert load({CPU_GB: "1"}, {"backends": ["UCX"], "lmcache.chunk_size": 256}).cpu_cache_gb == 1.0
 
 
 def test_unknown_env_variable_even_without_a_tier():

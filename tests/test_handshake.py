@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -21,6 +22,7 @@ import pytest
 
 from kvbm.config import KvbmConfig, load_config
 from kvbm.runtime.handshake import (
+    DEAD_AFTER_S,
     TIMEOUT_VAR,
     HandshakeError,
     LeaderHandshake,
@@ -162,14 +164,20 @@ def test_leader_started_after_workers(procs):
 
 
 # ---- failures --------------------------------------------------------------
+def _silent_s(message: str) -> float:
+    """The silence a handshake error reports ("... (3.2s silent ...")."""
+    match = re.search(r"\((\d+(?:\.\d+)?)s silent", message)
+    assert match, message
+    return float(match.group(1))
+
+
 def test_worker_that_never_joins_fails_within_timeout(procs):
     cfg, eid = config(leader_worker_init_timeout_secs=2), str(uuid.uuid4())
     procs.worker(cfg, eid, 0)
     start = time.monotonic()
     with pytest.raises(HandshakeError) as err:
         run_leader(cfg, eid)
-    elapsed = time.monotonic() - start
-    assert 2 <= elapsed < 6
+    assert time.monotonic() - start >= 2  # never before the timeout (its end is bounded by the test's own timeout)
     message = str(err.value)
     assert "rank(s) 1 of world_size 2 never joined" in message
     assert TIMEOUT_VAR in message
@@ -185,10 +193,11 @@ def test_worker_killed_mid_handshake_is_reported(procs):
     leader = LeaderHandshake(cfg, 2, eid).start()
     assert allocating.wait(30)
     os.kill(victim.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    with pytest.raises(HandshakeError, match=r"worker rank 1 \(pid \d+ on .*\) stopped responding"):
+    with pytest.raises(HandshakeError, match=r"worker rank 1 \(pid \d+ on .*\) stopped responding") as err:
         leader.wait()
-    assert time.monotonic() - killed < 10  # its closed connection gave it away, not the 30 s limit
+    # Its closed connection gave it away, not the 30 s silence limit: the rule that fired, from the
+    # silence the leader measured (not this test's wall clock, which a busy machine stretches).
+    assert _silent_s(str(err.value)) < DEAD_AFTER_S
     assert "worker rank 1" in procs.by_rank(1, timeout=30)[0]["error"]
 
 
@@ -208,11 +217,10 @@ def test_leader_killed_mid_handshake_is_reported_by_workers(procs):
     leader = procs.leader(cfg, eid)
     assert allocating.wait(30)
     leader.kill()
-    killed = time.monotonic()
-    results = procs.by_rank(2, timeout=30)
-    assert time.monotonic() - killed < 10
+    results = procs.by_rank(2, timeout=60)
     for rank in range(2):
         assert "the leader at ipc://" in results[rank]["error"]
+        assert _silent_s(results[rank]["error"]) < DEAD_AFTER_S  # the closed connection, not the limit
         assert "stopped responding" in results[rank]["error"]
     ep = handshake_endpoints(cfg, eid)  # a killed leader cannot clean up after itself
     for path in (ep.pub[len("ipc://"):], ep.ack[len("ipc://"):], ep.lock):

@@ -8,6 +8,7 @@ test_metrics_prometheus.py.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -331,3 +332,43 @@ def test_half_sent_connections_hold_no_threads_forever(metrics):
         for sock in stalled:
             sock.close()
         exp.close()
+
+
+def test_stalled_connections_are_one_debug_line_not_a_traceback(metrics, capfd):
+    """Clients that connect and send nothing until the exporter times them out: each costs one
+    debug line in kvbm's log, nothing on stderr (socketserver printed a 15-line traceback each)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("kvbm.metrics")  # its own handler: other tests may stop kvbm's propagation
+    old_level, old_propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # nor to a stream handler another test left on "kvbm"
+    exp = MetricsExporter(metrics, "127.0.0.1", free_port(), request_timeout_s=0.3)
+    try:
+        # The server's own path for a failed connection, as it runs when a read times out ...
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError:
+            exp._server.handle_error(None, ("127.0.0.1", 4242))
+        # ... and real stalled clients, closed by the read timeout or by the deadline sweep.
+        stalled = [socket.create_connection(("127.0.0.1", exp.port)) for _ in range(4)]
+        for sock in stalled:
+            sock.settimeout(10)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert "kvbm_matched_tokens" in scrape(f"http://127.0.0.1:{exp.port}/metrics")
+    finally:
+        exp.close()
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        log.propagate = old_propagate
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err
+    lines = [r.getMessage() for r in records]
+    assert "kvbm metrics: closed the connection from 127.0.0.1:4242: timed out" in lines
+    assert all("\n" not in line for line in lines)

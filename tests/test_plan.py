@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from kvbm.plan.report import (
     knee,
     parse_sizes,
 )
-from kvbm.plan.simulate import SizePoint, gpu_pass, replay, sweep
+from kvbm.plan.simulate import PointResult, SizePoint, gpu_pass, replay, sweep
 from kvbm.plan.trace import TraceError, TraceWriter, read_trace
 from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
 
@@ -438,3 +441,136 @@ def test_binary_file_is_refused_cleanly(tmp_path):
     path.write_bytes(b'{"kvbm_trace": 1, "block_size": 4}\n\xff\xfe\x00garbage\n')
     with pytest.raises(TraceError, match=r":2: not UTF-8"):
         read_trace(path, progress=False)
+
+
+# ---- hostile traces: one clear error naming the line and the field, bounded memory ----------
+
+_HEADER = '{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8}'
+
+
+def _plan_in_a_box(args: list[str], tmp_path: Path, memory_gb: int = 3) -> subprocess.CompletedProcess:
+    """``kvbm plan ARGS`` in a child whose address space is capped, so a reader that grows without
+    bound fails there (MemoryError) instead of eating the machine the tests share."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+
+    return subprocess.run([sys.executable, "-m", "kvbm", "plan", *args, "--no-progress", "--no-plots", "--jobs", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=cap, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def test_deeply_nested_line_is_a_clear_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(_HEADER + "\n" + '{"t": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: JSON nested too deeply"):
+        read_trace(path, progress=False)
+
+
+@pytest.mark.parametrize("header, field", [
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "bytes_per_block": 1' + "0" * 400 + "}", "bytes_per_block"),
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 1000000000000}', "gpu_blocks"),
+    ('{"kvbm_trace": 1, "block_size": 1000000000, "gpu_blocks": 8}', "block_size"),
+    ('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "host_blocks": 100000000000000}', "host_blocks"),
+])
+def test_absurd_header_values_name_the_line_and_field(tmp_path, header, field):
+    """Read only (a reader that let them through would have the replay build a pool that size)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(header + "\n" + '{"t": 1, "prompt": 9, "hashes": ["aa", "bb"]}\n')
+    with pytest.raises(TraceError, match=rf"t.jsonl:1: '{field}' must be a whole number from 0 to"):
+        read_trace(path, progress=False)
+
+
+def test_huge_bytes_per_block_is_one_line_not_an_overflow(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvbm_trace": 1, "block_size": 4, "gpu_blocks": 8, "bytes_per_block": 1' + "0" * 400 + "}\n"
+                    '{"t": 1, "prompt": 9, "hashes": ["aa", "bb"]}\n')
+    assert kvbm_main(["plan", str(path), "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "t.jsonl:1: 'bytes_per_block' must be a whole number from 0 to" in err and len(err.splitlines()) == 1
+
+
+def test_absurd_flags_are_refused_or_bounded(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_kvbm_trace(path, chat_requests(users=3, rounds=2), gpu_blocks=16)
+    base = ["plan", str(path), "--no-progress", "--no-plots", "--jobs", "1", "--out", str(tmp_path / "o")]
+    for flags, message in ((["--bytes-per-block", "1" + "0" * 400], "--bytes-per-block"),
+                           (["--host-budget-gb", "inf", "--bytes-per-block", "1000"], "--host-budget-gb"),
+                           (["--points", "100000000"], "--points"),
+                           (["--g2", "1e400GB", "--bytes-per-block", "1000"], "--g2")):
+        assert kvbm_main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err
+    # A G2 larger than the trace's every block replays as that (not a pool of a trillion slots).
+    run = _plan_in_a_box([str(path), "--g2", "5,1000000000000", "--g3", "1000000000000"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "G2 sizes above" in run.stdout and "G3 sizes above" in run.stdout
+    run = _plan_in_a_box([str(path), "--host-budget-gb", "1000000", "--bytes-per-block", "1000", "--no-disk"],
+                         tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "G2 sizes above" in run.stdout
+
+
+def test_lone_surrogate_in_a_prompt_names_the_line(tmp_path, model_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hello"}\n{"prompt": "bad \\ud800 text"}\n')
+    with pytest.raises(TraceError, match=r"p.jsonl:2: 'prompt' is not valid Unicode text.*lone surrogate"):
+        read_trace(path, model=model_path, progress=False)
+    path.write_text('{"prompt_token_ids": [1, 2], "cache_salt": "\\udc00"}\n')
+    with pytest.raises(TraceError, match=r"p.jsonl:1: 'cache_salt' is not valid Unicode"):
+        read_trace(path, progress=False)
+
+
+def test_huge_output_tokens_is_refused_in_bounded_memory(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt_token_ids": [1, 2, 3], "output_tokens": 1000000000000}\n')
+    run = _plan_in_a_box([str(path), "--gpu-blocks", "8"], tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "p.jsonl:1: 'output_tokens' must be a whole number from 0 to 16,777,216" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_trace_blocks_in_all_are_bounded(tmp_path, monkeypatch):
+    """Each line within bounds, the sum too large: stopped at the line that crosses it, with --limit."""
+    import kvbm.plan.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "MAX_TRACE_BLOCKS", 100)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt_token_ids": [1] * 8, "output_tokens": 150}) + "\n"
+                            for _ in range(20)))
+    with pytest.raises(TraceError, match=r"p.jsonl:3: .*--limit 2"):
+        read_trace(path, block_size=4, progress=False)
+    path.write_text(_HEADER + "\n" + json.dumps({"t": 1, "prompt": 9, "hashes": ["ab"] * 200}) + "\n")
+    with pytest.raises(TraceError, match=r"t?.jsonl:2: .*more than the replay keeps"):
+        read_trace(path, progress=False)
+
+
+def test_overlong_line_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    import kvbm.plan.trace as trace_mod
+
+    monkeypatch.setattr(trace_mod, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "t.jsonl"
+    path.write_text(_HEADER + "\n" + json.dumps({"t": 1, "prompt": 9, "hashes": ["ab"] * 500}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: the line is longer than"):
+        read_trace(path, progress=False)
+
+
+def _point(host_blocks: int, g2_share: float, prompt_tokens: int = 100_000) -> PointResult:
+    return PointResult(host_blocks, 0, True, requests=10, prompt_tokens=prompt_tokens,
+                       host_hit_blocks=round(g2_share * prompt_tokens / BS), looked_up_blocks=prompt_tokens // BS)
+
+
+def test_recommended_g2_is_never_below_the_printed_knee():
+    """The issue's case: refined sizes packed around the 95% point (84, 89 blocks) on a curve still
+    rising there; 95% alone recommended 84 while the knee line said 89."""
+    shares = {10: 0.0, 20: 0.05, 40: 0.30, 80: 0.80, 84: 0.95, 89: 0.99, 160: 0.995, 320: 1.0}
+    sweep_ = [_point(n, g) for n, g in shares.items()]
+    plan = Plan("t", 10, 100_000, BS, 16, None, _point(0, 0.0), sweep_)
+    knee_line = next(line for line in plan.knees() if line.startswith("G2: knee at"))
+    assert knee_line.startswith("G2: knee at 89 blk")
+    assert plan.recommended_host().host_blocks == 89
+    assert "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS=89" in "\n".join(plan.recommendation())
+    # A knee below the 95% point: the recommendation is the 95% point, and the output says why.
+    shares = {10: 0.0, 20: 0.60, 40: 0.70, 80: 0.80, 160: 0.96, 320: 1.0}
+    plan = Plan("t", 10, 100_000, BS, 16, None, _point(0, 0.0), [_point(n, g) for n, g in shares.items()])
+    lines = plan.knees()
+    assert lines[0].startswith("G2: knee at 20 blk") and plan.recommended_host().host_blocks == 160
+    assert lines[1].startswith("  recommended G2 160 blk: the smallest size with 95% of the largest gain")

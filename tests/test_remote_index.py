@@ -298,10 +298,10 @@ def test_a_stalled_redis_never_holds_a_scheduler_step(redis_server):
 
     def ask(rid: str, tokens) -> tuple[int | None, bool]:
         rt.begin_step(0)  # what vLLM's build_connector_meta does at the end of each schedule()
-        began = time.monotonic()
-        answer = rt.match(rid, tokens, 0)
-        assert time.monotonic() - began < 1.0  # never the 2 s remote timeout
-        return answer
+        # No wall-clock bound here (a busy machine stretches any): that a step never waits the 2 s
+        # remote timeout shows as the None ("not known yet") answers below while Redis is stopped;
+        # a step that waited would have answered the timeout's miss instead.
+        return rt.match(rid, tokens, 0)
 
     def until_known(rid: str, tokens) -> tuple[int | None, bool]:
         deadline = time.monotonic() + 30

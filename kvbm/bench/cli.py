@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -185,7 +186,8 @@ def report(outcomes: list, out_dir: Path, plots: bool, title: str) -> list[Path]
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from kvbm.bench.compare import Configuration, builtin_configurations, run_compare
+    from kvbm.bench.compare import Configuration, builtin_configurations, preflight, run_compare
+    from kvbm.config import ConfigError
 
     started = time.monotonic()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -200,6 +202,11 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise SystemExit("kvbm bench compare: configuration names must be distinct")
     spec = spec_from_args(args)
     out_dir = args.out or Path("out") / "bench"
+    try:
+        preflight(args.model, configs, engine_args_from(args), env_from(args))
+    except ConfigError as exc:
+        print(f"kvbm bench compare: error: {exc}", file=sys.stderr)
+        return 2
     print(f"kvbm bench compare: {', '.join(c.name for c in configs)}\n  workload: {spec.describe()}", flush=True)
     outcomes = run_compare(args.model, configs, spec, engine_args_from(args), out_dir, env_from(args),
                            progress=False if args.no_progress else None, startup_timeout=args.startup_timeout)

@@ -190,12 +190,30 @@ def run_compare(model: str, configs: list[Configuration], spec: WorkloadSpec, en
     A configuration that fails (a server that does not start, an option the
     platform lacks) is reported in its column; the others still run.
     """
+    preflight(model, configs, engine_args, env)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _stop_on_sigterm():
         outcomes = [_run_one(model, config, spec, engine_args, out_dir, env, progress, startup_timeout)
                     for config in configs]
     _write_summary_json(outcomes, spec, out_dir / "summary.json")
     return outcomes
+
+
+def preflight(model: str, configs: list[Configuration], engine_args: list[str],
+              env: dict[str, str] | None = None) -> None:
+    """Validate every configuration's kvbm settings before the first server starts (else a typo in the
+    last one shows up as a failed column after the others ran for minutes); raises ConfigError."""
+    from kvbm.config import ConfigError
+    from kvbm.preflight import check_vllm_args
+
+    for config in configs:
+        server = VllmServer(model, [*COMMON_ARGS, *engine_args, *config.extra_args],
+                            env={**COMMON_ENV, **(env or {}), **config.env},
+                            kvbm_extra_config=dict(config.kvbm) if config.kvbm is not None else None)
+        try:
+            check_vllm_args(server.argv, server.env)
+        except ConfigError as e:
+            raise ConfigError(f"configuration {config.name!r}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -284,7 +302,11 @@ def _without_pool_override(args: list[str]) -> list[str]:
 
 
 def _root_cause(log: str) -> str | None:
-    """The last exception line in a server log ("ValueError: ..."), the reason users need to see."""
+    """The last exception line in a server log ("ValueError: ..."), the reason users need to see;
+    kvbm's own refusal (``kvbm serve: error: ...``, printed last by the server) wins."""
+    refusals = [line.split("kvbm serve: error: ", 1)[1] for line in log.splitlines() if "kvbm serve: error: " in line]
+    if refusals:
+        return refusals[-1] if len(refusals[-1]) < 400 else refusals[-1][:400] + "..."
     pattern = re.compile(r"(?:^|\]\s|\s)([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
     causes = [f"{m.group(1)}: {m.group(2)}" for line in log.splitlines() if (m := pattern.search(line))]
     generic = ("Engine core initialization failed", "RuntimeError: vLLM server exited")

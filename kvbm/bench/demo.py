@@ -14,6 +14,7 @@ alone sustains on 2 cores, so its TTFT is prefill rather than queueing.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -45,11 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvbm.bench.cli import report
-    from kvbm.bench.compare import builtin_configurations, run_compare
+    from kvbm.bench.compare import builtin_configurations, preflight, run_compare
     from kvbm.bench.workload import WorkloadSpec
+    from kvbm.config import ConfigError
     from kvbm.demo.tiny_model import build_model
 
     started = time.monotonic()
+    names = ["vllm", "kvbm-host"] + (["kvbm-host+disk"] if args.disk else [])
+    configs = builtin_configurations(names, args.cpu_cache_gb)
+    try:  # before building the model and starting vLLM: a bad setting is one line, at once
+        preflight(args.model or "MODEL", configs, [])
+    except ConfigError as exc:
+        print(f"kvbm demo: error: {exc}", file=sys.stderr)
+        return 2
     model = args.model or str(build_model(preset=args.preset))
     spec = WorkloadSpec(
         num_users=args.num_users, num_rounds=args.num_rounds, system_prompt_words=args.system_prompt,
@@ -58,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     )
     engine_args = ["--block-size", "128", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
                    "--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-seqs", "4"]
-    names = ["vllm", "kvbm-host"] + (["kvbm-host+disk"] if args.disk else [])
-    configs = builtin_configurations(names, args.cpu_cache_gb)
     print(f"kvbm demo: {', '.join(names)} on {model}\n  workload: {spec.describe()}", flush=True)
     outcomes = run_compare(model, configs, spec, engine_args, args.out,
                            progress=False if args.no_progress else None)

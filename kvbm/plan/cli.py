@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvbm.config import KvbmConfig, env_var
+from kvbm.config import MAX_COUNT, MAX_GB, MAX_SECONDS, KvbmConfig, env_var
 from kvbm.core.tiers import LOAD_MODES
 
 logger = logging.getLogger(__name__)
@@ -90,23 +90,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(value: float | int | None, flag: str) -> None:
+def _positive(value: float | int | None, flag: str, most: float | None = None) -> None:
+    """> 0, finite, and at most ``most``: beyond a sane bound a flag is a typo that would otherwise
+    overflow a float or make the replay build pools of billions of blocks."""
+    import math
+
     from kvbm.plan.report import PlanError
 
-    if value is not None and not value > 0:
-        raise PlanError(f"{flag} must be > 0, got {value}")
+    if value is None:
+        return
+    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise PlanError(f"{flag} must be > 0 (and finite), got {value}")
+    if most is not None and value > most:
+        shown = f"{len(str(value))} digits" if isinstance(value, int) and value > 10**30 else f"{value:g}"
+        raise PlanError(f"{flag} {shown} is more than any server has (at most {most:,.0f})")
+
+
+#: Sizes per automatic grid: each point is a whole replay of the trace.
+MAX_POINTS = 64
 
 
 def make_plan(args: argparse.Namespace):  # -> Plan
     """Read the trace, replay G1 once, sweep G2, then G3 at the chosen G2."""
     from kvbm.plan.report import Plan, PlanError, Rates, bytes_per_block_from_model, grid, parse_sizes
     from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay, sweep
-    from kvbm.plan.trace import read_trace
+    from kvbm.plan.trace import (
+        MAX_BLOCK_SIZE,
+        MAX_BYTES_PER_BLOCK,
+        MAX_GPU_BLOCKS,
+        MAX_REQUEST_TOKENS,
+        read_trace,
+    )
 
-    for flag in ("block_size", "gpu_blocks", "bytes_per_block", "max_num_batched_tokens", "host_budget_gb", "points",
-                 "limit", "jobs",
-                 "filter_decay_secs", "filter_max_entries", "prefill_tokens_per_s", "host_gbps", "disk_gbps"):
-        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    bounds = {"block_size": MAX_BLOCK_SIZE, "gpu_blocks": MAX_GPU_BLOCKS, "bytes_per_block": MAX_BYTES_PER_BLOCK,
+              "max_num_batched_tokens": MAX_REQUEST_TOKENS, "host_budget_gb": MAX_GB, "points": MAX_POINTS,
+              "limit": MAX_COUNT, "jobs": 1024, "filter_decay_secs": MAX_SECONDS, "filter_max_entries": MAX_COUNT,
+              "prefill_tokens_per_s": 1e12, "host_gbps": 1e6, "disk_gbps": 1e6}
+    for flag, most in bounds.items():
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"), most)
     progress = False if args.no_progress else None
     started = time.perf_counter()
     trace = read_trace(args.trace, model=args.model, block_size=args.block_size, limit=args.limit,
@@ -120,6 +141,9 @@ def make_plan(args: argparse.Namespace):  # -> Plan
     bpb = args.bytes_per_block or trace.bytes_per_block
     if not bpb and args.model:
         bpb = bytes_per_block_from_model(args.model, bs, args.kv_dtype)
+        if bpb > MAX_BYTES_PER_BLOCK:
+            raise PlanError(f"{args.model}/config.json gives {bpb:,} bytes per block, more than any model has; "
+                            "pass --bytes-per-block")
     if not bpb:
         logger.warning("no --model or --bytes-per-block: sizes are given in blocks only")
 
@@ -129,6 +153,7 @@ def make_plan(args: argparse.Namespace):  # -> Plan
                               args.load_mode or trace.load_mode or _DEFAULTS.load_mode,
                               args.max_num_batched_tokens or trace.max_num_batched_tokens)
     jobs = args.jobs or os.cpu_count() or 1
+    plan_notes: list[str] = []
     budget = int(args.host_budget_gb * 1e9 // bpb) if args.host_budget_gb and bpb else None
     if args.host_budget_gb and not bpb:
         raise PlanError("--host-budget-gb needs --model or --bytes-per-block")
@@ -139,13 +164,14 @@ def make_plan(args: argparse.Namespace):  # -> Plan
         host_sizes = sorted(set(host_sizes) | {trace.host_blocks})  # what the server had, for comparison
     if budget:
         host_sizes = sorted({s for s in host_sizes if s <= budget} | {budget})
+    host_sizes = _within(host_sizes, everything, "G2", plan_notes)  # after the budget: it may be huge
     baseline = replay(trace, gpu, SizePoint(0))
     replay_started = time.perf_counter()
     host_sweep = sweep(trace, gpu, [SizePoint(s) for s in host_sizes], settings, jobs, progress, "G2 sizes")
     plan = Plan(trace_path=str(args.trace), requests=len(trace.requests), prompt_tokens=trace.prompt_tokens,
                 block_size=bs, gpu_blocks=gpu_blocks, bytes_per_block=bpb, baseline=baseline,
                 host_sweep=host_sweep, rates=Rates(args.prefill_tokens_per_s, args.host_gbps, args.disk_gbps),
-                gpu_shortfall=gpu.shortfall, notes=list(trace.notes))
+                gpu_shortfall=gpu.shortfall, notes=list(trace.notes) + plan_notes)
     rec = plan.recommended_host()
     if rec is not None and not args.g2:
         # Sharpen the recommendation: a few more sizes between it and the grid point below.
@@ -156,12 +182,14 @@ def make_plan(args: argparse.Namespace):  # -> Plan
             plan.host_sweep = sorted(plan.host_sweep + more, key=lambda r: r.host_blocks)
     if not args.no_disk:
         if args.g2_for_g3:
-            host_for_disk = parse_sizes(args.g2_for_g3, bpb, "--g2-for-g3")[0]
+            host_for_disk = _within(parse_sizes(args.g2_for_g3, bpb, "--g2-for-g3"), everything, "G2",
+                                    plan.notes)[0]
         else:
             rec = plan.recommended_host()
             host_for_disk = rec.host_blocks if rec is not None else None
         if host_for_disk is not None:
             disk_sizes = parse_sizes(args.g3, bpb, "--g3") if args.g3 else grid(lowest, everything, args.points)
+            disk_sizes = _within(disk_sizes, everything, "G3", plan.notes)
             points = [SizePoint(host_for_disk, s, f) for f in (True, False) for s in disk_sizes]
             plan.disk_sweep = sweep(trace, gpu, points, settings, jobs, progress, "G3 sizes")
             plan.host_for_disk = host_for_disk
@@ -175,3 +203,13 @@ def make_plan(args: argparse.Namespace):  # -> Plan
         f"in {time.perf_counter() - replay_started:.1f}s on {min(jobs, len(points))} process(es), "
         f"{mean_s:.1f}s per point ({len(trace.requests) / max(mean_s, 1e-9):,.0f} requests/s)")
     return plan
+
+
+def _within(sizes: list[int], everything: int, tier: str, notes: list[str]) -> list[int]:
+    """Sizes above every distinct block of the trace replay as that many: a larger tier holds
+    nothing more, and the replay would only allocate the slots (``--g2 1000000000``: gigabytes)."""
+    if sizes and sizes[-1] > everything:
+        notes.append(f"{tier} sizes above {everything:,} blocks (every distinct block of the trace) replay as "
+                     f"{everything:,}: a larger {tier} holds nothing more")
+        return sorted({min(s, everything) for s in sizes})
+    return sizes

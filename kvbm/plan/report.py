@@ -65,7 +65,7 @@ def parse_sizes(text: str, bytes_per_block: int | None, flag: str) -> list[int]:
             raise PlanError(f"{flag} {text!r}: sizes in GB need --model or --bytes-per-block")
         try:
             n = int(float(item[:-2]) * GB // bytes_per_block) if in_gb else int(item)  # type: ignore[operator]
-        except ValueError:
+        except (ValueError, OverflowError):
             raise PlanError(f"{flag} {text!r}: expected block counts or GB sizes, e.g. {flag} 1000,4000 or "
                             f"{flag} 2GB,8GB") from None
         if n < 1:
@@ -157,10 +157,17 @@ class Plan:
         return [r for r in self.disk_sweep if r.disk_filter == disk_filter]
 
     def recommended_host(self) -> PointResult | None:
+        """The smallest G2 that gets 95% of the largest G2's gain, and not below the curve's knee.
+
+        Both rules, so the recommendation never contradicts the knee printed beside it: on a curve
+        still rising steeply where it crosses 95% (the refined sizes around the recommendation make
+        such a stretch dense), 95% alone picked 84 blocks while the knee was at 89."""
         gains = [self.share(r, "g2") for r in self.host_sweep]
         if not gains or max(gains) < MIN_GAIN:
             return None
-        return self.host_sweep[smallest_sufficient(gains)]
+        i = smallest_sufficient(gains)
+        k = knee([r.host_blocks for r in self.host_sweep], gains) if len(gains) >= 3 else None
+        return self.host_sweep[max(i, k if k is not None else i)]
 
     def recommended_disk(self) -> PointResult | None:
         """The disk point to recommend (filter on unless off serves clearly more), or None."""
@@ -237,6 +244,11 @@ class Plan:
             else:
                 lines.append(f"{name}: knee at {self.size(sizes[k])}: {_pct(values[k])} of prompt tokens, "
                              f"{_pct(values[-1])} at {self.size(sizes[-1])}")
+            rec = self.recommended_host() if tier == "g2" else None
+            if rec is not None and (k is None or sizes[k] != rec.host_blocks):
+                lines.append(f"  recommended G2 {self.size(rec.host_blocks)}: the smallest size with "
+                             f"{GAIN_SHARE:.0%} of the largest gain ({_pct(self.share(rec, 'g2'))} of prompt tokens), "
+                             "never below the knee")
         return lines
 
     def recommendation(self) -> list[str]:

@@ -43,13 +43,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbm.config import ConfigError, env_var
+from kvbm.config import MAX_COUNT, ConfigError, env_var
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
 from kvbm.core.tiers import LOAD_MODES
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+#: Bounds on what one trace line may claim. A trace may come from anyone (it is
+#: meant to be shared), and without them one short line can make the replay
+#: allocate without end (``"output_tokens": 1000000000000`` is 60 billion blocks
+#: never seen again), overflow a float (``"bytes_per_block": 1e400``) or build a
+#: GPU pool of a trillion blocks. Each is far above any real server.
+#: A line's bytes: a 1M-token prompt as text or token ids fits many times over.
+MAX_LINE_BYTES = 1 << 28
+#: Prompt plus output tokens of one request (models' contexts reach ~10M tokens).
+MAX_REQUEST_TOKENS = 1 << 24
+#: Tokens per KV block (vLLM uses 16 to 256).
+MAX_BLOCK_SIZE = 1 << 16
+#: Blocks of vLLM's own pool (the replay builds it: ~100 bytes a block).
+MAX_GPU_BLOCKS = 1 << 24
+#: One KV block's bytes over all ranks (1 TB; kvbm's GB settings stop at 1e6 GB in all).
+MAX_BYTES_PER_BLOCK = 1 << 40
+#: Block ids of the whole trace, distinct or not (8 bytes each in memory): ~1 GB. Output
+#: blocks of prompt files are made up by the reader, so this bounds its memory, not the file.
+MAX_TRACE_BLOCKS = 1 << 27
 
 
 class TraceError(ValueError):
@@ -112,6 +131,7 @@ class _Ids:
         return out
 
     def fresh(self, n: int) -> array:
+        """``n`` ids no hash will ever get (blocks of generated tokens, unknown in prompt files)."""
         out = array("q", range(self.count, self.count + n))
         self.count += n
         return out
@@ -147,7 +167,12 @@ def read_trace(path: str | Path, *, model: str | None = None, block_size: int | 
 def _lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise TraceError(f"{path}:{number}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; a trace has "
+                                 "one request per line (is this a trace?)")
             if raw.strip():
                 try:
                     line = raw.decode("utf-8")
@@ -161,22 +186,51 @@ def _parse_line(line: str, path: Path, number: int) -> dict:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise TraceError(f"{path}:{number}: not JSON ({e.msg}); a trace has one JSON object per line") from None
+    except RecursionError:
+        raise TraceError(f"{path}:{number}: JSON nested too deeply to be a trace line (a trace line is one flat "
+                         "object)") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise TraceError(f"{path}:{number}: not a usable JSON line ({e})") from None
     if not isinstance(value, dict):
         raise TraceError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
+def _show(value: Any) -> str:
+    """A bad value for a message, short whatever its size."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"a {len(str(abs(value)))}-digit number"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({type(value).__name__} of {len(value):,})"
+
+
 def _number(rec: dict, key: str, path: Path, number: int, default: float | None = None) -> float:
     value = rec.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise TraceError(f"{path}:{number}: {key!r} must be a number >= 0, got {value!r}")
+        raise TraceError(f"{path}:{number}: {key!r} must be a number >= 0, got {_show(value)}")
     return value
 
 
-def _count(rec: dict, key: str, path: Path, number: int, default: int | None = None) -> int:
+def _count(rec: dict, key: str, path: Path, number: int, default: int | None = None,
+           most: int = MAX_REQUEST_TOKENS) -> int:
     value = rec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TraceError(f"{path}:{number}: {key!r} must be a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise TraceError(f"{path}:{number}: {key!r} must be a whole number from 0 to {most:,}, got {_show(value)}")
+    return value
+
+
+def _text(rec: dict, key: str, path: Path, number: int) -> str | None:
+    """A string field (prompt, cache_salt, lora) that a tokenizer and an encoder can take."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TraceError(f"{path}:{number}: {key!r} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TraceError(f"{path}:{number}: {key!r} is not valid Unicode text: character {e.start} is a lone "
+                         f"surrogate ({value[e.start]!a}), which no tokenizer takes; fix or drop that line") from None
     return value
 
 
@@ -190,6 +244,7 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
                progress: bool | None) -> Trace:
     ids = _Ids()
     trace = Trace(block_size=0, requests=[], num_block_ids=0, kind="kvbm")
+    total_blocks = 0
     with _bar(progress, "reading trace") as bar:
         for number, rec in lines:
             if "kvbm_trace" in rec:
@@ -201,7 +256,12 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
             # Hex strings are ids as they are: equal hashes, equal strings; no width assumed.
             if not isinstance(hashes, list) or not all(type(h) is str for h in hashes):
                 raise TraceError(f"{path}:{number}: 'hashes' must be a list of hex strings")
+            if len(hashes) > MAX_REQUEST_TOKENS:
+                raise TraceError(f"{path}:{number}: 'hashes' lists {len(hashes):,} blocks; at most "
+                                 f"{MAX_REQUEST_TOKENS:,} per request")
             start = _number(rec, "t", path, number)
+            total_blocks += len(hashes)
+            _check_total(total_blocks, path, number)
             trace.requests.append(TraceRequest(
                 time=start, end=max(start, _number(rec, "end", path, number, start)),
                 prompt_tokens=_count(rec, "prompt", path, number), output_tokens=_count(rec, "output", path, number, 0),
@@ -219,6 +279,13 @@ def _read_kvbm(lines: Iterator[tuple[int, dict]], path: Path, block_size: int | 
     return trace
 
 
+def _check_total(total_blocks: int, path: Path, number: int) -> None:
+    if total_blocks > MAX_TRACE_BLOCKS:
+        raise TraceError(f"{path}:{number}: the requests up to this line hold {total_blocks:,} blocks in all, more "
+                         f"than the replay keeps in memory ({MAX_TRACE_BLOCKS:,}); replay part of the trace with "
+                         f"--limit {max(1, number - 1)}")
+
+
 def _served(rec: dict, path: Path, number: int) -> tuple[int, int] | None:
     served = rec.get("served")
     if served is None:
@@ -233,9 +300,9 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
     if rec.get("kvbm_trace") != FORMAT_VERSION:
         raise TraceError(f"{path}:{number}: trace format {rec.get('kvbm_trace')!r}; this kvbm reads version "
                          f"{FORMAT_VERSION}")
-    block_size = _count(rec, "block_size", path, number)
+    block_size = _count(rec, "block_size", path, number, most=MAX_BLOCK_SIZE)
     if block_size < 1:
-        raise TraceError(f"{path}:{number}: block_size must be >= 1")
+        raise TraceError(f"{path}:{number}: 'block_size' must be >= 1")
     if trace.block_size and trace.block_size != block_size:
         raise TraceError(f"{path}:{number}: this part of the trace has {block_size}-token blocks, an earlier "
                          f"part {trace.block_size}; replay servers with different block sizes separately")
@@ -245,9 +312,11 @@ def _apply_header(trace: Trace, rec: dict, path: Path, number: int) -> None:
         if mode not in LOAD_MODES:
             raise TraceError(f"{path}:{number}: unknown load_mode {mode!r}")
         trace.load_mode = mode
+    most = {"gpu_blocks": MAX_GPU_BLOCKS, "bytes_per_block": MAX_BYTES_PER_BLOCK, "host_blocks": MAX_COUNT,
+            "disk_blocks": MAX_COUNT, "max_num_batched_tokens": MAX_REQUEST_TOKENS}
     for key in ("gpu_blocks", "bytes_per_block", "host_blocks", "disk_blocks", "max_num_batched_tokens"):
         if rec.get(key) is not None:
-            value = _count(rec, key, path, number)
+            value = _count(rec, key, path, number, most=most[key])
             old = getattr(trace, key)
             if old is not None and old != value:
                 trace.notes.append(f"{key} changed within the trace ({old} -> {value}); using {value}")
@@ -280,9 +349,10 @@ def _read_prompts(lines: Iterator[tuple[int, dict]], path: Path, model: str | No
     root0 = engine_root("kvbm plan")
     trace = Trace(block_size=block_size, requests=[], num_block_ids=0, kind="prompts")
     pending: list[tuple[int, dict]] = []
+    total_blocks = 0
 
     def flush() -> None:
-        nonlocal tokenizer
+        nonlocal tokenizer, total_blocks
         texts = [rec["prompt"] for _, rec in pending if "prompt" in rec]
         encoded: Iterator[list[int]] = iter(())
         if texts:
@@ -290,11 +360,18 @@ def _read_prompts(lines: Iterator[tuple[int, dict]], path: Path, model: str | No
                 raise TraceError(f"{path}: prompts are text; pass --model DIR so they are tokenized as the "
                                  "server would")
             tokenizer = tokenizer or load_tokenizer(model)
-            encoded = iter(tokenizer(texts)["input_ids"])
+            try:
+                encoded = iter(tokenizer(texts)["input_ids"])
+            except Exception as e:  # the tokenizer's own checks (types, lengths): name the lines, not its stack
+                first, last = pending[0][0], pending[-1][0]
+                raise TraceError(f"{path}:{first}-{last}: the tokenizer refused a 'prompt' on these lines "
+                                 f"({type(e).__name__}: {e})") from None
         for number, rec in pending:
             tokens = next(encoded) if "prompt" in rec else rec["prompt_token_ids"]
-            trace.requests.append(_prompt_request(rec, tokens, path, number, len(trace.requests), ids, root0,
-                                                  block_size))
+            request = _prompt_request(rec, tokens, path, number, len(trace.requests), ids, root0, block_size)
+            total_blocks += len(request.blocks)
+            _check_total(total_blocks, path, number)
+            trace.requests.append(request)
         bar.update(len(pending))
         pending.clear()
 
@@ -305,10 +382,21 @@ def _read_prompts(lines: Iterator[tuple[int, dict]], path: Path, model: str | No
             if "prompt" in rec:
                 if not isinstance(rec["prompt"], str):
                     raise TraceError(f"{path}:{number}: 'prompt' must be text (or give 'prompt_token_ids')")
+                _text(rec, "prompt", path, number)
             elif not (isinstance(rec.get("prompt_token_ids"), list)
                       and all(isinstance(t, int) and not isinstance(t, bool) for t in rec["prompt_token_ids"])):
                 raise TraceError(f"{path}:{number}: each line needs 'prompt' (text) or 'prompt_token_ids' "
                                  "(a list of token ids)")
+            elif len(rec["prompt_token_ids"]) > MAX_REQUEST_TOKENS:
+                raise TraceError(f"{path}:{number}: 'prompt_token_ids' holds {len(rec['prompt_token_ids']):,} "
+                                 f"tokens; at most {MAX_REQUEST_TOKENS:,} per request")
+            # Lengths and strings are checked before any tokenizing or block is made up.
+            output = _count(rec, "output_tokens", path, number, rec.get("output_len", 0))
+            if output + len(rec.get("prompt_token_ids") or ()) > MAX_REQUEST_TOKENS:
+                raise TraceError(f"{path}:{number}: 'output_tokens' {output:,} plus the prompt is more than "
+                                 f"{MAX_REQUEST_TOKENS:,} tokens per request")
+            for key in ("cache_salt", "lora", "lora_name"):
+                _text(rec, key, path, number)
             pending.append((number, rec))
             if len(pending) >= _TOKENIZE_BATCH:
                 flush()
@@ -327,10 +415,11 @@ def _prompt_request(rec: dict, tokens: Sequence[int], path: Path, number: int, i
     else:
         end = start + _number(rec, "duration", path, number, 0.0)
     output = _count(rec, "output_tokens", path, number, rec.get("output_len", 0))
-    salt, lora = rec.get("cache_salt"), rec.get("lora", rec.get("lora_name"))
-    for key, value in (("cache_salt", salt), ("lora", lora)):
-        if value is not None and not isinstance(value, str):
-            raise TraceError(f"{path}:{number}: {key!r} must be a string")
+    if len(tokens) + output > MAX_REQUEST_TOKENS:
+        raise TraceError(f"{path}:{number}: the prompt ({len(tokens):,} tokens) plus 'output_tokens' ({output:,}) is "
+                         f"more than {MAX_REQUEST_TOKENS:,} tokens per request")
+    salt = _text(rec, "cache_salt", path, number)
+    lora = _text(rec, "lora", path, number) if "lora" in rec else _text(rec, "lora_name", path, number)
     root = request_root(root0, salt, lora)
     blocks = ids.of(extend_hashes([], tokens, block_size, root))
     # Blocks holding generated tokens: their tokens are unknown, so they match nothing.

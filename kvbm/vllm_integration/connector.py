@@ -28,6 +28,7 @@ from kvbm.config import load_config
 from kvbm.core.tiers import DISK, HOST
 from kvbm.logs import ensure_log_handler
 from kvbm.platform import prepare_cpu_process
+from kvbm.preflight import KvbmStartupError, is_startup_error, startup_error
 from kvbm.vllm_integration import compat
 from kvbm.vllm_integration.metadata import KvbmMetadata
 
@@ -57,6 +58,16 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        try:
+            self._start(vllm_config, role, kv_cache_config)
+        except KvbmStartupError:
+            raise
+        except Exception as e:
+            if not is_startup_error(e):
+                raise
+            raise startup_error(e) from None  # a setting, or the machine against it, is wrong: one clear line
+
+    def _start(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         config = load_config(extra)
         ensure_log_handler(config.log_level)
