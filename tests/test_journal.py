@@ -524,12 +524,14 @@ def test_start_up_on_unwritable_or_full_directory_names_the_setting(tmp_path, ho
 def test_leader_shutdown_closes_the_journal(tmp_path):
     """Issue 13 item 8: shutdown left the journal open and its pending records unwritten."""
     from kvbm.runtime.leader import LeaderRuntime
+    from kvbm.storage.journal import JournalWriter
 
     j = DiskJournal(str(tmp_path / "j"), identity=ID)
     j.load()
     j.record_stored(hs([(7, 3)]))  # pending, not flushed
     leader = LeaderRuntime.__new__(LeaderRuntime)  # close needs only the journal (exporter, trace: None)
     leader.journal = j
+    leader.journal_writer = JournalWriter(j)
     leader.close()
     assert j._fd < 0 and leader.journal is None
     assert reopen(tmp_path / "j") == {7: 3}
@@ -647,3 +649,26 @@ def test_a_second_process_on_the_same_index_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0 and "REFUSED" not in out.stdout, out
+
+
+def test_the_step_thread_never_fsyncs_the_journal(tmp_path, monkeypatch):
+    """Commits go to the writer thread: fdatasync (and a compaction's fsync) run there, never on
+    the thread that submits them (vLLM's scheduler thread)."""
+    import threading
+
+    from kvbm.storage import journal as journal_mod
+    from kvbm.storage.journal import JournalWriter
+
+    callers: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(journal_mod.os, "fdatasync", lambda fd: (callers.append(threading.current_thread().name),
+                                                                 real(fd))[1])
+    writer = JournalWriter(DiskJournal(str(tmp_path / "w.journal"), identity=ID))
+    writer.journal.load()
+    for step in range(50):
+        writer.submit(hs([(step, step)]))
+    assert writer.wait_idle(10)
+    assert callers and set(callers) == {"kvbm-journal"}
+    writer.close()
+    with DiskJournal(str(tmp_path / "w.journal"), identity=ID) as again:
+        assert ints(again.load()) == {step: step for step in range(50)}

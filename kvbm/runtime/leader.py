@@ -27,7 +27,7 @@ from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.sizing import TierSizes
 from kvbm.storage.files import ensure_private_dir, g3_journal_path
-from kvbm.storage.journal import DiskJournal
+from kvbm.storage.journal import DiskJournal, JournalWriter
 from kvbm.storage.remote_index import LOOKUP_WAIT_S, RemoteIndex, open_remote
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class LeaderRuntime:
         if persistent:
             self._persistent = persistent[0]
             self.journal = self._open_journal(storage_key, identity)
+            self.journal_writer = JournalWriter(self.journal)
         self.metrics = CacheMetrics(self.planner, window=config.metrics_hit_rate_window, world_size=world_size,
                                     block_bytes=block_bytes * world_size, remote=self.remote)
         if config.metrics:  # one exporter per engine (this leader), never per rank: counts are not duplicated
@@ -178,10 +179,8 @@ class LeaderRuntime:
                     "only counted" if tier in self._shared else "",
                 )
         if self.journal is not None:
-            commits = self.planner.take_commits(self._persistent)
-            if commits:
-                self.journal.record_stored(commits)
-                self.journal.flush()
+            # Journaled on its own thread: the step never waits for fdatasync or a compaction.
+            self.journal_writer.submit(self.planner.take_commits(self._persistent))
 
     def _maybe_log_summary(self) -> None:
         """One line every log_summary_secs (see config), for users without Prometheus."""
@@ -202,7 +201,7 @@ class LeaderRuntime:
             self.exporter.close()
             self.exporter = None
         if self.journal is not None:
-            self.journal.close()  # flushes what is pending: fewer misses after a restart
+            self.journal_writer.close()  # writes what is pending (fewer misses after a restart), closes it
             self.journal = None
         if self.remote_index is not None:
             self.remote_index.close()  # its thread uses the store: first

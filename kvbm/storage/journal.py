@@ -55,6 +55,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 import zlib
 
 from kvbm.config import env_var
@@ -513,3 +514,70 @@ class DiskJournal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class JournalWriter:
+    """Writes a :class:`DiskJournal` on a thread of its own.
+
+    The leader commits G3 blocks on vLLM's scheduler thread, every step; a journal flush is an
+    ``fdatasync`` and now and then a whole-index compaction (fsync and rename). Here the step
+    only appends the commits to a list; this thread writes whatever has gathered since its last
+    flush (several steps' commits per ``fdatasync`` when the disk is slow), the pattern the G4
+    lookups use. A crash loses at most the commits not yet flushed: misses after the restart,
+    never wrong blocks (a journal entry is only a hint; the slot header is checked on read).
+    """
+
+    def __init__(self, journal: DiskJournal) -> None:
+        self.journal = journal
+        self._queue: list[tuple[BlockHash, int]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kvbm-journal", daemon=True)
+        self._thread.start()
+
+    def submit(self, commits: list[tuple[BlockHash, int]]) -> None:
+        """Journal these ``(hash, slot)`` commits soon; returns at once."""
+        if not commits:
+            return
+        with self._lock:
+            self._queue.extend(commits)
+            self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until everything submitted so far is flushed (tests, shutdown)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    self.journal.record_stored(batch)
+                    self.journal.flush()
+                except Exception:  # never let the writer die: a lost record is a miss after a restart
+                    logger.exception("kvbm: writing the disk index %s failed", self.journal.path)
+            with self._lock:
+                if not self._queue:
+                    self._idle.set()
+                    if self._closed:
+                        return
+                else:
+                    self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, stop the thread, close the journal (idempotent)."""
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("kvbm: the disk index writer did not finish within %.0f s; closing anyway", timeout)
+        else:
+            self.journal.close()
