@@ -130,6 +130,8 @@ def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
         # on the GPU changes its memory use meanwhile (these engines start side by side).
         "kv_cache_memory_bytes": 4 << 30, "gpu_memory_utilization": 0.05,
     }
+    if not any(Path(model).glob("*.safetensors")):
+        engine["load_format"] = "dummy"  # a config-only preset (e.g. gpu-mla): seeded random weights
     if kvbm is not None and ("disk_cache_gb" in kvbm):
         kvbm = {**kvbm, "disk_cache_dir": str(disk_dir / name)}
     return {"engine": engine, "kvbm": kvbm, "transfer": transfer,
@@ -208,7 +210,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/gpu-correctness"))
     parser.add_argument("--model", default=None, help="model path (default: build --preset)")
     parser.add_argument("--preset", default="gpu", help="kvbm.demo.tiny_model preset to build: 'gpu' (full "
-                        "attention) or 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager)")
+                        "attention) or 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager) or 'gpu-mla' (DeepSeek-V2-shaped MLA)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--timeout", type=float, default=540.0)
     parser.add_argument("--block", type=int, default=BLOCK, help="tokens per block (default: %(default)s)")

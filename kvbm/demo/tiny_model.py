@@ -75,6 +75,10 @@ class ModelPreset:
     #: ``layer_types``) for hybrid models; None: every layer full attention.
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None  # tokens, for the "sliding_attention" layers
+    #: "llama", or "deepseek_v2" (MLA: one compressed latent KV per token, kv_lora_rank wide;
+    #: dense MLP layers only, so no MoE kernels are needed). Config only: vLLM's dummy loader.
+    architecture: str = "llama"
+    kv_lora_rank: int | None = None
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -139,6 +143,21 @@ PRESETS: dict[str, ModelPreset] = {
         max_position_embeddings=32768,
         layer_types=("sliding_attention",) * 5 + ("full_attention",),
         sliding_window=512,
+    ),
+    # GPU correctness runs of an MLA model: DeepSeek-V2-Lite's attention (kv_lora_rank 512,
+    # 64 rope + 128 nope dims per head) on dense layers; weights from vLLM's dummy loader.
+    "gpu-mla": ModelPreset(
+        num_hidden_layers=4,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=192,
+        vocab_size=4096,
+        max_position_embeddings=32768,
+        weights=False,
+        architecture="deepseek_v2",
+        kv_lora_rank=512,
     ),
     # GPU performance runs: Llama-3.1-8B's shape (prefill cost and KV bytes per token are an
     # 8B model's: 128 KiB per token in bf16) with a small vocabulary; weights come from vLLM's
@@ -237,9 +256,10 @@ def generate_text(num_words: int, *, seed: int = 0) -> str:
 
 def _config_hash(name: str, preset: ModelPreset) -> str:
     fields = dataclasses.asdict(preset)
-    for hybrid in ("layer_types", "sliding_window"):  # absent before hybrid presets: old builds keep their name
-        if fields[hybrid] is None:
-            del fields[hybrid]
+    for newer, default in (("layer_types", None), ("sliding_window", None), ("architecture", "llama"),
+                           ("kv_lora_rank", None)):  # absent before: old builds keep their name
+        if fields[newer] == default:
+            del fields[newer]
     payload = {"name": name, "build_version": BUILD_VERSION, **fields}
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
@@ -310,7 +330,31 @@ def _train_tokenizer(preset: ModelPreset, out_dir: Path) -> int:
     return size
 
 
+def _build_mla_config(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
+    """A DeepSeek-V2-shaped config (MLA attention, every layer a dense MLP); weights: vLLM's dummy loader."""
+    from transformers import DeepseekV2Config, GenerationConfig
+
+    config = DeepseekV2Config(
+        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
+        moe_intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_hidden_layers,
+        num_attention_heads=preset.num_attention_heads, num_key_value_heads=preset.num_key_value_heads,
+        kv_lora_rank=preset.kv_lora_rank, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=preset.num_hidden_layers,  # every layer dense: no MoE kernels needed
+        max_position_embeddings=preset.max_position_embeddings, rope_theta=preset.rope_theta,
+        bos_token_id=special_ids[BOS_TOKEN], eos_token_id=special_ids[EOS_TOKEN],
+        pad_token_id=special_ids[PAD_TOKEN], tie_word_embeddings=False,
+    )
+    config.architectures = ["DeepseekV2ForCausalLM"]
+    config.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+
+
 def _build_weights(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
+    if preset.architecture == "deepseek_v2":
+        _build_mla_config(preset, out_dir, special_ids)
+        return
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
