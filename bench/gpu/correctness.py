@@ -210,7 +210,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/gpu-correctness"))
     parser.add_argument("--model", default=None, help="model path (default: build --preset)")
     parser.add_argument("--preset", default="gpu", help="kvbm.demo.tiny_model preset to build: 'gpu' (full "
-                        "attention) or 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager) or 'gpu-mla' (DeepSeek-V2-shaped MLA)")
+                        "attention), 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager) "
+                        "or 'gpu-mla' (DeepSeek-V2-shaped MLA)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--timeout", type=float, default=540.0)
     parser.add_argument("--block", type=int, default=BLOCK, help="tokens per block (default: %(default)s)")
