@@ -53,7 +53,7 @@ from prometheus_client.utils import floatToGoString
 from kvbm.config import env_var
 from kvbm.core.plan import add_histograms
 from kvbm.core.tiers import DISK, G1, HOST, REMOTE, move
-from kvbm.storage.remote_index import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
+from kvbm.storage.kinds import BAD_VALUE_KINDS, DISK_ERROR_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -80,11 +80,6 @@ DIRECTION_LABELS: dict[str, str] = {
 #: Always exported (zero until they happen): the reference's directions, and G4's moves.
 DIRECTIONS: tuple[str, ...] = (*DIRECTION_LABELS.values(), move("G2", "G4"), move("G3", "G4"), move(G1, "G4"),
                                move("G4", G1))
-
-#: G3 errors by kind: read = I/O error or short read (truncated file),
-#: checksum = header or payload CRC mismatch, mismatch = the slot holds
-#: another block (stale index), write = a failed write (block not cached).
-DISK_ERROR_KINDS: tuple[str, ...] = ("read", "checksum", "mismatch", "write")
 
 #: kvbm_tier_*{tier=...}: the media of the standard chain, always exported (zero when absent).
 #: G4's used blocks are those this server knows to be there; its capacity is Redis's (0 here).

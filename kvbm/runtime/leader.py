@@ -24,8 +24,8 @@ from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
 from kvbm.core.tiers import G1, HOST, TierIndex, describe, move, standard_chain
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
-from kvbm.plan.trace import TraceWriter
 from kvbm.runtime.sizing import TierSizes
+from kvbm.runtime.trace import TraceWriter
 from kvbm.storage.files import ensure_private_dir, g3_journal_path
 from kvbm.storage.journal import DiskJournal, JournalWriter
 from kvbm.storage.remote_index import LOOKUP_WAIT_S, RemoteIndex, open_remote

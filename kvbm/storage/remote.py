@@ -99,7 +99,7 @@ from kvbm.config import (
 )
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8
-from kvbm.storage.remote_index import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
+from kvbm.storage.kinds import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
 
 try:  # ISA-L's CRC-32: the same checksum as zlib's, ~5-10x faster (PCLMUL), so writes keep up with the network
     from isal.isal_zlib import crc32 as _crc32

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from kvbm.core.hashing import BlockHash
 from kvbm.core.pool import PoolStats
+from kvbm.storage.kinds import BAD_VALUE_KINDS, ERROR_KINDS, LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from kvbm.config import KvbmConfig
@@ -64,15 +65,6 @@ __all__ = ["BAD_VALUE_KINDS", "ERROR_KINDS", "LATENCY_BUCKETS_S", "LOOKUP_WAIT_S
 #: an answer that misses it only moves one request's G4 hit to the next step.
 LOOKUP_WAIT_S = 0.005
 
-# What kvbm.storage.remote measures and kvbm.metrics exports: here, so that the metrics need not import redis.
-#: Redis round-trip latency histogram bounds (seconds), Prometheus-style ``le``.
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-#: Errors by kind: shard-level (the node is then down) and per-command replies.
-ERROR_KINDS = ("connection", "timeout", "auth", "oom", "moved", "readonly", "busy", "response", "unroutable",
-               "other")
-#: Values that did not verify, by kind: foreign (another block, identity, format or size), corrupt
-#: (checksum), forged (authentication tag: written without the fleet secret; see remote_secret).
-BAD_VALUE_KINDS = ("foreign", "corrupt", "forged")
 
 
 def remote_key(identity: str) -> str:
