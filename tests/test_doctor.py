@@ -434,11 +434,11 @@ def test_model_groups_sliding_window_and_full():
     assert "window" in check.detail
 
 
-def test_model_groups_mamba_hybrid_fails_naming_the_layers():
-    from kvbm.doctor import FAIL, model_kv_groups
+def test_model_groups_mamba_hybrid_says_what_kvbm_keeps_and_needs():
+    from kvbm.doctor import WARN, model_kv_groups
 
     check = model_kv_groups({"model_type": "nemotron_h", "num_hidden_layers": 4, "hybrid_override_pattern": "M*M-"})
-    assert check.status == FAIL and "recurrent state" in check.detail and "without kvbm" in check.fix
+    assert check.status == WARN and "recurrent state" in check.detail and "prefix caching" in check.fix
 
 
 def test_model_groups_mla_and_plain_models():

@@ -37,10 +37,25 @@ def test_sliding_window_groups_get_their_window_in_blocks_and_distinct_tags():
     assert kv_groups(config(wide), 128)[0].window_blocks == 3
 
 
-def test_a_mamba_group_stops_startup_naming_the_group_and_the_fix():
-    mamba = MambaSpec(128, shapes=((4, 8),), dtypes=(torch.float32,))
+def test_a_mamba_group_in_align_mode_needs_one_state_block():
+    mamba = MambaSpec(128, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="align")
+    groups = kv_groups(config(FullAttentionSpec(128, **ATTN), mamba), 128)
+    assert [g.window_blocks for g in groups] == [None, 1]
+
+
+def test_an_unknown_group_type_stops_startup_naming_it():
+    class CrossLayerSpec:  # a spec type kvbm has never seen
+        block_size = 128
+
+    with pytest.raises(ValueError) as err:
+        kv_groups(config(FullAttentionSpec(128, **ATTN), CrossLayerSpec()), 128)
+    assert "CrossLayerSpec" in str(err.value) and "without kvbm" in str(err.value)
+
+
+def test_a_mamba_group_without_align_mode_stops_startup_naming_the_group_and_the_fix():
+    mamba = MambaSpec(128, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="none")
     with pytest.raises(ValueError) as err:
         kv_groups(config(FullAttentionSpec(128, **ATTN), mamba), 128)
     message = str(err.value)
     assert "group 1" in message and "MambaSpec" in message and "model.layers.1.attn" in message
-    assert "without kvbm" in message and "docs/models.md" in message
+    assert "--enable-prefix-caching" in message and "docs/models.md" in message

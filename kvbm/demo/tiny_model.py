@@ -119,6 +119,20 @@ PRESETS: dict[str, ModelPreset] = {
         layer_types=("sliding_attention",) * 5 + ("full_attention",),
         sliding_window=256,
     ),
+    # A Mamba-2 hybrid (Granite 4.0-H's architecture, dense MLPs): three Mamba layers, one
+    # attention layer; vLLM's hybrid manager keeps the Mamba state per block in "align" mode.
+    "test-mamba": ModelPreset(
+        num_hidden_layers=4,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=2048,
+        max_position_embeddings=4096,
+        layer_types=("linear_attention", "full_attention", "linear_attention", "linear_attention"),
+        architecture="granitemoehybrid",
+    ),
     # GPU correctness runs: FlashAttention with head_dim 128, bf16, small enough to build in seconds.
     "gpu": ModelPreset(
         num_hidden_layers=4,
@@ -351,9 +365,40 @@ def _build_mla_config(preset: ModelPreset, out_dir: Path, special_ids: dict[str,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
 
 
+def _build_granite_hybrid(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
+    """Random weights of a small GraniteMoeHybrid (Mamba-2 + attention layers, dense MLPs)."""
+    import torch
+    from transformers import GenerationConfig, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    config = GraniteMoeHybridConfig(
+        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_hidden_layers, num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_key_value_heads, max_position_embeddings=preset.max_position_embeddings,
+        layer_types=list(preset.layer_types or ()), num_local_experts=0, num_experts_per_tok=0,
+        shared_intermediate_size=preset.intermediate_size, mamba_n_heads=8, mamba_d_head=32, mamba_n_groups=1,
+        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, position_embedding_type="rope",
+        rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
+        bos_token_id=special_ids[BOS_TOKEN], eos_token_id=special_ids[EOS_TOKEN],
+        pad_token_id=special_ids[PAD_TOKEN], tie_word_embeddings=False,
+    )
+    config.architectures = ["GraniteMoeHybridForCausalLM"]
+    previous_rng = torch.random.get_rng_state()
+    torch.manual_seed(preset.seed)
+    try:
+        model = GraniteMoeHybridForCausalLM(config).to(torch.float32).eval()
+    finally:
+        torch.random.set_rng_state(previous_rng)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(out_dir)
+
+
 def _build_weights(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
     if preset.architecture == "deepseek_v2":
         _build_mla_config(preset, out_dir, special_ids)
+        return
+    if preset.architecture == "granitemoehybrid":
+        _build_granite_hybrid(preset, out_dir, special_ids)
         return
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -110,6 +110,11 @@ def as_block_view(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return flat.view(outer, num_blocks, inner)
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    return tensor.permute(order).is_contiguous()
+
+
 def describe_kv_caches(
     kv_caches: dict[str, torch.Tensor], num_blocks: int
 ) -> tuple[KVLayout, list[torch.Tensor]]:
@@ -118,9 +123,11 @@ def describe_kv_caches(
     views: list[torch.Tensor] = []
     seen: set[int] = set()
     offset = 0
-    for name in sorted(kv_caches):
+    for name in sorted(kv_caches, key=lambda n: (not _dense(kv_caches[n]), n)):
         tensor = kv_caches[name]
-        # Layers sharing one cache tensor (KV sharing) are stored once.
+        # Layers sharing one buffer (KV sharing; under vLLM's hybrid manager a layer of every
+        # group) are stored once, through a dense view of it if one of them is (a Mamba layer's
+        # view covers only its state at the start of each page).
         key = tensor.data_ptr()
         if key in seen:
             continue

@@ -53,11 +53,25 @@ def _group_window(spec: Any, block_size: int) -> int | None:
         return max(_cdiv(spec.sliding_window, block_size), _cdiv(spec.sliding_window - 1 + extra, block_size))
     if kind == "ChunkedLocalAttentionSpec":
         return _cdiv(spec.attention_chunk_size, block_size)
+    if kind == "MambaSpec" and getattr(spec, "mamba_cache_mode", "none") == "align":
+        # The state after block L-1 is all a hit at block L needs (vLLM's "align" mode keeps it
+        # in the group's block L-1, as its own prefix cache does).
+        return 1
+    if kind == "MambaSpec":
+        raise UnsupportedGroup(
+            f"MambaSpec in mamba_cache_mode={getattr(spec, 'mamba_cache_mode', None)!r}",
+            "turn vLLM's prefix caching on (--enable-prefix-caching): vLLM then keeps the Mamba state of every "
+            "block ('align' mode), which is what kvbm stores; or serve this model without kvbm's "
+            "--kv-transfer-config")
     raise UnsupportedGroup(kind)
 
 
 class UnsupportedGroup(ValueError):
-    """A KV-cache group of a type kvbm does not offload."""
+    """A KV-cache group of a type kvbm does not offload, and what to do about it."""
+
+    def __init__(self, kind: str, fix: str = "serve this model without kvbm's --kv-transfer-config") -> None:
+        super().__init__(kind)
+        self.fix = fix
 
 
 def kv_groups(kv_cache_config: KVCacheConfig, block_size: int) -> tuple[KVGroup, ...]:
@@ -79,8 +93,8 @@ def kv_groups(kv_cache_config: KVCacheConfig, block_size: int) -> tuple[KVGroup,
             shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
             raise ValueError(
                 f"kvbm: KV-cache group {i} of this model ({shown or 'no layers'}) is {exc}, which kvbm "
-                "does not offload; kvbm serves full attention, MLA, sliding-window and chunked local "
-                "attention groups (docs/models.md). Serve this model without kvbm's --kv-transfer-config."
+                "does not offload; kvbm serves full attention, MLA, sliding-window, chunked local attention "
+                f"and Mamba groups in 'align' mode (docs/models.md). Fix: {exc.fix}."
             ) from None
         groups.append(KVGroup(f"{i}:{type(spec).__name__}:{window}", window))
     if len(groups) == 1 and groups[0].window_blocks is None:
