@@ -1,4 +1,6 @@
-"""Build a small random-weight Llama model with a locally trained tokenizer.
+"""Build small random-weight models with a locally trained tokenizer: Llama (full attention, or
+sliding-window + full through ``layer_types``), a GraniteMoeHybrid (Mamba-2 + attention) and a
+DeepSeek-V2-shaped MLA config (weights from vLLM's dummy loader).
 
 Tests, benchmarks and demos need a real model that vLLM can load, but these
 machines cannot download from a model hub. Weights are random (so outputs are
