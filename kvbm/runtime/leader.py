@@ -19,7 +19,7 @@ from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost, Rate
 from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
 from kvbm.core.groups import SINGLE_FULL, KVGroup
-from kvbm.core.hashing import engine_root
+from kvbm.core.hashing import BlockHash, engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
 from kvbm.core.tiers import G1, HOST, TierIndex, describe, move, standard_chain
@@ -87,6 +87,8 @@ class LeaderRuntime:
         self._last_step: tuple[float, int] | None = None  # (when, tokens) of the last scheduled step
         self._step_seconds = Rate()  # steps per second, over every step
         self._last_summary = time.monotonic()
+        self._failed_loads: set[str] = set()  # reported failed by some rank, not yet finished
+        self._sync_reports: dict[str, int] = {}  # in-step loads: ranks that reported them so far
         persistent = [tier.name for tier in self.chain if tier.persistent]
         if persistent:
             self._persistent = persistent[0]
@@ -114,6 +116,50 @@ class LeaderRuntime:
         restored = self.planner.restore(self._persistent, journal.load())
         logger.info("kvbm: reusing %d %s blocks from %s", restored, self._persistent, journal.path)
         return journal
+
+    # ---- request lifecycle (the adapter's only door to the planner) ----------
+    def add_request(self, req_id: str, root: BlockHash | None) -> None:
+        """Track a request whose chain starts at ``root`` (None: never cached, e.g. prompt embeddings)."""
+        self.planner.add_request(req_id, root)
+
+    def allocated(self, req_id: str, gpu_blocks: Sequence[int] | Sequence[Sequence[int]],
+                  num_external_tokens: int) -> None:
+        """vLLM allocated the request's GPU blocks (one list per KV-cache group); the matched
+        ``num_external_tokens`` are loaded into them."""
+        self.planner.on_alloc(req_id, gpu_blocks, num_external_tokens)
+        if self.trace is not None:
+            sources = self.planner.load_sources(req_id)
+            self.trace.scheduled(req_id, (sources.get("G2", 0), sources.get("G3", 0)))
+
+    def scheduled(self, req_id: str, tokens: Sequence[int], new_gpu_blocks: Sequence | None, resumed: bool,
+                  num_computed_before: int, num_scheduled: int) -> None:
+        """The request runs this step (``resumed``: its GPU blocks were replaced): store what it fills."""
+        self.planner.on_scheduled(req_id, tokens, new_gpu_blocks, resumed, num_computed_before + num_scheduled,
+                                  num_computed_before)
+
+    def preempted(self, req_id: str) -> None:
+        self.planner.on_preempted(req_id)
+
+    def finished(self, req_id: str, prompt_tokens: int, output_tokens: int) -> bool:
+        """The request finished; True: vLLM must keep its GPU blocks until its stores are reported."""
+        if self.trace is not None:
+            self.trace.finished(req_id, prompt_tokens, output_tokens, self.planner.request_hashes(req_id))
+        return self.planner.on_finished(req_id)
+
+    def load_media(self, req_id: str) -> dict[str, int]:
+        """Blocks of the request's in-flight load per medium (HOST, DISK, REMOTE, ...), chain order;
+        empty when it has none."""
+        loaded = self.planner.load_sources(req_id)
+        media: dict[str, int] = {}
+        for tier in self.chain:
+            if loaded.get(tier.name):
+                media[tier.medium] = media.get(tier.medium, 0) + loaded[tier.name]
+        return media
+
+    @property
+    def busy(self) -> bool:
+        """Copies are in flight that need more engine steps to be reported."""
+        return self.planner.busy
 
     def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> tuple[int | None, bool]:
         """(tokens the chain can load beyond ``num_computed``, whether the load is asynchronous),
@@ -154,9 +200,30 @@ class LeaderRuntime:
         self._maybe_log_summary()
         return self.planner.take_plan()
 
+    def workers_reported(self, report: WorkerReport, finished_recving: Iterable[str],
+                         failed_recving: Iterable[str], released: Iterable[str]) -> None:
+        """The step's output as vLLM delivers it: the workers' merged report, the asynchronous loads
+        vLLM saw finish (and fail), the requests whose blocks may be freed.
+
+        vLLM does not track in-step loads: they finish once every rank reported them. A rank may
+        report a failed load a step before vLLM reports the load finished on every rank, so
+        failures are remembered until the load finishes."""
+        self._failed_loads |= report.failed_loads | set(failed_recving)
+        finished = set(finished_recving)
+        for req_id, reports in report.sync_loaded.items():
+            count = self._sync_reports.get(req_id, 0) + reports
+            if count >= self.world_size:
+                self._sync_reports.pop(req_id, None)
+                finished.add(req_id)
+            else:
+                self._sync_reports[req_id] = count
+        failed = self._failed_loads.intersection(finished)
+        self._failed_loads -= failed
+        self.apply(report, finished, failed, released)
+
     def apply(self, report: WorkerReport, finished_loads: Iterable[str], failed_loads: Iterable[str],
               released: Iterable[str]) -> None:
-        """What the workers did (their reports merged), and what vLLM says finished."""
+        """What the workers did (their reports merged), and which loads finished (and failed)."""
         self.planner.on_worker_report(report.stored, report.failed_batches, finished_loads, failed_loads, released,
                                       report.bad_slots)
         self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors,

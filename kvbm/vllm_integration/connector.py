@@ -112,16 +112,18 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         source = VLLM.cache_hit_source
         if num_external_tokens == 0 or source is None:
             return {}
-        loaded = self._leader.planner.load_sources(request.request_id)
-        block_size = self._leader.block_size
-        if sum(loaded.values()) * block_size != num_external_tokens:
+        media = self._leader.cache_hit_media(request)
+        total = sum(media.values())
+        if not total:
             return {source.HOST: num_external_tokens}
         sources: dict[Any, int] = {}
-        for tier in self._leader.runtime.chain:
-            name = {HOST: source.HOST, DISK: source.DISK}.get(tier.medium, source.EXTERNAL_UNSPECIFIED)
-            if loaded[tier.name]:
-                sources[name] = sources.get(name, 0) + loaded[tier.name] * block_size
-        return sources
+        for medium, blocks in media.items():  # shares of the hit, in tokens (several groups load windows)
+            name = {HOST: source.HOST, DISK: source.DISK}.get(medium, source.EXTERNAL_UNSPECIFIED)
+            sources[name] = sources.get(name, 0) + blocks
+        out = {name: num_external_tokens * blocks // total for name, blocks in sources.items()}
+        first = next(iter(out))
+        out[first] += num_external_tokens - sum(out.values())  # rounding: the shares add up to the hit
+        return out
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._leader is not None

@@ -1,4 +1,4 @@
-"""Scheduler-side half of the connector: vLLM's requests → the planner.
+"""Scheduler-side half of the connector: vLLM's requests → the leader runtime (the only door to the planner).
 
 Lives in vLLM's EngineCore process and runs every engine step, so it only
 does work proportional to the blocks that changed this step. Everything that
@@ -76,10 +76,8 @@ class KvbmLeader:
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if par.data_parallel_size > 1 else 0,
             data_parallel_rank=(par.data_parallel_rank or 0) if par.data_parallel_size > 1 else 0,
         )
-        self.planner = self.runtime.planner
+        self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
-        self._failed_loads: set[str] = set()
-        self._sync_reports: dict[str, int] = {}
         self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
 
     # ---- request lifecycle --------------------------------------------
@@ -92,7 +90,7 @@ class KvbmLeader:
             lora = self._lora_key(request.lora_request) if request.lora_request else None
             mm_keys = [feature.identifier for feature in request.mm_features or ()]
             root = request_root(self.runtime.engine_root, request.cache_salt, lora, mm_keys)
-        self.planner.add_request(request.request_id, root)
+        self.runtime.add_request(request.request_id, root)
 
     def _lora_key(self, lora: LoRARequest) -> str:
         """Everything that tells adapters apart, folded into the request's hash root.
@@ -111,7 +109,7 @@ class KvbmLeader:
         if cached is None or reload:
             weights = None
             if self.config.blocks_outlive_process or reload:
-                weights = fingerprint(key[2], self.config.disk_cache_dir) or f"unknown-{uuid.uuid4().hex}"
+                weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
             cached = json.dumps([*key, weights])
             self._lora_keys[key] = cached
             while len(self._lora_keys) > LORA_KEYS:
@@ -128,62 +126,45 @@ class KvbmLeader:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._track(request)
         block_ids = blocks.get_block_ids() if num_external_tokens > 0 else [[] for _ in self.groups]
-        self.planner.on_alloc(request.request_id, block_ids, num_external_tokens)
-        if self.runtime.trace is not None:
-            sources = self.planner.load_sources(request.request_id)
-            self.runtime.trace.scheduled(request.request_id, (sources.get("G2", 0), sources.get("G3", 0)))
+        self.runtime.allocated(request.request_id, block_ids, num_external_tokens)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
-        if self.runtime.trace is not None:
-            self.runtime.trace.finished(request.request_id, request.num_prompt_tokens, request.num_output_tokens,
-                                        self.planner.request_hashes(request.request_id))
-        return self.planner.on_finished(request.request_id), None
+        return self.runtime.finished(request.request_id, request.num_prompt_tokens, request.num_output_tokens), None
+
+    def cache_hit_media(self, request: Request) -> dict[str, int]:
+        """Blocks of the request's load per tier medium (for vLLM's per-source hit metrics)."""
+        return self.runtime.load_media(request.request_id)
 
     # ---- per step -------------------------------------------------------
     def build_connector_meta(self, so: SchedulerOutput) -> KvbmMetadata:
-        planner = self.planner
-        self.runtime.begin_step(sum(so.num_scheduled_tokens.values()))
+        runtime = self.runtime
+        runtime.begin_step(sum(so.num_scheduled_tokens.values()))
         for req_id in so.preempted_req_ids or ():
-            planner.on_preempted(req_id)
+            runtime.preempted(req_id)
         for new in so.scheduled_new_reqs:
             request = self._requests.get(new.req_id)
             if request is not None:
-                planner.on_scheduled(new.req_id, request.all_token_ids, new.block_ids, True,
-                                     new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0),
-                                     new.num_computed_tokens)
+                runtime.scheduled(new.req_id, request.all_token_ids, new.block_ids, True, new.num_computed_tokens,
+                                  so.num_scheduled_tokens.get(new.req_id, 0))
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             request = self._requests.get(req_id)
             if request is not None:
-                new_ids = cached.new_block_ids[i]
-                planner.on_scheduled(req_id, request.all_token_ids, new_ids or None,
-                                     req_id in cached.resumed_req_ids,
-                                     cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0),
-                                     cached.num_computed_tokens[i])
-        return KvbmMetadata(plan=self.runtime.end_step(), capacities=self.runtime.capacities)
+                runtime.scheduled(req_id, request.all_token_ids, cached.new_block_ids[i] or None,
+                                  req_id in cached.resumed_req_ids, cached.num_computed_tokens[i],
+                                  so.num_scheduled_tokens.get(req_id, 0))
+        return KvbmMetadata(plan=runtime.end_step(), capacities=runtime.capacities)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta
         if not isinstance(meta, KvbmWorkerMetadata):
             meta = KvbmWorkerMetadata()
-        # A rank may report its failed load a step before vLLM reports the load finished
-        # on every rank: remember failures until the load finishes.
-        self._failed_loads |= meta.failed_loads | set(output.failed_recving if VLLM.output_has_failed_recving else ())
-        finished = set(output.finished_recving or ())
-        for req_id, reports in meta.sync_loaded.items():  # vLLM does not track synchronous loads
-            count = self._sync_reports.get(req_id, 0) + reports
-            if count >= self.world_size:
-                self._sync_reports.pop(req_id, None)
-                finished.add(req_id)
-            else:
-                self._sync_reports[req_id] = count
-        failed = self._failed_loads.intersection(finished)
-        self._failed_loads -= failed
-        self.runtime.apply(meta, finished, failed, output.finished_sending or ())
+        failed = output.failed_recving if VLLM.output_has_failed_recving else ()
+        self.runtime.workers_reported(meta, output.finished_recving or (), failed or (), output.finished_sending or ())
 
     def has_pending_work(self) -> bool:
-        return self.planner.busy
+        return self.runtime.busy
 
     def shutdown(self) -> None:
         self.runtime.close()
