@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
@@ -36,7 +37,7 @@ from kvbm.core.filter import FrequencyFilter
 from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.plan import LoadOp, LoadPart, SpillBatch, StepPlan, StoreBatch, WorkerReport
 from kvbm.core.pool import BlockPool
-from kvbm.core.tiers import Tier, TierIndex, check_chain
+from kvbm.core.tiers import Tier, TierIndex, TierListener, check_chain
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,14 @@ class Planner:
         self._plan = StepPlan()
         #: tier -> (hash, slot) committed since the last take, for persistent tiers (the journal).
         self._committed: dict[str, list[tuple[BlockHash, int]]] = {t.name: [] for t in self.chain if t.persistent}
+        self.listener: TierListener | None = None
+
+    def set_listener(self, listener: TierListener | None) -> None:
+        """Report blocks entering and leaving tiers to ``listener`` (KV events); None stops."""
+        self.listener = listener
+        for tier in self._tiers:
+            if hasattr(tier.index, "on_removed"):  # a shared tier (G4) is never told of evictions
+                tier.index.on_removed = None if listener is None else partial(listener.removed, tier.name)
 
     def index(self, tier: str) -> TierIndex | None:
         """The index of ``tier`` (None if the chain has no such tier)."""
@@ -402,6 +411,8 @@ class Planner:
             req.last_batch = store.batch_id
             if self.filter is not None:
                 self.filter.observe(block_hash)
+            if self.listener is not None:
+                self.listener.storing(req_id, b, block_hash)
         req.next_store = n_full
 
     def on_preempted(self, req_id: str) -> None:
@@ -547,6 +558,8 @@ class Planner:
             tier.index.commit(slot)
         if tier.spec.persistent:
             self._committed[tier.name].extend(zip(pending.hashes, pending.slots))
+        if self.listener is not None:
+            self.listener.committed(tier.name, pending.hashes)
         if pending.source is not None:
             pending.source[0].index.release(pending.source[1])
             tier.stats.spilled_blocks += len(pending.slots)

@@ -20,6 +20,7 @@ from kvbm.runtime.fingerprint import fingerprint
 from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
 from kvbm.vllm_integration.compat import features
+from kvbm.vllm_integration.events import TierEventRecorder
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import bytes_per_block_per_rank, model_identity, storage_key
 
@@ -72,6 +73,8 @@ class KvbmLeader:
         self._failed_loads: set[str] = set()
         self._sync_reports: dict[str, int] = {}
         self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
+        # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
+        self.events = TierEventRecorder.attach(vllm_config, self.planner, self._requests)
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:
@@ -170,6 +173,10 @@ class KvbmLeader:
         failed = self._failed_loads.intersection(finished)
         self._failed_loads -= failed
         self.runtime.apply(meta, finished, failed, output.finished_sending or ())
+
+    def take_events(self) -> list[Any]:
+        """KV events of kvbm's tiers since the last call (kvbm.vllm_integration.events)."""
+        return self.events.take_events() if self.events is not None else []
 
     def has_pending_work(self) -> bool:
         return self.planner.busy
