@@ -187,3 +187,13 @@ class DynamoConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         if self._leader is not None:
             self._leader.shutdown()
+
+
+def __getattr__(name: str) -> Any:
+    """``PdConnector`` (kvbm.vllm_integration.pd) by this module's path, as Dynamo's disaggregated
+    flow names it; loaded on first use (it subclasses vLLM's MultiConnector and imports this module)."""
+    if name == "PdConnector":
+        from kvbm.vllm_integration.pd import PdConnector
+
+        return PdConnector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
