@@ -226,12 +226,12 @@ run_disagg() {
     start_frontend
     i=0
     for gpu in "${prefill_gpus[@]}"; do
-      start_dynamo_worker "prefill$i" prefill "$gpu" "${PREFILL_EXTRA[@]}"
+      start_dynamo_worker "prefill$i" prefill "$gpu" --disable-hybrid-kv-cache-manager "${PREFILL_EXTRA[@]}"
       i=$((i + 1))
     done
     i=0
     for gpu in "${decode_gpus[@]}"; do
-      start_dynamo_worker "decode$i" decode "$gpu" "${DECODE_EXTRA[@]}"
+      start_dynamo_worker "decode$i" decode "$gpu" --disable-hybrid-kv-cache-manager "${DECODE_EXTRA[@]}"
       i=$((i + 1))
     done
     log "Dynamo: frontend (--router-mode $ROUTER_MODE) + ${#prefill_gpus[@]} prefill (kvbm + NIXL) + ${#decode_gpus[@]} decode worker(s) of $MODEL; OpenAI API at http://$HTTP_HOST:$HTTP_PORT/v1 once the workers registered"
