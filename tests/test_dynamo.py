@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.dynamo.fleet import DynamoFleet, Worker
+from kvbm.disagg.config import decode_transfer_config, pd_transfer_config
+from kvbm.dynamo.fleet import DynamoFleet, Worker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DYNAMO_PY = os.environ.get("KVBM_DYNAMO_PYTHON") or str(ROOT / ".venv-dynamo" / "bin" / "python")
@@ -118,7 +119,14 @@ def test_later_turns_land_on_the_worker_whose_g2_holds_them(fleet: DynamoFleet, 
     prefix_blocks = sum(tokens // fleet.block_size for *_, tokens in later)
     assert credited >= 0.5 * prefix_blocks * fleet.block_size, (credited, prefix_blocks)
 
-    # Greedy tokens equal a single vLLM without kvbm, fed the same conversations.
+    # Greedy tokens equal a single vLLM without kvbm, fed the same conversations. (Dynamo's detokenizer
+    # ends a reply cut mid-character by max_tokens with U+FFFD; vLLM's holds the incomplete bytes back:
+    # same tokens, another rendering of the last partial character.)
+    ours = [[m["content"].rstrip("\ufffd") for m in conv if m["role"] == "assistant"] for conv in convs]
+    assert _reference(fleet, convs, tmp_path) == ours
+
+
+def _reference(fleet: DynamoFleet, convs: list, tmp_path: Path) -> list[list[str]]:
     spec = tmp_path / "reference.json"
     spec.write_text(json.dumps({"model": fleet.model, "convs": convs}))
     out = tmp_path / "reference.out.json"
@@ -126,11 +134,54 @@ def test_later_turns_land_on_the_worker_whose_g2_holds_them(fleet: DynamoFleet, 
     proc = subprocess.run([DYNAMO_PY, str(Path(__file__).with_name("dynamo_reference.py")), str(spec), str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reference = json.loads(out.read_text())
-    # Dynamo's detokenizer ends a reply cut mid-character (max_tokens) with U+FFFD; vLLM's holds the
-    # incomplete bytes back. Same tokens, different rendering of the last partial character.
+    return [[r.rstrip("\ufffd") for r in replies] for replies in json.loads(out.read_text())]
+
+
+def _kvbm_metric(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + " ") or
+               line.startswith(name + "{"))
+
+
+def test_disaggregated_1p1d_with_pd_connector(model_path: str, tmp_path: Path):
+    """Dynamo's disaggregated flow: a prefill worker whose connector is kvbm's PdConnector (kvbm + NIXL)
+    and a NIXL decode worker. Every request is prefilled on one and decoded on the other, later turns
+    load their prefix from the prefill worker's G2, and greedy replies equal one vLLM without kvbm."""
+    pytest.importorskip("nixl", reason="NIXL is not installed (scripts/setup_nixl.sh)")
+    metrics_port = free_port()
+    prefill_env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(G2_BLOCKS), "DYN_KVBM_LOG_SUMMARY_SECS": "0",
+                   "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": str(metrics_port),
+                   "DYN_KVBM_METRICS_HOST": "127.0.0.1"}
+    common = [*ENGINE_ARGS, "--num-gpu-blocks-override", str(G1_BLOCKS), "--disable-hybrid-kv-cache-manager"]
+    workers = [Worker(args=[*common, "--disaggregation-mode", "prefill"], env=prefill_env,
+                      kv_transfer_config=pd_transfer_config("cpu")),
+               Worker(args=[*common, "--disaggregation-mode", "decode"],
+                      kv_transfer_config=decode_transfer_config("cpu"))]
+    env = {**ENGINE_ENV, "PYTHONPATH": str(ROOT), "KVBM_NIXL_PROGRESS_DELAY_US": "1000"}
+    with DynamoFleet(DYNAMO_PY, model_path, tmp_path / "fleet", workers, env=env) as fleet:
+        fleet.start()
+        fleet.wait_ready(timeout=900)
+        rng = random.Random(5)
+        convs = [[{"role": "user", "content": text(rng, 220)}] for _ in range(3)]
+        pairs = set()
+        for turn in range(2):
+            for conv in convs:
+                if turn:
+                    conv.append({"role": "user", "content": text(rng, 25)})
+                answer = fleet.chat(conv, max_tokens=6)
+                ids = answer["nvext"]["worker_id"]
+                pairs.add((ids["prefill_worker_id"], ids["decode_worker_id"]))
+                conv.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+            if turn == 0:
+                hits_before = _kvbm_metric(metrics_port, "kvbm_host_hit_blocks_total")
+        assert len(pairs) == 1 and len(next(iter(pairs))) == 2 and len(set(next(iter(pairs)))) == 2, pairs
+        # The later turns' prefixes came from the prefill worker's G2 (each is ~6 blocks; vLLM's pool holds two).
+        assert _kvbm_metric(metrics_port, "kvbm_host_hit_blocks_total") - hits_before >= 3, fleet.tails(5)
     ours = [[m["content"].rstrip("\ufffd") for m in conv if m["role"] == "assistant"] for conv in convs]
-    assert [[r.rstrip("\ufffd") for r in replies] for replies in reference] == ours
+    assert _reference(fleet, convs, tmp_path) == ours
 
 
 if __name__ == "__main__":

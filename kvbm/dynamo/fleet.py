@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,7 +47,8 @@ LOOPBACK_ENV: dict[str, str] = {
     "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
 }
 PLANES = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
-_REGISTERED = "Registered endpoint 'dynamo.backend.generate'"
+#: A worker is up once it registered its generate endpoint (component "backend", or "prefill" for prefill workers).
+_REGISTERED = re.compile(r"Registered endpoint 'dynamo\.\w+\.generate'")
 
 
 def free_port() -> int:
@@ -129,7 +131,7 @@ class DynamoFleet:
         pending = {f"worker{i}" for i in range(len(self.workers))}
         while time.monotonic() < deadline:
             self.check_alive()
-            pending = {name for name in pending if _REGISTERED not in self.log(name).read_text(errors="replace")}
+            pending = {name for name in pending if not _REGISTERED.search(self.log(name).read_text(errors="replace"))}
             if not pending:
                 try:
                     self.chat([{"role": "user", "content": "ready?"}], max_tokens=1, timeout=60)
