@@ -66,7 +66,7 @@ def stream_ttft(fleet: DynamoFleet, messages: list[dict], max_tokens: int) -> tu
 
 
 def run(label: str, args: argparse.Namespace, model: str, router_mode: str, kvbm_events: bool) -> dict:
-    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "2048", "DYN_KVBM_LOG_SUMMARY_SECS": "0",
+    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "512", "DYN_KVBM_LOG_SUMMARY_SECS": "0",
            "DYN_KVBM_KV_EVENTS": "1" if kvbm_events else "0"}
     workers = [Worker(args=["--max-model-len", str(args.max_model_len), "--num-gpu-blocks-override",
                             str(args.g1_blocks)], env=env) for _ in range(2)]
