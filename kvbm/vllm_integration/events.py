@@ -120,7 +120,11 @@ class TierEventRecorder:
         """A recorder listening to ``planner`` when vLLM publishes KV events; None (no cost) otherwise."""
         if not kv_events_enabled(vllm_config):
             return None
-        recorder = cls(planner.chain, planner.block_size, requests)
+        try:
+            recorder = cls(planner.chain, planner.block_size, requests)
+        except ImportError as exc:  # a vLLM without the KV event schema kvbm builds on
+            logger.warning("kvbm: not publishing KV events for its tiers (this vLLM lacks %s)", exc)
+            return None
         planner.set_listener(recorder)
         logger.info("kvbm: publishing KV events for %s",
                     ", ".join(f"{t.name} (medium {recorder._medium[t.name]})" for t in planner.chain))
@@ -134,7 +138,7 @@ class TierEventRecorder:
         if request is None or getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) \
                 is not None:
             return
-        hashes = request.block_hashes
+        hashes = getattr(request, "block_hashes", None) or ()
         if block >= len(hashes):
             return  # vLLM did not hash it (prefix caching off): nothing a router could match
         bs = self.block_size
@@ -142,7 +146,8 @@ class TierEventRecorder:
         self._blocks[block_hash] = _Block(
             self._convert(hashes[block]), self._convert(hashes[block - 1]) if block else None,
             array("I", request.all_token_ids[block * bs:(block + 1) * bs]),
-            lora.adapter_id if lora is not None else None, lora.name if lora is not None else None,
+            getattr(lora, "adapter_id", None) if lora is not None else None,
+            getattr(lora, "name", None) if lora is not None else None,
         )
         self._loosen(block_hash)
 
