@@ -103,7 +103,8 @@ def run(label: str, args: argparse.Namespace, model: str, router_mode: str, kvbm
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", help="kvbm.demo.tiny_model preset [demo]")
-    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--conversations", type=int, default=7,
+                        help="an odd count: round-robin then moves a conversation between workers each turn")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--words", type=int, default=300, help="words of a conversation's first message")
     parser.add_argument("--max-tokens", type=int, default=8)
