@@ -269,6 +269,9 @@ class KvbmConfig:
     remote_secret_file: str | None = None
     #: Spill every block committed in the tier above into G4, not only repeated ones (the disk filter's policy).
     disable_remote_offload_filter: bool = False
+    #: Publish BlockStored/BlockRemoved for G2/G3/G4 in vLLM's KV event stream (when vLLM publishes events:
+    #: ``--kv-events-config``), so a KV-aware router credits the prefixes this worker holds in them.
+    kv_events: bool = True
     #: Append one line per finished request (timestamps, lengths, block hashes;
     #: no text) to this file, for ``kvbm plan``. None: no trace.
     trace_file: str | None = None
@@ -588,6 +591,7 @@ _FIELDS: dict[str, Any] = {
     "remote_secret": _parse_secret,
     "remote_secret_file": _parse_str,
     "disable_remote_offload_filter": _parse_bool,
+    "kv_events": _parse_bool,
     "trace_file": _parse_trace_file,
 }
 

@@ -119,8 +119,10 @@ def test_all_settings_parse():
         "DYN_KVBM_REMOTE_SECRET_FILE": "/etc/kvbm/g4-secret",
         "DYN_KVBM_DISABLE_REMOTE_OFFLOAD_FILTER": "true",
         "DYN_KVBM_TRACE_FILE": "/tmp/kvbm-trace.jsonl",
+        "DYN_KVBM_KV_EVENTS": "false",
     }
     cfg = load(env)
+    assert cfg.kv_events is False
     assert cfg.has_remote_tier and cfg.remote_url.nodes == (("redis.example", 6380),)
     assert cfg.remote_url.tls and cfg.remote_url.db == 2 and not cfg.remote_url.cluster
     assert (cfg.remote_url.username, cfg.remote_url.password) == ("kvbm", "pw")

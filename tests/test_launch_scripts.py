@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.disagg.config import agg_transfer_config, decode_transfer_config, prefill_transfer_config
+from kvbm.disagg.config import (
+    agg_transfer_config,
+    decode_transfer_config,
+    pd_transfer_config,
+    prefill_transfer_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "scripts" / "setup_nixl.sh"]
@@ -163,5 +168,65 @@ def test_agg_worker_serves_on_http_port_and_survives_a_double_sigterm(tmp_path):
         proc.wait(timeout=30)
         _wait_for(lambda: not any(_alive(pid) for pid in pids.values()))
         assert "all processes stopped" in proc.stdout.read()
+    finally:
+        _stop(proc)
+
+
+FAKE_DYNAMO_PYTHON = """#!/usr/bin/env bash
+# a stand-in for an interpreter with NVIDIA Dynamo: answers the importability probe, prints kvbm's
+# configs with the real interpreter, and runs `-m dynamo.frontend` / `-m dynamo.vllm` as sleeping servers
+if [ "$1" = -c ]; then exit 0; fi
+if [ "$1" = -m ] && [ "$2" = kvbm.disagg.config ]; then shift 2; exec "$REAL_PYTHON" -m kvbm.disagg.config "$@"; fi
+printf '%s\\n' "$@" > "$FAKE_DIR/$$.args"
+env | grep -E '^(CUDA_VISIBLE_DEVICES|VLLM_NIXL_SIDE_CHANNEL_PORT|DYN_[A-Z_]+)=' > "$FAKE_DIR/$$.env"
+sleep 1000 &
+wait
+"""
+
+
+def _dynamo_runs(tmp_path: Path, count: int) -> dict[str, list[list[str]]]:
+    fake = tmp_path / "fake"
+    _wait_for(lambda: len(list(fake.glob("*.args"))) == count and len(list(fake.glob("*.env"))) == count)
+    runs: dict[str, list[list[str]]] = {}
+    for path in sorted(fake.glob("*.args")):
+        args = path.read_text().splitlines()
+        runs.setdefault(args[1], []).append(args)
+    return runs
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("script,workers", [("agg_kvbm.sh", 2), ("disagg_kvbm.sh", 2), ("disagg_kvbm_2p2d.sh", 4)])
+def test_dynamo_fleet_topology(tmp_path, script, workers):
+    """With Dynamo installed: the frontend with --router-mode kv, kvbm workers (PdConnector on prefill workers),
+    each with its own KV event socket, all on file discovery; stopping the script stops them all."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_DYNAMO_PYTHON)
+    python.chmod(0o755)
+    proc, log_dir = _launch(tmp_path, script, PYTHON=str(python), REAL_PYTHON=sys.executable, AGG_GPUS="0 1",
+                            CPU_ONLY="1")
+    try:
+        runs = _dynamo_runs(tmp_path, workers + 1)
+        (frontend,) = runs["dynamo.frontend"]
+        assert _arg(frontend, "--router-mode") == "kv" and _arg(frontend, "--discovery-backend") == "file"
+        vllm = runs["dynamo.vllm"]
+        assert len(vllm) == workers
+        endpoints = {json.loads(_arg(a, "--kv-events-config"))["endpoint"] for a in vllm}
+        assert len(endpoints) == workers and all(e.startswith("ipc://") for e in endpoints)
+        configs = {}
+        for args in vllm:
+            mode = _arg(args, "--disaggregation-mode") if "--disaggregation-mode" in args else "agg"
+            configs.setdefault(mode, []).append(json.loads(_arg(args, "--kv-transfer-config")))
+        if script == "agg_kvbm.sh":
+            assert configs == {"agg": [agg_transfer_config()] * 2}
+        else:
+            assert configs == {"prefill": [pd_transfer_config("cpu")] * (workers // 2),
+                               "decode": [decode_transfer_config("cpu")] * (workers // 2)}
+        pids = _pids(log_dir)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        _wait_for(lambda: not any(_alive(pid) for pid in pids.values()))
     finally:
         _stop(proc)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
@@ -37,7 +38,7 @@ from kvbm.core.groups import SINGLE_FULL, KVGroup, check_groups, group_root
 from kvbm.core.hashing import BlockHash, extend_hashes
 from kvbm.core.plan import LoadOp, LoadPart, SpillBatch, StepPlan, StoreBatch, WorkerReport
 from kvbm.core.pool import BlockPool
-from kvbm.core.tiers import Tier, TierIndex, check_chain
+from kvbm.core.tiers import Tier, TierIndex, TierListener, check_chain
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,14 @@ class Planner:
         self._plan = StepPlan()
         #: tier -> (hash, slot) committed since the last take, for persistent tiers (the journal).
         self._committed: dict[str, list[tuple[BlockHash, int]]] = {t.name: [] for t in self.chain if t.persistent}
+        self.listener: TierListener | None = None
+
+    def set_listener(self, listener: TierListener | None) -> None:
+        """Report blocks entering and leaving tiers to ``listener`` (KV events); None stops."""
+        self.listener = listener
+        for tier in self._tiers:
+            if hasattr(tier.index, "on_removed"):  # a shared tier (G4) is never told of evictions
+                tier.index.on_removed = None if listener is None else partial(listener.removed, tier.name)
 
     def index(self, tier: str) -> TierIndex | None:
         """The index of ``tier`` (None if the chain has no such tier)."""
@@ -519,16 +528,20 @@ class Planner:
             return
         # Only blocks whose every token is known and computed by this step.
         n_full = min(num_computed_after_step, len(tokens)) // self.block_size
-        for seq, group in zip(req.seqs, self.groups):
+        lead = self._lead or 0
+        for i, (seq, group) in enumerate(zip(req.seqs, self.groups)):
             if group.windowed:
                 if num_computed_before_step is not None:
                     seq.next_store = max(seq.next_store, num_computed_before_step // self.block_size)
-                self._store(req, seq, tokens, n_full, volatile=True)
+                self._store(req_id, req, seq, tokens, n_full, volatile=True, lead=i == lead)
             else:
-                self._store(req, seq, tokens, n_full, volatile=False)
+                self._store(req_id, req, seq, tokens, n_full, volatile=False, lead=i == lead)
 
-    def _store(self, req: _Request, seq: _Seq, tokens: Sequence[int], n_full: int, volatile: bool) -> None:
-        """Add ``seq``'s blocks up to ``n_full`` that the first tier lacks to this step's store."""
+    def _store(self, req_id: str, req: _Request, seq: _Seq, tokens: Sequence[int], n_full: int, volatile: bool,
+               lead: bool) -> None:
+        """Add ``seq``'s blocks up to ``n_full`` that the first tier lacks to this step's store.
+        ``lead``: the group whose blocks stand for the request's positions in KV events (one per
+        position: a router matches positions, not groups)."""
         n_full = min(n_full, len(seq.gpu_blocks))
         if n_full <= seq.next_store:
             return
@@ -569,6 +582,8 @@ class Planner:
             req.last_batch = store.batch_id
             if self.filter is not None:
                 self.filter.observe(block_hash)
+            if self.listener is not None and lead:
+                self.listener.storing(req_id, b, block_hash)
         seq.next_store = n_full
 
     def on_preempted(self, req_id: str) -> None:
@@ -717,6 +732,8 @@ class Planner:
             tier.index.commit(slot)
         if tier.spec.persistent:
             self._committed[tier.name].extend(zip(pending.hashes, pending.slots))
+        if self.listener is not None:
+            self.listener.committed(tier.name, pending.hashes)
         if pending.source is not None:
             pending.source[0].index.release(pending.source[1])
             tier.stats.spilled_blocks += len(pending.slots)

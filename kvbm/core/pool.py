@@ -10,7 +10,7 @@ call, so the scheduler can consult it every step.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -49,6 +49,9 @@ class BlockPool:
         #: Bumped whenever the set of READY hashes changes, so callers can
         #: cache lookups (vLLM re-asks for waiting requests every step).
         self.version = 0
+        #: Called with a hash that leaves the pool (evicted, or dropped: a failed copy or a bad
+        #: slot), so KV events can tell the router (kvbm.vllm_integration.events). O(1) per call.
+        self.on_removed: Callable[[BlockHash], None] | None = None
 
     # ---- lookups -------------------------------------------------------
     def contains(self, block_hash: BlockHash) -> bool:
@@ -87,6 +90,8 @@ class BlockPool:
             del self._ready[old]  # type: ignore[arg-type]
             self.stats.evicted += 1
             self.version += 1
+            if self.on_removed is not None:
+                self.on_removed(old)  # type: ignore[arg-type]
         else:
             return None
         self._slot_of[block_hash] = slot
@@ -119,6 +124,8 @@ class BlockPool:
         self.stats.dropped += 1
         self.version += 1
         self._state[slot] = SlotState.FREE
+        if self.on_removed is not None:
+            self.on_removed(h)
         if self._refs[slot] == 0:
             self._free.append(slot)
 

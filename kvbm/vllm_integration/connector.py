@@ -36,7 +36,10 @@ from kvbm.vllm_integration.metadata import KvbmMetadata
 VLLM = compat.features()
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -146,6 +149,12 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._leader is not None
         return self._leader.request_finished(request, list(block_ids[0]) if block_ids else [])
 
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """BlockStored/BlockRemoved for kvbm's tiers (G2 "CPU", G3 "DISK", G4 "REMOTE"), in vLLM's schema
+        and with vLLM's block hashes: vLLM publishes them with its own G1 events, so a KV-aware router
+        (Dynamo's) credits a worker for prefixes it holds in G2/G3. See kvbm.vllm_integration.events."""
+        return self._leader.take_events() if self._leader is not None else ()
+
     def has_pending_push_work(self) -> bool:
         # Keep the engine stepping until in-flight copies are reported, so
         # delayed block frees and pinned host slots are always released.
@@ -205,3 +214,13 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.shutdown()
         if self._leader is not None:
             self._leader.shutdown()
+
+
+def __getattr__(name: str) -> Any:
+    """``PdConnector`` (kvbm.vllm_integration.pd) by this module's path, as Dynamo's disaggregated
+    flow names it; loaded on first use (it subclasses vLLM's MultiConnector and imports this module)."""
+    if name == "PdConnector":
+        from kvbm.vllm_integration.pd import PdConnector
+
+        return PdConnector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

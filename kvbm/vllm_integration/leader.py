@@ -20,6 +20,7 @@ from kvbm.runtime.fingerprint import fingerprint
 from kvbm.runtime.handshake import LeaderHandshake
 from kvbm.runtime.leader import LeaderRuntime
 from kvbm.vllm_integration.compat import features
+from kvbm.vllm_integration.events import TierEventRecorder
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import (
     NULL_BLOCK,
@@ -79,6 +80,8 @@ class KvbmLeader:
         self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
         self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
+        # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
+        self.events = TierEventRecorder.attach(vllm_config, self.planner, self._requests) if config.kv_events else None
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:
@@ -162,6 +165,10 @@ class KvbmLeader:
             meta = KvbmWorkerMetadata()
         failed = output.failed_recving if VLLM.output_has_failed_recving else ()
         self.runtime.workers_reported(meta, output.finished_recving or (), failed or (), output.finished_sending or ())
+
+    def take_events(self) -> list[Any]:
+        """KV events of kvbm's tiers since the last call (kvbm.vllm_integration.events)."""
+        return self.events.take_events() if self.events is not None else []
 
     def has_pending_work(self) -> bool:
         return self.runtime.busy
