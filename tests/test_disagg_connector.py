@@ -54,7 +54,8 @@ def test_vllm_resolves_the_config_to_kvbms_class_and_sees_nixl():
     config = KVTransferConfig(**prefill_transfer_config("cpu"))
     assert KVConnectorFactory.get_connector_class(config) is prefill.KvbmPrefillConnector
     assert config.has_connector("NixlConnector")  # vLLM's NIXL checks apply
-    assert not KVConnectorFactory.supports_hma_config(config)  # so vLLM turns HMA off by itself
+    # kvbm and NIXL both declare SupportsHMA: vLLM keeps its hybrid manager on (docs/models.md)
+    assert KVConnectorFactory.supports_hma_config(config)
     assert prefill.MultiConnector is prefill.KvbmPrefillConnector
     decode = KVTransferConfig(**decode_transfer_config("cpu"))
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector

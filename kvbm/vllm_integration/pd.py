@@ -31,14 +31,19 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
 
-from kvbm.vllm_integration.connector import DynamoConnector
-
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+
+
+def _is_kvbm(connector: object) -> bool:
+    """kvbm's DynamoConnector, told by its class (importing it here would make connector.py, which
+    exposes this module's PdConnector under its own path, and this file import each other)."""
+    cls = type(connector)
+    return cls.__name__ == "DynamoConnector" and cls.__module__ == "kvbm.vllm_integration.connector"
 
 
 def wants_remote_prefill(request: Request) -> bool:
@@ -52,7 +57,7 @@ class PdConnector(MultiConnector):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        kvbm = [i for i, c in enumerate(self._connectors) if isinstance(c, DynamoConnector)]
+        kvbm = [i for i, c in enumerate(self._connectors) if _is_kvbm(c)]
         if len(kvbm) != 1 or len(self._connectors) < 2:
             names = [type(c).__name__ for c in self._connectors]
             raise ValueError(
