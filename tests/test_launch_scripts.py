@@ -28,7 +28,7 @@ from kvbm.disagg.config import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "scripts" / "setup_nixl.sh"]
+SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh"))
 
 FAKE_SERVE = """#!/usr/bin/env bash
 # a stand-in for `vllm serve`: record how it was started, then run like a server with a child
