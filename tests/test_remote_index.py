@@ -228,9 +228,8 @@ def test_a_late_lookup_is_a_miss_and_lookups_out_are_bounded():
         p.add_request("s3", ROOT)
         assert p.match("s3", prompts[3], 0) == 0  # too many out: a miss at once, never a wait
         assert len(index._inflight) == 2
-        began = time.monotonic()
-        index.close()  # bounded even with a lookup stuck in the store
-        assert time.monotonic() - began < 5
+        index.close()  # returns even with a lookup stuck in the store (a hang would hit the test's timeout)
+        assert not store.gate.is_set()  # the lookup is still stuck: close did not wait for it
         time.sleep(0.7)
         p.add_request("t", ROOT)
         assert p.match("t", prompts[1], 0) == 0  # closed: misses
