@@ -284,8 +284,8 @@ def test_store_waits_for_compute_stream_and_does_not_block(mode: dict) -> None:
         f"{start.elapsed_time(slept):.1f} ms, streams: compute {compute.cuda_stream:#x} store "
         f"{engine._store_stream.cuda_stream:#x} dma {engine._store_dma_stream.cuda_stream:#x}"
     )
-    assert submit_s < 0.1, f"store() blocked; {info}"
-    assert busy, f"compute stream finished before the check; {info}"
+    # store() did not block: the compute stream (0.2 s of GPU sleep queued) is still busy when it returns
+    assert busy, f"store() waited for the compute stream, or it finished before the check; {info}"
     assert early == [], f"store reported complete while the compute stream was still busy; {info}"
     assert done == [Completion("store", 1, True)]
     for slot in slots:
