@@ -59,3 +59,11 @@ def test_a_mamba_group_without_align_mode_stops_startup_naming_the_group_and_the
     message = str(err.value)
     assert "group 1" in message and "MambaSpec" in message and "model.layers.1.attn" in message
     assert "--enable-prefix-caching" in message and "docs/models.md" in message
+
+
+def test_a_mamba_group_in_all_mode_names_the_align_flag():
+    """vLLM's GPU default for models with Mamba prefix caching is 'all'; the fix is one flag."""
+    mamba = MambaSpec(128, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="all")
+    with pytest.raises(ValueError) as err:
+        kv_groups(config(FullAttentionSpec(128, **ATTN), mamba), 128)
+    assert "mamba_cache_mode='all'" in str(err.value) and "--mamba-cache-mode align" in str(err.value)

@@ -130,6 +130,10 @@ def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
         # on the GPU changes its memory use meanwhile (these engines start side by side).
         "kv_cache_memory_bytes": 4 << 30, "gpu_memory_utilization": 0.05,
     }
+    if "mamba_d_state" in json.loads((Path(model) / "config.json").read_text()):
+        # A Mamba hybrid: vLLM's GPU default for models with Mamba prefix caching is "all" mode;
+        # kvbm stores the "align" mode's per-block state (docs/models.md).
+        engine["mamba_cache_mode"] = "align"
     if not any(Path(model).glob("*.safetensors")):
         engine["load_format"] = "dummy"  # a config-only preset (e.g. gpu-mla): seeded random weights
     if kvbm is not None and ("disk_cache_gb" in kvbm):
@@ -211,7 +215,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model path (default: build --preset)")
     parser.add_argument("--preset", default="gpu", help="kvbm.demo.tiny_model preset to build: 'gpu' (full "
                         "attention), 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager) "
-                        "or 'gpu-mla' (DeepSeek-V2-shaped MLA)")
+                        "'gpu-mla' (DeepSeek-V2-shaped MLA) or 'gpu-mamba' (Granite-4.0-H-shaped Mamba-2 hybrid)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--timeout", type=float, default=540.0)
     parser.add_argument("--block", type=int, default=BLOCK, help="tokens per block (default: %(default)s)")

@@ -4,7 +4,7 @@
 #   bench/gpu/run.sh OUT_DIR check        versions, imports, kvbm doctor
 #   bench/gpu/run.sh OUT_DIR gpu-tests    pytest -m gpu tests/test_gpu_transfer.py tests/test_gpu_executor.py
 #   bench/gpu/run.sh OUT_DIR correctness  bench/gpu/correctness.py (engines side by side, minutes)
-#   bench/gpu/run.sh OUT_DIR models       the same for the gpu-swa (sliding window) and gpu-mla (MLA) presets
+#   bench/gpu/run.sh OUT_DIR models       the same for the gpu-swa (sliding window), gpu-mla (MLA) and gpu-mamba presets
 #   bench/gpu/run.sh OUT_DIR transfer     bench/transfer.py (G1<->G2 copy engine against memcpy)
 #   bench/gpu/run.sh OUT_DIR perf-start   bench/gpu/perf.sh in the background (its own session)
 #   bench/gpu/run.sh OUT_DIR perf-wait [SECONDS]   wait for it (at most SECONDS), copy its table
@@ -50,10 +50,15 @@ while [ $# -gt 0 ]; do
     models)  # hybrid (sliding window + full, vLLM's hybrid manager) and MLA models against their oracles, side by side
       stamp models | tee -a "$out/models.txt"
       cfg=oracle-eager,oracle-graphs,kvbm-host-eager,kvbm-host-graphs
-      python3 bench/gpu/correctness.py --preset gpu-swa --out "$work/models-swa" --configs "$cfg" > "$work/swa.txt" 2>&1 &
-      python3 bench/gpu/correctness.py --preset gpu-mla --out "$work/models-mla" --configs "$cfg" > "$work/mla.txt" 2>&1 &
+      python3 bench/gpu/correctness.py --preset gpu-swa --out "$work/models-swa" --configs "$cfg" \
+        ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/swa.txt" 2>&1 &
+      python3 bench/gpu/correctness.py --preset gpu-mla --out "$work/models-mla" --configs "$cfg" \
+        ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mla.txt" 2>&1 &
+      # vLLM raises a Mamba hybrid's block size until an attention page holds a Mamba state (48 tokens here).
+      python3 bench/gpu/correctness.py --preset gpu-mamba --block 48 --out "$work/models-mamba" --configs "$cfg" \
+        ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mamba.txt" 2>&1 &
       wait
-      tail -n 20 "$work/swa.txt" "$work/mla.txt" | tee -a "$out/models.txt" ;;
+      tail -n 20 "$work/swa.txt" "$work/mla.txt" "$work/mamba.txt" | tee -a "$out/models.txt" ;;
     transfer)
       stamp transfer | tee -a "$out/transfer.txt"
       python3 bench/transfer.py 2>&1 | tail -n 40 | tee -a "$out/transfer.txt" ;;

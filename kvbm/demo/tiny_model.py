@@ -81,6 +81,8 @@ class ModelPreset:
     #: dense MLP layers only, so no MoE kernels are needed). Config only: vLLM's dummy loader.
     architecture: str = "llama"
     kv_lora_rank: int | None = None
+    #: Weight dtype of a built Mamba hybrid: float32 for exact CPU comparisons, bfloat16 on a GPU.
+    hybrid_dtype: str = "float32"
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -174,6 +176,21 @@ PRESETS: dict[str, ModelPreset] = {
         weights=False,
         architecture="deepseek_v2",
         kv_lora_rank=512,
+    ),
+    # GPU correctness runs of a Mamba hybrid: Granite 4.0-H's architecture (Mamba-2 layers with
+    # attention every fourth layer, dense MLPs: no MoE kernels), bf16, head_dim 128.
+    "gpu-mamba": ModelPreset(
+        num_hidden_layers=8,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=4096,
+        max_position_embeddings=32768,
+        layer_types=("linear_attention",) * 3 + ("full_attention",) + ("linear_attention",) * 3 + ("full_attention",),
+        architecture="granitemoehybrid",
+        hybrid_dtype="bfloat16",
     ),
     # GPU performance runs: Llama-3.1-8B's shape (prefill cost and KV bytes per token are an
     # 8B model's: 128 KiB per token in bf16) with a small vocabulary; weights come from vLLM's
@@ -272,8 +289,9 @@ def generate_text(num_words: int, *, seed: int = 0) -> str:
 
 def _config_hash(name: str, preset: ModelPreset) -> str:
     fields = dataclasses.asdict(preset)
+    # Fields absent before, at their defaults, stay out: old builds keep their name.
     for newer, default in (("layer_types", None), ("sliding_window", None), ("architecture", "llama"),
-                           ("kv_lora_rank", None)):  # absent before: old builds keep their name
+                           ("kv_lora_rank", None), ("hybrid_dtype", "float32")):
         if fields[newer] == default:
             del fields[newer]
     payload = {"name": name, "build_version": BUILD_VERSION, **fields}
@@ -372,12 +390,14 @@ def _build_granite_hybrid(preset: ModelPreset, out_dir: Path, special_ids: dict[
     import torch
     from transformers import GenerationConfig, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
+    mamba_d_head = 32 if preset.hidden_size < 512 else 64
     config = GraniteMoeHybridConfig(
         vocab_size=preset.vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
         num_hidden_layers=preset.num_hidden_layers, num_attention_heads=preset.num_attention_heads,
         num_key_value_heads=preset.num_key_value_heads, max_position_embeddings=preset.max_position_embeddings,
         layer_types=list(preset.layer_types or ()), num_local_experts=0, num_experts_per_tok=0,
-        shared_intermediate_size=preset.intermediate_size, mamba_n_heads=8, mamba_d_head=32, mamba_n_groups=1,
+        shared_intermediate_size=preset.intermediate_size, mamba_n_heads=2 * preset.hidden_size // mamba_d_head,
+        mamba_d_head=mamba_d_head, mamba_n_groups=1,
         mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, position_embedding_type="rope",
         rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
         bos_token_id=special_ids[BOS_TOKEN], eos_token_id=special_ids[EOS_TOKEN],
@@ -387,7 +407,7 @@ def _build_granite_hybrid(preset: ModelPreset, out_dir: Path, special_ids: dict[
     previous_rng = torch.random.get_rng_state()
     torch.manual_seed(preset.seed)
     try:
-        model = GraniteMoeHybridForCausalLM(config).to(torch.float32).eval()
+        model = GraniteMoeHybridForCausalLM(config).to(getattr(torch, preset.hybrid_dtype)).eval()
     finally:
         torch.random.set_rng_state(previous_rng)
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,

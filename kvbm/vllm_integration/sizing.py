@@ -57,6 +57,11 @@ def _group_window(spec: Any, block_size: int) -> int | None:
         # The state after block L-1 is all a hit at block L needs (vLLM's "align" mode keeps it
         # in the group's block L-1, as its own prefix cache does).
         return 1
+    if kind == "MambaSpec" and getattr(spec, "mamba_cache_mode", "none") == "all":
+        raise UnsupportedGroup(
+            "MambaSpec in mamba_cache_mode='all'",
+            "start vLLM with --mamba-cache-mode align (on a GPU vLLM picks 'all' for models with Mamba prefix "
+            "caching; kvbm stores the one state per block that 'align' keeps)")
     if kind == "MambaSpec":
         raise UnsupportedGroup(
             f"MambaSpec in mamba_cache_mode={getattr(spec, 'mamba_cache_mode', None)!r}",
