@@ -18,7 +18,7 @@ from kvbm.config import KvbmConfig
 from kvbm.runtime.handshake import (
     HandshakeError,
     LeaderHandshake,
-    TierSizes,
+    TierPlan,
     WorkerHandshake,
     WorkerLayout,
 )
@@ -46,7 +46,8 @@ def worker_main(
 ) -> None:
     _logging()
 
-    def allocate(sizes: TierSizes, progress) -> Any:
+    def allocate(plan: TierPlan, progress) -> Any:
+        sizes = plan.settings_sizes()
         if allocating is not None:
             allocating.set()
         if fail_alloc:
@@ -69,7 +70,8 @@ def worker_main(
     layout = WorkerLayout(rank, world_size, bytes_per_block, num_gpu_blocks=64, layout="test")
     handshake = WorkerHandshake(config, engine_id, layout, allocate, **kwargs).start()
     try:
-        sizes, allocation = handshake.wait()
+        plan, allocation = handshake.wait()
+        sizes = plan.settings_sizes()
     except HandshakeError as exc:
         results.put({"rank": rank, "pid": os.getpid(), "error": str(exc)})
         return
@@ -88,4 +90,4 @@ def leader_main(config: KvbmConfig, engine_id: str | None, world_size: int, resu
     except HandshakeError as exc:
         results.put({"leader": True, "error": str(exc)})
         return
-    results.put({"leader": True, "sizes": asdict(result.sizes)})
+    results.put({"leader": True, "sizes": asdict(result.plan.settings_sizes())})

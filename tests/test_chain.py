@@ -289,9 +289,39 @@ def small_chain(g9_sync: bool = False) -> list[Tier]:
     return [Tier("G2", HOST, 2, sync_load=True), Tier("G3", DISK, 2), Tier("G9", MEM, 8, sync_load=g9_sync)]
 
 
-def test_end_to_end_a_prefix_comes_back_from_the_third_tier(tmp_path):
-    rank = Rank(tmp_path)
-    p = Planner(small_chain(), BS)
+def through_the_handshake(tmp_path) -> tuple[Planner, Rank]:
+    """The chain as a server builds it: the leader's handshake sends it (G9 included) to the
+    rank, which builds each tier's storage from the table of media, "mem" added by this test."""
+    import uuid
+
+    from kvbm.config import load_config
+    from kvbm.runtime.handshake import LeaderHandshake
+    from kvbm.runtime.sizing import configured_chain
+    from kvbm.runtime.worker import MEDIA, RankInfo, WorkerBoot
+
+    cfg = load_config({"cpu_cache_override_num_blocks": 2, "disk_cache_override_num_blocks": 2,
+                       "disk_cache_dir": str(tmp_path / "g3"), "disable_disk_offload_filter": True,
+                       "leader_worker_init_timeout_secs": 60}, environ={})
+    rank = Rank.__new__(Rank)
+    rank.cache = {f"layer.{i}": torch.zeros((Rank.NUM_BLOCKS, 2, BS, 8), dtype=torch.float32) for i in range(2)}
+    layout, views = describe_kv_caches(rank.cache, Rank.NUM_BLOCKS)
+    rank.g9 = DictMedium()
+    engine_id = str(uuid.uuid4())
+    boot = WorkerBoot(cfg, RankInfo(0, 1, engine_id, "chain-test", Rank.NUM_BLOCKS), layout, views,
+                      media={**MEDIA, MEM: lambda ctx, tier: rank.g9})
+    joined = LeaderHandshake(cfg, 1, engine_id, chain_of=lambda sizes: (
+        *configured_chain(cfg, sizes), Tier("G9", MEM, 8))).start().wait()
+    rank.runner = boot.wait()
+    assert joined.plan.chain == tuple(small_chain())
+    return Planner(joined.plan.chain, BS), rank
+
+
+@pytest.mark.parametrize("built", ["directly", "through the handshake"])
+def test_end_to_end_a_prefix_comes_back_from_the_third_tier(tmp_path, built):
+    if built == "directly":
+        rank, p = Rank(tmp_path), Planner(small_chain(), BS)
+    else:
+        p, rank = through_the_handshake(tmp_path)
     a = toks(4 * BS + 1)  # 4 full blocks: more than G2 and G3 hold together at the end
     p.add_request("a", ROOT)
     assert p.match("a", a, 0) == 0

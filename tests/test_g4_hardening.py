@@ -196,15 +196,15 @@ def test_secret_settings_and_files(tmp_path, monkeypatch):
 
 def test_no_secret_warns_once_at_startup(redis_server, caplog):
     """The leader says loudly, once, that G4 trusts every writer; workers and keyed servers do not."""
-    from kvbm.runtime.leader import LeaderRuntime
-    from kvbm.runtime.sizing import TierSizes
+    from kvbm.runtime.leader import EngineInfo, LeaderRuntime
+    from kvbm.runtime.sizing import TierPlan, TierSizes
     from kvbm.storage.remote_index import remote_key
 
     def leader(**extra):
         cfg = KvbmConfig(remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", redis_server.url), **extra)
-        return LeaderRuntime(cfg, TierSizes(8, 0, 1024, remote_key("tiny")), block_size=4, world_size=1,
-                             block_bytes=512, storage_key="k", identity="tiny", gpu_blocks=16,
-                             max_num_batched_tokens=64)
+        return LeaderRuntime(cfg, TierPlan.configured(cfg, TierSizes(8, 0, 1024, remote_key("tiny"))),
+                             EngineInfo(block_size=4, world_size=1, engine_id=None, block_bytes=512, gpu_blocks=16,
+                                        storage_key="k", max_num_batched_tokens=64), identity="tiny")
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records
@@ -330,13 +330,14 @@ def test_unreachable_redis_at_startup_is_a_clean_handshake_error():
 
 
 def test_summary_line_explains_g4(redis_server):
-    from kvbm.runtime.leader import LeaderRuntime
-    from kvbm.runtime.sizing import TierSizes
+    from kvbm.runtime.leader import EngineInfo, LeaderRuntime
+    from kvbm.runtime.sizing import TierPlan, TierSizes
     from kvbm.storage.remote_index import remote_key
 
     cfg = KvbmConfig(remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", redis_server.url))
-    rt = LeaderRuntime(cfg, TierSizes(8, 0, 1024, remote_key("tiny")), block_size=4, world_size=1,
-                       block_bytes=512, storage_key="k", identity="tiny", gpu_blocks=16, max_num_batched_tokens=64)
+    rt = LeaderRuntime(cfg, TierPlan.configured(cfg, TierSizes(8, 0, 1024, remote_key("tiny"))),
+                       EngineInfo(block_size=4, world_size=1, engine_id=None, block_bytes=512, gpu_blocks=16,
+                                  storage_key="k", max_num_batched_tokens=64), identity="tiny")
     try:
         line = rt.metrics.summary()
     finally:

@@ -127,10 +127,10 @@ def test_two_worker_processes_agree_and_allocate_gb_split_across_ranks(procs):
         procs.worker(cfg, eid, rank, bpb=bpb, arena="torch")  # kvbm's real HostArena
     result = run_leader(cfg, eid)
     total = sum(per_rank.values())
-    assert result.sizes == TierSizes(1_000_000 // total, 2_000_000 // total, total)
+    assert result.plan.settings_sizes() == TierSizes(1_000_000 // total, 2_000_000 // total, total)
     assert [w.bytes_per_block for w in result.workers] == [BPB, BPB // 2]
     assert {w.pid for w in result.workers} == {p.pid for p in procs.procs}
-    assert_agreed(procs.by_rank(2), result.sizes, per_rank)
+    assert_agreed(procs.by_rank(2), result.plan.settings_sizes(), per_rank)
 
 
 def test_override_block_counts_win_over_gb(procs):
@@ -139,8 +139,8 @@ def test_override_block_counts_win_over_gb(procs):
     for rank in range(2):
         procs.worker(cfg, eid, rank)
     result = run_leader(cfg, eid)
-    assert (result.sizes.host_slots, result.sizes.disk_slots) == (5, 7)
-    assert_agreed(procs.by_rank(2), result.sizes, {0: BPB, 1: BPB})
+    assert (result.plan.settings_sizes().host_slots, result.plan.settings_sizes().disk_slots) == (5, 7)
+    assert_agreed(procs.by_rank(2), result.plan.settings_sizes(), {0: BPB, 1: BPB})
 
 
 def test_worker_started_after_leader(procs):
@@ -150,7 +150,7 @@ def test_worker_started_after_leader(procs):
     for rank in range(2):
         procs.worker(cfg, eid, rank)
     result = leader.wait()
-    assert_agreed(procs.by_rank(2), result.sizes, {0: BPB, 1: BPB})
+    assert_agreed(procs.by_rank(2), result.plan.settings_sizes(), {0: BPB, 1: BPB})
 
 
 def test_leader_started_after_workers(procs):
@@ -160,7 +160,7 @@ def test_leader_started_after_workers(procs):
         procs.worker(cfg, eid, rank)
     time.sleep(2.0)
     result = run_leader(cfg, eid)
-    assert_agreed(procs.by_rank(2), result.sizes, {0: BPB, 1: BPB})
+    assert_agreed(procs.by_rank(2), result.plan.settings_sizes(), {0: BPB, 1: BPB})
 
 
 # ---- failures --------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_restarted_leader_gets_a_fresh_handshake(procs):
     first.kill()
     first.join()
     result = run_leader(cfg, eid)  # same sockets: the workers drop their allocation and re-join
-    assert_agreed(procs.by_rank(2), result.sizes, {0: BPB, 1: BPB})
+    assert_agreed(procs.by_rank(2), result.plan.settings_sizes(), {0: BPB, 1: BPB})
 
 
 # ---- side by side ----------------------------------------------------------
@@ -266,8 +266,8 @@ def test_two_instances_side_by_side_with_distinct_ports(procs):
     cfgs = [tcp_config(cpu_cache_override_num_blocks=3), tcp_config(cpu_cache_override_num_blocks=4)]
     assert handshake_endpoints(cfgs[0], "x").pub.startswith("tcp://127.0.0.1:")
     results = _two_instances(procs, cfgs, [None, None])
-    assert [r.sizes.host_slots for r in results] == [3, 4]
-    assert [r.sizes.bytes_per_block_all_ranks for r in results] == [2 * BPB, 4 * BPB]
+    assert [r.plan.settings_sizes().host_slots for r in results] == [3, 4]
+    assert [r.plan.settings_sizes().bytes_per_block_all_ranks for r in results] == [2 * BPB, 4 * BPB]
     workers = procs.collect(4)
     assert sorted((w["rank"], w["sizes"]["host_slots"]) for w in workers) == [(0, 3), (0, 4), (1, 3), (1, 4)]
 
@@ -278,8 +278,8 @@ def test_two_instances_side_by_side_with_the_default_transport(procs):
     assert handshake_endpoints(cfgs[0], eids[0]).pub.startswith("ipc://")
     assert handshake_endpoints(cfgs[0], eids[0]) != handshake_endpoints(cfgs[1], eids[1])
     results = _two_instances(procs, cfgs, eids)
-    assert [r.sizes.host_slots for r in results] == [3, 4]
-    assert [r.sizes.bytes_per_block_all_ranks for r in results] == [2 * BPB, 4 * BPB]
+    assert [r.plan.settings_sizes().host_slots for r in results] == [3, 4]
+    assert [r.plan.settings_sizes().bytes_per_block_all_ranks for r in results] == [2 * BPB, 4 * BPB]
     workers = procs.collect(4)
     assert sorted((w["rank"], w["sizes"]["host_slots"]) for w in workers) == [(0, 3), (0, 4), (1, 3), (1, 4)]
     for cfg, eid in zip(cfgs, eids):  # the leaders cleaned up their socket and lock files

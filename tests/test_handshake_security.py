@@ -25,6 +25,7 @@ from kvbm.runtime import wire
 from kvbm.runtime.handshake import (
     HandshakeError,
     LeaderHandshake,
+    TierPlan,
     TierSizes,
     WorkerHandshake,
     WorkerLayout,
@@ -60,7 +61,8 @@ class Allocations:
     def __init__(self) -> None:
         self.calls: list[TierSizes] = []
 
-    def __call__(self, sizes: TierSizes, progress) -> bytearray:
+    def __call__(self, plan: TierPlan, progress) -> bytearray:
+        sizes = plan.settings_sizes()
         self.calls.append(sizes)
         return bytearray(sizes.host_slots * BPB)
 
@@ -149,7 +151,7 @@ def test_forged_and_malformed_statuses_do_not_crash_the_leader(attacker, caplog)
         assert not leader._future.done()  # neither crashed nor fooled into "done" or "failed"
         real = worker(cfg)
         result = leader.wait(30)
-        assert real.wait(30)[0] == result.sizes
+        assert real.wait(30)[0] == result.plan
         assert [w.pid for w in result.workers] == [os.getpid()]  # the real worker, not pid 4242
         assert leader.drops.total >= 10
         assert "dropped" in caplog.text and "bad signature" in caplog.text
@@ -298,7 +300,7 @@ def test_allocation_progress_reaches_the_leader_log(caplog):
     cfg = load_config({"cpu_cache_gb": 0.001, "leader_worker_init_timeout_secs": 60}, environ={})
     eid = os.urandom(8).hex()
 
-    def slow(sizes: TierSizes, progress) -> None:
+    def slow(plan: TierPlan, progress) -> None:
         for i in range(1, 11):
             time.sleep(0.3)
             progress(i / 10)

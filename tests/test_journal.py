@@ -581,13 +581,14 @@ def test_damaged_journal_on_a_full_disk_still_loads(tmp_path, caplog):
 
 def dp_leader(directory: Path, dp_rank: int):
     from kvbm.config import KvbmConfig
-    from kvbm.runtime.leader import LeaderRuntime
-    from kvbm.runtime.sizing import TierSizes
+    from kvbm.runtime.leader import EngineInfo, LeaderRuntime
+    from kvbm.runtime.sizing import TierPlan, TierSizes
 
     cfg = KvbmConfig(disk_persist=True, disk_cache_dir=str(directory))
-    return LeaderRuntime(cfg, TierSizes(8, 64, 1024), block_size=16, world_size=1, block_bytes=1024,
-                         storage_key="model-k", identity=ID, gpu_blocks=16, max_num_batched_tokens=64,
-                         data_parallel_rank=dp_rank, data_parallel_rank_local=dp_rank)
+    engine = EngineInfo(block_size=16, world_size=1, engine_id=None, block_bytes=1024, gpu_blocks=16,
+                        storage_key="model-k", max_num_batched_tokens=64, data_parallel_rank=dp_rank,
+                        data_parallel_rank_local=dp_rank)
+    return LeaderRuntime(cfg, TierPlan.configured(cfg, TierSizes(8, 64, 1024)), engine, identity=ID)
 
 
 def test_data_parallel_engines_each_persist_their_own_disk_index(tmp_path, caplog):

@@ -12,7 +12,7 @@ import pytest
 from kvbm.config import ConfigError, KvbmConfig, parse_remote_url
 from kvbm.core.planner import Planner
 from kvbm.core.tiers import HOST, REMOTE, Tier, standard_chain
-from kvbm.runtime.sizing import TierSizes
+from kvbm.runtime.sizing import TierPlan, TierSizes
 from kvbm.storage.remote_index import RemoteIndex, remote_key
 from tests.test_chain import BS, ROOT, complete, hashes, prefill, toks
 
@@ -250,9 +250,11 @@ def runtime(url: str, **config):
     from kvbm.runtime.leader import LeaderRuntime
 
     cfg = KvbmConfig(remote_url=parse_remote_url("DYN_KVBM_REMOTE_URL", url), **config)
-    return LeaderRuntime(cfg, TierSizes(8, 0, 1024, remote_key("tiny")), block_size=BS, world_size=2,
-                         block_bytes=512, storage_key="k", identity="tiny", gpu_blocks=16,
-                         max_num_batched_tokens=64)
+    from kvbm.runtime.leader import EngineInfo
+
+    return LeaderRuntime(cfg, TierPlan.configured(cfg, TierSizes(8, 0, 1024, remote_key("tiny"))),
+                         EngineInfo(block_size=BS, world_size=2, engine_id=None, block_bytes=512, gpu_blocks=16,
+                                    storage_key="k", max_num_batched_tokens=64), identity="tiny")
 
 
 def test_leader_builds_g2_then_g4_on_redis(redis_server):
@@ -342,11 +344,11 @@ def test_wire_carries_the_remote_key():
     from kvbm.runtime import wire
     from kvbm.runtime.wire import Beacon, Malformed
 
-    sizes = TierSizes(4, 0, 8192, remote_key("m"))
-    beacon = Beacon("a" * 32, 1, "allocate", sizes, None, ())
-    assert wire.parse_beacon(wire.beacon_message(beacon)).sizes == sizes
+    plan = TierPlan.configured(KvbmConfig(), TierSizes(4, 0, 8192, remote_key("m")))
+    beacon = Beacon("a" * 32, 1, "allocate", plan, None, ())
+    assert wire.parse_beacon(wire.beacon_message(beacon)).plan == plan
     message = wire.beacon_message(beacon)
-    message["sizes"]["remote_key"] = "not hex"
+    message["plan"]["remote_key"] = "not hex"
     with pytest.raises(Malformed):
         wire.parse_beacon(message)
 

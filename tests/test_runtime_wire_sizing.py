@@ -13,6 +13,7 @@ from kvbm.runtime.sizing import (
     G3_FILE_PREFIX,
     Machine,
     SizingError,
+    TierPlan,
     TierSizes,
     WorkerLayout,
     check_fits,
@@ -26,6 +27,9 @@ from kvbm.runtime.wire import Beacon, Malformed, Status
 KEY = b"k" * 32
 SESSION, NONCE = "ab" * 16, "cd" * 16
 LAYOUT = WorkerLayout(1, 2, 4096, 64, layout="l", pid=123, host="h")
+PLAN = TierPlan.configured(load_config({}, environ={"DYN_KVBM_CPU_CACHE_GB": "1"}), TierSizes(4, 8, 8192))
+TIER = {"name": "G2", "medium": "host", "capacity": 4, "filter_threshold": None, "shared": False, "sync_load": True,
+        "persistent": False}
 
 
 def status_dict(**changes) -> dict:
@@ -33,14 +37,14 @@ def status_dict(**changes) -> dict:
 
 
 def beacon_dict(**changes) -> dict:
-    return {**wire.beacon_message(Beacon(SESSION, 2, "allocate", TierSizes(4, 8, 8192), None, (NONCE,))), **changes}
+    return {**wire.beacon_message(Beacon(SESSION, 2, "allocate", PLAN, None, (NONCE,))), **changes}
 
 
 # ---- frames ------------------------------------------------------------------------
 def test_round_trip():
     status = Status(SESSION, NONCE, LAYOUT, "allocating", 0.5, "x")
     assert wire.parse_status(wire.unseal(KEY, wire.seal(KEY, wire.status_message(status)))) == status
-    beacon = Beacon(SESSION, 2, "done", TierSizes(4, 8, 8192), None, (NONCE,))
+    beacon = Beacon(SESSION, 2, "done", PLAN, None, (NONCE,))
     assert wire.parse_beacon(wire.unseal(KEY, wire.seal(KEY, wire.beacon_message(beacon)))) == beacon
 
 
@@ -89,11 +93,22 @@ def test_missing_status_field():
 
 
 @pytest.mark.parametrize("changes", [
-    {"state": "allocating"}, {"sizes": None}, {"sizes": [1, 2, 3]},
-    {"sizes": {"host_slots": -1, "disk_slots": 0, "bytes_per_block_all_ranks": 1}},
-    {"sizes": {"host_slots": 1 << 41, "disk_slots": 0, "bytes_per_block_all_ranks": 1}},
-    {"sizes": {"host_slots": 1, "disk_slots": 0, "bytes_per_block_all_ranks": 0}},
-    {"sizes": {"host_slots": 1, "disk_slots": 0}},
+    {"state": "allocating"}, {"plan": None}, {"plan": [1, 2, 3]},
+    {"plan": {"chain": [], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": "G2", "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [TIER] * (wire.MAX_TIERS + 1), "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [TIER, TIER], "bytes_per_block_all_ranks": 1, "remote_key": ""}},  # names repeat
+    {"plan": {"chain": [{**TIER, "name": "G1"}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "name": "G2/../x"}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "medium": "x" * 17}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "capacity": -1}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "capacity": 0}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "capacity": 1 << 41}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "sync_load": 1}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "filter_threshold": -1}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [{**TIER, "extra": 1}], "bytes_per_block_all_ranks": 1, "remote_key": ""}},
+    {"plan": {"chain": [TIER], "bytes_per_block_all_ranks": 0, "remote_key": ""}},
+    {"plan": {"chain": [TIER], "bytes_per_block_all_ranks": 1}},
     {"peers": "x"}, {"peers": ["zz"]}, {"peers": [NONCE] * (wire.MAX_PEERS + 1)},
     {"world_size": False}, {"error": {"msg": 1}}, {"session": None},
 ])
@@ -103,8 +118,19 @@ def test_every_beacon_field_is_checked(changes):
 
 
 def test_waiting_and_failed_beacons_need_no_sizes():
-    assert wire.parse_beacon(beacon_dict(state="waiting", sizes=None)).sizes is None
-    assert wire.parse_beacon(beacon_dict(state="failed", sizes=None, error="why")).error == "why"
+    assert wire.parse_beacon(beacon_dict(state="waiting", plan=None)).plan is None
+    assert wire.parse_beacon(beacon_dict(state="failed", plan=None, error="why")).error == "why"
+
+
+def test_the_beacon_carries_the_chain_tier_by_tier():
+    """A tier of a medium kvbm's own chain never names travels as it is (tests/test_chain.py)."""
+    from kvbm.core.tiers import Tier
+
+    plan = TierPlan((*PLAN.chain, Tier("G9", "mem", 8, filter_threshold=3, sync_load=True)), 8192)
+    parsed = wire.parse_beacon(json.loads(json.dumps(beacon_dict(plan=wire.beacon_message(
+        Beacon(SESSION, 2, "allocate", plan, None, ()))["plan"]))))
+    assert parsed.plan == plan and [t.name for t in parsed.plan.chain] == ["G2", "G3", "G9"]
+    assert plan.blocks_on("host") == 4 and plan.settings_sizes() == TierSizes(4, 8, 8192)
 
 
 def test_clip_keeps_our_own_text_acceptable():

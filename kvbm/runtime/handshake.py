@@ -1,4 +1,4 @@
-"""Leader/worker startup handshake: agree on the G2/G3 sizes before traffic starts.
+"""Leader/worker startup handshake: agree on the tier chain before traffic starts.
 
 Why a handshake: the tiers are sized from the bytes one block takes on *every*
 rank together (GB settings are totals across ranks), which only the workers
@@ -64,18 +64,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError  # not the builtin before 3.11
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvbm.config import ConfigError, KvbmConfig, env_var
+from kvbm.core.tiers import DISK, HOST, REMOTE, Tier
 from kvbm.runtime import wire
 from kvbm.runtime.sizing import (
     SizingError,
+    TierPlan,
     TierSizes,
     WorkerLayout,
     check_fits,
+    configured_chain,
     local_bytes_per_block,
     machine_resources,
     plan_tiers,
@@ -98,12 +102,14 @@ TIMEOUT_VAR = env_var("leader_worker_init_timeout_secs")
 _PORT_VARS = f"{env_var('leader_zmq_pub_port')}/{env_var('leader_zmq_ack_port')}"
 
 T = TypeVar("T")
-#: ``allocate(sizes, progress)``: builds this rank's tiers, reporting ``progress(0..1)`` as it goes.
-Allocate = Callable[[TierSizes, Callable[[float], None]], T]
+#: ``allocate(plan, progress)``: builds this rank's tiers, reporting ``progress(0..1)`` as it goes.
+Allocate = Callable[[TierPlan, Callable[[float], None]], T]
+#: ``chain_of(sizes)``: the leader's chain for the sized settings (default: :func:`configured_chain`).
+ChainOf = Callable[[TierSizes], tuple[Tier, ...]]
 
 __all__ = [
     "HandshakeError", "HandshakeResult", "LeaderHandshake", "WorkerHandshake", "Endpoints", "handshake_endpoints",
-    "TierSizes", "WorkerLayout", "TIMEOUT_VAR",
+    "TierPlan", "TierSizes", "WorkerLayout", "TIMEOUT_VAR",
 ]
 
 
@@ -113,7 +119,7 @@ class HandshakeError(RuntimeError):
 
 @dataclass(frozen=True)
 class HandshakeResult:
-    sizes: TierSizes
+    plan: TierPlan
     workers: tuple[WorkerLayout, ...]
 
 
@@ -279,12 +285,15 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         dead_after_s: float = DEAD_AFTER_S,
         progress_log_s: float = PROGRESS_LOG_S,
         identity: Callable[[Sequence[WorkerLayout]], str] | None = None,
+        chain_of: ChainOf | None = None,
     ) -> None:
         """``identity``: the model identity from the ranks' layouts; with G4 its key
-        (:func:`remote_key`) goes to every rank with the sizes: each stores its shard under it."""
+        (:func:`remote_key`) goes to every rank with the chain: each stores its shard under it.
+        ``chain_of``: builds the chain from the sized settings (tests add tiers of their own)."""
         super().__init__(config, engine_id, heartbeat_s, dead_after_s)
         self.world_size = world_size
         self.identity = identity
+        self.chain_of: ChainOf = chain_of or partial(configured_chain, config)
         self.drops = DropLog("kvbm leader")
         self.session = wire.new_id()
         self.progress_log_s = progress_log_s
@@ -349,8 +358,8 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _beacon(self, state: str, sizes: TierSizes | None = None, error: str | None = None) -> None:
-        beacon = Beacon(self.session, self.world_size, state, sizes, error and wire.clip(error), tuple(self._nonces))
+    def _beacon(self, state: str, plan: TierPlan | None = None, error: str | None = None) -> None:
+        beacon = Beacon(self.session, self.world_size, state, plan, error and wire.clip(error), tuple(self._nonces))
         self._send(self._pub, wire.beacon_message(beacon))
 
     def _remember(self, nonce: str) -> None:
@@ -372,13 +381,13 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
     def _handshake(self) -> HandshakeResult:
         status: dict[int, Status] = {}
         seen: dict[int, float] = {}
-        sizes: TierSizes | None = None
+        plan: TierPlan | None = None
         next_beacon = next_log = 0.0
         started = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beacon:
-                self._beacon("allocate" if sizes else "waiting", sizes)
+                self._beacon("allocate" if plan else "waiting", plan)
                 next_beacon = now + self.heartbeat_s
             if self._ack.poll(self.heartbeat_s * 1000):
                 for message in self._receive(self._ack, wire.parse_status):
@@ -396,14 +405,14 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                         f"leader/worker handshake ({now - last:.1f}s silent, state {status[rank].state!r}): "
                         "the process probably died; see its log"
                     )
-            if sizes is None and len(status) == self.world_size:
-                sizes = self._size([status[r].layout for r in range(self.world_size)])
+            if plan is None and len(status) == self.world_size:
+                plan = self._plan([status[r].layout for r in range(self.world_size)])
                 next_beacon = now  # tell them at once
                 continue
-            if sizes is not None and all(status[r].state == "ready" for r in range(self.world_size)):
-                self._beacon("done", sizes)
+            if plan is not None and all(status[r].state == "ready" for r in range(self.world_size)):
+                self._beacon("done", plan)
                 logger.info("kvbm leader: all %d worker(s) allocated in %.1fs", self.world_size, now - started)
-                return HandshakeResult(sizes, tuple(status[r].layout for r in range(self.world_size)))
+                return HandshakeResult(plan, tuple(status[r].layout for r in range(self.world_size)))
             if now >= next_log + self.progress_log_s:
                 next_log = now
                 if now - started >= self.progress_log_s:
@@ -412,8 +421,8 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
                 raise self._timeout_error(self._progress(status))
         raise HandshakeError("kvbm leader handshake was closed before it finished")
 
-    def _size(self, layouts: list[WorkerLayout]) -> TierSizes:
-        """Plan the tiers and check that this host holds its workers' share."""
+    def _plan(self, layouts: list[WorkerLayout]) -> TierPlan:
+        """Size the tiers, check that this host holds its workers' share, build the chain (once)."""
         here = socket.gethostname()
         try:
             sizes = plan_tiers(self.config, layouts)
@@ -425,11 +434,13 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
             raise HandshakeError(str(exc)) from None
         if self.identity is not None and self.config.has_remote_tier:
             sizes = replace(sizes, remote_key=remote_key(self.identity(layouts)))
-        logger.info(
-            "kvbm leader: %d worker(s) joined (%s B per block in all); G2 %d blocks, G3 %d blocks: "
-            "workers allocating", self.world_size, sizes.bytes_per_block_all_ranks, sizes.host_slots, sizes.disk_slots,
-        )
-        return sizes
+        try:
+            plan = TierPlan(self.chain_of(sizes), sizes.bytes_per_block_all_ranks, sizes.remote_key)
+        except ValueError as exc:
+            raise HandshakeError(f"kvbm leader: {exc}") from None
+        logger.info("kvbm leader: %d worker(s) joined (%s B per block in all); %s: workers allocating",
+                    self.world_size, plan.bytes_per_block_all_ranks, _describe(plan))
+        return plan
 
     def _check_worker(self, message: Status, status: dict[int, Status]) -> int:
         """Conflicts among authentic workers end the handshake with the reason."""
@@ -468,7 +479,7 @@ class LeaderHandshake(_Handshake[HandshakeResult]):
         return "workers are still allocating: " + ", ".join(parts)
 
 
-class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
+class WorkerHandshake(_Handshake[tuple[TierPlan, T]]):
     """One rank: report the layout, allocate what the leader asks, ack; all in the background."""
 
     def __init__(
@@ -502,7 +513,7 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
         self._start(f"kvbm-worker{self.layout.rank}-handshake")
         return self
 
-    def _run(self) -> tuple[TierSizes, T]:
+    def _run(self) -> tuple[TierPlan, T]:
         self._state = "joined"
         self._session: str | None = None
         self._progress: float | None = None
@@ -523,9 +534,9 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                         error and wire.clip(error))
         self._send(self._push, wire.status_message(status))
 
-    def _handshake(self) -> tuple[TierSizes, T]:
+    def _handshake(self) -> tuple[TierPlan, T]:
         rank = self.layout.rank
-        sizes: TierSizes | None = None
+        plan: TierPlan | None = None
         allocation: Future[T] | None = None
         last_leader = next_status = next_hello = 0.0
         while not self._stop.is_set():
@@ -546,7 +557,7 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                             )
                         else:
                             logger.info("kvbm worker rank %d: joined the leader at %s", rank, self.endpoints.pub)
-                        self._session, sizes, allocation, self._progress = beacon.session, None, None, None
+                        self._session, plan, allocation, self._progress = beacon.session, None, None, None
                         self._state = "joined"
                     last_leader = now
                     if beacon.world_size != self.layout.world_size:
@@ -558,20 +569,20 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                     if beacon.state == "failed":
                         raise HandshakeError(f"kvbm leader failed the handshake: {beacon.error}")
                     if beacon.state in ("allocate", "done") and allocation is None:
-                        sizes = beacon.sizes
-                        assert sizes is not None  # parse_beacon guarantees it in these states
-                        allocation = self._start_allocation(sizes)
+                        plan = beacon.plan
+                        assert plan is not None  # parse_beacon guarantees it in these states
+                        allocation = self._start_allocation(plan)
                         self._status("allocating")
                     if beacon.state == "done" and self._state == "ready":
-                        assert allocation is not None and sizes is not None
-                        return sizes, allocation.result()
+                        assert allocation is not None and plan is not None
+                        return plan, allocation.result()
             if allocation is not None and allocation.done() and self._state == "allocating":
                 exc = allocation.exception()
                 if exc is not None:
                     # A setting to fix (ConfigError: G4 unreachable, a bad secret file) speaks for itself.
                     detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
                     raise HandshakeError(
-                        f"kvbm worker rank {rank} could not allocate its tiers ({_describe(sizes)}): {detail}"
+                        f"kvbm worker rank {rank} could not allocate its tiers ({_describe(plan)}): {detail}"
                     )
                 self._status("ready")
                 logger.info("kvbm worker rank %d: tiers allocated, waiting for the other ranks", rank)
@@ -595,10 +606,11 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
                 )
         raise HandshakeError(f"kvbm worker rank {rank} handshake was closed before it finished")
 
-    def _start_allocation(self, sizes: TierSizes) -> Future[T]:
+    def _start_allocation(self, plan: TierPlan) -> Future[T]:
         """Check this host has room, then allocate on its own thread, so heartbeats keep
         flowing while pages are faulted in; progress reaches the leader in the statuses."""
         where = f"worker rank {self.layout.rank}'s host {self.layout.host}"
+        sizes = plan.settings_sizes()
         try:
             machine = machine_resources(self.config.disk_cache_dir, need_disk=sizes.disk_slots > 0)
             check_fits(self.config, sizes, self.layout.bytes_per_block, machine, where)
@@ -611,25 +623,23 @@ class WorkerHandshake(_Handshake[tuple[TierSizes, T]]):
 
         def run() -> None:
             try:
-                future.set_result(self._allocate(sizes, progress))
+                future.set_result(self._allocate(plan, progress))
             except BaseException as exc:
                 future.set_exception(exc)
 
-        logger.info(
-            "kvbm worker rank %d: allocating G2 %d x %d B, G3 %d x %d B",
-            self.layout.rank, sizes.host_slots, self.layout.bytes_per_block,
-            sizes.disk_slots, self.layout.bytes_per_block,
-        )
+        logger.info("kvbm worker rank %d: allocating %s of %d B per block", self.layout.rank, _describe(plan),
+                    self.layout.bytes_per_block)
         threading.Thread(target=run, name=f"kvbm-worker{self.layout.rank}-allocate", daemon=True).start()
         return future
 
 
-def _describe(sizes: TierSizes | None) -> str:
+def _describe(plan: TierPlan | None) -> str:
     """The tiers of an allocation in words, for messages (not the dataclass repr)."""
-    if sizes is None:
+    if plan is None:
         return "none"
-    parts = [f"{name} {n} blocks" for name, n in (("G2", sizes.host_slots), ("G3", sizes.disk_slots)) if n]
-    return ", ".join(parts + (["G4 (Redis)"] if sizes.remote_key else [])) or "none"
+    words = {HOST: "host memory", DISK: "disk", REMOTE: "Redis"}
+    return ", ".join(f"{t.name} {t.capacity} blocks ({words.get(t.medium, t.medium)})" if t.capacity
+                     else f"{t.name} ({words.get(t.medium, t.medium)})" for t in plan.chain) or "none"
 
 
 def _who(layout: WorkerLayout) -> str:

@@ -1,30 +1,35 @@
 """The scheduler side of kvbm for one engine, without vLLM.
 
-Given the tier sizes the startup handshake agreed on, it builds the tier
-chain and the :class:`~kvbm.core.planner.Planner`, reloads a persistent G3
-from its journal, feeds the load-or-recompute rule with measured rates,
-applies the workers' reports, and owns the metrics exporter and the request
-trace. The vLLM adapter (:mod:`kvbm.vllm_integration.leader`) only turns
-vLLM's requests and scheduler outputs into planner calls.
+:meth:`LeaderRuntime.boot` runs the leader's half of the startup handshake
+(mirroring :class:`kvbm.runtime.worker.WorkerBoot`): it waits for every rank,
+sizes the tiers, builds the chain once and sends it to the ranks. The runtime
+then owns the :class:`~kvbm.core.planner.Planner` and is the only door to it:
+request lifecycle, the cross-rank counting of in-step loads, failed-load
+memory, reloading a persistent tier from its journal, the load-or-recompute
+rule's measured rates, the workers' reports, the metrics exporter and the
+request trace. The vLLM adapter (:mod:`kvbm.vllm_integration.leader`) only
+turns vLLM's objects into ids and calls this object.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvbm.config import KvbmConfig, env_var
 from kvbm.core.cost import OnboardCost, Rate
-from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
+from kvbm.core.filter import FrequencyFilter
 from kvbm.core.groups import SINGLE_FULL, KVGroup
 from kvbm.core.hashing import BlockHash, engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
-from kvbm.core.tiers import G1, HOST, TierIndex, describe, move, standard_chain
+from kvbm.core.tiers import DISK, G1, HOST, REMOTE, TierIndex, describe, move
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
-from kvbm.runtime.sizing import TierSizes
+from kvbm.runtime.handshake import ChainOf, LeaderHandshake
+from kvbm.runtime.sizing import TierPlan, WorkerLayout
 from kvbm.runtime.trace import TraceWriter
 from kvbm.storage.files import ensure_private_dir, g3_journal_path
 from kvbm.storage.journal import DiskJournal, JournalWriter
@@ -35,7 +40,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LeaderRuntime"]
+__all__ = ["EngineInfo", "LeaderRuntime"]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the leader needs to know of its engine (the adapter reads it from vLLM's config)."""
+
+    block_size: int
+    world_size: int
+    engine_id: str | None
+    block_bytes: int  # one block on one rank
+    gpu_blocks: int
+    #: What names the persistent files (kvbm.vllm_integration.sizing.storage_key).
+    storage_key: str
+    max_num_batched_tokens: int
+    groups: tuple[KVGroup, ...] = SINGLE_FULL
+    null_block: int | None = None
+    data_parallel_rank_local: int = 0
+    data_parallel_rank: int = 0
 
 
 class LeaderRuntime:
@@ -49,29 +72,36 @@ class LeaderRuntime:
     #: G4's index: its lookups run on a thread of their own, waited for at most LOOKUP_WAIT_S a step.
     remote_index: RemoteIndex | None = None
 
-    def __init__(self, config: KvbmConfig, sizes: TierSizes, *, block_size: int, world_size: int,
-                 block_bytes: int, storage_key: str, identity: str, gpu_blocks: int, max_num_batched_tokens: int,
-                 data_parallel_rank_local: int = 0, data_parallel_rank: int = 0,
-                 groups: Sequence[KVGroup] = SINGLE_FULL, null_block: int | None = None) -> None:
-        """``block_bytes``: one block on one rank; ``storage_key``/``identity``: what names the
-        persistent files and what must match to reuse them (kvbm.vllm_integration.sizing);
-        ``data_parallel_rank``: this engine's, which names its G3 index; ``groups``/``null_block``:
-        the model's KV-cache groups (kvbm.core.groups)."""
-        self.data_parallel_rank = data_parallel_rank
+    @classmethod
+    def boot(cls, config: KvbmConfig, engine: EngineInfo, identity_of: Callable[[Sequence[WorkerLayout]], str],
+             *, chain_of: ChainOf | None = None) -> LeaderRuntime:
+        """Wait for every rank, agree on the chain, and start the leader.
+
+        vLLM builds the scheduler only after every worker registered its KV caches, so all of
+        them are waiting: the tiers are sized from their reports. ``identity_of``: the model
+        identity from the ranks' layouts (what must match to share G3 files or G4 values);
+        ``chain_of``: the chain for the sized settings (default: the settings' own)."""
+        joined = LeaderHandshake(config, engine.world_size, engine.engine_id, identity=identity_of,
+                                 chain_of=chain_of).start().wait()
+        return cls(config, joined.plan, engine, identity=identity_of(joined.workers))
+
+    def __init__(self, config: KvbmConfig, plan: TierPlan, engine: EngineInfo, *, identity: str) -> None:
+        """``plan``: the chain every rank allocated; ``identity``: what must match to reuse
+        persistent or shared blocks (kvbm.vllm_integration.sizing.model_identity)."""
+        block_size, world_size, block_bytes = engine.block_size, engine.world_size, engine.block_bytes
+        self.engine = engine
+        self.data_parallel_rank = engine.data_parallel_rank
         self.config = config
         self.block_size = block_size
         self.world_size = world_size
-        self.chain = standard_chain(
-            sizes.host_slots, sizes.disk_slots, load_mode=config.load_mode, disk_persistent=config.disk_persist,
-            disk_filter_threshold=None if config.disable_disk_offload_filter else DEFAULT_THRESHOLD,
-            remote=bool(sizes.remote_key),
-            remote_filter_threshold=None if config.disable_remote_offload_filter else DEFAULT_THRESHOLD,
-        )
+        self.chain = plan.chain
         indexes: dict[str, TierIndex] = {}
-        if sizes.remote_key:
-            self.remote = open_remote(config, sizes.remote_key, rank=0, world_size=world_size, announce=True)
-            self.remote_index = RemoteIndex(self.remote, wait_s=LOOKUP_WAIT_S, timeout_s=config.remote_timeout_secs)
-            indexes["G4"] = self.remote_index
+        for tier in self.chain:  # the shared store answers lookups for every rank's shard
+            if tier.medium == REMOTE:
+                self.remote = open_remote(config, plan.remote_key, rank=0, world_size=world_size, announce=True)
+                self.remote_index = RemoteIndex(self.remote, wait_s=LOOKUP_WAIT_S,
+                                                timeout_s=config.remote_timeout_secs)
+                indexes[tier.name] = self.remote_index
         self.planner = Planner(
             self.chain, block_size, world_size,
             sightings=FrequencyFilter(decay_period_s=config.disk_offload_filter_decay_secs,
@@ -79,7 +109,7 @@ class LeaderRuntime:
             # learn a slow tier's speed on two blocks, not on a whole prefix; host memory is never slow
             cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes,
                              probe_blocks={tier.name: 2 for tier in self.chain if tier.medium != HOST}),
-            indexes=indexes, groups=groups, null_block=null_block,
+            indexes=indexes, groups=engine.groups, null_block=engine.null_block,
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
         self._shared = {tier.name for tier in self.chain if tier.shared}
@@ -92,18 +122,18 @@ class LeaderRuntime:
         persistent = [tier.name for tier in self.chain if tier.persistent]
         if persistent:
             self._persistent = persistent[0]
-            self.journal = self._open_journal(storage_key, identity)
+            self.journal = self._open_journal(engine.storage_key, identity)
             self.journal_writer = JournalWriter(self.journal)
         self.metrics = CacheMetrics(self.planner, window=config.metrics_hit_rate_window, world_size=world_size,
                                     block_bytes=block_bytes * world_size, remote=self.remote)
         if config.metrics:  # one exporter per engine (this leader), never per rank: counts are not duplicated
             self.exporter = MetricsExporter(self.metrics, config.metrics_host,
-                                            metrics_port(config, data_parallel_rank_local))
+                                            metrics_port(config, engine.data_parallel_rank_local))
         if config.trace_file:
             self.trace = TraceWriter(config.trace_file, {
-                "block_size": block_size, "gpu_blocks": gpu_blocks, "bytes_per_block": self.metrics.block_bytes,
-                "host_blocks": sizes.host_slots, "disk_blocks": sizes.disk_slots, "load_mode": config.load_mode,
-                "max_num_batched_tokens": max_num_batched_tokens,
+                "block_size": block_size, "gpu_blocks": engine.gpu_blocks, "bytes_per_block": self.metrics.block_bytes,
+                "host_blocks": plan.blocks_on(HOST), "disk_blocks": plan.blocks_on(DISK), "load_mode": config.load_mode,
+                "max_num_batched_tokens": engine.max_num_batched_tokens,
             })
         logger.info("kvbm leader: %s; %d tokens per block, %d worker(s); %s=%s", describe(self.chain), block_size,
                     world_size, env_var("load_mode"), config.load_mode)

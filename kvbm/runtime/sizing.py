@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbm.config import MAX_COUNT, ConfigError, KvbmConfig, env_var
+from kvbm.core.filter import DEFAULT_THRESHOLD
+from kvbm.core.tiers import DISK, HOST, Tier, check_chain, standard_chain
 from kvbm.storage.files import G3_FILE_PREFIX
 
 #: Bounds on what one worker may report; anything beyond is a bug or a forgery.
@@ -58,6 +60,47 @@ class TierSizes:
     #: G4: the digest of the model identity that names this engine's keys in Redis (the leader
     #: computes it from every rank's layout; each rank stores its shard under it); "": no G4.
     remote_key: str = ""
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """What the leader's handshake sends every rank: the tier chain, built once (by the leader,
+    from the settings and every rank's report), and the key of G4's values.
+
+    Ranks build the storage of each tier from its ``medium`` (``kvbm.runtime.worker``'s
+    table of media), so a new tier travels here without a new field."""
+
+    chain: tuple[Tier, ...]
+    #: Sum over ranks of :attr:`WorkerLayout.bytes_per_block`: what GB settings are divided by.
+    bytes_per_block_all_ranks: int
+    #: G4: the digest of the model identity that names this engine's keys in Redis; "": no G4.
+    remote_key: str = ""
+
+    @classmethod
+    def configured(cls, config: KvbmConfig, sizes: TierSizes) -> TierPlan:
+        """The plan of the settings' own chain (:func:`configured_chain`)."""
+        return cls(configured_chain(config, sizes), sizes.bytes_per_block_all_ranks, sizes.remote_key)
+
+    def blocks_on(self, medium: str) -> int:
+        """Blocks the chain keeps on ``medium`` (what a host must have room for)."""
+        return sum(tier.capacity for tier in self.chain if tier.medium == medium)
+
+    def settings_sizes(self) -> TierSizes:
+        """The plan in the settings' terms (host memory, disk), for :func:`check_fits`."""
+        return TierSizes(self.blocks_on(HOST), self.blocks_on(DISK), self.bytes_per_block_all_ranks, self.remote_key)
+
+
+def configured_chain(config: KvbmConfig, sizes: TierSizes) -> tuple[Tier, ...]:
+    """The chain the settings describe: G2 and/or G3 as sized, then G4 if configured, each
+    with the policy the settings give it (filters, load mode, persistence)."""
+    chain = standard_chain(
+        sizes.host_slots, sizes.disk_slots, load_mode=config.load_mode, disk_persistent=config.disk_persist,
+        disk_filter_threshold=None if config.disable_disk_offload_filter else DEFAULT_THRESHOLD,
+        remote=bool(sizes.remote_key),
+        remote_filter_threshold=None if config.disable_remote_offload_filter else DEFAULT_THRESHOLD,
+    )
+    check_chain(chain)
+    return chain
 
 
 @dataclass(frozen=True)

@@ -39,18 +39,22 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvbm.config import MAX_COUNT, KvbmConfig, env_var, read_secret_file
-from kvbm.runtime.sizing import MAX_BLOCK_BYTES, MAX_WORLD_SIZE, TierSizes, WorkerLayout
+from kvbm.core.tiers import Tier, check_chain
+from kvbm.runtime.sizing import MAX_BLOCK_BYTES, MAX_WORLD_SIZE, TierPlan, WorkerLayout
 
 logger = logging.getLogger(__name__)
 
 #: Bump with any change to the messages: peers of another version cannot be verified and are dropped.
-MAGIC = b"KVBMHS02"
+MAGIC = b"KVBMHS03"
 MAX_MESSAGE_BYTES = 64 * 1024
 _MAC_BYTES = 32
 _IPC_KEY = b"kvbm-handshake-ipc"
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 MAX_TEXT = 4096
 MAX_PEERS = 1024
+MAX_TIERS = 16
+_WORD = re.compile(r"[A-Za-z0-9_-]{1,16}")  # a tier's name or medium
+MAX_FILTER_THRESHOLD = 1 << 31
 SECRET_FILE_NAME = "zmq-secret"
 
 LEADER_STATES = ("waiting", "allocate", "done", "failed")
@@ -68,7 +72,8 @@ class Beacon:
     session: str
     world_size: int
     state: str
-    sizes: TierSizes | None = None
+    #: The tiers every rank allocates (sent from state "allocate" on).
+    plan: TierPlan | None = None
     error: str | None = None
     #: Nonces of the workers heard in this session: a worker trusts a beacon
     #: only once it carries its own nonce, so replayed old beacons are inert.
@@ -117,6 +122,8 @@ def unseal(key: bytes, frame: bytes) -> dict[str, Any]:
 def beacon_message(beacon: Beacon) -> dict[str, Any]:
     message = asdict(beacon)
     message["peers"] = list(beacon.peers)
+    if message["plan"] is not None:
+        message["plan"]["chain"] = list(message["plan"]["chain"])  # JSON's own types, as a peer parses them
     return message
 
 
@@ -125,34 +132,61 @@ def status_message(status: Status) -> dict[str, Any]:
             "progress": status.progress, "error": status.error}
 
 
-_BEACON_KEYS = {"session", "world_size", "state", "sizes", "error", "peers"}
+_BEACON_KEYS = {"session", "world_size", "state", "plan", "error", "peers"}
 _STATUS_KEYS = {"session", "nonce", "state", "progress", "error", *WorkerLayout.__dataclass_fields__}
-_SIZES_KEYS = set(TierSizes.__dataclass_fields__)
+_PLAN_KEYS = set(TierPlan.__dataclass_fields__)
+_TIER_KEYS = set(Tier.__dataclass_fields__)
 
 
 def parse_beacon(message: dict[str, Any]) -> Beacon:
     _keys(message, _BEACON_KEYS, "beacon")
     state = _choice(message, "state", LEADER_STATES)
-    sizes = message["sizes"]
-    if sizes is None:
+    plan = message["plan"]
+    if plan is None:
         if state in ("allocate", "done"):
-            raise Malformed(f"beacon in state {state!r} without sizes")
+            raise Malformed(f"beacon in state {state!r} without a tier plan")
     else:
-        if not isinstance(sizes, dict):
-            raise Malformed("sizes is not an object")
-        _keys(sizes, _SIZES_KEYS, "sizes")
-        sizes = TierSizes(
-            _int(sizes, "host_slots", 0, MAX_COUNT), _int(sizes, "disk_slots", 0, MAX_COUNT),
-            _int(sizes, "bytes_per_block_all_ranks", 1, MAX_BLOCK_BYTES * MAX_WORLD_SIZE),
-            "" if sizes["remote_key"] == "" else _hex32(sizes, "remote_key"),
-        )
+        plan = _plan(plan)
     peers = message["peers"]
     if not isinstance(peers, list) or len(peers) > MAX_PEERS or not all(_is_hex32(p) for p in peers):
         raise Malformed("peers is not a list of nonces")
     return Beacon(
-        _hex32(message, "session"), _int(message, "world_size", 1, MAX_WORLD_SIZE), state, sizes,
+        _hex32(message, "session"), _int(message, "world_size", 1, MAX_WORLD_SIZE), state, plan,
         _text(message, "error"), tuple(peers),
     )
+
+
+def _plan(plan: Any) -> TierPlan:
+    if not isinstance(plan, dict):
+        raise Malformed("plan is not an object")
+    _keys(plan, _PLAN_KEYS, "plan")
+    tiers = plan["chain"]
+    if not isinstance(tiers, list) or not 1 <= len(tiers) <= MAX_TIERS:
+        raise Malformed(f"chain is not a list of 1 to {MAX_TIERS} tiers")
+    chain = tuple(_tier(tier) for tier in tiers)
+    try:
+        check_chain(chain)
+    except ValueError as exc:
+        raise Malformed(f"chain: {exc}") from None
+    return TierPlan(chain, _int(plan, "bytes_per_block_all_ranks", 1, MAX_BLOCK_BYTES * MAX_WORLD_SIZE),
+                    "" if plan["remote_key"] == "" else _hex32(plan, "remote_key"))
+
+
+def _tier(tier: Any) -> Tier:
+    if not isinstance(tier, dict):
+        raise Malformed("a tier is not an object")
+    _keys(tier, _TIER_KEYS, "tier")
+    for key in ("name", "medium"):
+        if not isinstance(tier[key], str) or not _WORD.fullmatch(tier[key]):
+            raise Malformed(f"tier {key} is not a word of at most 16 letters, digits, '_' or '-'")
+    for key in ("shared", "sync_load", "persistent"):
+        if type(tier[key]) is not bool:
+            raise Malformed(f"tier {key} is not true or false")
+    threshold = tier["filter_threshold"]
+    return Tier(name=tier["name"], medium=tier["medium"], capacity=_int(tier, "capacity", 0, MAX_COUNT),
+                filter_threshold=None if threshold is None else _int(tier, "filter_threshold", 0,
+                                                                     MAX_FILTER_THRESHOLD),
+                shared=tier["shared"], sync_load=tier["sync_load"], persistent=tier["persistent"])
 
 
 def parse_status(message: dict[str, Any]) -> Status:

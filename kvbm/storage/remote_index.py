@@ -69,7 +69,7 @@ LOOKUP_WAIT_S = 0.005
 
 def remote_key(identity: str) -> str:
     """The 32-hex-digit key an engine's G4 blocks live under (the handshake's
-    ``TierSizes.remote_key``): servers with the same model identity, and only those, share blocks."""
+    ``TierPlan.remote_key``): servers with the same model identity, and only those, share blocks."""
     return blake2b(b"kvbm-g4-engine|" + identity.encode(), digest_size=16).hexdigest()
 
 

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
 from kvbm.runtime.fingerprint import fingerprint
-from kvbm.runtime.handshake import LeaderHandshake
-from kvbm.runtime.leader import LeaderRuntime
+from kvbm.runtime.leader import EngineInfo, LeaderRuntime
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.events import TierEventRecorder
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
@@ -53,30 +52,26 @@ class KvbmLeader:
         self.block_size = vllm_config.cache_config.block_size
         self.groups = kv_groups(kv_cache_config, self.block_size)
         par = vllm_config.parallel_config
-        self.world_size = par.world_size
+        dp = par.data_parallel_size > 1
+        engine = EngineInfo(
+            block_size=self.block_size, world_size=par.world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
+            block_bytes=bytes_per_block_per_rank(kv_cache_config), gpu_blocks=kv_cache_config.num_blocks,
+            storage_key=storage_key(vllm_config, kv_cache_config),
+            max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            groups=self.groups, null_block=NULL_BLOCK,
+            data_parallel_rank_local=(par.data_parallel_rank_local or 0) if dp else 0,
+            data_parallel_rank=(par.data_parallel_rank or 0) if dp else 0,
+        )
         # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
         # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.
         weights = (weights_fingerprint(vllm_config, config.disk_cache_dir)
                    if config.blocks_outlive_process else None)
 
-        # vLLM builds the scheduler only after every worker registered its KV
-        # caches, so all of them are waiting: size the tiers from their reports.
         def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
             return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
                                   kv_layout="|".join(w.layout for w in workers), weights=weights)
 
-        joined = LeaderHandshake(config, self.world_size, vllm_config.kv_transfer_config.engine_id,
-                                 identity=identity_of).start().wait()
-        identity = identity_of(joined.workers)
-        self.runtime = LeaderRuntime(
-            config, joined.sizes, block_size=self.block_size, world_size=self.world_size, identity=identity,
-            block_bytes=bytes_per_block_per_rank(kv_cache_config), gpu_blocks=kv_cache_config.num_blocks,
-            storage_key=storage_key(vllm_config, kv_cache_config),
-            max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-            groups=self.groups, null_block=NULL_BLOCK,
-            data_parallel_rank_local=(par.data_parallel_rank_local or 0) if par.data_parallel_size > 1 else 0,
-            data_parallel_rank=(par.data_parallel_rank or 0) if par.data_parallel_size > 1 else 0,
-        )
+        self.runtime = LeaderRuntime.boot(config, engine, identity_of)
         self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
         self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
