@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from kvbm.disk_probe import probe_disk
 from kvbm.storage.disk import DiskArena
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -197,7 +198,7 @@ def main() -> None:
     size = int(args.size_gib * (1 << 30)) // (1 << 20) * (1 << 20)
     chunk = parse_size(args.chunk)
     blocks = [parse_size(s) for s in args.block_sizes.split(",")]
-    probe = DiskArena.probe(workdir)
+    probe = probe_disk(workdir)
     direct = bool(probe["o_direct"]) and not args.disable_o_direct
     print(f"directory  {workdir} ({probe['filesystem']}, {probe['free_bytes'] / 1e9:.1f} GB free)")
     print(f"setup      {os.cpu_count()} CPUs; {fmt_size(size)} per measurement; io_threads "

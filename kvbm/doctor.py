@@ -189,9 +189,9 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
     if not config.has_disk_tier:
         return [Check("disk cache dir", SKIP, "no disk cache (G3) set")]
     if probe is None:
-        from kvbm.storage.disk import DiskArena
+        from kvbm.disk_probe import probe_disk
 
-        probe = DiskArena.probe(config.disk_cache_dir)
+        probe = probe_disk(config.disk_cache_dir)
     var = env_var("disk_cache_dir")
     directory = probe["directory"]
     if probe["error"] or not probe["writable"]:

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.storage import disk as disk_mod
+from kvbm.disk_probe import probe_disk
+from kvbm.storage import disk_file as disk_file_mod
 from kvbm.storage.disk import HEADER_SIZE, DiskArena, DiskSetupError
 
 LOGGER = "kvbm.storage.disk"
+FILE_LOGGER = "kvbm.storage.disk_file"  # set-up: fallocate, zero-fill, O_DIRECT
 
 
 # ---- helpers -------------------------------------------------------------------
@@ -385,9 +387,9 @@ def test_fallocate_refusal_names_zerofill(tmp_path, monkeypatch, caplog):
     assert str(tmp_path) in str(e.value)
     assert not (tmp_path / "kvbm-g3-nofa.bin").exists()
 
-    monkeypatch.setattr(disk_mod, "_ZERO_CHUNK", 1 << 20)
-    monkeypatch.setattr(disk_mod, "_PROGRESS_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger=LOGGER):
+    monkeypatch.setattr(disk_file_mod, "_ZERO_CHUNK", 1 << 20)
+    monkeypatch.setattr(disk_file_mod, "_PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger=FILE_LOGGER):
         arena = DiskArena(
             str(tmp_path), 40, 100_000, file_tag="nofa", fallocate=refuse, zerofill_fallback=True
         )
@@ -444,7 +446,7 @@ def test_fallocate_enospc_via_seam_names_sizes(tmp_path):
 # ---- O_DIRECT fallback -------------------------------------------------------------
 def _no_o_direct_dir(mount) -> Path:
     """A directory whose filesystem refuses O_DIRECT: ramfs (or an old-kernel tmpfs)."""
-    probe = DiskArena.probe("/dev/shm")
+    probe = probe_disk("/dev/shm")
     if probe["o_direct"] is False:
         return Path("/dev/shm")
     return mount("ramfs")  # skips if mounting is not permitted
@@ -455,7 +457,7 @@ def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
     d = base / f"kvbm-test-{os.getpid()}-{tmp_path.name}"
     rng = np.random.default_rng(11)
     try:
-        with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with caplog.at_level(logging.WARNING, logger=FILE_LOGGER):
             arenas = [DiskArena(str(d), 4, 10000, file_tag=f"r{i}") for i in range(3)]
         warnings = [r for r in caplog.records if "O_DIRECT" in r.getMessage()]
         assert len(warnings) == 1
@@ -473,7 +475,7 @@ def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
             arena.close()
         # choosing buffered I/O explicitly does not warn
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with caplog.at_level(logging.WARNING, logger=FILE_LOGGER):
             DiskArena(str(d / "explicit"), 2, 4096, file_tag="x", disable_o_direct=True).close()
         assert not caplog.records
     finally:
@@ -482,22 +484,22 @@ def test_o_direct_refused_falls_back_with_one_warning(mount, caplog, tmp_path):
 
 # ---- probe ----------------------------------------------------------------------
 def test_probe(tmp_path):
-    report = DiskArena.probe(str(tmp_path))
+    report = probe_disk(str(tmp_path))
     assert report["exists"] and report["writable"]
     assert report["fallocate"] is True and report["o_direct"] is True
     assert report["free_bytes"] > 0 and report["filesystem"]
     assert not [p for p in tmp_path.iterdir()]  # leaves nothing behind
 
-    missing = DiskArena.probe(str(tmp_path / "not" / "yet"))
+    missing = probe_disk(str(tmp_path / "not" / "yet"))
     assert missing["exists"] is False and missing["probed"] == str(tmp_path)
 
     f = tmp_path / "file"
     f.write_text("x")
-    assert "not a directory" in DiskArena.probe(str(f))["error"]
+    assert "not a directory" in probe_disk(str(f))["error"]
 
 
 def test_probe_reports_missing_o_direct(mount):
     ramfs = mount("ramfs")
-    report = DiskArena.probe(str(ramfs))
+    report = probe_disk(str(ramfs))
     assert report["o_direct"] is False and report["o_direct_error"]
     assert report["filesystem"] == "ramfs"

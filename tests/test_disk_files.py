@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.storage import disk as disk_mod
+from kvbm.storage import slot_header
 from kvbm.storage.disk import DiskArena, DiskSetupError, FaultInjector
 from kvbm.storage.files import ensure_private_dir
 from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
@@ -219,7 +219,7 @@ def test_slot_of_format_1_is_a_miss_with_one_log_line(tmp_path, caplog):
     payload = bytes(range(256)) * 39 + bytes(16)
     fd = os.open(path, os.O_RDWR)
     for slot in range(4):  # what kvbm format 1 wrote: magic, v1, off, crc, slot, u64 hash, length, crc
-        body = struct.pack("<8sHHIQQQ", disk_mod.MAGIC, 1, 64, zlib.crc32(payload), slot, 77, len(payload))
+        body = struct.pack("<8sHHIQQQ", slot_header.MAGIC, 1, 64, zlib.crc32(payload), slot, 77, len(payload))
         os.pwrite(fd, body + struct.pack("<I", zlib.crc32(body)) + bytes(20) + payload, slot * slot_size)
     os.close(fd)
     with DiskArena(str(tmp_path), 4, 10000, file_tag="v1") as arena:

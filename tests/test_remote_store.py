@@ -61,16 +61,16 @@ def same(dests: list[np.ndarray], data: list[np.ndarray], ok: list[bool]) -> boo
 @pytest.fixture
 def sends(monkeypatch):
     """Counts the pipelines sent (kvbm frames commands itself): one per round trip."""
-    from kvbm.storage import remote
+    from kvbm.storage.remote_wire import Wire
 
     count = {"n": 0}
-    original = remote._Wire.send
+    original = Wire.send
 
     def counting(self, frames):
         count["n"] += 1
         return original(self, frames)
 
-    monkeypatch.setattr(remote._Wire, "send", counting)
+    monkeypatch.setattr(Wire, "send", counting)
     return count
 
 

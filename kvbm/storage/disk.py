@@ -9,11 +9,7 @@ a read that does not verify (torn write after a crash, stale slot, bit rot,
 truncated file, a leader index that is out of date, a slot written by an older
 kvbm format) is reported as a miss and never served: the reference system once
 served another request's KV after a failed disk transfer, and we must not.
-
-Header, format version 2 (little-endian): magic ``KVBMG3\0\1`` (8), version
-(u16), payload offset (u16), payload CRC-32 (u32), slot (u64), block hash
-(16 bytes), payload length (u64), header CRC-32 of the preceding 48 bytes.
-Version 1 had a 64-bit hash; its slots read as misses (one log line).
+The header's format is :mod:`kvbm.storage.slot_header`.
 
 I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
 ``zlib.crc32`` release the GIL). Page-aligned host memory (pinned G2 rows) of
@@ -28,157 +24,47 @@ I/O errors never raise out of :meth:`DiskArena.write_blocks` /
 :meth:`DiskArena.read_blocks`: they return per-block ``False`` (a dropped
 store, a miss to recompute) and are counted and logged once per kind. Set-up
 errors raise :class:`DiskSetupError` with a message that names the setting or
-path to change. The directory must be private and files are opened without
-following links; G3 files left by crashed servers are reclaimed at start-up
-(see :mod:`kvbm.storage.files`).
+path to change (set-up: :mod:`kvbm.storage.disk_file`). The directory must be
+private and files are opened without following links; G3 files left by crashed
+servers are reclaimed at start-up (see :mod:`kvbm.storage.files`).
 
 Fault injection (tests and the soak benchmark only, off by default): a
-``fault_hook(op, slot)`` passed to the constructor is asked before each
-block's I/O (``op`` is ``"read"`` or ``"write"``) and may answer ``"error"``
-(the I/O fails as with EIO) or ``"corrupt"`` (one payload byte is flipped on
-its way to or from the file, as bit rot would). :class:`FaultInjector` draws
-these at random rates; servers get one from ``disk_fault_injection`` (see config).
+``fault_hook(op, slot)`` passed to the constructor (see
+:mod:`kvbm.storage.disk_faults`, :class:`FaultInjector`) may fail or corrupt
+a block's I/O.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import mmap
 import os
-import random
-import struct
-import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from kvbm.config import env_var
 from kvbm.core.hashing import HASH_BYTES, BlockHash
 from kvbm.storage.buffers import as_u8 as _as_u8
-from kvbm.storage.files import (
-    CACHE_DIR_VAR,
-    DirectoryLock,
-    DiskSetupError,
-    ensure_private_dir,
-    g3_data_path,
-    open_private_file,
-    private_dir_problem,
-    reclaim_leftovers,
-)
+from kvbm.storage.disk_faults import FaultHook, FaultInjector
+from kvbm.storage.disk_file import ALIGN, gb, open_data_file, round_up
+from kvbm.storage.files import DiskSetupError, ensure_private_dir, g3_data_path
+from kvbm.storage.slot_header import FORMAT_VERSION, HEADER_SIZE, header_version, pack_header, unpack_header
 
 logger = logging.getLogger(__name__)
 
-#: Slots, I/O sizes and buffers are aligned to this (O_DIRECT needs the
-#: device's logical block size; 4096 covers 512e and 4Kn drives).
-ALIGN = 4096
-HEADER_SIZE = 64
-MAGIC = b"KVBMG3\x00\x01"
-FORMAT_VERSION = 2
-#: magic, version: where every format version starts
-_HDR_PREFIX = struct.Struct("<8sH")
-#: magic, version, payload offset, payload crc32, slot, block hash, payload length
-_HDR_BODY = struct.Struct(f"<8sHHIQ{HASH_BYTES}sQ")
-_HDR_CRC = struct.Struct("<I")
-_HDR_CRC_AT = _HDR_BODY.size  # header crc32 covers bytes [0, 48)
-
-_ZERO_CHUNK = 64 << 20  # zero-fill fallback: bytes per write
-_PROGRESS_EVERY_S = 5.0
-
-# errnos meaning "this filesystem cannot preallocate" (as opposed to "no room").
-_FALLOCATE_REFUSED = {
-    errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS, errno.ENOTTY,
-}
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-_CACHE_DIR_VAR = CACHE_DIR_VAR
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-# Directories we already warned about (O_DIRECT refused): one warning per
-# directory per process, however many ranks or arenas live there.
-_warned_o_direct: set[str] = set()
-_warned_lock = threading.Lock()
-
-
 __all__ = ["ALIGN", "HEADER_SIZE", "DiskArena", "DiskSetupError", "FaultInjector", "round_up"]
-
-FaultHook = Callable[[str, int], "str | None"]
-
-
-class FaultInjector:
-    """Test-only fault hook: fails or corrupts a random share of block I/O, or slows reads.
-
-    ``rates`` maps ``read_error``, ``read_corrupt``, ``write_error`` and
-    ``write_corrupt`` to probabilities per block; ``seed`` makes runs
-    repeatable. ``injected`` counts what was injected, per kind.
-    ``read_delay_ms`` (not a rate) sleeps that long per block read: a slow or
-    busy disk, for the load-or-recompute benchmark (bench/fast_hits.py).
-    """
-
-    KINDS = ("read_error", "read_corrupt", "write_error", "write_corrupt")
-
-    def __init__(self, rates: Mapping[str, float], seed: int = 0) -> None:
-        rates = dict(rates)
-        self.read_delay_s = float(rates.pop("read_delay_ms", 0.0)) / 1e3
-        unknown = set(rates) - set(self.KINDS)
-        if unknown:
-            raise ValueError(f"FaultInjector: unknown kinds {sorted(unknown)}; known: {', '.join(self.KINDS)}")
-        self.rates = {kind: float(rates.get(kind, 0.0)) for kind in self.KINDS}
-        self.injected = dict.fromkeys(self.KINDS, 0)
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-
-    def __call__(self, op: str, slot: int) -> str | None:
-        if op == "read" and self.read_delay_s:
-            time.sleep(self.read_delay_s)
-        with self._lock:
-            draw = self._rng.random()
-            error, corrupt = self.rates[f"{op}_error"], self.rates[f"{op}_corrupt"]
-            fault = "error" if draw < error else "corrupt" if draw < error + corrupt else None
-            if fault is not None:
-                self.injected[f"{op}_{fault}"] += 1
-        return fault
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return (n + align - 1) // align * align
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB"
 
 
 def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     """Anonymous mmap: page-aligned, zero-filled, as O_DIRECT needs."""
     mm = mmap.mmap(-1, nbytes)
     return mm, np.frombuffer(mm, dtype=np.uint8)
-
-
-def _filesystem_of(path: str) -> str | None:
-    """Filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    path = os.path.realpath(path)
-    best, best_len = None, -1
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5 or not right:
-            continue
-        mount_point = fields[4].replace("\\040", " ")
-        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= best_len:
-            best, best_len = right.split()[0], len(mount_point)
-    return best
 
 
 class DiskArena:
@@ -248,194 +134,16 @@ class DiskArena:
 
         self.directory = ensure_private_dir(self.directory)
         total = num_slots * self._slot_size
-        # Under the directory lock: no other server is between creating its
-        # file and locking it, so every unlocked per-process file is a leftover.
-        with DirectoryLock(self.directory):
-            reclaim_leftovers(self.directory, keep=self._path)
-            created = self._open(disable_o_direct)
-        try:
-            self._reserve(total, fallocate, zerofill_fallback)
-            if self._o_direct:
-                self._check_o_direct_io()
-        except BaseException:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-            if created:
-                try:
-                    os.unlink(self._path)
-                except OSError:
-                    pass
-            raise
+        self._fd, self._o_direct = open_data_file(
+            self.directory, self._path, total,
+            disable_o_direct=disable_o_direct, fallocate=fallocate, zerofill_fallback=zerofill_fallback,
+        )
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-g3-io")
         logger.info(
             "kvbm: disk cache (G3) ready: %s, %d slots x %d B (block %d B) = %s, %s, in %.2f s",
-            self._path, num_slots, self._slot_size, block_bytes, _gb(total),
+            self._path, num_slots, self._slot_size, block_bytes, gb(total),
             "O_DIRECT" if self._o_direct else "buffered I/O", time.monotonic() - start,
         )
-
-    # ---- set-up ----------------------------------------------------------
-    def _open_fd(self, direct: bool) -> int:
-        flags = os.O_RDWR | os.O_CREAT | (_O_DIRECT if direct else 0)
-        return open_private_file(self._path, flags, "disk cache file")
-
-    def _open(self, disable_o_direct: bool) -> bool:
-        """Open (or create) the data file, lock it, and choose O_DIRECT or buffered I/O.
-
-        Returns True if the file was created by this call (so a failed set-up
-        can remove it again).
-        """
-        existed = os.path.lexists(self._path)
-        want_direct = bool(_O_DIRECT) and not disable_o_direct
-        try:
-            try:
-                fd = self._open_fd(want_direct)
-            except OSError as e:
-                if not (want_direct and e.errno == errno.EINVAL):
-                    raise
-                self._warn_o_direct(f"open with O_DIRECT failed: {e.strerror}")
-                want_direct = False
-                fd = self._open_fd(False)
-        except OSError as e:
-            raise DiskSetupError(
-                f"cannot open disk cache file {self._path}: {e.strerror} (errno {e.errno}); "
-                f"remove it or set {_CACHE_DIR_VAR} to another directory"
-            ) from e
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DiskSetupError(
-                    f"disk cache file {self._path} is in use by another process (another kvbm "
-                    f"instance with the same directory and rank?); give each instance its own "
-                    f"{_CACHE_DIR_VAR}"
-                ) from None
-            os.fchmod(fd, 0o600)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self._o_direct = want_direct
-        return not existed
-
-    def _warn_o_direct(self, why: str) -> None:
-        with _warned_lock:
-            first = self.directory not in _warned_o_direct
-            _warned_o_direct.add(self.directory)
-        if first:
-            logger.warning(
-                "kvbm: the filesystem of %s does not support O_DIRECT (%s); using buffered I/O "
-                "(the page cache will also hold disk-tier data). Put %s on a filesystem that "
-                "supports O_DIRECT (ext4, xfs on a local SSD), or set "
-                "%s=true to choose buffered I/O and silence this warning.",
-                self.directory, why, _CACHE_DIR_VAR, env_var("disk_disable_o_direct"),
-            )
-
-    def _reserve(self, total: int, fallocate: Callable[[int, int, int], Any], zerofill: bool) -> None:
-        size = os.fstat(self._fd).st_size
-        if size > total:
-            os.ftruncate(self._fd, total)  # a previous run had a bigger cache; slots beyond are gone
-        try:
-            fallocate(self._fd, 0, total)
-            return
-        except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise DiskSetupError(self._no_space_message(total, e)) from e
-            if e.errno not in _FALLOCATE_REFUSED:
-                raise DiskSetupError(
-                    f"cannot reserve {_gb(total)} for disk cache file {self._path}: {e.strerror} "
-                    f"(errno {e.errno}); set {_CACHE_DIR_VAR} to a directory on a local SSD"
-                ) from e
-            if not zerofill:
-                raise DiskSetupError(
-                    f"the filesystem of {self.directory} refused fallocate for {self._path} "
-                    f"({e.strerror}, errno {e.errno}). Set {env_var('disk_zerofill_fallback')}=true to "
-                    f"reserve the {_gb(total)} by writing zeros instead (slower start-up), or set "
-                    f"{_CACHE_DIR_VAR} to a filesystem that supports fallocate (ext4, xfs)."
-                ) from e
-            logger.warning(
-                "kvbm: fallocate refused on %s (%s); %s is set, writing %s of zeros instead",
-                self.directory, e.strerror, env_var("disk_zerofill_fallback"), _gb(total),
-            )
-        self._zero_fill(min(size, total) // ALIGN * ALIGN, total)
-
-    def _zero_fill(self, start: int, total: int) -> None:
-        """Write zeros over ``[start, total)`` in large aligned chunks, logging progress.
-
-        Starting at the current file size makes an interrupted fill resume
-        where it stopped on the next start.
-        """
-        if start >= total:
-            return
-        mm = mmap.mmap(-1, min(_ZERO_CHUNK, round_up(total - start)))  # page-aligned, zeros
-        try:
-            t0 = last = time.monotonic()
-            offset = start
-            while offset < total:
-                n = min(len(mm), total - offset)
-                view = memoryview(mm)[:n]
-                try:
-                    written = os.pwrite(self._fd, view, offset)
-                except OSError as e:
-                    if e.errno in _NO_SPACE:
-                        raise DiskSetupError(self._no_space_message(total, e)) from e
-                    raise DiskSetupError(
-                        f"writing zeros to disk cache file {self._path} failed at {_gb(offset)}: "
-                        f"{e.strerror} (errno {e.errno}); set {_CACHE_DIR_VAR} to another directory"
-                    ) from e
-                finally:
-                    view.release()
-                if written <= 0:
-                    raise DiskSetupError(f"writing zeros to {self._path} made no progress at {_gb(offset)}")
-                offset += written
-                now = time.monotonic()
-                if now - last >= _PROGRESS_EVERY_S:
-                    last = now
-                    logger.info(
-                        "kvbm: zero-filling disk cache %s: %.0f%% (%s of %s, %.2f GB/s)",
-                        self._path, 100.0 * offset / total, _gb(offset), _gb(total),
-                        (offset - start) / 1e9 / (now - t0),
-                    )
-            os.fdatasync(self._fd)
-            elapsed = time.monotonic() - t0
-            logger.info(
-                "kvbm: zero-filled %s of disk cache in %.1f s (%.2f GB/s)",
-                _gb(total - start), elapsed, (total - start) / 1e9 / max(elapsed, 1e-9),
-            )
-        finally:
-            mm.close()
-
-    def _no_space_message(self, total: int, e: OSError) -> str:
-        try:
-            st = os.statvfs(self.directory)
-            free = f"{_gb(st.f_bavail * st.f_frsize)} free"
-        except OSError:
-            free = "free space unknown"
-        return (
-            f"not enough space for the disk cache in {self.directory}: {_gb(total)} requested for "
-            f"{self._path}, {free} ({e.strerror}). Lower {env_var('disk_cache_gb')} or "
-            f"{env_var('disk_cache_override_num_blocks')}, free space, or set {_CACHE_DIR_VAR} to a "
-            f"larger filesystem."
-        )
-
-    def _check_o_direct_io(self) -> None:
-        """Some filesystems accept O_DIRECT at open and refuse it on I/O: find out now."""
-        mm = mmap.mmap(-1, ALIGN)
-        try:
-            os.preadv(self._fd, [mm], 0)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise DiskSetupError(
-                    f"cannot read disk cache file {self._path}: {e.strerror} (errno {e.errno}); "
-                    f"set {_CACHE_DIR_VAR} to another directory"
-                ) from e
-            self._warn_o_direct(f"O_DIRECT read failed: {e.strerror}")
-            with DirectoryLock(self.directory):  # never unlocked where a reclaim could see it
-                os.close(self._fd)
-                self._fd = -1
-                self._open(disable_o_direct=True)
-        finally:
-            mm.close()
 
     # ---- properties ------------------------------------------------------
     @property
@@ -502,10 +210,8 @@ class DiskArena:
         return self._payload_off == ALIGN and arr.__array_interface__["data"][0] % ALIGN == 0
 
     def _pack_header(self, buf: mmap.mmap, slot: int, block_hash: BlockHash, payload_crc: int) -> None:
-        _HDR_BODY.pack_into(
-            buf, 0, MAGIC, FORMAT_VERSION, self._payload_off, payload_crc, slot, block_hash, self.block_bytes,
-        )
-        _HDR_CRC.pack_into(buf, _HDR_CRC_AT, zlib.crc32(buf[:_HDR_CRC_AT]))
+        pack_header(buf, payload_offset=self._payload_off, payload_crc=payload_crc, slot=slot,
+                    block_hash=block_hash, length=self.block_bytes)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -714,8 +420,8 @@ class DiskArena:
             return "short"
         if fault == "corrupt":
             payload[len(payload) // 2] ^= 0xFF
-        magic, version = _HDR_PREFIX.unpack_from(hdr, 0)
-        if magic != MAGIC:
+        version = header_version(hdr)
+        if version is None:
             return "mismatch"  # never written (zeros) or not ours
         if version != FORMAT_VERSION:
             self._log_once(
@@ -724,19 +430,18 @@ class DiskArena:
                 self._path, version, slot, FORMAT_VERSION,
             )
             return "mismatch"
-        magic, version, payload_off, payload_crc, h_slot, h_hash, length = _HDR_BODY.unpack_from(hdr, 0)
-        (header_crc,) = _HDR_CRC.unpack_from(hdr, _HDR_CRC_AT)
-        if header_crc != zlib.crc32(hdr[:_HDR_CRC_AT]):
+        header = unpack_header(hdr)
+        if header is None:
             self._log_once(
                 "read", "header-crc", "kvbm: corrupt block header in disk cache %s (slot %d).",
                 self._path, slot,
             )
             return "checksum"
-        if payload_off != off:
+        if header.payload_offset != off:
             return "mismatch"
-        if h_slot != slot or h_hash != block_hash or length != self.block_bytes:
+        if header.slot != slot or header.block_hash != block_hash or header.length != self.block_bytes:
             return "mismatch"  # the slot holds another block: the index is stale
-        if zlib.crc32(payload) != payload_crc:
+        if zlib.crc32(payload) != header.payload_crc:
             self._log_once(
                 "read", "payload-crc", "kvbm: checksum mismatch in disk cache %s (slot %d, block "
                 "%s): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash.hex(),
@@ -781,94 +486,3 @@ class DiskArena:
                 self.close()
         except Exception:
             pass
-
-    # ---- diagnostics -------------------------------------------------------
-    @staticmethod
-    def probe(directory: str) -> dict[str, Any]:
-        """What a disk cache in ``directory`` would get, without creating the real file.
-
-        Tests fallocate and O_DIRECT with a small temporary file (removed
-        again) and reports free space. If ``directory`` does not exist yet,
-        the nearest existing parent (where it would be created) is probed.
-        For ``kvbm doctor``.
-        """
-        directory = os.path.abspath(directory)
-        report: dict[str, Any] = {
-            "directory": directory,
-            "exists": os.path.isdir(directory),
-            "probed": None,
-            "filesystem": None,
-            "writable": False,
-            "free_bytes": None,
-            "total_bytes": None,
-            "fallocate": None,
-            "fallocate_error": None,
-            "o_direct": None,
-            "o_direct_error": None,
-            "error": None,
-        }
-        if os.path.lexists(directory) and not os.path.isdir(directory):
-            report["error"] = f"{directory} exists but is not a directory; fix {_CACHE_DIR_VAR}"
-            return report
-        problem = private_dir_problem(directory) if report["exists"] else None
-        if problem is not None:
-            report["error"] = (f"{directory} {problem}; kvbm needs a private directory (yours, mode 0700): "
-                               f"fix {_CACHE_DIR_VAR}")
-            return report
-        probed = directory
-        while not os.path.isdir(probed):
-            probed = os.path.dirname(probed)
-        report["probed"] = probed
-        report["filesystem"] = _filesystem_of(probed)
-        try:
-            st = os.statvfs(probed)
-            report["free_bytes"] = st.f_bavail * st.f_frsize
-            report["total_bytes"] = st.f_blocks * st.f_frsize
-        except OSError as e:
-            report["error"] = f"statvfs({probed}) failed: {e.strerror}"
-        report["writable"] = os.access(probed, os.W_OK | os.X_OK)
-        if not report["writable"]:
-            report["error"] = f"{probed} is not writable by uid {os.getuid()}; fix {_CACHE_DIR_VAR}"
-            return report
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".kvbm-probe-", dir=probed)
-        except OSError as e:
-            report["writable"] = False
-            report["error"] = f"cannot create a file in {probed}: {e.strerror}"
-            return report
-        dfd = -1
-        mm = mmap.mmap(-1, ALIGN)
-        try:
-            try:
-                dfd = os.open(tmp, os.O_RDWR | _O_DIRECT) if _O_DIRECT else -1
-            except OSError as e:
-                report["o_direct"] = False
-                report["o_direct_error"] = f"open: {e.strerror} (errno {e.errno})"
-            # fallocate on the fd kvbm would use (glibc emulates it on buffered fds).
-            try:
-                os.posix_fallocate(dfd if dfd >= 0 else fd, 0, 1 << 20)
-                report["fallocate"] = True
-            except OSError as e:
-                report["fallocate"] = False
-                report["fallocate_error"] = f"{e.strerror} (errno {e.errno})"
-            if dfd >= 0:
-                try:
-                    os.pwrite(dfd, mm, 0)
-                    os.preadv(dfd, [mm], 0)
-                    report["o_direct"] = True
-                except OSError as e:
-                    report["o_direct"] = False
-                    report["o_direct_error"] = f"I/O: {e.strerror} (errno {e.errno})"
-            elif not _O_DIRECT:
-                report["o_direct"] = False
-                report["o_direct_error"] = "O_DIRECT is not available on this platform"
-        finally:
-            mm.close()
-            if dfd >= 0:
-                os.close(dfd)
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return report
