@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from kvbm.storage import slot_header
-from kvbm.storage.disk import DiskArena, DiskSetupError, FaultInjector
+from kvbm.storage.disk import DiskArena, DiskSetupError
+from kvbm.storage.disk_faults import FaultInjector
 from kvbm.storage.files import ensure_private_dir
 from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
 

@@ -27,7 +27,8 @@ import torch
 from kvbm.config import KvbmConfig
 from kvbm.core.tiers import DISK, HOST, REMOTE, Tier
 from kvbm.runtime.handshake import TierPlan, WorkerHandshake, WorkerLayout
-from kvbm.storage.disk import DiskArena, FaultInjector
+from kvbm.storage.disk import DiskArena
+from kvbm.storage.disk_faults import FaultInjector
 from kvbm.storage.files import g3_file_tag
 from kvbm.storage.host import HostArena
 from kvbm.storage.remote_index import open_remote
