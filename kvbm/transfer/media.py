@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvbm.core.hashing import BlockHash
@@ -40,10 +41,51 @@ class BlockMedium(Protocol):
         ...
 
     def errors(self) -> dict[str, int]:
-        """Failures by kind since the last call (for metrics)."""
+        """Failures by kind since the last call (for metrics). Called on the step thread every
+        step: it must cost O(1) and never wait for I/O (see :class:`_Counted`)."""
         ...
 
     def close(self) -> None: ...
+
+
+class _Counted:
+    """Per-call counters that cost the step thread nothing.
+
+    The storage keeps cumulative counters under its own lock (a disk arena's I/O pool, a Redis
+    client's round trips). Reading them every step would take that lock on vLLM's scheduler
+    thread for nothing; instead the thread that did the I/O takes the differences right after
+    it (so only steps with I/O pay, and off the step thread), and the step thread swaps out
+    what gathered, under a lock held for a dict update."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}
+
+    def gather(self, now: dict[str, Any], delta: Callable[[Any, Any], Any | None],
+               add: Callable[[Any, Any], Any]) -> None:
+        """Fold ``now`` (cumulative values by key) into what is pending since the last take."""
+        with self._lock:
+            for key, value in now.items():
+                change = delta(value, self._seen.get(key))
+                self._seen[key] = value
+                if change is not None:
+                    self._pending[key] = add(self._pending[key], change) if key in self._pending else change
+
+    def take(self) -> dict[str, Any]:
+        with self._lock:
+            out, self._pending = self._pending, {}
+        return out
+
+
+def _int_delta(now: int, before: int | None) -> int | None:
+    change = now - (before or 0)
+    return change if change > 0 else None
+
+
+def _hist_delta(now: list[float], before: list[float] | None) -> list[float] | None:
+    before = before or [0.0] * len(now)
+    return [x - y for x, y in zip(now, before)] if now[-2] > before[-2] else None  # [-2]: the count
 
 
 #: DiskArena counters -> error kinds of kvbm_disk_errors (read = I/O error or short read,
@@ -65,26 +107,27 @@ class DiskMedium:
         self.arena = arena
         self.durable = durable
         self.delete_on_close = delete_on_close
-        self._seen = dict.fromkeys(_DISK_ERRORS, 0)
+        self._errors = _Counted()
 
     def read(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
-        return self.arena.read_blocks(list(zip(slots, hashes, rows)))
+        ok = self.arena.read_blocks(list(zip(slots, hashes, rows)))
+        self._count()
+        return ok
 
     def write(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
         ok = self.arena.write_blocks(list(zip(slots, hashes, rows)))
         if self.durable and all(ok):
             self.arena.sync()  # durable before the leader journals it
+        self._count()
         return ok
 
-    def errors(self) -> dict[str, int]:
+    def _count(self) -> None:
         now = self.arena.stats()
-        out = {}
-        for kind, counter in _DISK_ERRORS.items():
-            value = int(now[counter])
-            if value > self._seen[kind]:
-                out[kind] = value - self._seen[kind]
-            self._seen[kind] = value
-        return out
+        self._errors.gather({kind: int(now[counter]) for kind, counter in _DISK_ERRORS.items()}, _int_delta,
+                            int.__add__)
+
+    def errors(self) -> dict[str, int]:
+        return self._errors.take()
 
     def close(self) -> None:
         path = self.arena.path
@@ -102,32 +145,31 @@ class RemoteMedium:
 
     def __init__(self, store: RemoteStore) -> None:
         self.store = store
-        self._seen: dict[str, int] = {}
-        self._rtt: dict[str, list[float]] = {}
+        self._errors = _Counted()
+        self._rtt = _Counted()
 
     def read(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
-        return self.store.read_blocks(list(zip(hashes, rows)))
+        ok = self.store.read_blocks(list(zip(hashes, rows)))
+        self._count()
+        return ok
 
     def write(self, slots: Sequence[int], hashes: Sequence[BlockHash], rows: Sequence[Any]) -> list[bool]:
-        return self.store.write_blocks(list(zip(hashes, rows)))
+        ok = self.store.write_blocks(list(zip(hashes, rows)))
+        self._count()
+        return ok
+
+    def _count(self) -> None:
+        stats = self.store.stats()
+        self._errors.gather({**stats["errors"], **stats["bad_values"]}, _int_delta, int.__add__)
+        self._rtt.gather({op: [n for _, n in h["buckets"]] + [h["sum"]] for op, h in stats["latency"].items()},
+                         _hist_delta, lambda a, b: [x + y for x, y in zip(a, b)])
 
     def errors(self) -> dict[str, int]:
-        stats = self.store.stats()
-        now = {**stats["errors"], **stats["bad_values"]}
-        out = {kind: n - self._seen.get(kind, 0) for kind, n in now.items() if n > self._seen.get(kind, 0)}
-        self._seen = now
-        return out
+        return self._errors.take()
 
     def round_trips(self) -> dict[str, list[float]]:
         """Redis round trips by operation since the last call (see WorkerReport.round_trips)."""
-        now = {op: [n for _, n in h["buckets"]] + [h["sum"]] for op, h in self.store.stats()["latency"].items()}
-        out = {}
-        for op, hist in now.items():
-            before = self._rtt.get(op) or [0.0] * len(hist)
-            if hist[-2] > before[-2]:  # the +Inf bucket: the count
-                out[op] = [x - y for x, y in zip(hist, before)]
-        self._rtt = now
-        return out
+        return self._rtt.take()
 
     def close(self) -> None:
         self.store.close()
