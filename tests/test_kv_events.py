@@ -1,5 +1,5 @@
-"""KV events for kvbm's tiers (kvbm.vllm_integration.events): a real planner and pools, real vLLM
-requests and vLLM's own G1 block pool as the reference for block identity."""
+"""KV events for kvbm's tiers (kvbm.runtime.events, in vLLM's schema by kvbm.vllm_integration.events): a real
+planner and pools, real vLLM requests and vLLM's own G1 block pool as the reference for block identity."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class Rig:
         self.planner = Planner(chain, BS, indexes=indexes)
         self.requests: dict[str, Request] = {}
         self.recorder = TierEventRecorder(self.planner.chain, BS, self.requests, loose_blocks=loose)
-        self.planner.set_listener(self.recorder)
+        self.planner.set_listener(self.recorder.tiers)
 
     def run(self, rid: str, tokens: list[int], gpu: list[int], confirm: bool = True, fail: bool = False):
         request = self.requests[rid] = vllm_request(rid, tokens)
@@ -101,7 +101,7 @@ def test_nothing_announced_before_commit_or_after_a_failed_store():
     rig2 = Rig()
     rig2.run("a", list(range(8)), [0, 1], fail=True)
     assert rig2.recorder.take_events() == []
-    assert rig2.recorder.num_blocks == 2  # loose (bounded), not held by any tier
+    assert rig2.recorder.tiers.num_blocks == 2  # loose (bounded), not held by any tier
 
 
 def test_repeat_store_is_not_announced_twice():
@@ -160,7 +160,7 @@ def test_g4_blocks_are_forgotten_in_bounded_memory_and_announced_removed():
     planner = Planner(chain, BS, indexes={"G4": Remote(64, "G4")})
     requests: dict[str, Request] = {}
     recorder = TierEventRecorder(planner.chain, BS, requests, loose_blocks=2)
-    planner.listener = recorder  # a shared index never reports evictions: no on_removed hook
+    planner.listener = recorder.tiers  # a shared index never reports evictions: no on_removed hook
     for i, rid in enumerate(("a", "b")):
         tokens = list(range(i * 100, i * 100 + 8))
         requests[rid] = vllm_request(rid, tokens)
@@ -173,7 +173,7 @@ def test_g4_blocks_are_forgotten_in_bounded_memory_and_announced_removed():
     events = recorder.take_events()
     assert [e.medium for e in stored(events)] == ["REMOTE"] * 4
     assert len(removed(events, "REMOTE")) == 2  # a's blocks fell out of the bounded memory
-    assert recorder.num_blocks == 2
+    assert recorder.tiers.num_blocks == 2
 
 
 def test_disabled_without_kv_events_config():

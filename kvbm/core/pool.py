@@ -50,7 +50,7 @@ class BlockPool:
         #: cache lookups (vLLM re-asks for waiting requests every step).
         self.version = 0
         #: Called with a hash that leaves the pool (evicted, or dropped: a failed copy or a bad
-        #: slot), so KV events can tell the router (kvbm.vllm_integration.events). O(1) per call.
+        #: slot), so KV events can tell the router (kvbm.runtime.events). O(1) per call.
         self.on_removed: Callable[[BlockHash], None] | None = None
 
     # ---- lookups -------------------------------------------------------

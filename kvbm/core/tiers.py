@@ -136,7 +136,7 @@ def describe(chain: Iterable[Tier]) -> str:
 
 class TierListener(Protocol):
     """Told when blocks enter and leave tiers (the planner calls it; KV events for a router
-    are built from it, :mod:`kvbm.vllm_integration.events`). Every call is O(blocks named)."""
+    are built from it, :mod:`kvbm.runtime.events`). Every call is O(blocks named)."""
 
     def storing(self, req_id: str, block: int, block_hash: BlockHash) -> None:
         """Block ``block`` of request ``req_id`` is being stored into the first tier."""

@@ -46,7 +46,8 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -118,6 +119,39 @@ def fingerprint(path: str, cache_dir: str | None = None) -> str | None:
     for name, (size, digest) in zip(names, digests):
         total.update(f"{name}\0{size}\0{digest}\0".encode())
     return total.hexdigest()
+
+
+def model_weights_fingerprint(paths: Sequence[str], hub_name: str, revision: str | None = None,
+                              download_dir: str | None = None, cache_dir: str | None = None) -> str:
+    """The :func:`fingerprint` of a model's weights, found at the first of ``paths`` that exists or in
+    the local hub snapshot of ``hub_name`` at ``revision`` (the one the engine downloaded). Weights
+    that cannot be read (streamed from object storage, a hub name not in the local cache) get a
+    fingerprint unique to this call: nothing persisted is reused, with a warning."""
+    where = _weights_location(paths, hub_name, revision, download_dir)
+    found = fingerprint(where, cache_dir) if where else None
+    if found is None:
+        logger.warning(
+            "kvbm: cannot read the weights of %s to fingerprint them; persisted disk blocks (G3) will not be "
+            "reused across restarts of this server. Serve the model from a local directory to reuse them.",
+            hub_name,
+        )
+        return f"unknown-{uuid.uuid4().hex}"
+    return found
+
+
+def _weights_location(paths: Sequence[str], hub_name: str, revision: str | None,
+                      download_dir: str | None) -> str | None:
+    """A local directory or file holding the weights: one of ``paths``, or the hub snapshot the
+    engine downloaded (its directory is named by commit)."""
+    for candidate in paths:
+        if candidate and os.path.exists(candidate):
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(hub_name, revision=revision, cache_dir=download_dir, local_files_only=True)
+    except Exception:  # not a hub name, not cached, no huggingface_hub: cannot tell
+        return None
 
 
 def file_digests(paths: list[str], cache: _Cache | None = None) -> list[tuple[int, str]]:

@@ -26,7 +26,7 @@ from kvbm.core.groups import SINGLE_FULL, KVGroup
 from kvbm.core.hashing import BlockHash, engine_root
 from kvbm.core.plan import StepPlan, WorkerReport
 from kvbm.core.planner import Planner
-from kvbm.core.tiers import DISK, G1, HOST, REMOTE, TierIndex, describe, move
+from kvbm.core.tiers import DISK, G1, HOST, REMOTE, TierIndex, TierListener, describe, move
 from kvbm.metrics import CacheMetrics, MetricsExporter, metrics_port
 from kvbm.runtime.handshake import ChainOf, LeaderHandshake
 from kvbm.runtime.sizing import TierPlan, WorkerLayout
@@ -185,6 +185,27 @@ class LeaderRuntime:
             if loaded.get(tier.name):
                 media[tier.medium] = media.get(tier.medium, 0) + loaded[tier.name]
         return media
+
+    def hit_tokens_by_medium(self, req_id: str, num_external_tokens: int) -> dict[str, int]:
+        """The ``num_external_tokens`` of a hit split by tier medium (HOST, DISK, REMOTE, ...), in
+        proportion to the blocks the load reads from each (several groups may load windows); the
+        shares add up to the hit, rounding going to the first medium. All HOST when the request has
+        no load in flight; empty for no hit."""
+        if num_external_tokens == 0:
+            return {}
+        media = self.load_media(req_id)
+        total = sum(media.values())
+        if not total:
+            return {HOST: num_external_tokens}
+        out = {medium: num_external_tokens * blocks // total for medium, blocks in media.items()}
+        first = next(iter(out))
+        out[first] += num_external_tokens - sum(out.values())  # rounding: the shares add up to the hit
+        return out
+
+    def attach_tier_listener(self, listener: TierListener | None) -> None:
+        """Tell ``listener`` of blocks entering and leaving the tiers (:mod:`kvbm.runtime.events`);
+        None detaches it. The runtime's :attr:`chain` and :attr:`block_size` describe them."""
+        self.planner.set_listener(listener)
 
     @property
     def busy(self) -> bool:

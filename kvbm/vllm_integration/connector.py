@@ -113,19 +113,14 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         (vLLM 0.32+ calls this; older releases have no per-source metrics)."""
         assert self._leader is not None
         source = VLLM.cache_hit_source
-        if num_external_tokens == 0 or source is None:
+        if source is None:
             return {}
-        media = self._leader.cache_hit_media(request)
-        total = sum(media.values())
-        if not total:
-            return {source.HOST: num_external_tokens}
-        sources: dict[Any, int] = {}
-        for medium, blocks in media.items():  # shares of the hit, in tokens (several groups load windows)
-            name = {HOST: source.HOST, DISK: source.DISK}.get(medium, source.EXTERNAL_UNSPECIFIED)
-            sources[name] = sources.get(name, 0) + blocks
-        out = {name: num_external_tokens * blocks // total for name, blocks in sources.items()}
-        first = next(iter(out))
-        out[first] += num_external_tokens - sum(out.values())  # rounding: the shares add up to the hit
+        names = {HOST: source.HOST, DISK: source.DISK}
+        out: dict[Any, int] = {}
+        for medium, tokens in self._leader.runtime.hit_tokens_by_medium(request.request_id,
+                                                                         num_external_tokens).items():
+            name = names.get(medium, source.EXTERNAL_UNSPECIFIED)
+            out[name] = out.get(name, 0) + tokens
         return out
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -152,7 +147,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
     def take_events(self) -> Iterable[KVCacheEvent]:
         """BlockStored/BlockRemoved for kvbm's tiers (G2 "CPU", G3 "DISK", G4 "REMOTE"), in vLLM's schema
         and with vLLM's block hashes: vLLM publishes them with its own G1 events, so a KV-aware router
-        (Dynamo's) credits a worker for prefixes it holds in G2/G3. See kvbm.vllm_integration.events."""
+        (Dynamo's) credits a worker for prefixes it holds in G2/G3. See kvbm.runtime.events."""
         return self._leader.take_events() if self._leader is not None else ()
 
     def has_pending_push_work(self) -> bool:
@@ -167,13 +162,13 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self._worker is not None and isinstance(kv_connector_metadata, KvbmMetadata):
-            self._worker.handle_preemptions(kv_connector_metadata)
+            self._worker.handle_preemptions(kv_connector_metadata.plan)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
-        self._worker.start_load(meta, forward_context)
+        self._worker.start_load(meta.plan, meta.capacities, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Layer-wise in-step loads: this layer's blocks land before its attention (kvbm.runtime.layers)."""
@@ -189,7 +184,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
-        self._worker.save(meta)
+        self._worker.save(meta.plan)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         """vLLM 0.30+: completions and failed loads in one snapshot."""

@@ -10,7 +10,7 @@ subscribes to vLLM's own event stream (``--kv-events-config``'s endpoint).
 
 kvbm answers None on purpose. Its tier events (G2 "CPU", G3 "DISK", G4 "REMOTE") are
 returned by the scheduler-side connector's ``take_events()``, and vLLM's scheduler
-publishes them in the same batch as its own G1 events (kvbm.vllm_integration.events).
+publishes them in the same batch as its own G1 events (kvbm.runtime.events).
 So the one stream Dynamo already reads carries every tier, in step order, with no
 extra process, port or copy — and nothing to merge: Dynamo's router indexes each
 medium separately, so a block in G1 and G2 is meant to appear in both.

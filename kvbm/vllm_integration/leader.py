@@ -76,7 +76,7 @@ class KvbmLeader:
         self._requests: dict[str, Request] = {}
         self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
-        self.events = TierEventRecorder.attach(vllm_config, self.planner, self._requests) if config.kv_events else None
+        self.events = TierEventRecorder.attach(vllm_config, self.runtime, self._requests) if config.kv_events else None
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:

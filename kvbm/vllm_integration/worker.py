@@ -1,12 +1,8 @@
 """Worker-side half of the connector: one per tensor-parallel rank.
 
-Only translates vLLM's calls: the KV cache registration starts the rank's
-boot (:class:`kvbm.runtime.worker.WorkerBoot`: handshake, then tiers), and
-from the first step on every call goes to the rank's
-:class:`kvbm.transfer.runner.PlanRunner`, which runs the leader's plan through
-the transfer executor and reports back (store batches through worker
-metadata, loads through vLLM's finished_recving). Whether a step's in-step
-loads land layer by layer is :class:`kvbm.runtime.layers.LayerHooks`' call.
+Only reads the rank from vLLM's config and wraps the rank's report in vLLM's worker
+metadata; everything else (boot, plan runner, layer-wise loads) is
+:class:`kvbm.runtime.rank.WorkerRuntime`.
 """
 
 from __future__ import annotations
@@ -17,11 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvbm.config import KvbmConfig
-from kvbm.runtime.layers import LayerHooks, hooks_run
-from kvbm.runtime.worker import RankInfo, WorkerBoot
-from kvbm.transfer.layout import describe_kv_caches
-from kvbm.transfer.runner import PlanRunner
-from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
+from kvbm.runtime.rank import WorkerRuntime
+from kvbm.runtime.worker import RankInfo
+from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
@@ -37,76 +31,15 @@ def _rank() -> int:
     return 0
 
 
-class KvbmWorker:
+class KvbmWorker(WorkerRuntime):
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-        self.config = config
         world_size = vllm_config.parallel_config.world_size
-        self.info = RankInfo(
+        super().__init__(config, RankInfo(
             rank=_rank() % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
             storage_key=storage_key(vllm_config, kv_cache_config), num_gpu_blocks=kv_cache_config.num_blocks,
             global_rank=_rank(),
-        )
-        self._boot: WorkerBoot | None = None  # from register_kv_caches until the first step
-        self._runner: PlanRunner | None = None  # from the first step on
-        self._hooks = LayerHooks((), (), enabled=False)
-
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layout, views = describe_kv_caches(kv_caches, self.info.num_gpu_blocks)
-        logger.info("kvbm worker: KV layout %s", layout.describe())
-        mode = self.config.layerwise_loads
-        self._hooks = LayerHooks([layer.name for layer in layout.layers], kv_caches,
-                                 enabled=mode == "on" or (mode == "auto" and views[0].is_cuda))
-        # vLLM builds the scheduler (our leader) only after every worker has
-        # registered and warmed up: never block here. The first step waits.
-        self._boot = WorkerBoot(self.config, self.info, layout, views)
-
-    @property
-    def runner(self) -> PlanRunner:
-        """The rank's plan runner, built at the first step that needs it."""
-        if self._runner is None:
-            if self._boot is None:
-                raise RuntimeError("kvbm: vLLM ran a step before registering its KV caches")
-            self._runner, self._boot = self._boot.wait(), None
-        return self._runner
-
-    def handle_preemptions(self, meta: KvbmMetadata) -> None:
-        if meta.plan.drain_stores:
-            self.runner.drain()
-
-    def start_load(self, meta: KvbmMetadata, forward_context: object) -> None:
-        """Every step, empty ones included: start the step's loads, and the plan's work that
-        does not depend on this step's forward pass (spills read committed blocks). vLLM
-        before 0.31 skips ``wait_for_save`` on steps without a forward pass, so work left
-        for :meth:`save` would be lost there; only stores of blocks this step computes wait
-        for it, and an empty step computes none."""
-        self.runner.check(meta.capacities)
-        self.runner.start_step(meta.plan, self._hooks.begin_step(hooks_run(forward_context)))
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        index = self._hooks.hooked(layer_name)
-        if self._runner is not None:
-            self._runner.wait_layer(index)
-
-    def save(self, meta: KvbmMetadata) -> None:
-        """After the forward pass: store the blocks this step filled."""
-        if self._hooks.end_step(self.runner.layered):
-            self.runner.fail_layers()
-        self.runner.store(meta.plan)
-
-    # Asked every step after the forward pass; nothing to say before the first step.
-    def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
-        """(finished sending, finished receiving, failed receiving) since the last call."""
-        return self._runner.results() if self._runner is not None else (set(), set(), set())
-
-    def load_error_blocks(self) -> set[int]:
-        return self._runner.load_error_blocks() if self._runner is not None else set()
+        ))
 
     def take_report(self) -> KvbmWorkerMetadata | None:
-        report = self._runner.take_report() if self._runner is not None else None
+        report = super().take_report()
         return KvbmWorkerMetadata(**vars(report)) if report is not None else None
-
-    def shutdown(self) -> None:
-        if self._boot is not None:
-            self._boot.close()
-        if self._runner is not None:
-            self._runner.close()
