@@ -485,7 +485,7 @@ def vllm_distribution() -> tuple[str, str] | None:
 
 def check_vllm(found: tuple[str, str] | None) -> Check:
     """Whether the installed vLLM is in the range kvbm supports (kvbm.vllm_integration.compat)."""
-    from kvbm.vllm_integration.compat import SUPPORTED_TEXT, version_problem
+    from kvbm.vllm_versions import SUPPORTED_TEXT, version_problem
 
     name = "vLLM version"
     if found is None:

@@ -254,19 +254,14 @@ def test_callable_overrides_have_a_stable_identity(tmp_path):
 
 
 # ---- LoRA keys -----------------------------------------------------------------------------
-def lora_key(leader, name: str, lora_id: int, path: str, load_inplace: bool = False) -> str:
-    from vllm.lora.request import LoRARequest
-
-    from kvbm.vllm_integration.leader import KvbmLeader
-
-    return KvbmLeader._lora_key(leader, LoRARequest(name, lora_id, path, load_inplace=load_inplace))
+def lora_key(keys, name: str, lora_id: int, path: str, load_inplace: bool = False) -> str:
+    return keys.key(name, lora_id, path, reload=load_inplace)
 
 
 def fake_leader(persist: bool, cache_dir: str | None = None):
-    from collections import OrderedDict
+    from kvbm.runtime.lora import LoraKeys
 
-    return SimpleNamespace(config=SimpleNamespace(blocks_outlive_process=persist, disk_cache_dir=cache_dir),
-                           _lora_keys=OrderedDict())
+    return LoraKeys(blocks_outlive_process=persist)
 
 
 def test_lora_key_covers_name_id_and_path(tmp_path):

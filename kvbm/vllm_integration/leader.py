@@ -8,16 +8,13 @@ is in :class:`kvbm.runtime.leader.LeaderRuntime`.
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
-from kvbm.runtime.fingerprint import fingerprint
 from kvbm.runtime.leader import EngineInfo, LeaderRuntime
+from kvbm.runtime.lora import LoraKeys
 from kvbm.vllm_integration.compat import features
 from kvbm.vllm_integration.events import TierEventRecorder
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
@@ -32,7 +29,6 @@ from kvbm.vllm_integration.sizing import (
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.lora.request import LoRARequest
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -41,9 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 VLLM = features()
-
-#: LoRA keys remembered per leader (one entry per distinct adapter; bounded for servers that load many).
-LORA_KEYS = 4096
 
 
 class KvbmLeader:
@@ -74,7 +67,7 @@ class KvbmLeader:
         self.runtime = LeaderRuntime.boot(config, engine, identity_of)
         self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
-        self._lora_keys: OrderedDict[tuple[str, int, str], str] = OrderedDict()
+        self._lora = LoraKeys(config.blocks_outlive_process)
         # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
         self.events = TierEventRecorder.attach(vllm_config, self.runtime, self._requests) if config.kv_events else None
 
@@ -85,35 +78,12 @@ class KvbmLeader:
         self._requests[request.request_id] = request
         root = None
         if getattr(request, "prompt_embeds", None) is None:
-            lora = self._lora_key(request.lora_request) if request.lora_request else None
+            adapter = request.lora_request
+            lora = self._lora.key(adapter.lora_name, adapter.lora_int_id, getattr(adapter, "lora_path", "") or "",
+                                  reload=bool(getattr(adapter, "load_inplace", False))) if adapter else None
             mm_keys = [feature.identifier for feature in request.mm_features or ()]
             root = request_root(self.runtime.engine_root, request.cache_salt, lora, mm_keys)
         self.runtime.add_request(request.request_id, root)
-
-    def _lora_key(self, lora: LoRARequest) -> str:
-        """Everything that tells adapters apart, folded into the request's hash root.
-
-        vLLM keys its own prefix cache on the adapter's name *and path*, so a
-        name re-pointed at another adapter never reuses KV; we add the int id
-        (vLLM's workers cache loaded adapters by it). When G3 persists across
-        restarts, or the request reloads the adapter in place, the same path
-        may hold other weights than before: the files' fingerprint goes in too
-        (read once per adapter, cached; unreadable ones are unique to this
-        process, so nothing is reused across restarts).
-        """
-        key = (lora.lora_name, lora.lora_int_id, getattr(lora, "lora_path", "") or "")
-        reload = bool(getattr(lora, "load_inplace", False))
-        cached = self._lora_keys.get(key)
-        if cached is None or reload:
-            weights = None
-            if self.config.blocks_outlive_process or reload:
-                weights = fingerprint(key[2]) or f"unknown-{uuid.uuid4().hex}"
-            cached = json.dumps([*key, weights])
-            self._lora_keys[key] = cached
-            while len(self._lora_keys) > LORA_KEYS:
-                self._lora_keys.popitem(last=False)
-        self._lora_keys.move_to_end(key)
-        return cached
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """(None, False) while G4's lookup is out: vLLM skips the request this step and asks again
@@ -129,10 +99,6 @@ class KvbmLeader:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
         return self.runtime.finished(request.request_id, request.num_prompt_tokens, request.num_output_tokens), None
-
-    def cache_hit_media(self, request: Request) -> dict[str, int]:
-        """Blocks of the request's load per tier medium (for vLLM's per-source hit metrics)."""
-        return self.runtime.load_media(request.request_id)
 
     # ---- per step -------------------------------------------------------
     def build_connector_meta(self, so: SchedulerOutput) -> KvbmMetadata:
