@@ -136,6 +136,36 @@ def test_disk_only_store_and_in_step_load(cache, tmp_path):
     ex.close()
 
 
+def test_medium_jobs_go_through_the_row_pool_and_give_its_rows_back(cache, tmp_path):
+    """G1 <-> a medium moves through pinned pool rows (gather, then write; read, then scatter),
+    and every row is free again once the jobs are done."""
+    ex = executor(cache, tmp_path, host=False)
+    free = len(ex._pool._free)
+    want = [block(cache, b) for b in (1, 2, 3)]
+    ex.submit(1, Blocks("G1", [1, 2, 3]), Blocks("G3", [0, 1, 2], [H(1), H(2), H(3)]))
+    assert 1 in ex._pooled  # not the staging path
+    assert wait(ex)[0].ok
+    ex.submit(2, Blocks("G3", [0, 1, 2], [H(1), H(2), H(3)]), Blocks("G1", [20, 21, 22]))
+    assert wait(ex)[0].moved == 3
+    assert all(same(cache, 20 + i, want[i]) for i in range(3))
+    assert len(ex._pool._free) == free and not ex._pooled
+    ex.close()
+
+
+def test_a_job_larger_than_the_free_pool_takes_the_staging_path(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("kvbm.transfer.executor.POOL_ROWS", 2)
+    ex = executor(cache, tmp_path, host=False)
+    want = [block(cache, b) for b in (4, 5, 6)]
+    ex.submit(1, Blocks("G1", [4, 5]), Blocks("G3", [0, 1], [H(4), H(5)]))  # takes both pool rows
+    ex.submit(2, Blocks("G1", [6]), Blocks("G3", [2], [H(6)]))  # none left: staged, as before the pool
+    assert 2 not in ex._pooled
+    assert [d.ok for d in wait(ex, 2)] == [True, True]
+    ex.submit(3, Blocks("G3", [0, 1, 2], [H(4), H(5), H(6)]), Blocks("G1", [24, 25, 26]))  # 3 > 2 rows
+    assert wait(ex)[0].moved == 3 and all(same(cache, 24 + i, want[i]) for i in range(3))
+    assert len(ex._pool._free) == 2
+    ex.close()
+
+
 def test_a_bad_block_ends_the_landed_prefix_and_is_named(cache, tmp_path):
     ex = executor(cache, tmp_path, host=False)
     ex.submit(1, Blocks("G1", [1, 2, 3]), Blocks("G3", [0, 1, 2], [H(1), H(2), H(3)]))

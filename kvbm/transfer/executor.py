@@ -8,11 +8,17 @@ from the two tiers:
 
 * G1 ↔ the host tier (G2): the copy engine (CUDA streams on GPUs, ``copy_`` on
   CPU), one gather or scatter per layer per batch;
-* G1 → a block medium (G3 in disk-only mode): the GPU blocks are gathered now,
-  through staging rows, into fresh host rows (vLLM may reuse the blocks next
-  step), which the medium then writes on its own thread;
-* a block medium → G1: the medium reads into fresh host rows on its thread;
-  the verified prefix is scattered into the GPU blocks when polled;
+* G1 → a block medium (G3 in disk-only mode): the GPU blocks are gathered
+  into rows of the *row pool* (pinned host rows with a copy engine of their
+  own) asynchronously; once the engine reports the gather complete, the medium
+  writes the rows on its own thread;
+* a block medium → G1: the medium reads into pool rows on its thread; once
+  polled, the verified prefix is scattered into the GPU blocks by the pool's
+  engine, and the job completes when the scatter did (an in-step load, whose
+  forward pass is ordered after the scatter by :meth:`TransferExecutor.fence`,
+  completes when the scatter is issued). A job the pool has no free rows for
+  takes the old path: fresh pageable rows copied through staging rows on the
+  caller's thread;
 * the host tier ↔ a block medium (G2 → G3 spills): the medium reads or writes
   the host tier's rows directly (the leader keeps them pinned meanwhile);
 * a block medium → another (G3 → G4): read into fresh rows, then written.
@@ -51,11 +57,15 @@ from kvbm.transfer.media import BlockMedium
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Blocks", "Done", "TransferExecutor", "STAGING_ROWS", "STAGING_BYTES"]
+__all__ = ["Blocks", "Done", "TransferExecutor", "STAGING_ROWS", "STAGING_BYTES", "POOL_ROWS", "POOL_BYTES"]
 
-#: Staging rows between G1 and the block media: at most this many blocks or bytes.
+#: Staging rows between G1 and the block media for jobs the row pool cannot take: at most
+#: this many blocks or bytes.
 STAGING_ROWS = 64
 STAGING_BYTES = 256 << 20
+#: The row pool between G1 and the block media: at most this many blocks or bytes.
+POOL_ROWS = 4096
+POOL_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,54 @@ class _Staging:
         self.engine.close()
 
 
+class _RowPool:
+    """Pinned host rows for jobs between G1 and the block media, with a copy engine of their own.
+
+    Rows are handed out lowest first, so a job's rows are mostly one run (one copy per layer
+    on CPU). The engine is the one G2 uses (CUDA streams and events on GPUs), so a gather or
+    scatter never blocks the step thread; its completions say when rows may be reused."""
+
+    def __init__(self, layout: KVLayout, views: list[torch.Tensor]) -> None:
+        rows = max(1, min(POOL_ROWS, POOL_BYTES // layout.block_bytes))
+        on_gpu = bool(views) and views[0].is_cuda
+        self.arena = HostArena.wrap(make_host_arena_buffer(rows, layout.block_bytes, on_gpu))
+        self.engine = make_copy_engine(layout, views, self.arena)
+        self._free = list(range(rows - 1, -1, -1))  # descending: pop() gives the lowest row
+
+    def take(self, n: int) -> list[int] | None:
+        """``n`` free rows, or None (the caller takes the unpooled path)."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def give(self, rows: Sequence[int]) -> None:
+        if rows:
+            self._free.extend(rows)
+            self._free.sort(reverse=True)
+
+    def buffers(self, rows: Sequence[int]) -> list:
+        return [self.arena.buffer[row].numpy() for row in rows]
+
+    def close(self) -> None:
+        self.engine.drain()
+        self.engine.close()
+
+
+@dataclass
+class _PoolJob:
+    """A job between G1 and a medium through pool rows: gather → write, or read → scatter."""
+
+    job_id: int
+    src: Blocks
+    dst: Blocks
+    rows: list[int]
+    stage: str  # "gather", "write", "read", "scatter"
+    now: bool = False
+    future: Future | None = None
+    result: Done | None = None  # a scatter's outcome, reported when the scatter completes
+    reported: bool = False  # an in-step load's Done went out when its scatter was issued
+
+
 @dataclass
 class _IoJob:
     job_id: int
@@ -138,6 +196,8 @@ class TransferExecutor:
         self.media = dict(media or {})
         self._engine = make_copy_engine(layout, views, host) if host is not None else None
         self._staging = _Staging(layout, views) if self.media else None
+        self._pool = _RowPool(layout, views) if self.media else None
+        self._pooled: dict[int, _PoolJob] = {}
         self._threads = {name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvbm-{name.lower()}")
                          for name in self.media}
         self._engine_jobs: dict[int, int] = {}  # job id -> blocks, for copy-engine jobs
@@ -177,6 +237,12 @@ class TransferExecutor:
             else:
                 self._engine.load(job_id, list(src.ids), list(dst.ids))
             return
+        if G1 in (src.tier, dst.tier) and self._pool is not None:
+            pool_rows = self._pool.take(n)
+            if pool_rows is not None:
+                self._submit_pooled(_PoolJob(job_id, src, dst, pool_rows, "gather" if src.tier == G1 else "read",
+                                             now=now))
+                return
         rows = None  # host rows of the job: fresh ones unless one side is the host tier
         if self.host_tier not in (src.tier, dst.tier):
             rows = torch.empty((n, self.block_bytes), dtype=torch.uint8)
@@ -197,9 +263,34 @@ class TransferExecutor:
             future = thread.submit(work)
         self._io.append(_IoJob(job_id, src, dst, rows, future))
 
-    def _work(self, src: Blocks, dst: Blocks, rows: torch.Tensor | None) -> Callable[[], tuple[list[bool], float]]:
+    def _submit_pooled(self, job: _PoolJob) -> None:
+        """Start a pooled job: the gather on the pool's engine, or the read on the medium."""
+        assert self._pool is not None
+        self._pooled[job.job_id] = job
+        if job.stage == "gather":
+            self._pool.engine.store(job.job_id, list(job.src.ids), job.rows)
+            self._pool_completions(self._done)  # a synchronous engine (CPU) gathered already: write now
+            return
+        work = self._work(job.src, job.dst, None, self._pool.buffers(job.rows))
+        job.future = self._run(work, job.src.tier, job.now)
+
+    def _run(self, work: Callable[[], tuple[list[bool], float]], tier: str, now: bool) -> Future:
+        """``work`` on the tier's I/O thread, or here and now."""
+        if not now:
+            return self._threads[tier].submit(work)
+        future: Future = Future()
+        try:
+            future.set_result(work())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _work(self, src: Blocks, dst: Blocks, rows: torch.Tensor | None,
+              buffers: list | None = None) -> Callable[[], tuple[list[bool], float]]:
         """What runs on the medium's thread: read the source medium and/or write the destination."""
-        if rows is not None:
+        if buffers is not None:
+            pass  # pool rows
+        elif rows is not None:
             buffers = [row.numpy() for row in rows]
         else:  # the host tier's own rows
             assert self.host is not None
@@ -225,6 +316,8 @@ class TransferExecutor:
     def poll(self) -> list[Done]:
         """Jobs finished since the last poll; never blocks. Scatters finished medium reads into G1."""
         done, self._done = self._done, []
+        if self._pooled:
+            self._poll_pool(done)
         if self._engine is not None:
             for c in self._engine.poll():
                 n = self._engine_jobs.pop(c.key, 0)
@@ -237,6 +330,73 @@ class TransferExecutor:
                 still.append(job)
         self._io = still
         return done
+
+    def _poll_pool(self, done: list[Done]) -> None:
+        """Advance the pooled jobs: engine completions, then finished medium work, then the
+        completions of copies that work started (synchronous on CPU)."""
+        assert self._pool is not None
+        self._pool_completions(done)
+        started = False
+        for job in list(self._pooled.values()):
+            if job.future is None or not job.future.done():
+                continue
+            n = len(job.src.ids)
+            try:
+                ok, seconds = job.future.result()
+            except Exception:
+                logger.exception("kvbm: %s -> %s transfer failed", job.src.tier, job.dst.tier)
+                ok, seconds = [False] * n, 0.0
+            job.future = None
+            if job.stage == "write":  # G1 → medium, written
+                self._end(job)
+                done.append(Done(job.job_id, all(ok), sum(ok) * self.block_bytes, seconds, sum(ok)))
+                continue
+            # medium → G1, read: the verified prefix lands; vLLM recomputes from the first block that did not
+            bad = tuple(slot for slot, fine in zip(job.src.ids, ok) if not fine)
+            good = ok.index(False) if False in ok else n
+            result = Done(job.job_id, good == n, sum(ok) * self.block_bytes, seconds, good, bad)
+            self._pool.give(job.rows[good:])
+            job.rows = job.rows[:good]
+            if not good:
+                self._end(job)
+                done.append(result)
+                continue
+            job.stage, job.result = "scatter", result
+            self._pool.engine.load(job.job_id, job.rows, list(job.dst.ids[:good]))
+            started = True
+            if job.now:  # the forward pass of this step is ordered after the scatter (fence)
+                job.reported = True
+                done.append(result)
+        if started:
+            self._pool_completions(done)
+
+    def _pool_completions(self, done: list[Done]) -> None:
+        assert self._pool is not None
+        for c in self._pool.engine.poll():
+            job = self._pooled.get(c.key)
+            if job is None:
+                continue
+            if job.stage == "gather":
+                if not c.ok:
+                    self._end(job)
+                    done.append(Done(job.job_id, False))
+                    continue
+                job.stage = "write"
+                job.future = self._run(self._work(job.src, job.dst, None, self._pool.buffers(job.rows)),
+                                       job.dst.tier, False)
+                continue
+            # a scatter completed: the rows are free again
+            self._end(job)
+            if not job.reported:
+                assert job.result is not None
+                r = job.result
+                done.append(Done(r.job_id, r.ok and c.ok, r.nbytes, r.seconds, r.moved if c.ok else 0, r.bad))
+
+    def _end(self, job: _PoolJob) -> None:
+        assert self._pool is not None
+        self._pool.give(job.rows)
+        job.rows = []
+        del self._pooled[job.job_id]
 
     def _finish(self, job: _IoJob) -> Done:
         n = len(job.src.ids)
@@ -270,22 +430,28 @@ class TransferExecutor:
             self._engine.wait_layer(layer)
 
     def fence(self) -> None:
-        """The forward pass waits for every G2 load submitted so far, layered ones included
-        (without blocking the CPU); loads from a medium are scattered synchronously when polled."""
+        """The forward pass waits for every G2 load submitted so far, layered ones included, and
+        for every scatter of a medium's load issued so far (without blocking the CPU)."""
         if self._engine is not None:
             self._engine.fence_loads()
+        if self._pool is not None:
+            self._pool.engine.fence_loads()
 
     def fence_stores(self) -> None:
         """The next forward pass runs after every store submitted so far has read its GPU blocks
         (without blocking the CPU on CUDA); medium writes read their own host rows."""
         if self._engine is not None:
             self._engine.fence_stores()
+        if self._pool is not None:
+            self._pool.engine.fence_stores()
 
     def drain(self) -> None:
-        """Block until the copy engine's in-flight copies are done (preemption: their GPU blocks
-        may be reused); medium writes read their own host rows and need no drain."""
+        """Block until the copy engines' in-flight copies are done (preemption: their GPU blocks
+        may be reused); medium writes read host rows and need no drain."""
         if self._engine is not None:
             self._engine.drain()
+        if self._pool is not None:
+            self._pool.engine.drain()
 
     def take_errors(self) -> dict[str, dict[str, int]]:
         """Failures by kind per medium since the last call."""
@@ -309,5 +475,7 @@ class TransferExecutor:
             self._staging.close()
         for thread in self._threads.values():
             thread.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.close()
         for medium in self.media.values():
             medium.close()
