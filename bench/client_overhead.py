@@ -20,7 +20,7 @@ import asyncio
 import os
 import statistics
 
-from kvbm.bench.workload import OpenAIStreamClient, WorkloadSpec, arrivals, run_workload
+from kvbm.tools.bench.workload import OpenAIStreamClient, WorkloadSpec, arrivals, run_workload
 from tests.fake_openai import FakeOpenAIServer
 
 

@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvbm.disk_probe import probe_disk
 from kvbm.storage.disk import DiskArena
+from kvbm.tools.disk_probe import probe_disk
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 Result = tuple[float, float]  # write GB/s, read GB/s

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvbm.demo.tiny_model import build_model  # noqa: E402
-from kvbm.dynamo.fleet import DynamoFleet, Worker  # noqa: E402
+from kvbm.tools.demo.tiny_model import build_model  # noqa: E402
+from kvbm.tools.fleet import DynamoFleet, Worker  # noqa: E402
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -102,7 +102,7 @@ def run(label: str, args: argparse.Namespace, model: str, router_mode: str, kvbm
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", help="kvbm.demo.tiny_model preset [demo]")
+    parser.add_argument("--preset", default="demo", help="kvbm.tools.demo.tiny_model preset [demo]")
     parser.add_argument("--conversations", type=int, default=7,
                         help="an odd count: round-robin then moves a conversation between workers each turn")
     parser.add_argument("--turns", type=int, default=4)

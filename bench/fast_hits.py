@@ -31,11 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvbm.bench.cli import report  # noqa: E402
-from kvbm.bench.compare import Configuration, builtin_configurations, run_compare  # noqa: E402
-from kvbm.bench.workload import WorkloadSpec  # noqa: E402
+from kvbm.tools.bench.cli import report  # noqa: E402
+from kvbm.tools.bench.compare import Configuration, builtin_configurations, run_compare  # noqa: E402
+from kvbm.tools.bench.workload import WorkloadSpec  # noqa: E402
 
-#: The demo's engine (kvbm/bench/demo.py): 128-token blocks, vLLM's pool shrunk to 5,120 tokens.
+#: The demo's engine (kvbm/tools/bench/demo.py): 128-token blocks, vLLM's pool shrunk to 5,120 tokens.
 ENGINE = ["--block-size", "128", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
           "--num-gpu-blocks-override", "40", "--max-num-seqs", "4"]
 
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=1000.0, help="slow-tier: added per G3 block read")
     args = parser.parse_args()
     if args.model is None:
-        from kvbm.demo.tiny_model import build_model
+        from kvbm.tools.demo.tiny_model import build_model
 
         args.model = str(build_model(preset="demo"))
     started = time.monotonic()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvbm.plan.simulate import SizePoint, gpu_pass, replay  # noqa: E402
-from kvbm.plan.trace import TraceWriter, read_trace  # noqa: E402
+from kvbm.tools.plan.simulate import SizePoint, gpu_pass, replay  # noqa: E402
+from kvbm.tools.plan.trace import TraceWriter, read_trace  # noqa: E402
 
 
 def write_chat_trace(path: Path, requests: int, *, block_size: int = 16, active_users: int = 60, rounds: int = 12,

@@ -36,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvbm.bench.server import VllmServer, free_port, parse_samples, scrape  # noqa: E402
-from kvbm.bench.workload import OpenAIStreamClient, WorkloadSpec, filler_text, run_benchmark  # noqa: E402
 from kvbm.config import env_var  # noqa: E402
-from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay  # noqa: E402
-from kvbm.plan.trace import read_trace  # noqa: E402
+from kvbm.tools.bench.server import VllmServer, free_port, parse_samples, scrape  # noqa: E402
+from kvbm.tools.bench.workload import OpenAIStreamClient, WorkloadSpec, filler_text, run_benchmark  # noqa: E402
+from kvbm.tools.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay  # noqa: E402
+from kvbm.tools.plan.trace import read_trace  # noqa: E402
 
 GPU_BLOCKS = 40
 ENGINE_ARGS = ["--enable-prefix-caching", "--block-size", "128", "--max-model-len", "4096", "--enforce-eager",
@@ -56,7 +56,7 @@ SIZES = {"chat": ["50", "70", "100", "50+80"], "documents": ["44", "52", "72", "
 
 
 def run_chat(url: str, model: str) -> int:
-    """kvbm demo's workload, exactly (see kvbm/bench/demo.py)."""
+    """kvbm demo's workload, exactly (see kvbm/tools/bench/demo.py)."""
     spec = WorkloadSpec(num_users=3, num_rounds=3, system_prompt_words=300, chat_history_words=1700,
                         answer_tokens=16, qps=0.3, duration=None, max_users=6, warmup_users=6)
     warm, result = run_benchmark(url, model, spec, progress=False)
@@ -233,7 +233,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None and not args.replay_only:
-        from kvbm.demo.tiny_model import build_model
+        from kvbm.tools.demo.tiny_model import build_model
 
         model = str(build_model(preset="demo"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -209,7 +209,7 @@ def main() -> None:
         run_side(*args.side)
         return
 
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.demo.tiny_model import build_model
 
     model = str(build_model(preset="test"))
     requests = workload(args.requests, args.seed, args.abort_share)

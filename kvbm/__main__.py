@@ -1,6 +1,6 @@
 """``python -m kvbm``: same as the ``kvbm`` command."""
 
-from kvbm.cli import main
+from kvbm.tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

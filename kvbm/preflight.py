@@ -27,7 +27,7 @@ from kvbm.logs import ensure_log_handler
 logger = logging.getLogger(__name__)
 
 CONNECTOR = "DynamoConnector"
-#: Set by ``kvbm serve`` (kvbm.cli): a private file where engine processes leave the reason they
+#: Set by ``kvbm serve`` (kvbm.tools.cli): a private file where engine processes leave the reason they
 #: could not start (kvbm.vllm_integration.connector), so the command prints it as its last line,
 #: after vLLM's own tracebacks.
 STARTUP_ERROR_FILE_VAR = "KVBM_SERVE_ERROR_FILE"

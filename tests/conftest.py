@@ -30,7 +30,7 @@ BLOCK = 128  # vLLM's CPU attention needs multiples of 32
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.demo.tiny_model import build_model
 
     return str(build_model(preset="test"))
 

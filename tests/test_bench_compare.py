@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvbm.bench.compare import (
+from kvbm.tools.bench.compare import (
     Configuration,
     Outcome,
     _delta,
@@ -15,7 +15,7 @@ from kvbm.bench.compare import (
     format_table,
     write_plots,
 )
-from kvbm.bench.workload import RequestRecord, WorkloadResult
+from kvbm.tools.bench.workload import RequestRecord, WorkloadResult
 
 
 def test_parse_user_configuration():

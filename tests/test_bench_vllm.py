@@ -13,8 +13,8 @@ import logging
 
 import pytest
 
-from kvbm.bench.server import VllmServer
-from kvbm.bench.workload import (
+from kvbm.tools.bench.server import VllmServer
+from kvbm.tools.bench.workload import (
     WorkloadResult,
     WorkloadSpec,
     arrivals,
@@ -35,7 +35,7 @@ WORKLOAD = ["--num-users", "2", "--num-rounds", "3", "--max-users", "3", "--time
 
 @pytest.fixture
 def restore_kvbm_logger():
-    """kvbm.cli.main() attaches a stderr handler to the "kvbm" logger; pytest's capture closes that stream."""
+    """kvbm.tools.cli.main() attaches a stderr handler to the "kvbm" logger; pytest's capture closes that stream."""
     kvbm_logger = logging.getLogger("kvbm")
     saved = (list(kvbm_logger.handlers), kvbm_logger.level, kvbm_logger.propagate)
     yield
@@ -45,7 +45,7 @@ def restore_kvbm_logger():
 def test_bench_run_csv_and_summary_against_vllm(model_path, tmp_path, capsys, restore_kvbm_logger):
     from transformers import AutoTokenizer
 
-    from kvbm.cli import main
+    from kvbm.tools.cli import main
 
     out = tmp_path / "run.csv"
     with VllmServer(model_path, ENGINE, env=ENV, log_path=tmp_path / "server.log") as server:
@@ -79,7 +79,7 @@ def test_bench_run_csv_and_summary_against_vllm(model_path, tmp_path, capsys, re
 
 
 def test_bench_compare_two_configurations(model_path, tmp_path, capsys, restore_kvbm_logger):
-    from kvbm.cli import main
+    from kvbm.tools.cli import main
 
     out = tmp_path / "compare"
     workload = ["--num-users", "3", "--num-rounds", "3", "--max-users", "4", "--time", "0", "--qps", "4",

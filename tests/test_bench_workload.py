@@ -11,7 +11,7 @@ import csv
 
 import pytest
 
-from kvbm.bench.workload import (
+from kvbm.tools.bench.workload import (
     CSV_COLUMNS,
     OpenAIStreamClient,
     RequestRecord,
@@ -280,7 +280,7 @@ def test_csv_has_lmbenchmark_columns_and_round_trips(tmp_path):
 
 @pytest.fixture
 def restore_kvbm_logger():
-    """kvbm.cli.main() attaches a stderr handler to the "kvbm" logger; pytest's capture closes that stream."""
+    """kvbm.tools.cli.main() attaches a stderr handler to the "kvbm" logger; pytest's capture closes that stream."""
     import logging
 
     kvbm_logger = logging.getLogger("kvbm")
@@ -290,7 +290,7 @@ def restore_kvbm_logger():
 
 
 def test_bench_run_cli_writes_csv_and_prints_summary(tmp_path, capsys, restore_kvbm_logger):
-    from kvbm.cli import main
+    from kvbm.tools.cli import main
 
     out = tmp_path / "run.csv"
     with FakeOpenAIServer() as server:

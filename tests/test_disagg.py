@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.bench.server import VllmServer
-from kvbm.demo.tiny_model import generate_text
+from kvbm.tools.bench.server import VllmServer
+from kvbm.tools.demo.tiny_model import generate_text
 
 pytest.importorskip(
     "nixl._api",

@@ -21,7 +21,7 @@ aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from kvbm.disagg.router import PrefixIndex, Router, RouterConfig, prompt_text  # noqa: E402
+from kvbm.tools.router import PrefixIndex, Router, RouterConfig, prompt_text  # noqa: E402
 
 
 class FakeWorker:
@@ -344,8 +344,8 @@ def test_half_sent_connections_are_bounded_and_closed(monkeypatch):
     the router holds at most its bound, closes them by itself, and serves real requests meanwhile."""
     import threading
 
-    from kvbm.disagg import router as router_module
-    from kvbm.disagg.router import ConnectionGuard, start_site
+    from kvbm.tools import router as router_module
+    from kvbm.tools.router import ConnectionGuard, start_site
 
     monkeypatch.setattr(router_module, "BODY_TIMEOUT_S", 1.0)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.disk_probe import probe_disk
 from kvbm.storage import disk_file as disk_file_mod
 from kvbm.storage.disk import HEADER_SIZE, DiskArena, DiskSetupError
+from kvbm.tools.disk_probe import probe_disk
 
 LOGGER = "kvbm.storage.disk"
 FILE_LOGGER = "kvbm.storage.disk_file"  # set-up: fallocate, zero-fill, O_DIRECT

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from kvbm.config import KvbmConfig, parse_remote_url
-from kvbm.doctor import (
+from kvbm.tools.doctor import (
     FAIL,
     PASS,
     SKIP,
@@ -156,7 +156,7 @@ def test_memlock_fails_with_a_gpu():
     """The same real limit, judged for a host where the cache would be pinned."""
     code = ("import resource\n"
             "resource.setrlimit(resource.RLIMIT_MEMLOCK, (65536, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]))\n"
-            "from kvbm.doctor import check_memlock\n"
+            "from kvbm.tools.doctor import check_memlock\n"
             "c = check_memlock(1e9, gpu_visible=True)\n"
             "print(c.status, '|', c.fix)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -425,7 +425,7 @@ def test_remote_check_against_a_real_redis(redis_server):
 
 
 def test_model_groups_sliding_window_and_full():
-    from kvbm.doctor import PASS, model_kv_groups
+    from kvbm.tools.doctor import PASS, model_kv_groups
 
     check = model_kv_groups({"model_type": "gpt_oss", "num_hidden_layers": 4, "sliding_window": 128,
                              "layer_types": ["sliding_attention", "full_attention"] * 2})
@@ -435,14 +435,14 @@ def test_model_groups_sliding_window_and_full():
 
 
 def test_model_groups_mamba_hybrid_says_what_kvbm_keeps_and_needs():
-    from kvbm.doctor import WARN, model_kv_groups
+    from kvbm.tools.doctor import WARN, model_kv_groups
 
     check = model_kv_groups({"model_type": "nemotron_h", "num_hidden_layers": 4, "hybrid_override_pattern": "M*M-"})
     assert check.status == WARN and "recurrent state" in check.detail and "prefix caching" in check.fix
 
 
 def test_model_groups_mla_and_plain_models():
-    from kvbm.doctor import PASS, model_kv_groups
+    from kvbm.tools.doctor import PASS, model_kv_groups
 
     mla = model_kv_groups({"model_type": "deepseek_v2", "num_hidden_layers": 27, "kv_lora_rank": 512})
     assert mla.status == PASS and "MLA" in mla.detail and "one KV-cache group" in mla.detail
@@ -454,7 +454,7 @@ def test_model_groups_mla_and_plain_models():
 def test_doctor_reports_a_local_models_groups(tmp_path):
     import json
 
-    from kvbm.doctor import SKIP, check_model
+    from kvbm.tools.doctor import SKIP, check_model
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
     assert "2 full attention" in check_model(str(tmp_path)).detail

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvbm.disagg.config import decode_transfer_config, pd_transfer_config
-from kvbm.dynamo.fleet import DynamoFleet, Worker, free_port
+from kvbm.tools.fleet import DynamoFleet, Worker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DYNAMO_PY = os.environ.get("KVBM_DYNAMO_PYTHON") or str(ROOT / ".venv-dynamo" / "bin" / "python")

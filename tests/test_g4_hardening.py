@@ -347,7 +347,7 @@ def test_summary_line_explains_g4(redis_server):
 
 
 def test_doctor_says_whether_g4_values_are_signed(tmp_path):
-    from kvbm.doctor import FAIL, PASS, WARN, check_remote
+    from kvbm.tools.doctor import FAIL, PASS, WARN, check_remote
 
     probe = {"target": "redis://127.0.0.1:6379", "error": None, "unreachable": False, "mode": "single node",
              "nodes": 1, "version": "7", "maxmemory": 1 << 30, "maxmemory_policy": "allkeys-lru", "latency_ms": 0.1}

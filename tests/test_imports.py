@@ -4,7 +4,9 @@ Walks every module's source (imports inside functions and under
 ``TYPE_CHECKING`` included: a delayed import hides a cycle from Python, not
 from the design) and fails on any cycle among kvbm's packages, where a
 package is ``kvbm.core``, ``kvbm.storage``, ... and each top-level module
-(``kvbm.config``, ``kvbm.metrics``) is a node of its own.
+(``kvbm.config``, ``kvbm.metrics``) is a node of its own; under ``kvbm.tools``
+each tool (``kvbm.tools.plan``, ``kvbm.tools.doctor``) is a node. The library
+never imports a tool (``test_library_never_imports_tools``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ def _module_name(path: Path) -> str:
 
 
 def _node(module: str) -> str:
-    """kvbm.storage.disk -> kvbm.storage; kvbm.config -> kvbm.config."""
+    """kvbm.storage.disk -> kvbm.storage; kvbm.config -> kvbm.config; kvbm.tools.plan.cli -> kvbm.tools.plan."""
     parts = module.split(".")
+    if len(parts) >= 3 and parts[1] == "tools":
+        return ".".join(parts[:3])
     if len(parts) >= 2 and (ROOT / parts[1]).is_dir():
         return ".".join(parts[:2])
     return ".".join(parts[:2]) if len(parts) >= 2 else module
@@ -131,3 +135,30 @@ def test_layers():
     assert "kvbm.transfer" not in graph["kvbm.storage"]
     for low in ("kvbm.core", "kvbm.storage", "kvbm.transfer", "kvbm.runtime"):
         assert "kvbm.vllm_integration" not in graph[low], low
+
+
+#: Outside kvbm/tools, only ``python -m kvbm`` (the ``kvbm`` command's other door) may import a tool.
+TOOL_ENTRY_POINTS = {"kvbm.__main__"}
+
+
+def _is_tool(module: str) -> bool:
+    return module == "kvbm.tools" or module.startswith("kvbm.tools.")
+
+
+def test_library_never_imports_tools():
+    """Tools (kvbm/tools: the CLI, plan, bench, doctor, the router...) import the library, never the reverse.
+
+    A vLLM engine loads the library; a tool's import there would drag aiohttp, matplotlib or a
+    benchmark's state into every engine process, and tie the library's layering to the tools'.
+    """
+    offenders = sorted(f"{module} -> {name}" for module, names in module_graph().items()
+                       if not _is_tool(module) and module not in TOOL_ENTRY_POINTS
+                       for name in names if _is_tool(name))
+    assert not offenders, "the library imports kvbm.tools: " + ", ".join(offenders)
+
+
+def test_the_tools_rule_sees_an_import():
+    """The rule's walker resolves ``from kvbm.tools.x import y`` and ``import kvbm.tools`` to tool modules."""
+    graph = module_graph()
+    assert "kvbm.tools.cli" in graph["kvbm.__main__"]
+    assert _is_tool("kvbm.tools") and _is_tool("kvbm.tools.plan.cli") and not _is_tool("kvbm.toolsy")

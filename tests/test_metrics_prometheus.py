@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvbm.bench.server import KVBM_TRANSFER_CONFIG, VllmServer, free_port
+from kvbm.tools.bench.server import KVBM_TRANSFER_CONFIG, VllmServer, free_port
 from tests.conftest import BLOCK, token_prompt
 from tests.test_dashboard import PROMETHEUS_CONFIG, dashboard, expressions
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.cli import main as kvbm_main
 from kvbm.config import ConfigError
 from kvbm.core.hashing import engine_root, extend_hashes, request_root
-from kvbm.plan.gpu import GpuPrefixCache
-from kvbm.plan.report import (
+from kvbm.tools.cli import main as kvbm_main
+from kvbm.tools.plan.gpu import GpuPrefixCache
+from kvbm.tools.plan.report import (
     Plan,
     PlanError,
     Rates,
@@ -25,8 +25,8 @@ from kvbm.plan.report import (
     knee,
     parse_sizes,
 )
-from kvbm.plan.simulate import PointResult, SizePoint, gpu_pass, replay, sweep
-from kvbm.plan.trace import TraceError, TraceWriter, read_trace
+from kvbm.tools.plan.simulate import PointResult, SizePoint, gpu_pass, replay, sweep
+from kvbm.tools.plan.trace import TraceError, TraceWriter, read_trace
 from tests.other_user import NOBODY, as_nobody, needs_other_user, shared_dir
 
 BS = 4  # tokens per block in these traces
@@ -148,7 +148,7 @@ def test_trace_file_that_is_a_fifo_is_refused_without_hanging(tmp_path):
 
     fifo = tmp_path / "trace.jsonl"
     os.mkfifo(fifo, 0o600)
-    code = ("import sys\nfrom kvbm.config import ConfigError\nfrom kvbm.plan.trace import TraceWriter\n"
+    code = ("import sys\nfrom kvbm.config import ConfigError\nfrom kvbm.tools.plan.trace import TraceWriter\n"
             "try:\n    TraceWriter(sys.argv[1], {'block_size': 4})\nexcept ConfigError as e:\n    print('REFUSED', e)")
     root = str(Path(__file__).resolve().parent.parent)
     try:
@@ -290,7 +290,7 @@ def test_gpu_pass_counts_hits_and_respects_the_last_token():
 def _trace(reqs, tmp_path=None):
     from array import array
 
-    from kvbm.plan.trace import Trace, TraceRequest
+    from kvbm.tools.plan.trace import Trace, TraceRequest
 
     ids: dict[int, int] = {}
     requests = [TraceRequest(t, e, p, o, array("q", [ids.setdefault(h, len(ids)) for h in hs]))
@@ -530,7 +530,7 @@ def test_huge_output_tokens_is_refused_in_bounded_memory(tmp_path):
 
 def test_trace_blocks_in_all_are_bounded(tmp_path, monkeypatch):
     """Each line within bounds, the sum too large: stopped at the line that crosses it, with --limit."""
-    import kvbm.plan.trace as trace_mod
+    import kvbm.tools.plan.trace as trace_mod
 
     monkeypatch.setattr(trace_mod, "MAX_TRACE_BLOCKS", 100)
     path = tmp_path / "p.jsonl"
@@ -544,7 +544,7 @@ def test_trace_blocks_in_all_are_bounded(tmp_path, monkeypatch):
 
 
 def test_overlong_line_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
-    import kvbm.plan.trace as trace_mod
+    import kvbm.tools.plan.trace as trace_mod
 
     monkeypatch.setattr(trace_mod, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "t.jsonl"

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvbm.plan.gpu import GpuPrefixCache
+from kvbm.tools.plan.gpu import GpuPrefixCache
 
 pytestmark = pytest.mark.slow
 

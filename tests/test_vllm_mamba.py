@@ -59,7 +59,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="session")
 def mamba_model() -> str:
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.demo.tiny_model import build_model
 
     return str(build_model(preset="test-mamba"))
 

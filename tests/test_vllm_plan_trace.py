@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay
-from kvbm.plan.trace import read_trace
+from kvbm.tools.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay
+from kvbm.tools.plan.trace import read_trace
 from tests.conftest import BLOCK, engine_args, run_engine, token_prompt
 
 pytestmark = pytest.mark.slow

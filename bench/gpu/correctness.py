@@ -213,7 +213,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/gpu-correctness"))
     parser.add_argument("--model", default=None, help="model path (default: build --preset)")
-    parser.add_argument("--preset", default="gpu", help="kvbm.demo.tiny_model preset to build: 'gpu' (full "
+    parser.add_argument("--preset", default="gpu", help="kvbm.tools.demo.tiny_model preset to build: 'gpu' (full "
                         "attention), 'gpu-swa' (5 sliding-window layers to 1 full, vLLM's hybrid manager) "
                         "'gpu-mla' (DeepSeek-V2-shaped MLA) or 'gpu-mamba' (Granite-4.0-H-shaped Mamba-2 hybrid)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
@@ -222,7 +222,7 @@ def main() -> int:
     args = parser.parse_args()
     model = args.model
     if model is None:
-        from kvbm.demo.tiny_model import build_model
+        from kvbm.tools.demo.tiny_model import build_model
 
         model = str(build_model(preset=args.preset))
     global VOCAB

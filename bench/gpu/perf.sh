@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: perf.sh OUT_DIR [kvbm bench compare options]}; shift
 PY=${PYTHON:-python3}
-model=$("$PY" -m kvbm.demo.tiny_model --preset llama8b-shape)
+model=$("$PY" -m kvbm.tools.demo.tiny_model --preset llama8b-shape)
 gib32=34.36  # 32 GiB in GB (kvbm counts GB = 1e9 bytes; vLLM's --kv-offloading-size counts GiB)
 engine=(--vllm-args "--load-format dummy --block-size 16 --max-model-len 24576 --max-num-seqs 32"
         --gpu-blocks 1800 --startup-timeout 900 --no-progress)

@@ -2,6 +2,6 @@
 
 Dynamo's vLLM worker loads kvbm by module path (``kvbm.vllm_integration.connector``);
 nothing here is needed for that. This package holds what makes Dynamo run on a
-CPU-only vLLM (:mod:`kvbm.dynamo.cpu_shim`) and the small helpers the launch
-scripts and tests use (:mod:`kvbm.dynamo.config`). See docs/dynamo.md.
+CPU-only vLLM (:mod:`kvbm.dynamo.cpu_shim`); the fleet of Dynamo processes the
+tests and benchmarks start is a tool, :mod:`kvbm.tools.fleet`. See docs/dynamo.md.
 """

@@ -1,6 +1,6 @@
 """kvbm's request log while serving (opt-in: ``trace_file``, see config), for ``kvbm plan``.
 
-The writer lives in the library (the leader runtime writes it); ``kvbm.plan.trace`` reads it. Its
+The writer lives in the library (the leader runtime writes it); ``kvbm.tools.plan.trace`` reads it. Its
 format is described there: a header line, then one JSON line per finished request (timestamps,
 lengths, served blocks and block hashes; no token or text).
 """
@@ -22,7 +22,7 @@ from kvbm.config import ConfigError, env_var
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the request log's format changes (kvbm.plan.trace reads this version).
+#: Bump when the request log's format changes (kvbm.tools.plan.trace reads this version).
 FORMAT_VERSION = 1
 
 

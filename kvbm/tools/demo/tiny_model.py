@@ -522,9 +522,9 @@ def build_model(cache_dir: str | Path | None = None, *, preset: str = "test") ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build (if needed) and print the model path: ``python -m kvbm.demo.tiny_model``."""
+    """Build (if needed) and print the model path: ``python -m kvbm.tools.demo.tiny_model``."""
     parser = argparse.ArgumentParser(
-        prog="python -m kvbm.demo.tiny_model",
+        prog="python -m kvbm.tools.demo.tiny_model",
         description="Build a random-weight Llama model with a local tokenizer and print its path.",
     )
     add_build_arguments(parser)

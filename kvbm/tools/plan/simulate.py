@@ -27,8 +27,8 @@ from functools import partial
 from kvbm.core.filter import DEFAULT_THRESHOLD, FrequencyFilter
 from kvbm.core.planner import Planner
 from kvbm.core.tiers import standard_chain
-from kvbm.plan.gpu import GpuPrefixCache
-from kvbm.plan.trace import Trace
+from kvbm.tools.plan.gpu import GpuPrefixCache
+from kvbm.tools.plan.trace import Trace
 
 logger = logging.getLogger(__name__)
 

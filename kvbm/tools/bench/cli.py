@@ -56,7 +56,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, **defaults: object) 
 
 
 def spec_from_args(args: argparse.Namespace):  # -> WorkloadSpec (import kept lazy)
-    from kvbm.bench.workload import WorkloadSpec
+    from kvbm.tools.bench.workload import WorkloadSpec
 
     no_reuse = getattr(args, "no_reuse", False)
     return WorkloadSpec(
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from kvbm.bench.workload import format_summary, run_benchmark
+    from kvbm.tools.bench.workload import format_summary, run_benchmark
 
     spec = spec_from_args(args)
     print(f"kvbm bench: {spec.describe()} against {args.url}", flush=True)
@@ -174,7 +174,7 @@ def env_from(args: argparse.Namespace) -> dict[str, str]:
 
 def report(outcomes: list, out_dir: Path, plots: bool, title: str) -> list[Path]:
     """Print the table and write the plots; return the plot paths."""
-    from kvbm.bench.compare import format_table, write_plots
+    from kvbm.tools.bench.compare import format_table, write_plots
 
     print()
     print(format_table(outcomes))
@@ -186,8 +186,8 @@ def report(outcomes: list, out_dir: Path, plots: bool, title: str) -> list[Path]
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from kvbm.bench.compare import Configuration, builtin_configurations, preflight, run_compare
     from kvbm.config import ConfigError
+    from kvbm.tools.bench.compare import Configuration, builtin_configurations, preflight, run_compare
 
     started = time.monotonic()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]

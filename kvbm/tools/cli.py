@@ -91,13 +91,13 @@ def _first_line(path: str) -> str | None:
 
 
 def _configure_build_model(parser: argparse.ArgumentParser) -> None:
-    from kvbm.demo.tiny_model import add_build_arguments
+    from kvbm.tools.demo.tiny_model import add_build_arguments
 
     add_build_arguments(parser)
 
 
 def _run_build_model(args: argparse.Namespace) -> int:
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.demo.tiny_model import build_model
 
     print(build_model(args.cache_dir, preset=args.preset))
     return 0
@@ -115,8 +115,8 @@ def _lazy(module: str, name: str) -> Callable:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand(
         help="compare vLLM alone with vLLM + kvbm on a local model and a multi-round chat workload",
-        run=_lazy("kvbm.bench.demo", "run"),
-        configure=_lazy("kvbm.bench.demo", "add_arguments"),
+        run=_lazy("kvbm.tools.bench.demo", "run"),
+        configure=_lazy("kvbm.tools.bench.demo", "add_arguments"),
     ),
     "serve": Subcommand(
         help="run vLLM's OpenAI server (all arguments go to `vllm serve`)",
@@ -130,23 +130,23 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "doctor": Subcommand(
         help="check this host for kvbm before starting a server (memory, disk, ports, GPU, vLLM)",
-        run=_lazy("kvbm.doctor", "run"),
-        configure=_lazy("kvbm.doctor", "add_arguments"),
+        run=_lazy("kvbm.tools.doctor", "run"),
+        configure=_lazy("kvbm.tools.doctor", "add_arguments"),
     ),
     "bench": Subcommand(
         help="benchmark a server with multi-round chat (bench run), or vLLM with and without kvbm (bench compare)",
-        run=_lazy("kvbm.bench.cli", "run"),
-        configure=_lazy("kvbm.bench.cli", "configure"),
+        run=_lazy("kvbm.tools.bench.cli", "run"),
+        configure=_lazy("kvbm.tools.bench.cli", "configure"),
     ),
     "plan": Subcommand(
         help="size kvbm's tiers from a request trace: hit rates vs G2/G3 size, knees, recommended settings",
-        run=_lazy("kvbm.plan.cli", "run"),
-        configure=_lazy("kvbm.plan.cli", "add_arguments"),
+        run=_lazy("kvbm.tools.plan.cli", "run"),
+        configure=_lazy("kvbm.tools.plan.cli", "add_arguments"),
     ),
     "router": Subcommand(
         help="OpenAI front end for disaggregated serving: prefill workers (kvbm + NIXL), then decode workers",
-        run=_lazy("kvbm.disagg.router", "run"),
-        configure=_lazy("kvbm.disagg.router", "add_arguments"),
+        run=_lazy("kvbm.tools.router", "run"),
+        configure=_lazy("kvbm.tools.router", "add_arguments"),
     ),
 }
 

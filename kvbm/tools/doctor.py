@@ -189,7 +189,7 @@ def check_disk(config: KvbmConfig, probe: dict[str, Any] | None = None) -> list[
     if not config.has_disk_tier:
         return [Check("disk cache dir", SKIP, "no disk cache (G3) set")]
     if probe is None:
-        from kvbm.disk_probe import probe_disk
+        from kvbm.tools.disk_probe import probe_disk
 
         probe = probe_disk(config.disk_cache_dir)
     var = env_var("disk_cache_dir")

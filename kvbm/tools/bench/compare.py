@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvbm.bench.server import VllmServer, free_port, parse_samples, scrape
-from kvbm.bench.workload import WorkloadResult, WorkloadSpec, run_benchmark
 from kvbm.config import PREFIX, env_var
+from kvbm.tools.bench.server import VllmServer, free_port, parse_samples, scrape
+from kvbm.tools.bench.workload import WorkloadResult, WorkloadSpec, run_benchmark
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvbm.config import env_var
-from kvbm.plan.simulate import PointResult
+from kvbm.tools.plan.simulate import PointResult
 
 logger = logging.getLogger(__name__)
 

@@ -45,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbm.bench.cli import report
-    from kvbm.bench.compare import builtin_configurations, preflight, run_compare
-    from kvbm.bench.workload import WorkloadSpec
     from kvbm.config import ConfigError
-    from kvbm.demo.tiny_model import build_model
+    from kvbm.tools.bench.cli import report
+    from kvbm.tools.bench.compare import builtin_configurations, preflight, run_compare
+    from kvbm.tools.bench.workload import WorkloadSpec
+    from kvbm.tools.demo.tiny_model import build_model
 
     started = time.monotonic()
     names = ["vllm", "kvbm-host"] + (["kvbm-host+disk"] if args.disk else [])

@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbm.plan.report import PlanError
-    from kvbm.plan.trace import TraceError
+    from kvbm.tools.plan.report import PlanError
+    from kvbm.tools.plan.trace import TraceError
 
     try:
         plan = make_plan(args)
@@ -95,7 +95,7 @@ def _positive(value: float | int | None, flag: str, most: float | None = None) -
     overflow a float or make the replay build pools of billions of blocks."""
     import math
 
-    from kvbm.plan.report import PlanError
+    from kvbm.tools.plan.report import PlanError
 
     if value is None:
         return
@@ -112,9 +112,9 @@ MAX_POINTS = 64
 
 def make_plan(args: argparse.Namespace):  # -> Plan
     """Read the trace, replay G1 once, sweep G2, then G3 at the chosen G2."""
-    from kvbm.plan.report import Plan, PlanError, Rates, bytes_per_block_from_model, grid, parse_sizes
-    from kvbm.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay, sweep
-    from kvbm.plan.trace import (
+    from kvbm.tools.plan.report import Plan, PlanError, Rates, bytes_per_block_from_model, grid, parse_sizes
+    from kvbm.tools.plan.simulate import ReplaySettings, SizePoint, gpu_pass, replay, sweep
+    from kvbm.tools.plan.trace import (
         MAX_BLOCK_SIZE,
         MAX_BYTES_PER_BLOCK,
         MAX_GPU_BLOCKS,
