@@ -67,3 +67,23 @@ def test_a_mamba_group_in_all_mode_names_the_align_flag():
     with pytest.raises(ValueError) as err:
         kv_groups(config(FullAttentionSpec(128, **ATTN), mamba), 128)
     assert "mamba_cache_mode='all'" in str(err.value) and "--mamba-cache-mode align" in str(err.value)
+
+
+def test_a_mamba_layer_registered_as_a_list_of_state_views_is_stored_as_whole_pages():
+    """vLLM on GPUs registers a Mamba layer as [conv state, SSM state], views over one page per
+    block; sharing its buffer with an attention layer, it is stored once through the attention
+    layer's dense view, and alone through its whole pages."""
+    from kvbm.transfer.layout import describe_kv_caches
+
+    blocks, page = 6, 4096  # bytes per page: the states, then padding
+    buffer = torch.randint(0, 256, (blocks * page,), dtype=torch.uint8)
+    attention = buffer.view(torch.float16).view(blocks, 2, 16, 8, 8)  # 4096 B: one page per block
+    words = buffer.view(torch.float32).view(blocks, page // 4)
+    conv, ssm = words[:, :96].view(blocks, 3, 32), words[:, 96:352].view(blocks, 4, 64)
+    layout, views = describe_kv_caches({"model.layers.0.mixer": [conv, ssm], "model.layers.1.attn": attention},
+                                       blocks)
+    assert [layer.name for layer in layout.layers] == ["model.layers.1.attn"] and layout.block_bytes == page
+
+    layout, views = describe_kv_caches({"model.layers.0.mixer": [conv, ssm]}, blocks)
+    assert layout.block_bytes == page and views[0].data_ptr() == buffer.data_ptr()
+    assert torch.equal(views[0].reshape(blocks, page), buffer.view(blocks, page))

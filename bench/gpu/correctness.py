@@ -120,9 +120,15 @@ def strict(name: str) -> bool:
 
 def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
     eager, large, kvbm, transfer = CONFIGS[name]
-    pool = (LARGE_POOL_TOKENS if large else SMALL_POOL_TOKENS) // block
+    config = json.loads((Path(model) / "config.json").read_text())
+    # Under vLLM's hybrid manager a pool block is one layer's page, shared by the groups (one per
+    # full-attention layer's worth of layers): the same tokens per group need that many more.
+    layer_types = config.get("layer_types") or []
+    groups = len(layer_types) // max(1, layer_types.count("full_attention")) if layer_types else 1
+    pool = (LARGE_POOL_TOKENS if large else SMALL_POOL_TOKENS) // block * groups
     if kvbm is not None and "cpu_cache_override_num_blocks" in kvbm:
-        kvbm = {**kvbm, "cpu_cache_override_num_blocks": kvbm["cpu_cache_override_num_blocks"] * BLOCK // block}
+        kvbm = {**kvbm, "cpu_cache_override_num_blocks": kvbm["cpu_cache_override_num_blocks"] * BLOCK // block
+                * groups}
     engine = {
         "model": model, "block_size": block, "max_model_len": 4096, "seed": 0, "max_num_seqs": 4,
         "enforce_eager": eager, "num_gpu_blocks_override": pool, "enable_prefix_caching": True,
@@ -130,7 +136,7 @@ def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
         # on the GPU changes its memory use meanwhile (these engines start side by side).
         "kv_cache_memory_bytes": 4 << 30, "gpu_memory_utilization": 0.05,
     }
-    if "mamba_d_state" in json.loads((Path(model) / "config.json").read_text()):
+    if "mamba_d_state" in config:
         # A Mamba hybrid: vLLM's GPU default for models with Mamba prefix caching is "all" mode;
         # kvbm stores the "align" mode's per-block state (docs/models.md).
         engine["mamba_cache_mode"] = "align"

@@ -115,23 +115,46 @@ def _dense(tensor: torch.Tensor) -> bool:
     return tensor.permute(order).is_contiguous()
 
 
+def _pages(states: list[torch.Tensor] | tuple[torch.Tensor, ...], num_blocks: int) -> torch.Tensor:
+    """The whole pages behind a Mamba layer's state views (vLLM on GPUs registers such a layer
+    as a list: conv state, SSM state, each ``[num_blocks, ...]`` over one page per block).
+
+    A page holds the states at its start and padding after them; kvbm moves whole pages, as
+    it does for a Mamba layer that shares its buffer with an attention layer."""
+    first = states[0]
+    if not isinstance(first, torch.Tensor) or first.dim() < 1 or first.shape[0] != num_blocks:
+        raise LayoutError(f"a KV cache entry of {len(states)} tensors whose first is not [num_blocks, ...]; "
+                          "kvbm does not know this layout")
+    page = first.stride(0) * first.element_size()
+    start = first.storage_offset() * first.element_size()
+    storage = first.untyped_storage()
+    if storage.nbytes() < start + num_blocks * page:
+        raise LayoutError(f"a KV cache entry's pages ({num_blocks} x {page} B) run past its buffer")
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (num_blocks, page))
+
+
 def describe_kv_caches(
-    kv_caches: dict[str, torch.Tensor], num_blocks: int
+    kv_caches: dict[str, torch.Tensor | list[torch.Tensor]], num_blocks: int
 ) -> tuple[KVLayout, list[torch.Tensor]]:
     """Layout plus the per-layer byte views, in a stable (sorted) layer order."""
     layers: list[LayerLayout] = []
     views: list[torch.Tensor] = []
     seen: set[int] = set()
     offset = 0
-    for name in sorted(kv_caches, key=lambda n: (not _dense(kv_caches[n]), n)):
-        tensor = kv_caches[name]
+
+    def dense(value: torch.Tensor | list[torch.Tensor]) -> bool:
+        return isinstance(value, torch.Tensor) and _dense(value)
+
+    for name in sorted(kv_caches, key=lambda n: (not dense(kv_caches[n]), n)):
+        value = kv_caches[name]
         # Layers sharing one buffer (KV sharing; under vLLM's hybrid manager a layer of every
         # group) are stored once, through a dense view of it if one of them is (a Mamba layer's
         # view covers only its state at the start of each page).
-        key = tensor.data_ptr()
+        key = (value if isinstance(value, torch.Tensor) else value[0]).data_ptr()
         if key in seen:
             continue
         seen.add(key)
+        tensor = value if isinstance(value, torch.Tensor) else _pages(value, num_blocks)
         view = as_block_view(tensor, num_blocks)
         outer, _, inner = view.shape
         order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))

@@ -163,7 +163,7 @@ PRESETS: dict[str, ModelPreset] = {
         sliding_window=512,
     ),
     # GPU correctness runs of an MLA model: DeepSeek-V2-Lite's attention (kv_lora_rank 512,
-    # 64 rope + 128 nope dims per head) on dense layers; weights from vLLM's dummy loader.
+    # 64 rope + 128 nope dims per head) on dense layers; random weights (built in seconds).
     "gpu-mla": ModelPreset(
         num_hidden_layers=4,
         hidden_size=1024,
@@ -173,7 +173,6 @@ PRESETS: dict[str, ModelPreset] = {
         head_dim=192,
         vocab_size=4096,
         max_position_embeddings=32768,
-        weights=False,
         architecture="deepseek_v2",
         kv_lora_rank=512,
     ),
@@ -365,7 +364,8 @@ def _train_tokenizer(preset: ModelPreset, out_dir: Path) -> int:
 
 
 def _build_mla_config(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
-    """A DeepSeek-V2-shaped config (MLA attention, every layer a dense MLP); weights: vLLM's dummy loader."""
+    """A DeepSeek-V2-shaped model (MLA attention, every layer a dense MLP): random weights, or the
+    config alone for vLLM's dummy loader (``weights=False``)."""
     from transformers import DeepseekV2Config, GenerationConfig
 
     config = DeepseekV2Config(
@@ -380,9 +380,26 @@ def _build_mla_config(preset: ModelPreset, out_dir: Path, special_ids: dict[str,
         pad_token_id=special_ids[PAD_TOKEN], tie_word_embeddings=False,
     )
     config.architectures = ["DeepseekV2ForCausalLM"]
-    config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+    generation = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                  pad_token_id=config.pad_token_id)
+    if not preset.weights:
+        config.save_pretrained(out_dir)
+        generation.save_pretrained(out_dir)
+        return
+    # Random weights with the usual init: vLLM's dummy loader draws tiny uniform ones, under which
+    # attention is nearly uniform and the output barely depends on the KV (a negative control
+    # that overwrites the KV could not bite).
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    previous_rng = torch.random.get_rng_state()
+    torch.manual_seed(preset.seed)
+    try:
+        model = DeepseekV2ForCausalLM(config).to(torch.bfloat16).eval()
+    finally:
+        torch.random.set_rng_state(previous_rng)
+    model.generation_config = generation
+    model.save_pretrained(out_dir)
 
 
 def _build_granite_hybrid(preset: ModelPreset, out_dir: Path, special_ids: dict[str, int]) -> None:
