@@ -896,3 +896,22 @@ def test_match_across_windows_and_tiers(host_blocks, disk_blocks):
         if disk_blocks:
             assert load.parts[-1].hashes == hashes(tokens)[host_blocks : host_blocks + disk_blocks]
     assert p.stats.lookup_blocks == 200  # blocks asked for, however far hashing went
+
+
+def test_eagle_hit_drops_its_last_block_like_vllm():
+    """With an EAGLE/MTP drafter, vLLM recomputes the last block of its own hit (the drafter's
+    KV at that block's last position was written with the next token); the chain's hit ends
+    one block before what it holds, so the total hit is the large-pool oracle's."""
+    pool = BlockPool(64, "g2")
+    p = Planner([g2(64)], BS, indexes={"G2": pool}, drop_last_hit_block=True)
+    tokens = toks(33)  # 8 full blocks, all held
+    seed(pool, tokens)
+    assert probe(p, tokens, 0) == 7 * BS
+    # vLLM held blocks 0-3 and dropped block 3: the chain serves 3..6, not 3..7
+    assert probe(p, tokens, 12) == 4 * BS
+    # nothing beyond what vLLM holds after its drop: no hit
+    seed_only = BlockPool(64, "g2")
+    q = Planner([g2(64)], BS, indexes={"G2": seed_only}, drop_last_hit_block=True)
+    seed(seed_only, tokens, blocks={0, 1, 2, 3})
+    assert probe(q, tokens, 12) == 0
+    assert probe(q, tokens, 0) == 3 * BS

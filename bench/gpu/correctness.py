@@ -46,6 +46,7 @@ SMALL_POOL_TOKENS = 8192  # 4 concurrent ~2,000-token conversations: a third of 
 LARGE_POOL_TOKENS = 131072
 
 
+SPECULATIVE: dict | None = None  # --eagle: the speculative_config every engine runs with
 VOCAB = 4000  # token ids drawn from [10, VOCAB); lowered to the model's vocabulary in main()
 
 
@@ -136,6 +137,8 @@ def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
         # on the GPU changes its memory use meanwhile (these engines start side by side).
         "kv_cache_memory_bytes": 4 << 30, "gpu_memory_utilization": 0.05,
     }
+    if SPECULATIVE is not None:
+        engine["speculative_config"] = SPECULATIVE
     if "mamba_d_state" in config:
         # A Mamba hybrid: vLLM's GPU default for models with Mamba prefix caching is "all" mode;
         # kvbm stores the "align" mode's per-block state (docs/models.md).
@@ -225,19 +228,27 @@ def main() -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--timeout", type=float, default=540.0)
     parser.add_argument("--block", type=int, default=BLOCK, help="tokens per block (default: %(default)s)")
+    parser.add_argument("--eagle", type=int, default=0, metavar="N",
+                        help="speculative decoding with an EAGLE draft head (random weights) proposing N tokens, "
+                             "oracle and kvbm alike (Llama presets)")
     args = parser.parse_args()
     model = args.model
     if model is None:
         from kvbm.tools.demo.tiny_model import build_model
 
         model = str(build_model(preset=args.preset))
-    global VOCAB
+    global VOCAB, SPECULATIVE
+    if args.eagle:
+        from kvbm.tools.demo.tiny_model import build_eagle_draft
+
+        SPECULATIVE = {"method": "eagle", "model": str(build_eagle_draft(model)), "num_speculative_tokens": args.eagle}
     VOCAB = min(VOCAB, json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     names = [n for n in args.configs.split(",") if n]
     started = time.monotonic()
     results = run_all(model, args.out, names, args.timeout, args.block)
     rows, ok = compare(results)
-    print(f"GPU correctness: {USERS} users x {ROUNDS} rounds, block {args.block}, small pool "
+    drafting = "" if SPECULATIVE is None else f"EAGLE drafting {args.eagle} tokens, "
+    print(f"GPU correctness: {USERS} users x {ROUNDS} rounds, {drafting}block {args.block}, small pool "
           f"{SMALL_POOL_TOKENS} tokens, oracle pool {LARGE_POOL_TOKENS}; {time.monotonic() - started:.0f} s")
     print(f"{'config':26} {'loads':>7} {'differ/outputs':>15} {'cached tokens':>14} {'oracle':>8} {'G2 hits':>8} "
           f"{'G3 hits':>8} {'layered':>8}  notes")

@@ -4,7 +4,8 @@
 #   bench/gpu/run.sh OUT_DIR check        versions, imports, kvbm doctor
 #   bench/gpu/run.sh OUT_DIR gpu-tests    pytest -m gpu tests/test_gpu_transfer.py tests/test_gpu_executor.py
 #   bench/gpu/run.sh OUT_DIR correctness  bench/gpu/correctness.py (engines side by side, minutes)
-#   bench/gpu/run.sh OUT_DIR models       the same for the gpu-swa (sliding window), gpu-mla (MLA) and gpu-mamba presets
+#   bench/gpu/run.sh OUT_DIR models       the same for the gpu-swa (sliding window), gpu-mla (MLA) and gpu-mamba presets,
+#                                         and the gpu preset with an EAGLE draft head (speculative decoding)
 #   bench/gpu/run.sh OUT_DIR transfer     bench/transfer.py (G1<->G2 copy engine against memcpy)
 #   bench/gpu/run.sh OUT_DIR perf-start   bench/gpu/perf.sh in the background (its own session)
 #   bench/gpu/run.sh OUT_DIR perf-wait [SECONDS]   wait for it (at most SECONDS), copy its table
@@ -57,8 +58,10 @@ while [ $# -gt 0 ]; do
       # vLLM raises a Mamba hybrid's block size until an attention page holds a Mamba state (48 tokens here).
       python3 bench/gpu/correctness.py --preset gpu-mamba --block 48 --out "$work/models-mamba" --configs "$cfg" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mamba.txt" 2>&1 &
+      python3 bench/gpu/correctness.py --preset gpu --eagle 2 --out "$work/models-eagle" --configs "$cfg" \
+        ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/eagle.txt" 2>&1 &
       wait
-      tail -n 20 "$work/swa.txt" "$work/mla.txt" "$work/mamba.txt" | tee -a "$out/models.txt" ;;
+      tail -n 20 "$work/swa.txt" "$work/mla.txt" "$work/mamba.txt" "$work/eagle.txt" | tee -a "$out/models.txt" ;;
     transfer)
       stamp transfer | tee -a "$out/transfer.txt"
       python3 bench/transfer.py 2>&1 | tail -n 40 | tee -a "$out/transfer.txt" ;;

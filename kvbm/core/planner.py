@@ -198,6 +198,7 @@ class Planner:
         indexes: Mapping[str, TierIndex] | None = None,
         groups: Sequence[KVGroup] = SINGLE_FULL,
         null_block: int | None = None,
+        drop_last_hit_block: bool = False,
     ) -> None:
         """``chain``: the tiers, in order. ``sightings``: the table of block frequencies the
         admission filters read (built with defaults when a tier has a filter and none is
@@ -205,12 +206,16 @@ class Planner:
         ``indexes``: a tier's own index (a shared tier's); by default a BlockPool.
         ``groups``: the model's KV-cache groups (:mod:`kvbm.core.groups`); with more than
         one, GPU block ids come as one list per group. ``null_block``: the GPU block id vLLM
-        puts where a group keeps no block (outside a sliding window): never stored or loaded."""
+        puts where a group keeps no block (outside a sliding window): never stored or loaded.
+        ``drop_last_hit_block``: the engine runs an EAGLE/MTP drafter, whose KV at a block's
+        last position was written with the token after it; vLLM recomputes the last block of
+        every hit for that reason, and so does a hit from the chain (same hit as vLLM's own)."""
         check_chain(chain)
         check_groups(groups)
         self.chain = tuple(chain)
         self.groups = tuple(groups)
         self.null_block = null_block
+        self.drop_last_hit_block = drop_last_hit_block
         #: The group whose parts the cost rule weighs: the first full-attention one.
         self._lead = next((i for i, g in enumerate(self.groups) if not g.windowed), None)
         self.stats = PlannerStats()
@@ -295,6 +300,10 @@ class Planner:
         key = (num_computed, len(tokens), *map(_VERSION, self._indexes))
         if key != req.match_key:
             found, known = self._match_groups(req, tokens, start, max_blocks)
+            if self.drop_last_hit_block and found.blocks:
+                # vLLM's own hit already dropped its last block; ours ends one before what we hold
+                found, known_shorter = self._match_groups(req, tokens, start, found.end - 1)
+                known &= known_shorter
             found.asked = max_blocks - start
             req.last_match = found
             req.match_key = key if known else None  # not known: ask the tiers again next time

@@ -59,6 +59,8 @@ class EngineInfo:
     null_block: int | None = None
     data_parallel_rank_local: int = 0
     data_parallel_rank: int = 0
+    #: An EAGLE/MTP drafter runs: every hit recomputes its last block (Planner.drop_last_hit_block).
+    drop_last_hit_block: bool = False
 
 
 class LeaderRuntime:
@@ -110,6 +112,7 @@ class LeaderRuntime:
             cost=OnboardCost(policy=config.onboard_policy, block_size=block_size, block_bytes=block_bytes,
                              probe_blocks={tier.name: 2 for tier in self.chain if tier.medium != HOST}),
             indexes=indexes, groups=engine.groups, null_block=engine.null_block,
+            drop_last_hit_block=engine.drop_last_hit_block,
         )
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
         self._shared = {tier.name for tier in self.chain if tier.shared}

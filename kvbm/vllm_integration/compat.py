@@ -97,6 +97,17 @@ def kv_cache_layout(kv_cache_config: Any, vllm_config: Any) -> str | None:
         return str(getter())
 
 
+def drops_last_hit_block(vllm_config: Any) -> bool:
+    """Whether vLLM recomputes the last block of every prefix hit: an EAGLE/MTP drafter writes a
+    block's last KV position with the next token (0.26-0.31: ``use_eagle()``; 0.32+ adds
+    ``disable_eagle_block_drop``, read through ``use_eagle_block_drop()``)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return False
+    rule = getattr(spec, "use_eagle_block_drop", None) or spec.use_eagle
+    return bool(rule())
+
+
 def check_supported(allow_untested: bool = False) -> VllmFeatures:
     """Refuse a vLLM outside the supported range (once, at connector start), and say once
     which optional hooks this release lacks."""

@@ -15,7 +15,7 @@ from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
 from kvbm.runtime.leader import EngineInfo, LeaderRuntime
 from kvbm.runtime.lora import LoraKeys
-from kvbm.vllm_integration.compat import features
+from kvbm.vllm_integration.compat import drops_last_hit_block, features
 from kvbm.vllm_integration.events import TierEventRecorder
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 from kvbm.vllm_integration.sizing import (
@@ -54,6 +54,7 @@ class KvbmLeader:
             groups=self.groups, null_block=NULL_BLOCK,
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if dp else 0,
             data_parallel_rank=(par.data_parallel_rank or 0) if dp else 0,
+            drop_last_hit_block=drops_last_hit_block(vllm_config),
         )
         # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
         # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.

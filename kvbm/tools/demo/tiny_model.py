@@ -538,6 +538,61 @@ def build_model(cache_dir: str | Path | None = None, *, preset: str = "test") ->
     return final
 
 
+def build_eagle_draft(target: str | Path) -> Path:
+    """Return an EAGLE-1 draft head for the Llama model at ``target``, building it on first use.
+
+    Speculative decoding with a draft head is what GPU users run (EAGLE, MTP), and its layer
+    has a KV cache of its own in the target's KV-cache group: kvbm stores and loads that
+    layer's pages with the target's. The head is one random Llama decoder layer without an
+    input norm plus ``fc`` (embedding ++ hidden -> hidden), named as EAGLE checkpoints are; it
+    shares the target's embedding and LM head. Its proposals are mostly rejected, which is
+    fine: greedy speculative decoding must give the target's tokens whatever the draft says.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(target)
+    final = target.with_name(target.name + "-eagle")
+    if _is_complete(final):
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        config = LlamaConfig.from_pretrained(target)
+        config.num_hidden_layers = 1
+        for stale in ("layer_types", "sliding_window"):
+            if hasattr(config, stale):
+                delattr(config, stale)
+        config.architectures = ["LlamaForCausalLM"]
+        previous_rng = torch.random.get_rng_state()
+        torch.manual_seed(1234)
+        try:
+            layer = LlamaForCausalLM(config).to(torch.bfloat16).model.layers[0]
+            fc = torch.randn(config.hidden_size, 2 * config.hidden_size) / (2 * config.hidden_size) ** 0.5
+        finally:
+            torch.random.set_rng_state(previous_rng)
+        weights = {f"layers.0.{name}": tensor.contiguous() for name, tensor in layer.state_dict().items()
+                   if not name.startswith("input_layernorm")}  # EAGLE's first layer has no input norm
+        weights["fc.weight"] = fc.to(torch.bfloat16)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (target / name).exists():
+                shutil.copy(target / name, tmp / name)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        (tmp / _COMPLETE_MARKER).write_text("")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (if needed) and print the model path: ``python -m kvbm.tools.demo.tiny_model``."""
     parser = argparse.ArgumentParser(
