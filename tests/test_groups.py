@@ -177,3 +177,23 @@ def test_single_group_planner_accepts_flat_block_lists():
     planner.add_request("r", ROOT)
     planner.on_scheduled("r", toks(2 * BS), [7, 8], True, 2 * BS)
     assert planner.take_plan().store.gpu_blocks == [7, 8]
+
+
+def test_a_group_read_before_the_step_loads_asynchronously_even_from_g2():
+    """vLLM copies a Mamba state out of the hit's block before the step's forward, before an
+    in-step load lands: a hit with a part in such a group is loaded before the request runs."""
+    mamba = KVGroup("1:MambaSpec:1", 1, load_before_step=True)
+    planner, host, _ = make((FULL, mamba))
+    prompt = toks(6 * BS + 1)
+    seed(host, prompt, FULL)
+    seed(host, prompt, mamba, blocks={5})
+    planner.add_request("r", ROOT)
+    assert planner.match("r", prompt, 0) == 6 * BS
+    assert planner.load_is_async("r")
+    # the same hit without the Mamba part (vLLM holds the state itself) stays in-step
+    plain, host2, _ = make((FULL, SWA))
+    seed(host2, prompt, FULL)
+    seed(host2, prompt, SWA, blocks={4, 5})
+    plain.add_request("r", ROOT)
+    assert plain.match("r", prompt, 0) == 6 * BS
+    assert not plain.load_is_async("r")

@@ -108,11 +108,15 @@ def test_outputs_identical_to_vllm_alone(runs, phase):
 
 
 def test_onboard_loads_the_prefix_and_one_state_block_per_mamba_group(runs):
-    _, baseline, kvbm, _ = runs
+    name, baseline, kvbm, _ = runs
     assert baseline["onboard"]["cached"] == [0]
-    assert kvbm["onboard"]["cached"] == [4 * BLOCK]
+    hit = kvbm["onboard"]["cached"][0] // BLOCK
+    # In the tiered run G2 (12 blocks) is smaller than what the prompt stores (4 attention blocks
+    # and 4 states per Mamba group): which blocks reach G3 before G2 evicts them depends on the
+    # disk's timing, so the hit may end a block early (never wrong, only shorter).
+    assert hit == 4 or (name == "tiered" and hit == 3)
     loaded = kvbm["onboard"]["kvbm"]["stats"]["onboarded_blocks"] - kvbm["store"]["kvbm"]["stats"]["onboarded_blocks"]
-    assert loaded == 4 + MAMBA_GROUPS  # the attention group's 4 blocks, one state block per Mamba group
+    assert loaded == hit + MAMBA_GROUPS  # the attention group's prefix, one state block per Mamba group
 
 
 def test_every_later_turn_hits(runs):

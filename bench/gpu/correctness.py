@@ -196,6 +196,10 @@ def compare(results: dict[str, list[dict] | str]) -> tuple[list[dict], bool]:
         ours = [o for phase in result[:n] for o in phase["outputs"]]
         theirs = [o for phase in oracle[:n] for o in phase["outputs"]]
         diffs = sum(a != b for a, b in zip(ours, theirs))
+        # where they differ: (round, prompt, cached tokens here / in the oracle) - a difference at
+        # an equal hit is bf16 rounding of another batch, one at an unequal hit a different plan
+        where = [(r, i, c, oc) for r in range(n) for i, (a, b, c, oc) in enumerate(zip(
+            result[r]["outputs"], oracle[r]["outputs"], result[r]["cached"], oracle[r]["cached"])) if a != b]
         cached = sum(c for phase in result[:n] for c in phase["cached"])
         oracle_cached = sum(c for phase in oracle[:n] for c in phase["cached"])
         state = result[n - 1].get("kvbm", {})
@@ -203,6 +207,8 @@ def compare(results: dict[str, list[dict] | str]) -> tuple[list[dict], bool]:
         row = {"config": name, "outputs": len(ours), "differ": diffs, "cached_tokens": cached,
                "oracle_cached_tokens": oracle_cached, "g2_hit_blocks": stats.get("host_hit_blocks", 0),
                "g3_hit_blocks": stats.get("disk_hit_blocks", 0), "layered_steps": state.get("layered_steps", 0),
+               "differ_at": where, "cached_by_round": [sum(phase["cached"]) for phase in result[:n]],
+               "oracle_cached_by_round": [sum(phase["cached"]) for phase in oracle[:n]],
                "loads": "in-step" if name.startswith("kvbm") and strict(name) else (
                    "async" if name.startswith(("kvbm", "native")) else "-")}
         if name == "kvbm-host-eager" and len(result) > n + 2:
@@ -260,6 +266,9 @@ def main() -> int:
               f"{row['oracle_cached_tokens']:>8} {row['g2_hit_blocks']:>8} {row['g3_hit_blocks']:>8} "
               f"{row['layered_steps']:>8}  "
               f"{row.get('negative_control', '')}")
+        if row["differ_at"] or row["cached_by_round"] != row["oracle_cached_by_round"]:
+            print(f"{'':26} cached by round {row['cached_by_round']} (oracle {row['oracle_cached_by_round']}); "
+                  f"differ at (round, prompt, cached, oracle cached): {row['differ_at'][:8]}")
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "ok": ok}, indent=1))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

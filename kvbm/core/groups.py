@@ -41,6 +41,10 @@ class KVGroup:
     #: None: a hit needs every block of the prefix (full attention, MLA). An int: a hit
     #: ending at block L needs only blocks L - window_blocks .. L - 1 (a sliding window).
     window_blocks: int | None = None
+    #: vLLM reads this group's hit block before the step's forward (it copies a Mamba state
+    #: out of block L-1 into the request's running block ahead of the connector's in-step
+    #: load), so a load into it must finish before the request is scheduled: asynchronous.
+    load_before_step: bool = False
 
     @property
     def windowed(self) -> bool:

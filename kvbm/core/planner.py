@@ -425,6 +425,11 @@ class Planner:
         return not self._sync(req.candidate)
 
     def _sync(self, found: _Match) -> bool:
+        """In-step only if every tier that serves a part loads in-step and no group with a part
+        needs its blocks before the step starts (KVGroup.load_before_step)."""
+        for group, (_, parts) in zip(self.groups, found.parts):
+            if any(parts) and group.load_before_step:
+                return False
         return all(tier.spec.sync_load for _, parts in found.parts for tier, slots in zip(self._tiers, parts) if slots)
 
     def _per_group(self, gpu_blocks: Sequence[int] | Sequence[Sequence[int]]) -> Sequence[Sequence[int]]:

@@ -88,7 +88,10 @@ def kv_groups(specs: Sequence[Any], layer_names: Sequence[Sequence[str]], block_
                 "does not offload; kvbm serves full attention, MLA, sliding-window, chunked local attention "
                 f"and Mamba groups in 'align' mode (docs/models.md). Fix: {exc.fix}."
             ) from None
-        groups.append(KVGroup(f"{i}:{type(spec).__name__}:{window}", window))
+        # vLLM copies a Mamba state out of the hit's block before the step's forward (and before
+        # an in-step load could land): such a group's loads finish before the request runs.
+        groups.append(KVGroup(f"{i}:{type(spec).__name__}:{window}", window,
+                              load_before_step=type(spec).__name__ == "MambaSpec"))
     if len(groups) == 1 and groups[0].window_blocks is None:
         return SINGLE_FULL
     return tuple(groups)
