@@ -46,6 +46,7 @@ SMALL_POOL_TOKENS = 8192  # 4 concurrent ~2,000-token conversations: a third of 
 LARGE_POOL_TOKENS = 131072
 
 
+MAX_BATCHED_TOKENS = 0  # --max-num-batched-tokens (0: vLLM's default)
 MAX_NUM_SEQS = 4  # --max-num-seqs: 1 makes every batch one request (no bf16 batch effects)
 SPECULATIVE: dict | None = None  # --eagle: the speculative_config every engine runs with
 VOCAB = 4000  # token ids drawn from [10, VOCAB); lowered to the model's vocabulary in main()
@@ -127,12 +128,15 @@ def spec(name: str, model: str, disk_dir: Path, block: int) -> dict:
     # full-attention layer's worth of layers): the same tokens per group need that many more.
     layer_types = config.get("layer_types") or []
     groups = len(layer_types) // max(1, layer_types.count("full_attention")) if layer_types else 1
+    if "mamba_d_state" in config:
+        groups = 1  # a Mamba group keeps a block or two per request, not one per block of tokens
     pool = (LARGE_POOL_TOKENS if large else SMALL_POOL_TOKENS) // block * groups
     if kvbm is not None and "cpu_cache_override_num_blocks" in kvbm:
         kvbm = {**kvbm, "cpu_cache_override_num_blocks": kvbm["cpu_cache_override_num_blocks"] * BLOCK // block
                 * groups}
     engine = {
         "model": model, "block_size": block, "max_model_len": 4096, "seed": 0, "max_num_seqs": MAX_NUM_SEQS,
+        **({"max_num_batched_tokens": MAX_BATCHED_TOKENS} if MAX_BATCHED_TOKENS else {}),
         "enforce_eager": eager, "num_gpu_blocks_override": pool, "enable_prefix_caching": True,
         # A fixed KV budget skips vLLM's memory profiling, which assumes no other process
         # on the GPU changes its memory use meanwhile (these engines start side by side).
@@ -238,17 +242,21 @@ def main() -> int:
     parser.add_argument("--eagle", type=int, default=0, metavar="N",
                         help="speculative decoding with an EAGLE draft head (random weights) proposing N tokens, "
                              "oracle and kvbm alike (Llama presets)")
-    parser.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
+    parser.add_argument("--max-num-seqs", type=int, default=4,
                         help="requests per batch (default: %(default)s); 1 takes batch composition out of the "
                              "comparison, for kernels whose bf16 rounding depends on it (Mamba's chunked scan)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0,
+                        help="tokens per step (default: vLLM's); the block size makes every prefill chunk one "
+                             "block, so a Mamba scan is chunked alike with and without a hit (bf16 rounding "
+                             "depends on the chunking)")
     args = parser.parse_args()
     model = args.model
     if model is None:
         from kvbm.tools.demo.tiny_model import build_model
 
         model = str(build_model(preset=args.preset))
-    global VOCAB, SPECULATIVE, MAX_NUM_SEQS
-    MAX_NUM_SEQS = args.max_num_seqs
+    global VOCAB, SPECULATIVE, MAX_NUM_SEQS, MAX_BATCHED_TOKENS
+    MAX_NUM_SEQS, MAX_BATCHED_TOKENS = args.max_num_seqs, args.max_num_batched_tokens
     if args.eagle:
         from kvbm.tools.demo.tiny_model import build_eagle_draft
 
