@@ -328,7 +328,7 @@ def test_batch_copier_passes_numpy_arrays_as_it_passes_lists(failidx):
     (the path the GPU tests cover), here recorded instead of called (no CUDA driver on CPU)."""
     import numpy as np
 
-    from kvbm.transfer.cuda import _BatchCopier
+    from kvbm.transfer.cuda_driver import BatchCopier
 
     calls = []
 
@@ -345,7 +345,7 @@ def test_batch_copier_passes_numpy_arrays_as_it_passes_lists(failidx):
         calls.append(decoded)
         return 0
 
-    copier = _BatchCopier.__new__(_BatchCopier)
+    copier = BatchCopier.__new__(BatchCopier)
     copier._batch, copier._failidx = record, failidx
     copier._attrs, copier._zero = {False: ctypes.c_int(0), True: ctypes.c_int(1)}, (ctypes.c_size_t * 1)(0)
     dsts, srcs, sizes = [1 << 40, 5, 77], [3, 1 << 33, 9], [4096, 65536, 15]

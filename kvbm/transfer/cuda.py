@@ -57,13 +57,19 @@ land whole through staging and every layer's event is the whole load's.
 ``fence_loads`` still orders the compute stream after everything on the load
 stream, layer-wise loads included.
 
+This module is the engine: staging buffers, index uploads, the plans (which
+bytes go where, pure functions tested on CPU), streams, events, submit and
+poll. The kernels' source and compilation live in
+:mod:`kvbm.transfer.cuda_kernels`, the ctypes bindings to the driver's batched
+and 2-D copies in :mod:`kvbm.transfer.cuda_driver`; neither imports this one.
+
 Nothing heavy is imported at module import: Triton (and CuPy, for the optional
-``backend="cupy"``) are imported when an engine is built.
+``backend="cupy"``) are imported when an engine is built, and ``libcuda`` is
+opened then too, so the module imports on a machine without a GPU.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections import deque
@@ -73,6 +79,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kvbm.transfer.cuda_driver import BatchCopier
+from kvbm.transfer.cuda_kernels import CUPY_THREADS, NUM_WARPS, cupy_kernel, triton_kernel
 from kvbm.transfer.engine import Completion
 
 if TYPE_CHECKING:
@@ -93,270 +101,11 @@ DEFAULT_CHUNK_BYTES = 16384  # bytes per work item
 # once: 16 MiB 0.975 of plain memcpy, 64 MiB 0.886) but cost more submit time
 # (about 145 us of CPU per buffer-full with the Triton kernel).
 DEFAULT_STAGING_BYTES = 16 << 20
-_NUM_WARPS = 4
-_CUPY_THREADS = 256
 _IDX_POOL = 16  # preallocated small index buffers (plus two for the largest batch)
 _IDX_SMALL = 2048  # values (int64) per small index buffer
 
 # --------------------------------------------------------------------------
-# Kernels, built on first use.
-
-_TRITON_KERNEL: Any = None
-_CUPY_KERNELS: dict[int, Any] = {}
-
-
-def _triton_kernel() -> Any:
-    """The Triton gather/scatter kernel (compiled per direction and alignment on first launch)."""
-    global _TRITON_KERNEL, tl
-    if _TRITON_KERNEL is not None:
-        return _TRITON_KERNEL
-    import triton
-    import triton.language as tl  # noqa: F811  (the kernel below reads ``tl`` from module globals)
-
-    @triton.jit(do_not_specialize=["n", "host_base", "host_row", "num_segs", "chunks_per_seg"])
-    def _kvbm_copy_kernel(
-        anchor,  # *elem: every address is anchor + an element offset (one UVA space)
-        seg_dev,  # *i64 [S]: device plane start, elements from anchor
-        seg_stride,  # *i64 [S]: device elements per block
-        seg_host,  # *i64 [S]: offset of this plane inside a host row, elements
-        seg_len,  # *i64 [S]: elements per run
-        idx,  # *i64 [2, n]: GPU block ids, then host rows
-        n,
-        host_base,  # first host row, elements from anchor (arena or staging buffer)
-        host_row,  # elements per host row
-        num_segs,
-        chunks_per_seg,
-        TO_HOST: tl.constexpr,
-        BLOCK: tl.constexpr,  # elements per work item
-        VEC: tl.constexpr,  # elements per aligned vector (16 B when the layout allows)
-        EVEN: tl.constexpr,  # every run is a whole number of BLOCKs: no masks
-    ):
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        per_blk = num_segs * chunks_per_seg
-        total = n * per_blk
-        lane = tl.arange(0, BLOCK)
-        for w in range(pid, total, nprog):
-            i = w // per_blk
-            r = w - i * per_blk
-            s = r // chunks_per_seg
-            c = r - s * chunks_per_seg
-            gpu_blk = tl.load(idx + i)
-            row = tl.load(idx + n + i)
-            start = c * BLOCK
-            dev_off = tl.multiple_of(tl.load(seg_dev + s) + gpu_blk * tl.load(seg_stride + s) + start, VEC)
-            host_off = tl.multiple_of(host_base + row * host_row + tl.load(seg_host + s) + start, VEC)
-            if EVEN:
-                if TO_HOST:
-                    v = tl.load(anchor + dev_off + lane, eviction_policy="evict_first")
-                    tl.store(anchor + host_off + lane, v)
-                else:
-                    v = tl.load(anchor + host_off + lane, eviction_policy="evict_first")
-                    tl.store(anchor + dev_off + lane, v)
-            else:
-                length = tl.multiple_of(tl.load(seg_len + s), VEC)
-                mask = (start + lane) < length
-                if TO_HOST:
-                    v = tl.load(anchor + dev_off + lane, mask=mask, eviction_policy="evict_first")
-                    tl.store(anchor + host_off + lane, v, mask=mask)
-                else:
-                    v = tl.load(anchor + host_off + lane, mask=mask, eviction_policy="evict_first")
-                    tl.store(anchor + dev_off + lane, v, mask=mask)
-
-    _TRITON_KERNEL = _kvbm_copy_kernel
-    return _TRITON_KERNEL
-
-
-_CUPY_SOURCE = r"""
-extern "C" __global__ void __launch_bounds__(THREADS)
-kvbm_copy(const long long* __restrict__ seg_dev, const long long* __restrict__ seg_stride,
-          const long long* __restrict__ seg_host, const long long* __restrict__ seg_len,
-          const long long* __restrict__ idx, long long n, long long host_base, long long host_row,
-          int num_segs, int chunks_per_seg, int to_host, unsigned long long anchor)
-{
-    // Byte offsets from ``anchor``; every run, base and stride is 16-byte aligned.
-    const long long per_blk = (long long)num_segs * chunks_per_seg;
-    const long long total = n * per_blk;
-    for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-        const long long i = w / per_blk;
-        const long long r = w - i * per_blk;
-        const int s = (int)(r / chunks_per_seg);
-        const int c = (int)(r - (long long)s * chunks_per_seg);
-        const long long start = (long long)c * CHUNK;
-        const long long len = seg_len[s];
-        const unsigned long long dev = anchor + seg_dev[s] + idx[i] * seg_stride[s] + start;
-        const unsigned long long host = anchor + host_base + idx[n + i] * host_row + seg_host[s] + start;
-        const uint4* __restrict__ src = (const uint4*)(to_host ? dev : host);
-        uint4* __restrict__ dst = (uint4*)(to_host ? host : dev);
-        long long rem = len - start;
-        const int nvec = (int)((rem < CHUNK ? rem : CHUNK) >> 4);
-        uint4 v[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int k = threadIdx.x + u * THREADS;
-            if (k < nvec) v[u] = __ldcs(src + k);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int k = threadIdx.x + u * THREADS;
-            if (k < nvec) dst[k] = v[u];
-        }
-    }
-}
-"""
-
-
-def _cupy_kernel(chunk_bytes: int) -> Any:
-    if chunk_bytes in _CUPY_KERNELS:
-        return _CUPY_KERNELS[chunk_bytes]
-    import cupy
-
-    unroll = chunk_bytes // (16 * _CUPY_THREADS)
-    if unroll < 1 or unroll * 16 * _CUPY_THREADS != chunk_bytes:
-        raise ValueError(f"cupy backend needs chunk_bytes a multiple of {16 * _CUPY_THREADS}")
-    kernel = cupy.RawKernel(
-        _CUPY_SOURCE, "kvbm_copy",
-        options=(f"-DTHREADS={_CUPY_THREADS}", f"-DCHUNK={chunk_bytes}", f"-DUNROLL={unroll}"),
-    )
-    _CUPY_KERNELS[chunk_bytes] = kernel
-    return kernel
-
-
-# --------------------------------------------------------------------------
-# Batched DMA through the driver API (ctypes: no cuda-python needed).
-
-
-class _MemLoc(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _MemcpyAttributes(ctypes.Structure):
-    _fields_ = [
-        ("srcAccessOrder", ctypes.c_int),
-        ("srcLocHint", _MemLoc),
-        ("dstLocHint", _MemLoc),
-        ("flags", ctypes.c_uint),
-    ]
-
-
-_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
-_CU_MEM_LOCATION_TYPE_DEVICE = 1
-_CU_MEM_LOCATION_TYPE_HOST = 2
-
-
-class _Memcpy2D(ctypes.Structure):
-    """``CUDA_MEMCPY2D``: ``Height`` rows of ``WidthInBytes``, each side with its own pitch."""
-
-    _fields_ = [
-        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
-        ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
-        ("srcPitch", ctypes.c_size_t),
-        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
-        ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
-        ("dstPitch", ctypes.c_size_t),
-        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
-    ]
-
-
-_CU_MEMORYTYPE_UNIFIED = 4  # an address in the one UVA space: host (pinned) or device
-
-
-class _BatchCopier:
-    """``cuMemcpyBatchAsync`` (one call for many copies), else one ``cuMemcpyAsync`` per copy."""
-
-    def __init__(self, device_index: int, use_batch: bool = True) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        self._batch = None
-        self._failidx = False
-        names = (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)) if use_batch else ()
-        for name, failidx in names:
-            try:
-                fn = getattr(lib, name)
-            except AttributeError:
-                continue
-            fn.restype = ctypes.c_int
-            self._batch, self._failidx = fn, failidx
-            break
-        self._single = lib.cuMemcpyAsync
-        self._single.restype = ctypes.c_int
-        self._single.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-        self._copy2d_fn = lib.cuMemcpy2DAsync_v2
-        self._copy2d_fn.restype = ctypes.c_int
-        self._copy2d_fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
-        self._desc2d = _Memcpy2D()
-        self._desc2d.srcMemoryType = self._desc2d.dstMemoryType = _CU_MEMORYTYPE_UNIFIED
-        self._attrs = {}
-        for to_host in (True, False):
-            attr = _MemcpyAttributes()
-            attr.srcAccessOrder = _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-            dev = _MemLoc(_CU_MEM_LOCATION_TYPE_DEVICE, device_index)
-            host = _MemLoc(_CU_MEM_LOCATION_TYPE_HOST, 0)
-            attr.srcLocHint, attr.dstLocHint = (dev, host) if to_host else (host, dev)
-            attr.flags = 0
-            self._attrs[to_host] = attr
-        self._zero = (ctypes.c_size_t * 1)(0)
-
-    @property
-    def batched(self) -> bool:
-        return self._batch is not None
-
-    def copy_arrays(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, to_host: bool,
-                    stream: int) -> None:
-        """:meth:`copy` from numpy arrays: a layer-wise load passes thousands of copies per layer,
-        and building ctypes arrays element by element would cost milliseconds of CPU."""
-        count = len(dsts)
-        if self._batch is None or count <= 1:
-            self.copy(dsts.tolist(), srcs.tolist(), sizes.tolist(), to_host, stream)
-            return
-        arrays = [np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]  # alive through the call
-        args: list[Any] = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
-        args += [ctypes.c_size_t(count), ctypes.byref(self._attrs[to_host]), self._zero, ctypes.c_size_t(1)]
-        if self._failidx:
-            args.append(ctypes.byref(ctypes.c_size_t(0)))
-        args.append(ctypes.c_void_p(stream))
-        err = self._batch(*args)
-        if err != 0:
-            logger.warning("kvbm: cuMemcpyBatchAsync failed (CUresult %d); using cuMemcpyAsync", err)
-            self._batch = None
-            self.copy(dsts.tolist(), srcs.tolist(), sizes.tolist(), to_host, stream)
-
-    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
-               stream: int) -> None:
-        """One ``cuMemcpy2DAsync``: ``height`` runs of ``width`` bytes, ``src_pitch`` apart in the
-        source and ``dst_pitch`` apart in the destination (one driver call for a whole run of
-        consecutive host slots, where a batch would take one entry per slot)."""
-        d = self._desc2d
-        d.srcDevice, d.srcPitch, d.dstDevice, d.dstPitch = src, src_pitch, dst, dst_pitch
-        d.WidthInBytes, d.Height = width, height
-        err = self._copy2d_fn(ctypes.byref(d), ctypes.c_void_p(stream))
-        if err != 0:
-            raise RuntimeError(f"cuMemcpy2DAsync failed (CUresult {err})")
-
-    def copy(self, dsts: list[int], srcs: list[int], sizes: list[int], to_host: bool, stream: int) -> None:
-        count = len(dsts)
-        if count == 0:
-            return
-        if self._batch is not None and count > 1:
-            args: list[Any] = [
-                (ctypes.c_uint64 * count)(*dsts), (ctypes.c_uint64 * count)(*srcs),
-                (ctypes.c_size_t * count)(*sizes), ctypes.c_size_t(count),
-                ctypes.byref(self._attrs[to_host]), self._zero, ctypes.c_size_t(1),
-            ]
-            if self._failidx:
-                args.append(ctypes.byref(ctypes.c_size_t(0)))
-            args.append(ctypes.c_void_p(stream))
-            err = self._batch(*args)
-            if err == 0:
-                return
-            logger.warning("kvbm: cuMemcpyBatchAsync failed (CUresult %d); using cuMemcpyAsync", err)
-            self._batch = None
-        for d, s, z in zip(dsts, srcs, sizes, strict=True):
-            err = self._single(d, s, z, stream)
-            if err != 0:
-                raise RuntimeError(f"cuMemcpyAsync failed (CUresult {err})")
-
-
-# --------------------------------------------------------------------------
+# Plans: which bytes go where (pure address arithmetic, tested on CPU).
 
 
 def layer_copies(planes: list[tuple[int, int, int, int]], arena_ptr: int, row_bytes: int, slots: list[int],
@@ -562,7 +311,7 @@ class CudaCopyEngine:
                         ]
             if dma_api not in ("batch", "memcpy"):
                 raise ValueError(f"unknown dma_api {dma_api!r}: 'batch' or 'memcpy'")
-            self._copier = _BatchCopier(self._dev_index, use_batch=dma_api == "batch")  # also layer-wise loads
+            self._copier = BatchCopier(self._dev_index, use_batch=dma_api == "batch")  # also layer-wise loads
             self._build_tables(views, buf)
             big = max(_IDX_SMALL, 2 * layout.num_blocks)
             self._idx_free = [self._new_idx(_IDX_SMALL) for _ in range(_IDX_POOL)]
@@ -678,22 +427,22 @@ class CudaCopyEngine:
         grid = max(1, min(ctas, total))
         host_base = self._host_base[target]
         if self.backend == "triton":
-            kernel = _triton_kernel()
+            kernel = triton_kernel()
             with torch.cuda.stream(stream):
                 kernel[(grid,)](
                     self._anchor, seg_dev, seg_stride, seg_host, seg_len,
                     idx, n, host_base, host_row, num_segs, self._chunks_per_seg,
                     TO_HOST=to_host, BLOCK=self.chunk_bytes // self._esize, VEC=self._vec,
-                    EVEN=self._even, num_warps=_NUM_WARPS,
+                    EVEN=self._even, num_warps=NUM_WARPS,
                 )
         else:
             import cupy
             import numpy as np
 
-            kernel = _cupy_kernel(self.chunk_bytes)
+            kernel = cupy_kernel(self.chunk_bytes)
             with cupy.cuda.Device(self._dev_index), self._cupy_stream(stream):
                 kernel(
-                    (grid,), (_CUPY_THREADS,),
+                    (grid,), (CUPY_THREADS,),
                     (
                         np.uint64(seg_dev.data_ptr()), np.uint64(seg_stride.data_ptr()),
                         np.uint64(seg_host.data_ptr()), np.uint64(seg_len.data_ptr()),
