@@ -52,7 +52,7 @@ class EngineInfo:
     engine_id: str | None
     block_bytes: int  # one block on one rank
     gpu_blocks: int
-    #: What names the persistent files (kvbm.vllm_integration.sizing.storage_key).
+    #: What names the persistent files (kvbm.runtime.identity.storage_key).
     storage_key: str
     max_num_batched_tokens: int
     groups: tuple[KVGroup, ...] = SINGLE_FULL
@@ -89,7 +89,7 @@ class LeaderRuntime:
 
     def __init__(self, config: KvbmConfig, plan: TierPlan, engine: EngineInfo, *, identity: str) -> None:
         """``plan``: the chain every rank allocated; ``identity``: what must match to reuse
-        persistent or shared blocks (kvbm.vllm_integration.sizing.model_identity)."""
+        persistent or shared blocks (kvbm.runtime.identity.model_identity)."""
         block_size, world_size, block_bytes = engine.block_size, engine.world_size, engine.block_bytes
         self.engine = engine
         self.data_parallel_rank = engine.data_parallel_rank

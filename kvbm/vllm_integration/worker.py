@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvbm.config import KvbmConfig
+from kvbm.runtime.identity import storage_key
 from kvbm.runtime.rank import WorkerRuntime
 from kvbm.runtime.worker import RankInfo
+from kvbm.vllm_integration.compat import kv_cache_layout
 from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -36,7 +37,8 @@ class KvbmWorker(WorkerRuntime):
         world_size = vllm_config.parallel_config.world_size
         super().__init__(config, RankInfo(
             rank=_rank() % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
-            storage_key=storage_key(vllm_config, kv_cache_config), num_gpu_blocks=kv_cache_config.num_blocks,
+            storage_key=storage_key(vllm_config, kv_cache_config, kv_cache_layout(kv_cache_config, vllm_config)),
+            num_gpu_blocks=kv_cache_config.num_blocks,
             global_rank=_rank(),
         ))
 
