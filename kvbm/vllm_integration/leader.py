@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
+from kvbm.runtime.events import EngineEvents
 from kvbm.runtime.groups import kv_cache_groups
 from kvbm.runtime.identity import bytes_per_block_per_rank, model_identity, storage_key, weights_fingerprint
 from kvbm.runtime.leader import EngineInfo, LeaderRuntime
 from kvbm.runtime.lora import LoraKeys
-from kvbm.vllm_integration.compat import drops_last_hit_block, features, kv_cache_layout
-from kvbm.vllm_integration.events import TierEventRecorder
+from kvbm.vllm_integration.compat import drops_last_hit_block, features, kv_cache_layout, kv_event_schema
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ class KvbmLeader:
         self._requests: dict[str, Request] = {}
         self._lora = LoraKeys(config.blocks_outlive_process)
         # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
-        self.events = TierEventRecorder.attach(vllm_config, self.runtime, self._requests) if config.kv_events else None
+        self.events = (EngineEvents.attach(vllm_config, self.runtime, self._requests, kv_event_schema)
+                       if config.kv_events else None)
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:
@@ -129,7 +130,7 @@ class KvbmLeader:
         self.runtime.workers_reported(meta, output.finished_recving or (), failed or (), output.finished_sending or ())
 
     def take_events(self) -> list[Any]:
-        """KV events of kvbm's tiers since the last call (kvbm.vllm_integration.events)."""
+        """KV events of kvbm's tiers since the last call, in vLLM's schema (kvbm.runtime.events)."""
         return self.events.take_events() if self.events is not None else []
 
     def has_pending_work(self) -> bool:
