@@ -1,7 +1,7 @@
 """The scheduler side of kvbm for one engine, without vLLM.
 
 :meth:`LeaderRuntime.boot` runs the leader's half of the startup handshake
-(mirroring :class:`kvbm.runtime.worker.WorkerBoot`): it waits for every rank,
+(mirroring :meth:`kvbm.runtime.worker.WorkerRuntime.register_kv_caches`): it waits for every rank,
 sizes the tiers, builds the chain once and sends it to the ranks. The runtime
 then owns the :class:`~kvbm.core.planner.Planner` and is the only door to it:
 request lifecycle, the cross-rank counting of in-step loads, failed-load

@@ -2,7 +2,7 @@
 
 Only reads the rank from vLLM's config and wraps the rank's report in vLLM's worker
 metadata; everything else (boot, plan runner, layer-wise loads) is
-:class:`kvbm.runtime.rank.WorkerRuntime`.
+:class:`kvbm.runtime.worker.WorkerRuntime`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import torch
 
 from kvbm.config import KvbmConfig
 from kvbm.runtime.identity import storage_key
-from kvbm.runtime.rank import WorkerRuntime
-from kvbm.runtime.worker import RankInfo
+from kvbm.runtime.worker import RankInfo, WorkerRuntime
 from kvbm.vllm_integration.compat import kv_cache_layout
 from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
 
