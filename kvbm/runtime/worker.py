@@ -49,7 +49,14 @@ from kvbm.transfer.runner import PlanRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MEDIA", "MediumContext", "RankInfo", "WorkerRuntime"]
+__all__ = ["MEDIA", "MediumContext", "RankInfo", "WorkerRuntime", "global_rank"]
+
+
+def global_rank() -> int:
+    """This process's rank in torch.distributed (0 when it is not initialized)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 @dataclass(frozen=True)

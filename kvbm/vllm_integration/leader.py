@@ -57,8 +57,7 @@ class KvbmLeader:
         )
         # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
         # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.
-        weights = (weights_fingerprint(vllm_config, config.disk_cache_dir)
-                   if config.blocks_outlive_process else None)
+        weights = weights_fingerprint(vllm_config, config.disk_cache_dir) if config.blocks_outlive_process else None
 
         def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
             return model_identity(vllm_config, key, vllm_version=VLLM.version, weights=weights,
@@ -80,9 +79,7 @@ class KvbmLeader:
         self._requests[request.request_id] = request
         root = None
         if getattr(request, "prompt_embeds", None) is None:
-            adapter = request.lora_request
-            lora = self._lora.key(adapter.lora_name, adapter.lora_int_id, getattr(adapter, "lora_path", "") or "",
-                                  reload=bool(getattr(adapter, "load_inplace", False))) if adapter else None
+            lora = self._lora.of_request(request.lora_request)
             mm_keys = [feature.identifier for feature in request.mm_features or ()]
             root = request_root(self.runtime.engine_root, request.cache_salt, lora, mm_keys)
         self.runtime.add_request(request.request_id, root)

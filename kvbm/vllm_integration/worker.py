@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import torch
-
 from kvbm.config import KvbmConfig
 from kvbm.runtime.identity import storage_key
-from kvbm.runtime.worker import RankInfo, WorkerRuntime
+from kvbm.runtime.worker import RankInfo, WorkerRuntime, global_rank
 from kvbm.vllm_integration.compat import kv_cache_layout
 from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
 
@@ -25,20 +23,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class KvbmWorker(WorkerRuntime):
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-        world_size = vllm_config.parallel_config.world_size
+        world_size, rank = vllm_config.parallel_config.world_size, global_rank()
         super().__init__(config, RankInfo(
-            rank=_rank() % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
+            rank=rank % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
             storage_key=storage_key(vllm_config, kv_cache_config, kv_cache_layout(kv_cache_config, vllm_config)),
-            num_gpu_blocks=kv_cache_config.num_blocks,
-            global_rank=_rank(),
+            num_gpu_blocks=kv_cache_config.num_blocks, global_rank=rank,
         ))
 
     def take_report(self) -> KvbmWorkerMetadata | None:
