@@ -297,21 +297,21 @@ def through_the_handshake(tmp_path) -> tuple[Planner, Rank]:
     from kvbm.config import load_config
     from kvbm.runtime.handshake import LeaderHandshake
     from kvbm.runtime.sizing import configured_chain
-    from kvbm.runtime.worker import MEDIA, RankInfo, WorkerBoot
+    from kvbm.runtime.worker import MEDIA, RankInfo, WorkerRuntime
 
     cfg = load_config({"cpu_cache_override_num_blocks": 2, "disk_cache_override_num_blocks": 2,
                        "disk_cache_dir": str(tmp_path / "g3"), "disable_disk_offload_filter": True,
                        "leader_worker_init_timeout_secs": 60}, environ={})
     rank = Rank.__new__(Rank)
     rank.cache = {f"layer.{i}": torch.zeros((Rank.NUM_BLOCKS, 2, BS, 8), dtype=torch.float32) for i in range(2)}
-    layout, views = describe_kv_caches(rank.cache, Rank.NUM_BLOCKS)
     rank.g9 = DictMedium()
     engine_id = str(uuid.uuid4())
-    boot = WorkerBoot(cfg, RankInfo(0, 1, engine_id, "chain-test", Rank.NUM_BLOCKS), layout, views,
-                      media={**MEDIA, MEM: lambda ctx, tier: rank.g9})
+    worker = WorkerRuntime(cfg, RankInfo(0, 1, engine_id, "chain-test", Rank.NUM_BLOCKS),
+                           media={**MEDIA, MEM: lambda ctx, tier: rank.g9})
+    worker.register_kv_caches(rank.cache)
     joined = LeaderHandshake(cfg, 1, engine_id, chain_of=lambda sizes: (
         *configured_chain(cfg, sizes), Tier("G9", MEM, 8))).start().wait()
-    rank.runner = boot.wait()
+    rank.runner = worker.runner
     assert joined.plan.chain == tuple(small_chain())
     return Planner(joined.plan.chain, BS), rank
 

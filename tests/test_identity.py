@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import kvbm.runtime.fingerprint as fp
 from kvbm.runtime.fingerprint import CACHE_NAME, fingerprint
-from kvbm.vllm_integration.sizing import model_identity, storage_key
+from kvbm.runtime.identity import model_identity, storage_key
 
 
 def write_model(path: Path, seed: int = 0, tensors: int = 4, extra_config: dict | None = None) -> Path:
@@ -199,7 +199,12 @@ def vllm_config(model: str, **changes):
     )
 
 
-KV = SimpleNamespace(kv_cache_tensors=[SimpleNamespace(size=1 << 20)], num_blocks=64, kv_cache_layout="NHD")
+KV = SimpleNamespace(kv_cache_tensors=[SimpleNamespace(size=1 << 20)], num_blocks=64)
+
+
+def identity(cfg, **kwargs) -> str:
+    """The leader's identity of ``cfg`` (slot shape included), as a vLLM of one version resolving layout NHD."""
+    return model_identity(cfg, storage_key(cfg, KV, "NHD"), vllm_version="0.32.0", **kwargs)
 
 
 @pytest.mark.parametrize("change", [
@@ -213,33 +218,34 @@ KV = SimpleNamespace(kv_cache_tensors=[SimpleNamespace(size=1 << 20)], num_block
 ])
 def test_every_factor_changes_the_identity(tmp_path, change):
     model = str(write_model(tmp_path / "m"))
-    base = model_identity(vllm_config(model), KV, fingerprint_weights=True)
-    assert model_identity(vllm_config(model), KV, fingerprint_weights=True) == base  # deterministic
+    base = identity(vllm_config(model), fingerprint_weights=True)
+    assert identity(vllm_config(model), fingerprint_weights=True) == base  # deterministic
     changed = vllm_config(model, **change)
-    assert model_identity(changed, KV, fingerprint_weights=True) != base
-    assert storage_key(changed, KV) == storage_key(vllm_config(model), KV)  # same files, journal restarts
+    assert identity(changed, fingerprint_weights=True) != base
+    same_files = storage_key(changed, KV, "NHD") == storage_key(vllm_config(model), KV, "NHD")
+    assert same_files  # same files: the journal restarts them empty
 
 
 def test_new_weights_change_the_identity_only_when_persisting(tmp_path):
     model = write_model(tmp_path / "m")
     cfg = vllm_config(str(model))
-    before = model_identity(cfg, KV, fingerprint_weights=True)
-    plain = model_identity(cfg, KV, fingerprint_weights=False)
+    before = identity(cfg, fingerprint_weights=True)
+    plain = identity(cfg, fingerprint_weights=False)
     write_model(model, seed=7)
-    assert model_identity(cfg, KV, fingerprint_weights=True) != before
-    assert model_identity(cfg, KV, fingerprint_weights=False) == plain  # no file is read then
+    assert identity(cfg, fingerprint_weights=True) != before
+    assert identity(cfg, fingerprint_weights=False) == plain  # no file is read then
 
 
 def test_tokenizer_does_not_change_the_identity(tmp_path):
     model = str(write_model(tmp_path / "m"))
-    assert (model_identity(vllm_config(model), KV, fingerprint_weights=True)
-            == model_identity(vllm_config(model, tokenizer="other/tokenizer"), KV, fingerprint_weights=True))
+    assert (identity(vllm_config(model), fingerprint_weights=True)
+            == identity(vllm_config(model, tokenizer="other/tokenizer"), fingerprint_weights=True))
 
 
 def test_unreadable_weights_are_never_reused_across_restarts(caplog):
     cfg = vllm_config("s3://bucket/model")
-    first = model_identity(cfg, KV, fingerprint_weights=True)
-    assert model_identity(cfg, KV, fingerprint_weights=True) != first
+    first = identity(cfg, fingerprint_weights=True)
+    assert identity(cfg, fingerprint_weights=True) != first
     assert "cannot read the weights" in caplog.text
 
 
@@ -248,8 +254,8 @@ def test_callable_overrides_have_a_stable_identity(tmp_path):
         return config
 
     model = str(write_model(tmp_path / "m"))
-    a = model_identity(vllm_config(model, hf_overrides=override), KV, fingerprint_weights=False)
-    assert a == model_identity(vllm_config(model, hf_overrides=override), KV, fingerprint_weights=False)
+    a = identity(vllm_config(model, hf_overrides=override), fingerprint_weights=False)
+    assert a == identity(vllm_config(model, hf_overrides=override), fingerprint_weights=False)
     assert "test_identity" in a and "0x" not in a
 
 

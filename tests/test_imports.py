@@ -6,7 +6,8 @@ from the design) and fails on any cycle among kvbm's packages, where a
 package is ``kvbm.core``, ``kvbm.storage``, ... and each top-level module
 (``kvbm.config``, ``kvbm.metrics``) is a node of its own; under ``kvbm.tools``
 each tool (``kvbm.tools.plan``, ``kvbm.tools.doctor``) is a node. The library
-never imports a tool (``test_library_never_imports_tools``).
+never imports a tool (``test_library_never_imports_tools``), and below the vLLM
+adapter nothing imports vLLM (``test_only_the_adapter_imports_vllm``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,34 @@ def test_layers():
     assert "kvbm.transfer" not in graph["kvbm.storage"]
     for low in ("kvbm.core", "kvbm.storage", "kvbm.transfer", "kvbm.runtime"):
         assert "kvbm.vllm_integration" not in graph[low], low
+
+
+#: Packages below the adapter: they read vLLM's objects duck-typed (``runtime/groups.py``, ``runtime/identity.py``,
+#: ``runtime/events.py``) or not at all, and never import vLLM, lazily or for type checking either.
+VLLM_FREE = ("kvbm.core", "kvbm.storage", "kvbm.transfer", "kvbm.runtime")
+
+
+def _vllm_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module or "")
+    return {name for name in found if name == "vllm" or name.startswith("vllm.")}
+
+
+def test_only_the_adapter_imports_vllm():
+    """vLLM's types stay in kvbm.vllm_integration: the packages below it run, and are tested, without vLLM."""
+    offenders = sorted(f"{_module_name(path)} -> {name}" for path in ROOT.rglob("*.py")
+                       if _node(_module_name(path)) in VLLM_FREE for name in _vllm_imports(path))
+    assert not offenders, "imports of vLLM below the adapter: " + ", ".join(offenders)
+
+
+def test_the_vllm_rule_sees_an_import(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from vllm.config import VllmConfig\n    import vllm\n    import vllmx\n")
+    assert _vllm_imports(source) == {"vllm.config", "vllm"}
 
 
 #: Outside kvbm/tools, only ``python -m kvbm`` (the ``kvbm`` command's other door) may import a tool.

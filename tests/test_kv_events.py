@@ -1,4 +1,4 @@
-"""KV events for kvbm's tiers (kvbm.runtime.events, in vLLM's schema by kvbm.vllm_integration.events): a real
+"""KV events for kvbm's tiers (kvbm.runtime.events, in vLLM's schema): a real
 planner and pools, real vLLM requests and vLLM's own G1 block pool as the reference for block identity."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.block_pool import BlockPool as VllmBlockPool  # noqa: E402
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash, maybe_convert_block_hash  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
 from kvbm.core.hashing import engine_root, request_root  # noqa: E402
 from kvbm.core.planner import Planner  # noqa: E402
 from kvbm.core.pool import BlockPool  # noqa: E402
 from kvbm.core.tiers import DISK, HOST, REMOTE, Tier  # noqa: E402
-from kvbm.vllm_integration.events import TierEventRecorder  # noqa: E402
+from kvbm.runtime.events import EngineEvents  # noqa: E402
+from kvbm.vllm_integration.compat import kv_event_schema  # noqa: E402
 
 BS = 4
 ROOT = request_root(engine_root("events-test"))
@@ -41,7 +42,7 @@ class Rig:
             indexes["G3"] = BlockPool(disk, "G3")
         self.planner = Planner(chain, BS, indexes=indexes)
         self.requests: dict[str, Request] = {}
-        self.recorder = TierEventRecorder(self.planner.chain, BS, self.requests, loose_blocks=loose)
+        self.recorder = EngineEvents(self.planner.chain, BS, self.requests, kv_event_schema(), loose_blocks=loose)
         self.planner.set_listener(self.recorder.tiers)
 
     def run(self, rid: str, tokens: list[int], gpu: list[int], confirm: bool = True, fail: bool = False):
@@ -119,7 +120,7 @@ def test_eviction_removes_from_its_medium_then_store_again():
     rig.run("b", list(range(50, 58)), [2, 3])  # evicts a's two blocks from G2
     events = rig.recorder.take_events()
     assert sorted(e.block_hashes[0] for e in removed(events, "CPU")) == sorted(
-        rig.recorder._convert(h) for h in a.block_hashes[:2])
+        maybe_convert_block_hash(h) for h in a.block_hashes[:2])
     assert len(stored(events, "CPU")) == 2
     assert events.index(removed(events)[0]) < events.index(stored(events)[-1])
     rig.run("a2", list(range(8)), [0, 1])  # a's blocks come back: announced once more
@@ -159,7 +160,7 @@ def test_g4_blocks_are_forgotten_in_bounded_memory_and_announced_removed():
 
     planner = Planner(chain, BS, indexes={"G4": Remote(64, "G4")})
     requests: dict[str, Request] = {}
-    recorder = TierEventRecorder(planner.chain, BS, requests, loose_blocks=2)
+    recorder = EngineEvents(planner.chain, BS, requests, kv_event_schema(), loose_blocks=2)
     planner.listener = recorder.tiers  # a shared index never reports evictions: no on_removed hook
     for i, rid in enumerate(("a", "b")):
         tokens = list(range(i * 100, i * 100 + 8))
@@ -181,7 +182,7 @@ def test_disabled_without_kv_events_config():
         kv_events_config = None
 
     rig = Rig()
-    assert TierEventRecorder.attach(Config(), rig.planner, {}) is None
+    assert EngineEvents.attach(Config(), rig.planner, {}, kv_event_schema) is None
 
 
 def test_requests_vllm_did_not_hash_are_not_announced():

@@ -1,4 +1,4 @@
-"""Real vLLM publishes kvbm's tier events with its own (kvbm.vllm_integration.events), on vLLM's ZMQ stream."""
+"""Real vLLM publishes kvbm's tier events with its own (kvbm.runtime.events), on vLLM's ZMQ stream."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ vLLM publishes ``BlockStored`` / ``BlockRemoved`` for its own GPU cache (G1) whe
 ``--kv-events-config`` enables them, and adds whatever the scheduler-side
 connector returns from ``take_events()`` to the same stream, in the same step.
 This module decides those events for kvbm's tiers as neutral :class:`TierEvent`
-records; the adapter (:mod:`kvbm.vllm_integration.events`) builds vLLM's schema
-from them (``vllm/distributed/kv_events.py``):
+records, and :class:`EngineEvents` builds the engine's structs from them (vLLM's, from
+``vllm/distributed/kv_events.py``, which the adapter hands it as an :class:`EventSchema`):
 
 * **Same block identity as vLLM's own events.** ``block_hashes`` and
   ``parent_block_hash`` are vLLM's hashes of the request's blocks
@@ -32,7 +32,7 @@ from them (``vllm/distributed/kv_events.py``):
   never over-credit it.
 
 What is not announced: blocks of requests whose tokens alone do not identify
-them (multimodal inputs, prompt embeddings: the adapter's :data:`BlockSource`
+them (multimodal inputs, prompt embeddings: :func:`request_blocks`
 answers None for them), and G3 blocks restored from the journal after a
 restart (their tokens are not kept). Both are safe misses.
 
@@ -47,12 +47,15 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvbm.core.hashing import BlockHash
 from kvbm.core.tiers import DISK, HOST, REMOTE, Tier
+
+if TYPE_CHECKING:
+    from kvbm.runtime.leader import LeaderRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +209,73 @@ class TierEventRecorder:
                 if block.tiers & bit:
                     self._events.append(TierEvent(False, self.mediums[tier], [block.vllm_hash]))
                     self.removed_count[tier] += 1
+
+
+def kv_events_enabled(vllm_config: Any) -> bool:
+    """Whether vLLM publishes KV events (``--kv-events-config`` with ``enable_kv_cache_events``)."""
+    events = getattr(vllm_config, "kv_events_config", None)
+    return bool(events is not None and getattr(events, "enable_kv_cache_events", False))
+
+
+def request_blocks(request: Any | None) -> RequestBlocks | None:
+    """A vLLM ``Request``'s blocks, read duck-typed; None for requests whose tokens alone do not
+    identify their blocks (multimodal, embeddings)."""
+    if request is None or getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
+        return None
+    lora = request.lora_request
+    return RequestBlocks(getattr(request, "block_hashes", None) or (), request.all_token_ids,
+                         getattr(lora, "adapter_id", None) if lora is not None else None,
+                         getattr(lora, "name", None) if lora is not None else None)
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    """The engine's event structs (vLLM's ``BlockStored`` / ``BlockRemoved``) and how it publishes a
+    block hash (vLLM's ``maybe_convert_block_hash``); the adapter imports them
+    (:func:`kvbm.vllm_integration.compat.kv_event_schema`)."""
+
+    stored: type
+    removed: type
+    convert: Callable[[Any], Any] = _same
+
+
+class EngineEvents:
+    """A :class:`TierEventRecorder` fed with the engine's live requests (vLLM's, by id), its records
+    returned as the engine's structs, keeping only the fields this release's have (older ones lack
+    medium, lora_name, ...)."""
+
+    def __init__(self, chain: Sequence[Tier], block_size: int, requests: Mapping[str, Any], schema: EventSchema,
+                 loose_blocks: int = LOOSE_BLOCKS) -> None:
+        self._schema = {stored: (cls, set(getattr(cls, "__struct_fields__", ())))
+                        for stored, cls in ((True, schema.stored), (False, schema.removed))}
+        self.tiers = TierEventRecorder(chain, block_size, lambda req_id: request_blocks(requests.get(req_id)),
+                                       schema.convert, loose_blocks)
+
+    @classmethod
+    def attach(cls, vllm_config: Any, runtime: LeaderRuntime, requests: Mapping[str, Any],
+               schema: Callable[[], EventSchema]) -> EngineEvents | None:
+        """A recorder listening to ``runtime``'s tiers when vLLM publishes KV events; None (no cost) otherwise.
+        ``schema`` is called only then (it imports vLLM's event structs)."""
+        if not kv_events_enabled(vllm_config):
+            return None
+        try:
+            recorder = cls(runtime.chain, runtime.block_size, requests, schema())
+        except ImportError as exc:  # a vLLM without the KV event schema kvbm builds on
+            logger.warning("kvbm: not publishing KV events for its tiers (this vLLM lacks %s)", exc)
+            return None
+        runtime.attach_tier_listener(recorder.tiers)
+        logger.info("kvbm: publishing KV events for %s",
+                    ", ".join(f"{t.name} (medium {recorder.tiers.mediums[t.name]})" for t in runtime.chain))
+        return recorder
+
+    def take_events(self) -> list[Any]:
+        """The engine's events since the last call, oldest first (vLLM's scheduler publishes them with G1's)."""
+        return [self._struct(event) for event in self.tiers.take_events()]
+
+    def _struct(self, event: TierEvent) -> Any:
+        cls, known = self._schema[event.stored]
+        fields = {"block_hashes": event.block_hashes, "medium": event.medium}
+        if event.stored:
+            fields.update(parent_block_hash=event.parent_block_hash, token_ids=event.token_ids,
+                          block_size=event.block_size, lora_id=event.lora_id, lora_name=event.lora_name)
+        return cls(**{k: v for k, v in fields.items() if k in known})

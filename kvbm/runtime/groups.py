@@ -1,8 +1,8 @@
 """An engine's KV-cache group specs → kvbm's :class:`~kvbm.core.groups.KVGroup`\\ s, without importing the engine.
 
 Specs are told apart by their class name (vLLM's ``FullAttentionSpec``, ``SlidingWindowSpec``,
-``MambaSpec``, ...) and read duck-typed, so this runs wherever the specs came from; the adapter
-(:mod:`kvbm.vllm_integration.sizing`) hands it vLLM's spec objects and each group's layer names.
+``MambaSpec``, ...) and read duck-typed, so this runs wherever the specs came from
+(:func:`kv_cache_groups` reads them off vLLM's ``KVCacheConfig``, with each group's layer names).
 A group type kvbm cannot serve stops startup with its name and what to do about it.
 """
 
@@ -95,3 +95,10 @@ def kv_groups(specs: Sequence[Any], layer_names: Sequence[Sequence[str]], block_
     if len(groups) == 1 and groups[0].window_blocks is None:
         return SINGLE_FULL
     return tuple(groups)
+
+
+def kv_cache_groups(kv_cache_config: Any, block_size: int) -> tuple[KVGroup, ...]:
+    """:func:`kv_groups` of an engine's KV cache config (vLLM's ``KVCacheConfig``, read duck-typed)."""
+    groups = kv_cache_config.kv_cache_groups
+    return kv_groups([group.kv_cache_spec for group in groups],
+                     [getattr(group, "layer_names", []) or [] for group in groups], block_size)

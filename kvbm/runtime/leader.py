@@ -1,7 +1,7 @@
 """The scheduler side of kvbm for one engine, without vLLM.
 
 :meth:`LeaderRuntime.boot` runs the leader's half of the startup handshake
-(mirroring :class:`kvbm.runtime.worker.WorkerBoot`): it waits for every rank,
+(mirroring :meth:`kvbm.runtime.worker.WorkerRuntime.register_kv_caches`): it waits for every rank,
 sizes the tiers, builds the chain once and sends it to the ranks. The runtime
 then owns the :class:`~kvbm.core.planner.Planner` and is the only door to it:
 request lifecycle, the cross-rank counting of in-step loads, failed-load
@@ -52,7 +52,7 @@ class EngineInfo:
     engine_id: str | None
     block_bytes: int  # one block on one rank
     gpu_blocks: int
-    #: What names the persistent files (kvbm.vllm_integration.sizing.storage_key).
+    #: What names the persistent files (kvbm.runtime.identity.storage_key).
     storage_key: str
     max_num_batched_tokens: int
     groups: tuple[KVGroup, ...] = SINGLE_FULL
@@ -89,7 +89,7 @@ class LeaderRuntime:
 
     def __init__(self, config: KvbmConfig, plan: TierPlan, engine: EngineInfo, *, identity: str) -> None:
         """``plan``: the chain every rank allocated; ``identity``: what must match to reuse
-        persistent or shared blocks (kvbm.vllm_integration.sizing.model_identity)."""
+        persistent or shared blocks (kvbm.runtime.identity.model_identity)."""
         block_size, world_size, block_bytes = engine.block_size, engine.world_size, engine.block_bytes
         self.engine = engine
         self.data_parallel_rank = engine.data_parallel_rank

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
+from typing import Any
 
 from kvbm.runtime.fingerprint import fingerprint
 
@@ -44,3 +45,10 @@ class LoraKeys:
                 self._keys.popitem(last=False)
         self._keys.move_to_end(adapter)
         return cached
+
+    def of_request(self, adapter: Any | None) -> str | None:
+        """The :meth:`key` of a request's adapter (vLLM's ``LoRARequest``, read duck-typed); None without one."""
+        if not adapter:
+            return None
+        return self.key(adapter.lora_name, adapter.lora_int_id, getattr(adapter, "lora_path", "") or "",
+                        reload=bool(getattr(adapter, "load_inplace", False)))

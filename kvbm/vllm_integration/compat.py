@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbm.config import env_var
+from kvbm.runtime.events import EventSchema
 from kvbm.vllm_versions import UnsupportedVllmError, version_problem
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,15 @@ def drops_last_hit_block(vllm_config: Any) -> bool:
         return False
     rule = getattr(spec, "use_eagle_block_drop", None) or spec.use_eagle
     return bool(rule())
+
+
+def kv_event_schema() -> EventSchema:
+    """vLLM's KV event structs (older releases' lack fields: :class:`kvbm.runtime.events.EngineEvents`
+    keeps those they have) and its block-hash conversion; ImportError on a vLLM without them."""
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    return EventSchema(BlockStored, BlockRemoved, maybe_convert_block_hash)
 
 
 def check_supported(allow_untested: bool = False) -> VllmFeatures:

@@ -138,16 +138,14 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """vLLM's call under its hybrid manager (every group's blocks at once); kvbm's answer
-        does not depend on the block ids: it holds a finished request's blocks while its stores
-        are in flight, in every group alike."""
+        """vLLM's call under its hybrid manager; kvbm's answer does not depend on the block ids: it
+        holds a finished request's blocks while its stores are in flight, in every group alike."""
         assert self._leader is not None
         return self._leader.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def take_events(self) -> Iterable[KVCacheEvent]:
-        """BlockStored/BlockRemoved for kvbm's tiers (G2 "CPU", G3 "DISK", G4 "REMOTE"), in vLLM's schema
-        and with vLLM's block hashes: vLLM publishes them with its own G1 events, so a KV-aware router
-        (Dynamo's) credits a worker for prefixes it holds in G2/G3. See kvbm.runtime.events."""
+        """kvbm's tier events (G2 "CPU", G3 "DISK", G4 "REMOTE"), which vLLM publishes with its G1 events: a
+        KV-aware router (Dynamo's) credits a worker for prefixes it holds in G2/G3 (kvbm.runtime.events)."""
         return self._leader.take_events() if self._leader is not None else ()
 
     def has_pending_push_work(self) -> bool:
@@ -212,8 +210,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
 
 
 def __getattr__(name: str) -> Any:
-    """``PdConnector`` (kvbm.vllm_integration.pd) by this module's path, as Dynamo's disaggregated
-    flow names it; loaded on first use (it subclasses vLLM's MultiConnector and imports this module)."""
+    """``PdConnector`` (kvbm.vllm_integration.pd) by this module's path, as Dynamo's disaggregated flow
+    names it; loaded on first use (it subclasses vLLM's MultiConnector, which DynamoConnector never needs)."""
     if name == "PdConnector":
         from kvbm.vllm_integration.pd import PdConnector
 

@@ -13,19 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig
 from kvbm.core.hashing import request_root
+from kvbm.runtime.events import EngineEvents
+from kvbm.runtime.groups import kv_cache_groups
+from kvbm.runtime.identity import bytes_per_block_per_rank, model_identity, storage_key, weights_fingerprint
 from kvbm.runtime.leader import EngineInfo, LeaderRuntime
 from kvbm.runtime.lora import LoraKeys
-from kvbm.vllm_integration.compat import drops_last_hit_block, features
-from kvbm.vllm_integration.events import TierEventRecorder
+from kvbm.vllm_integration.compat import drops_last_hit_block, features, kv_cache_layout, kv_event_schema
 from kvbm.vllm_integration.metadata import KvbmMetadata, KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import (
-    NULL_BLOCK,
-    bytes_per_block_per_rank,
-    kv_groups,
-    model_identity,
-    storage_key,
-    weights_fingerprint,
-)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -38,18 +32,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 VLLM = features()
 
+#: vLLM's null block: the id its block pool hands out for positions a group keeps no KV for
+#: (before a sliding window). Block 0 of the pool, never given to a request as a real block.
+NULL_BLOCK = 0
+
 
 class KvbmLeader:
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
-        self.groups = kv_groups(kv_cache_config, self.block_size)
+        self.groups = kv_cache_groups(kv_cache_config, self.block_size)
+        key = storage_key(vllm_config, kv_cache_config, kv_cache_layout(kv_cache_config, vllm_config))
         par = vllm_config.parallel_config
         dp = par.data_parallel_size > 1
         engine = EngineInfo(
             block_size=self.block_size, world_size=par.world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
             block_bytes=bytes_per_block_per_rank(kv_cache_config), gpu_blocks=kv_cache_config.num_blocks,
-            storage_key=storage_key(vllm_config, kv_cache_config),
+            storage_key=key,
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             groups=self.groups, null_block=NULL_BLOCK,
             data_parallel_rank_local=(par.data_parallel_rank_local or 0) if dp else 0,
@@ -58,19 +57,20 @@ class KvbmLeader:
         )
         # Hashed here, once, not inside the handshake: its thread must keep beaconing (a cold
         # 16 GB checkpoint takes seconds to tens of seconds) and both identities must agree.
-        weights = (weights_fingerprint(vllm_config, config.disk_cache_dir)
-                   if config.blocks_outlive_process else None)
+        weights = weights_fingerprint(vllm_config, config.disk_cache_dir) if config.blocks_outlive_process else None
 
         def identity_of(workers):  # with G4, the handshake sends every rank the key of this identity
-            return model_identity(vllm_config, kv_cache_config, fingerprint_weights=config.blocks_outlive_process,
-                                  kv_layout="|".join(w.layout for w in workers), weights=weights)
+            return model_identity(vllm_config, key, vllm_version=VLLM.version, weights=weights,
+                                  fingerprint_weights=config.blocks_outlive_process,
+                                  kv_layout="|".join(w.layout for w in workers))
 
         self.runtime = LeaderRuntime.boot(config, engine, identity_of)
         self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
         self._lora = LoraKeys(config.blocks_outlive_process)
         # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
-        self.events = TierEventRecorder.attach(vllm_config, self.runtime, self._requests) if config.kv_events else None
+        self.events = (EngineEvents.attach(vllm_config, self.runtime, self._requests, kv_event_schema)
+                       if config.kv_events else None)
 
     # ---- request lifecycle --------------------------------------------
     def _track(self, request: Request) -> None:
@@ -79,9 +79,7 @@ class KvbmLeader:
         self._requests[request.request_id] = request
         root = None
         if getattr(request, "prompt_embeds", None) is None:
-            adapter = request.lora_request
-            lora = self._lora.key(adapter.lora_name, adapter.lora_int_id, getattr(adapter, "lora_path", "") or "",
-                                  reload=bool(getattr(adapter, "load_inplace", False))) if adapter else None
+            lora = self._lora.of_request(request.lora_request)
             mm_keys = [feature.identifier for feature in request.mm_features or ()]
             root = request_root(self.runtime.engine_root, request.cache_salt, lora, mm_keys)
         self.runtime.add_request(request.request_id, root)
@@ -129,7 +127,7 @@ class KvbmLeader:
         self.runtime.workers_reported(meta, output.finished_recving or (), failed or (), output.finished_sending or ())
 
     def take_events(self) -> list[Any]:
-        """KV events of kvbm's tiers since the last call (kvbm.vllm_integration.events)."""
+        """KV events of kvbm's tiers since the last call, in vLLM's schema (kvbm.runtime.events)."""
         return self.events.take_events() if self.events is not None else []
 
     def has_pending_work(self) -> bool:

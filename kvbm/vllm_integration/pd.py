@@ -1,17 +1,11 @@
 """``PdConnector``: kvbm + NIXL in one worker, under the name NVIDIA Dynamo's disaggregated flow uses.
 
-Dynamo 1.6 configures a kvbm prefill worker as::
-
-    {"kv_connector": "PdConnector", "kv_role": "kv_both",
-     "kv_connector_module_path": "kvbm.vllm_integration.connector",
-     "kv_connector_extra_config": {"connectors": [
-         {"kv_connector": "DynamoConnector", "kv_connector_module_path": "kvbm.vllm_integration.connector", ...},
-         {"kv_connector": "NixlConnector", "kv_role": "kv_both"}]}}
-
-and treats ``PdConnector`` as a vLLM ``MultiConnector`` (``dynamo.vllm.kv_connector_protocols``:
-its PD protocol is that of the one PD-capable child, NIXL, and it turns the hybrid KV
-cache manager off when a child lacks support). This class is that MultiConnector, with
-the rule kvbm's own prefill connector (:mod:`kvbm.disagg.connector`) has for loads:
+Dynamo 1.6 configures a kvbm prefill worker as ``PdConnector`` from ``kvbm.vllm_integration.connector``
+with a ``DynamoConnector`` and a ``NixlConnector`` child in ``kv_connector_extra_config.connectors``
+(``python -m kvbm.disagg.config pd`` prints the JSON), and treats it as a vLLM ``MultiConnector``
+(``dynamo.vllm.kv_connector_protocols``: its PD protocol is that of the one PD-capable child, NIXL,
+and it turns the hybrid KV cache manager off when a child lacks support). This class is that
+MultiConnector, with the rule kvbm's own prefill connector (:mod:`kvbm.disagg.connector`) has for loads:
 
 * a request that asks for a **remote prefill** (``kv_transfer_params.do_remote_prefill``,
   Dynamo's decode side) loads from the NIXL child: the prefill worker computed that KV
@@ -40,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 def _is_kvbm(connector: object) -> bool:
-    """kvbm's DynamoConnector, told by its class (importing it here would make connector.py, which
-    exposes this module's PdConnector under its own path, and this file import each other)."""
+    """kvbm's DynamoConnector, told by its class's name: connector.py exposes PdConnector, so
+    importing it here would make the two files import each other."""
     cls = type(connector)
     return cls.__name__ == "DynamoConnector" and cls.__module__ == "kvbm.vllm_integration.connector"
 

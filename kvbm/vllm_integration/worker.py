@@ -2,7 +2,7 @@
 
 Only reads the rank from vLLM's config and wraps the rank's report in vLLM's worker
 metadata; everything else (boot, plan runner, layer-wise loads) is
-:class:`kvbm.runtime.rank.WorkerRuntime`.
+:class:`kvbm.runtime.worker.WorkerRuntime`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import torch
-
 from kvbm.config import KvbmConfig
-from kvbm.runtime.rank import WorkerRuntime
-from kvbm.runtime.worker import RankInfo
+from kvbm.runtime.identity import storage_key
+from kvbm.runtime.worker import RankInfo, WorkerRuntime, global_rank
+from kvbm.vllm_integration.compat import kv_cache_layout
 from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
-from kvbm.vllm_integration.sizing import storage_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -25,19 +23,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class KvbmWorker(WorkerRuntime):
     def __init__(self, config: KvbmConfig, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-        world_size = vllm_config.parallel_config.world_size
+        world_size, rank = vllm_config.parallel_config.world_size, global_rank()
         super().__init__(config, RankInfo(
-            rank=_rank() % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
-            storage_key=storage_key(vllm_config, kv_cache_config), num_gpu_blocks=kv_cache_config.num_blocks,
-            global_rank=_rank(),
+            rank=rank % world_size, world_size=world_size, engine_id=vllm_config.kv_transfer_config.engine_id,
+            storage_key=storage_key(vllm_config, kv_cache_config, kv_cache_layout(kv_cache_config, vllm_config)),
+            num_gpu_blocks=kv_cache_config.num_blocks, global_rank=rank,
         ))
 
     def take_report(self) -> KvbmWorkerMetadata | None:

@@ -1,56 +1,40 @@
-"""What the leader derives from vLLM's config: bytes per block, where G3 lives, and the model identity.
+"""What an engine's config says about its blocks: bytes per block, where G3 lives, and the model identity.
 
-Only the reading of vLLM's config objects is here: group specs become kvbm's groups in
-:mod:`kvbm.runtime.groups`, and the weights are fingerprinted by :mod:`kvbm.runtime.fingerprint`.
+vLLM's config objects (``VllmConfig``, ``KVCacheConfig``) are read duck-typed, without importing
+vLLM, as :mod:`kvbm.runtime.groups` reads its group specs. The two facts that depend on the vLLM
+release (the KV cache layout it resolved, its version) are found by the adapter
+(:mod:`kvbm.vllm_integration.compat`) and passed in. The weights are fingerprinted by
+:mod:`kvbm.runtime.fingerprint`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvbm.core.groups import KVGroup
-from kvbm.runtime import groups as runtime_groups
 from kvbm.runtime.fingerprint import canonical, model_weights_fingerprint
-from kvbm.vllm_integration.compat import features, kv_cache_layout
 
-if TYPE_CHECKING:
-    from vllm.config import VllmConfig
-    from vllm.v1.kv_cache_interface import KVCacheConfig
-
-logger = logging.getLogger(__name__)
+__all__ = ["IDENTITY_VERSION", "bytes_per_block_per_rank", "model_identity", "storage_key", "weights_fingerprint"]
 
 #: Bump when the identity's recipe changes, so old persisted blocks stop matching.
 IDENTITY_VERSION = 2
 
-#: vLLM's null block: the id its block pool hands out for positions a group keeps no KV for
-#: (before a sliding window). Block 0 of the pool, never given to a request as a real block.
-NULL_BLOCK = 0
 
-
-def kv_groups(kv_cache_config: KVCacheConfig, block_size: int) -> tuple[KVGroup, ...]:
-    """The model's KV-cache groups as the planner needs them (:func:`kvbm.runtime.groups.kv_groups`,
-    which stops startup on a group type kvbm cannot serve, naming its layers)."""
-    groups = kv_cache_config.kv_cache_groups
-    return runtime_groups.kv_groups([group.kv_cache_spec for group in groups],
-                                    [getattr(group, "layer_names", []) or [] for group in groups], block_size)
-
-
-def bytes_per_block_per_rank(kv_cache_config: KVCacheConfig) -> int:
+def bytes_per_block_per_rank(kv_cache_config: Any) -> int:
     """Bytes one block takes across this rank's layers (what one G2 slot holds)."""
     total = sum(tensor.size for tensor in kv_cache_config.kv_cache_tensors)
     return max(1, total // max(1, kv_cache_config.num_blocks))
 
 
-def storage_key(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
+def storage_key(vllm_config: Any, kv_cache_config: Any, kv_cache_layout: str | None) -> str:
     """The model and the shape of a slot: what names the persistent G3 files and journal.
 
     Two servers whose keys differ never open the same files. Everything else
     that changes KV without changing the slot shape (weights, quantization,
     overrides) is in :func:`model_identity`, which the journal checks: a
     change there restarts the same files empty instead of leaving a new
-    full-size file behind at every change.
+    full-size file behind at every change. ``kv_cache_layout``: the layout vLLM
+    resolved (:func:`kvbm.vllm_integration.compat.kv_cache_layout`).
     """
     model = vllm_config.model_config
     cache = vllm_config.cache_config
@@ -65,16 +49,16 @@ def storage_key(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str:
             par.tensor_parallel_size,
             par.pipeline_parallel_size,
             bytes_per_block_per_rank(kv_cache_config),
-            kv_cache_layout(kv_cache_config, vllm_config),
+            kv_cache_layout,
         )
     )
 
 
-def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, fingerprint_weights: bool,
+def model_identity(vllm_config: Any, storage: str, *, vllm_version: str, fingerprint_weights: bool,
                    kv_layout: str = "", weights: str | None = None) -> str:
     """Everything that makes equal token ids produce different KV bytes.
 
-    Besides the slot shape (:func:`storage_key`): the weights' source and
+    Besides the slot shape (``storage``, the :func:`storage_key`): the weights' source and
     revision, quantization, config overrides, the model implementation,
     sliding-window and KV-scale settings, decode context parallelism. Not
     the tokenizer: blocks are keyed by token ids, and the tokenizer only maps
@@ -83,7 +67,7 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
 
     ``kv_layout`` is the workers' slot signature (:meth:`KVLayout.signature`): the same
     model in another vLLM may store a block's bytes in another order (vLLM 0.26's GPU
-    model runner permutes them). The vLLM version is in too: another release may
+    model runner permutes them). ``vllm_version`` is in too: another release may
     compute the same KV with other kernels, hence other bytes.
 
     ``fingerprint_weights`` (set when G3 persists across restarts) adds a
@@ -103,7 +87,7 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
     load_format = str(getattr(load, "load_format", "auto"))
     parts: dict[str, Any] = {
         "version": IDENTITY_VERSION,
-        "storage": storage_key(vllm_config, kv_cache_config),
+        "storage": storage,
         "revision": model.revision,
         "code_revision": getattr(model, "code_revision", None),
         "hf_config_path": getattr(model, "hf_config_path", None),
@@ -118,7 +102,7 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
         "decode_context_parallel_size": getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1),
         "load_format": load_format,
         "kv_layout": kv_layout,
-        "vllm": features().version,
+        "vllm": vllm_version,
         # Random ("dummy") weights are a function of the seed.
         "seed": model.seed if load_format == "dummy" else None,
     }
@@ -127,7 +111,7 @@ def model_identity(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, *, f
     return json.dumps(parts, sort_keys=True)
 
 
-def weights_fingerprint(vllm_config: VllmConfig, cache_dir: str | None = None) -> str | None:
+def weights_fingerprint(vllm_config: Any, cache_dir: str | None = None) -> str | None:
     """The fingerprint of every byte of the model's weight files (:mod:`kvbm.runtime.fingerprint`),
     digests cached in ``cache_dir``; unreadable weights get one unique to this call. None for
     random ("dummy") weights, which the identity covers by their seed."""
