@@ -55,8 +55,10 @@ while [ $# -gt 0 ]; do
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/swa.txt" 2>&1 &
       python3 bench/gpu/correctness.py --preset gpu-mla --out "$work/models-mla" --configs "$cfg" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mla.txt" 2>&1 &
-      # vLLM raises a Mamba hybrid's block size until an attention page holds a Mamba state (48 tokens here).
-      python3 bench/gpu/correctness.py --preset gpu-mamba --block 48 --out "$work/models-mamba" --configs "$cfg" \
+      # vLLM raises a Mamba hybrid's block size until an attention page holds a Mamba state (48 tokens here);
+      # one-block prefill chunks keep vLLM's chunking (and so the bf16 scan's rounding) alike in every run.
+      python3 bench/gpu/correctness.py --preset gpu-mamba --block 48 --max-num-batched-tokens 48 \
+        --out "$work/models-mamba" --configs "$cfg,vllm-small-eager,kvbm-host+disk-eager" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mamba.txt" 2>&1 &
       python3 bench/gpu/correctness.py --preset gpu --eagle 2 --out "$work/models-eagle" --configs "$cfg" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/eagle.txt" 2>&1 &
