@@ -160,6 +160,39 @@ def _corrupt_host(llm, phase: dict) -> dict:
     return {}
 
 
+def _scramble_rank(worker) -> int:
+    """Runs inside each vLLM worker process: noise into every byte of vLLM's own KV cache (every
+    group's pages, Mamba states too). Returns the number of tensors written."""
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(x) -> int:
+        if isinstance(x, (list, tuple)):
+            return sum(walk(y) for y in x)
+        if isinstance(x, dict):
+            return sum(walk(y) for y in x.values())
+        if not isinstance(x, torch.Tensor) or x.data_ptr() in seen:
+            return 0
+        seen.add(x.data_ptr())
+        if x.is_floating_point():
+            x.normal_(0.0, 0.5)
+        else:
+            x.random_(0, 127)
+        return 1
+
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner  # a wrapper on some releases
+    return walk(runner.kv_caches)
+
+
+def _scramble_device_cache(llm, phase: dict) -> dict:
+    """Forget vLLM's prefix cache and fill its KV cache with noise: a hit that a later phase serves
+    must then come from where it claims (kvbm's tiers, landed before any use), never from bytes
+    an earlier identical run left in the same block."""
+    llm.reset_prefix_cache()
+    return {"scrambled_tensors": llm.collective_rpc(_scramble_rank)}
+
+
 def _worker_disk(llm):
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
@@ -252,7 +285,7 @@ def _engine_info(llm, phase: dict) -> dict:
 PHASES = {
     "generate": _generate, "abort": _abort, "corrupt_host": _corrupt_host, "damage_disk": _damage_disk,
     "worker_arenas": _worker_arenas, "barrier": _barrier, "wait_remote": _wait_remote,
-    "engine_info": _engine_info,
+    "engine_info": _engine_info, "scramble_device_cache": _scramble_device_cache,
 }
 
 
