@@ -7,7 +7,6 @@ metadata; everything else (boot, plan runner, layer-wise loads) is
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from kvbm.config import KvbmConfig
@@ -19,8 +18,6 @@ from kvbm.vllm_integration.metadata import KvbmWorkerMetadata
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
-
-logger = logging.getLogger(__name__)
 
 
 class KvbmWorker(WorkerRuntime):
