@@ -12,16 +12,20 @@
 #
 #   bench/gpu/perf.sh OUT_DIR [kvbm bench compare options]     (on a CUDA machine with vLLM installed)
 #   REUSE="vllm kvbm-host" NO_REUSE= bench/gpu/perf.sh OUT_DIR --time 20   (a subset)
+#   PRESET=llama8b-swa-shape GPU_BLOCKS=2500 FLOOR_BLOCKS=60000 bench/gpu/perf.sh OUT_DIR
+#       the hybrid model (Gemma 3's 5:1 sliding-window pattern on the 8B shape; run.sh perf-hybrid).
+#       vLLM's hybrid manager pages 5 layers per block there, so 2,500 blocks are 0.22x the GPU bytes of
+#       the Llama run's 1,800 and still hold one 24,576-token request (1,536 full + 6 x 65 window blocks).
 # The default lists fit about 8 minutes of GPU time less than they used to; kvbm-host+disk and
 # vllm-offload (measured in docs/gpu-vllm.md) run when named in REUSE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: perf.sh OUT_DIR [kvbm bench compare options]}; shift
 PY=${PYTHON:-python3}
-model=$("$PY" -m kvbm.tools.demo.tiny_model --preset llama8b-shape)
+model=$("$PY" -m kvbm.tools.demo.tiny_model --preset "${PRESET:-llama8b-shape}")
 gib32=34.36  # 32 GiB in GB (kvbm counts GB = 1e9 bytes; vLLM's --kv-offloading-size counts GiB)
 engine=(--vllm-args "--load-format dummy --block-size 16 --max-model-len 24576 --max-num-seqs 32"
-        --gpu-blocks 1800 --startup-timeout 900 --no-progress)
+        --gpu-blocks "${GPU_BLOCKS:-1800}" --startup-timeout 900 --no-progress)
 workload=(--num-users 8 --num-rounds 8 --system-prompt 1000 --chat-history 12000 --answer-len 64
           --qps 1 --warmup-users 8)
 
@@ -30,7 +34,7 @@ declare -A conf=(
   [kvbm-host]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_METRICS=1 DYN_KVBM_LAYERWISE_LOADS=off"
   [kvbm-host-layer]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_METRICS=1 DYN_KVBM_LAYERWISE_LOADS=on"
   [kvbm-host+disk]="DYN_KVBM_CPU_CACHE_GB=$gib32 DYN_KVBM_DISK_CACHE_GB=20 DYN_KVBM_DISK_CACHE_DIR=/tmp/kvbm-g3 DYN_KVBM_METRICS=1"
-  [floor]="--num-gpu-blocks-override 24000"
+  [floor]="--num-gpu-blocks-override ${FLOOR_BLOCKS:-24000}"
 )
 configs() {  # names -> --config options (vllm is the built-in baseline)
   for name in "$@"; do [ "$name" = vllm ] || printf '%s\0' --config "$name=${conf[$name]}"; done

@@ -8,6 +8,7 @@
 #                                         and the gpu preset with an EAGLE draft head (speculative decoding)
 #   bench/gpu/run.sh OUT_DIR transfer     bench/transfer.py (G1<->G2 copy engine against memcpy)
 #   bench/gpu/run.sh OUT_DIR perf-start   bench/gpu/perf.sh in the background (its own session)
+#   bench/gpu/run.sh OUT_DIR perf-hybrid-start   the same table for llama8b-swa-shape (sliding window + full)
 #   bench/gpu/run.sh OUT_DIR perf-wait [SECONDS]   wait for it (at most SECONDS), copy its table
 #   bench/gpu/run.sh OUT_DIR all          check, correctness, transfer, then perf in the foreground
 #
@@ -72,6 +73,13 @@ while [ $# -gt 0 ]; do
       setsid nohup bash -c "bench/gpu/perf.sh '$work/perf'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
         > "$work/perf.log" 2>&1 < /dev/null &
       echo "perf running in the background: $work/perf.log" ;;
+    perf-hybrid-start)
+      stamp perf-hybrid-start; rm -f "$work/perf.done"
+      setsid nohup env PRESET=llama8b-swa-shape GPU_BLOCKS=2500 FLOOR_BLOCKS=60000 NO_REUSE= \
+        REUSE="vllm vllm-offload kvbm-host floor" \
+        bash -c "bench/gpu/perf.sh '$work/perf-hybrid'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
+        > "$work/perf.log" 2>&1 < /dev/null &
+      echo "hybrid perf running in the background: $work/perf.log" ;;
     perf-wait)
       limit=540; if [[ ${1:-} =~ ^[0-9]+$ ]]; then limit=$1; shift; fi
       stamp perf-wait; perf_wait "$limit" 2>&1 | tee "$out/perf.txt" ;;
