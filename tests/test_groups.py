@@ -78,6 +78,8 @@ def test_windowed_group_needs_only_its_window():
     assert op.gpu_blocks == ids(0, 10) + [2008, 2009]
     assert [p.slots for p in op.parts][-1] == [swa[8], swa[9]]
     assert planner.load_sources("r")["G2"] == 12
+    # the hit rate counts prompt positions (the full group's blocks), not blocks moved: never above 1
+    assert planner.stats.tier("G2").hit_blocks == planner.stats.lookup_blocks == 10
 
 
 def test_a_gap_in_the_window_ends_the_hit_before_it():

@@ -57,7 +57,7 @@ _VERSION = attrgetter("version")
 class TierStats:
     """Cumulative counters of one tier."""
 
-    hit_blocks: int = 0  # looked-up blocks found here (and loaded)
+    hit_blocks: int = 0  # looked-up blocks found here (and loaded), counted in one group: prompt positions
     loaded_blocks: int = 0  # loaded from here into G1
     stored_blocks: int = 0  # stored here from G1 (the first tier)
     spilled_blocks: int = 0  # copied here from the tier above
@@ -471,7 +471,10 @@ class Planner:
         op = LoadOp(req_id, [], sync=self._sync(found))
         loaded: list[tuple[_Tier, list[int]]] = []
         sighted: list[tuple[_Seq, int, list[list[int]]]] = []
-        for seq, group, blocks, (first, parts) in zip(req.seqs, self.groups, per_group, found.parts):
+        # Hit blocks count positions in the prompt, as lookup_blocks does: one group's blocks (the
+        # first full-attention one), so a hybrid model's hit rate stays a fraction.
+        counted = self._lead or 0
+        for g, (seq, group, blocks, (first, parts)) in enumerate(zip(req.seqs, self.groups, per_group, found.parts)):
             if group.windowed and self.null_block is not None:
                 # vLLM keeps a window's blocks only: where it put its null block there is nothing
                 # to load; where it put a real block the KV must land (or the step reads garbage).
@@ -495,7 +498,8 @@ class Planner:
             for tier, slots in zip(self._tiers, parts):
                 if slots:
                     tier.index.acquire(slots)  # every part pinned before a sighting below may evict
-                    tier.stats.hit_blocks += len(slots)
+                    if g == counted:
+                        tier.stats.hit_blocks += len(slots)
                     hashes = seq.hashes[at : at + len(slots)] if tier.spec.keyed else []
                     op.gpu_blocks.extend(blocks[at : at + len(slots)])
                     op.parts.append(LoadPart(tier.name, slots, hashes))
