@@ -26,7 +26,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -506,31 +506,24 @@ def _build_into(name: str, preset: ModelPreset, out_dir: Path) -> None:
     _build_weights(preset, out_dir, special_ids)
     info = {"preset": name, "build_version": BUILD_VERSION, **dataclasses.asdict(preset)}
     (out_dir / "kvbm_preset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    for path in out_dir.iterdir():
-        path.chmod(0o644)  # some writers create private files; the cache is shared
-    (out_dir / _COMPLETE_MARKER).write_text("")
 
 
-def build_model(cache_dir: str | Path | None = None, *, preset: str = "test") -> Path:
-    """Return the directory of the ``preset`` model, building it on first use.
+def _publish(final: Path, build: Callable[[Path], None]) -> bool:
+    """Build into a private directory next to ``final`` and rename it into place.
 
-    Idempotent and safe when several processes call it at once: each builds in
-    a private temporary directory next to the destination and renames it into
-    place; a loser of the race discards its copy and uses the winner's.
+    Idempotent and safe when several processes build at once: a loser of the race
+    discards its copy and uses the winner's. Returns whether this call's copy won.
+    ``build`` writes the files; the completion marker is written here, last.
     """
-    spec = _get_preset(preset)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = root / model_dir_name(preset)
-    if _is_complete(final):
-        return final
-
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
     try:
-        start = time.monotonic()
-        logger.info("building %s model into %s", preset, final)
-        _build_into(preset, spec, tmp)
+        build(tmp)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers create private files; the cache is shared
+        (tmp / _COMPLETE_MARKER).write_text("")
         if final.exists() and not _is_complete(final):
             # Left by something other than this function (we only rename complete
             # builds); move it aside rather than deleting under another reader.
@@ -545,12 +538,25 @@ def build_model(cache_dir: str | Path | None = None, *, preset: str = "test") ->
             if not _is_complete(final):
                 raise
             logger.info("another process finished %s first; using its copy", final)
-        else:
-            logger.info("built %s model in %.1f s", preset, time.monotonic() - start)
+            return False
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for stale in root.glob(f".{final.name}.stale-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def build_model(cache_dir: str | Path | None = None, *, preset: str = "test") -> Path:
+    """Return the directory of the ``preset`` model, building it on first use (see ``_publish``)."""
+    spec = _get_preset(preset)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = root / model_dir_name(preset)
+    if _is_complete(final):
+        return final
+    start = time.monotonic()
+    logger.info("building %s model into %s", preset, final)
+    if _publish(final, lambda out: _build_into(preset, spec, out)):
+        logger.info("built %s model in %.1f s", preset, time.monotonic() - start)
     return final
 
 
@@ -564,49 +570,39 @@ def build_eagle_draft(target: str | Path) -> Path:
     shares the target's embedding and LM head. Its proposals are mostly rejected, which is
     fine: greedy speculative decoding must give the target's tokens whatever the draft says.
     """
+    target = Path(target)
+    final = target.with_name(target.name + "-eagle")
+    if not _is_complete(final):
+        _publish(final, lambda out: _build_eagle_into(target, out))
+    return final
+
+
+def _build_eagle_into(target: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = Path(target)
-    final = target.with_name(target.name + "-eagle")
-    if _is_complete(final):
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)
+    config = LlamaConfig.from_pretrained(target)
+    config.num_hidden_layers = 1
+    for stale in ("layer_types", "sliding_window"):
+        if hasattr(config, stale):
+            delattr(config, stale)
+    config.architectures = ["LlamaForCausalLM"]
+    previous_rng = torch.random.get_rng_state()
+    torch.manual_seed(1234)
     try:
-        config = LlamaConfig.from_pretrained(target)
-        config.num_hidden_layers = 1
-        for stale in ("layer_types", "sliding_window"):
-            if hasattr(config, stale):
-                delattr(config, stale)
-        config.architectures = ["LlamaForCausalLM"]
-        previous_rng = torch.random.get_rng_state()
-        torch.manual_seed(1234)
-        try:
-            layer = LlamaForCausalLM(config).to(torch.bfloat16).model.layers[0]
-            fc = torch.randn(config.hidden_size, 2 * config.hidden_size) / (2 * config.hidden_size) ** 0.5
-        finally:
-            torch.random.set_rng_state(previous_rng)
-        weights = {f"layers.0.{name}": tensor.contiguous() for name, tensor in layer.state_dict().items()
-                   if not name.startswith("input_layernorm")}  # EAGLE's first layer has no input norm
-        weights["fc.weight"] = fc.to(torch.bfloat16)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (target / name).exists():
-                shutil.copy(target / name, tmp / name)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        (tmp / _COMPLETE_MARKER).write_text("")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):
-                raise
+        layer = LlamaForCausalLM(config).to(torch.bfloat16).model.layers[0]
+        fc = torch.randn(config.hidden_size, 2 * config.hidden_size) / (2 * config.hidden_size) ** 0.5
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        torch.random.set_rng_state(previous_rng)
+    weights = {f"layers.0.{name}": tensor.contiguous() for name, tensor in layer.state_dict().items()
+               if not name.startswith("input_layernorm")}  # EAGLE's first layer has no input norm
+    weights["fc.weight"] = fc.to(torch.bfloat16)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (target / name).exists():
+            shutil.copy(target / name, out / name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
