@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector as VllmMultiConnector
 
+from kvbm.vllm_integration import compat
 from kvbm.vllm_integration.connector import DynamoConnector
 
 if TYPE_CHECKING:
@@ -68,14 +69,7 @@ class KvbmPrefillConnector(VllmMultiConnector):
             )
         self._kvbm_index = kvbm[0]
         if role == KVConnectorRole.SCHEDULER:
-            # kvbm's own connector asks for this, but under MultiConnector it can
-            # only set it on its private copy of the config; the scheduler reads
-            # the top-level one. A failed onboard (bad disk block) is a cache
-            # miss: recompute, never fail the request. NIXL loads nothing here.
-            transfer = vllm_config.kv_transfer_config
-            if transfer is not None and transfer.kv_load_failure_policy != "recompute":
-                logger.info("kvbm prefill connector: setting kv_load_failure_policy=recompute")
-                transfer.kv_load_failure_policy = "recompute"
+            compat.recompute_failed_loads(vllm_config, "kvbm prefill connector")  # NIXL loads nothing here
             logger.info(
                 "kvbm prefill connector: children %s; prefix loads from %s only",
                 [type(c).__name__ for c in self._connectors], type(self._connectors[self._kvbm_index]).__name__,

@@ -109,6 +109,16 @@ def drops_last_hit_block(vllm_config: Any) -> bool:
     return bool(rule())
 
 
+def recompute_failed_loads(vllm_config: Any, who: str) -> None:
+    """Make a block that fails to load (a bad disk read, a forged G4 value) a cache miss that the
+    request recomputes, never a failed request. Set on the top-level config, which the scheduler
+    reads right after building its connector (under MultiConnector a child only sees a copy)."""
+    transfer = vllm_config.kv_transfer_config
+    if transfer is not None and getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+        logger.info("%s: setting kv_load_failure_policy=recompute (a cache miss never fails a request)", who)
+        transfer.kv_load_failure_policy = "recompute"
+
+
 def kv_event_schema() -> EventSchema:
     """vLLM's KV event structs (older releases' lack fields: :class:`kvbm.runtime.events.EngineEvents`
     keeps those they have) and its block-hash conversion; ImportError on a vLLM without them."""

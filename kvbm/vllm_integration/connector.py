@@ -80,13 +80,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             from kvbm.vllm_integration.leader import KvbmLeader
 
-            # A block that fails to load (a bad disk read) is a cache miss: the
-            # request must recompute it, not fail. vLLM reads this right after
-            # building the scheduler-side connector.
-            transfer = vllm_config.kv_transfer_config
-            if VLLM.has_load_failure_policy and transfer.kv_load_failure_policy != "recompute":
-                logger.info("kvbm: setting kv_load_failure_policy=recompute (a cache miss never fails a request)")
-                transfer.kv_load_failure_policy = "recompute"
+            compat.recompute_failed_loads(vllm_config, "kvbm")
 
             self._leader = KvbmLeader(config, vllm_config, kv_cache_config)
         else:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
 
+from kvbm.vllm_integration import compat
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -62,12 +64,7 @@ class PdConnector(MultiConnector):
             )
         self._kvbm_index = kvbm[0]
         if role == KVConnectorRole.SCHEDULER:
-            # As kvbm's own connector does (a failed onboard is a cache miss), on the
-            # top-level config the scheduler reads; MultiConnector gave kvbm a copy.
-            transfer = vllm_config.kv_transfer_config
-            if transfer is not None and getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
-                logger.info("kvbm PdConnector: setting kv_load_failure_policy=recompute")
-                transfer.kv_load_failure_policy = "recompute"
+            compat.recompute_failed_loads(vllm_config, "kvbm PdConnector")
             logger.info("kvbm PdConnector: children %s", [type(c).__name__ for c in self._connectors])
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
