@@ -76,7 +76,7 @@ while [ $# -gt 0 ]; do
     perf-hybrid-start)
       stamp perf-hybrid-start; rm -f "$work/perf.done"
       setsid nohup env PRESET=llama8b-swa-shape GPU_BLOCKS=8400 FLOOR_BLOCKS=60000 NO_REUSE= \
-        REUSE="vllm vllm-offload kvbm-host floor" \
+        REUSE="${REUSE:-vllm vllm-offload kvbm-host floor}" \
         bash -c "bench/gpu/perf.sh '$work/perf-hybrid'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
         > "$work/perf.log" 2>&1 < /dev/null &
       echo "hybrid perf running in the background: $work/perf.log" ;;
