@@ -250,7 +250,7 @@ class ExecutorBench:
         self.hashes = [(b + 1).to_bytes(16, "little") for b in range(n)]
         self.slot_of = np.random.default_rng(block).permutation(n).tolist()
         self.crcs = [self._crc(b) for b in range(n)]
-        self.cpu: dict[tuple[int, bool], list[float]] = {}  # process CPU seconds per load round
+        self.cpu: dict[tuple[int, bool | None], list[float]] = {}  # process CPU seconds per load round
         self._job = 0
         # Store every block once (untimed): G1 block b -> G3 slot slot_of[b].
         jobs = [(list(range(lo, min(lo + 64, n))),) for lo in range(0, n, 64)]
@@ -307,6 +307,20 @@ class ExecutorBench:
             raise SystemExit(f"--executor: {bad} of {self.n} loaded blocks differ from what was stored")
         self.verified += self.n
         return gbs
+
+    def arena_reads(self, batch: int, rng: np.random.Generator) -> float:
+        """Every block through ``DiskArena.read_blocks`` alone (read + verify into pool rows, no
+        executor, no scatter), random order, ``batch`` per call: what the CRC costs over raw."""
+        rows = self.ex._pool.buffers(range(batch))
+        order = rng.permutation(self.n).tolist()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for lo in range(0, self.n, batch):
+            part = order[lo : lo + batch]
+            if not all(self.arena.read_blocks([(self.slot_of[b], self.hashes[b], rows[i])
+                                               for i, b in enumerate(part)])):
+                raise SystemExit("--executor: a DiskArena read failed verification")
+        self.cpu.setdefault((batch, None), []).append(time.process_time() - c0)
+        return self.n * self.block / (time.perf_counter() - t0) / 1e9
 
     verified = 0
 
@@ -424,6 +438,10 @@ def executor_main(workdir: str, size: int, blocks: list[int], args: argparse.Nam
                 e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c)
             print(f"G1 cache   {fmt_size(b)} blocks: {bench.shape}; G3 stored through the executor in "
                   f"{time.perf_counter() - t0:.1f} s; row pool {bench.pool_rows} rows")
+            name = f"DiskArena read+verify {fmt_size(b)}, {batches[0]}/call"
+            variants[name] = lambda e=bench, n=batches[0]: e.arena_reads(n, rng)
+            cpu[name] = bench.cpu.setdefault((batches[0], None), [])
+            rows.append((name, raw))
             for batch in batches:
                 for consecutive in (True, False):
                     name = f"executor {fmt_size(b)}, {batch}/job, G1 {'consec' if consecutive else 'random'}"
