@@ -194,7 +194,7 @@ def arena_run(arena: DiskArena, batch: int, aligned: bool, rng: np.random.Genera
     n, bb = arena.num_slots, arena.block_bytes
     src = host_rows(batch, bb, aligned, rng)
     dst = host_rows(batch, bb, aligned, rng)
-    hashes = [(s * 0x9E3779B97F4A7C15 + 1) % (1 << 64) for s in range(n)]
+    hashes = [((s * 0x9E3779B97F4A7C15 + 1) % (1 << 64)).to_bytes(16, "little") for s in range(n)]  # 128-bit
     order = rng.permutation(n).tolist()
     t0 = time.perf_counter()
     for lo in range(0, n, batch):
