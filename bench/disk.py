@@ -21,8 +21,25 @@ work (CRC-32, memcpy) is printed to tell a CPU limit from a device limit.
 Without O_DIRECT the run says so (the page cache is then dropped with
 posix_fadvise before reads, which is best effort).
 
+(d) ``--executor``: G3 loads end to end through kvbm's transfer executor on CPU
+    (``TransferExecutor`` with a ``DiskMedium`` over a ``DiskArena``): every
+    block is stored into G3 from a CPU "G1" KV cache laid out as vLLM's CPU
+    backend lays it out (``[blocks, heads, 16 tokens, 2*head dim]`` bf16 per
+    layer; untimed, verified), then loaded back in jobs of ``--load-batches``
+    blocks (what vLLM asks for per request), random slot order, through the row
+    pool (read + verify on the medium's thread, scatter into G1 by the pool's
+    copy engine), as many jobs in flight as the pool holds. Destination G1 blocks
+    are either consecutive per job (a fresh allocation) or random (a fragmented
+    free list). Each round zeroes G1 first and checks every loaded block's CRC
+    against the stored bytes. The ratio is to (c)'s random-slot reads of the
+    same block size, here reading the executor's own G3 file (the same bytes, written
+    as long before; goal >= 0.9). This mode runs only (c) and (d). CPU s/GiB is the
+    process CPU time of the reads (all threads): on busy cores it tells a CPU limit
+    (checksums, copies, per-block Python) from a device one.
+
 Run: ``python bench/disk.py [--dir DIR] [--size-gib 1] [--block-sizes 2MiB,128KiB]
-[--batch 64] [--threads 4] [--repeat 5]``. No torch, no GPU.
+[--batch 64] [--threads 4] [--repeat 5] [--executor [--load-batches 64,256]]``.
+No GPU; torch only for ``--executor``.
 """
 
 from __future__ import annotations
@@ -131,6 +148,37 @@ def raw_random(path: str, slots: int, slot_size: int, bb: int, threads: int, dir
     return write, read
 
 
+def raw_read_file(path: str, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
+                  rng: np.random.Generator, read_cpu: list[float]) -> float:
+    """(c)'s reads, of an existing file (the executor's own G3 file: the same bytes, as long
+    since written): whole-slot preadv in random slot order, ``threads`` at once, no checksum
+    or copy, into rows of the memory the executor's row pool reads into (huge pages where
+    the kernel gives them: fewer, larger device requests than 4 KiB pages).
+    Appends the reads' process CPU seconds to ``read_cpu``; returns GB/s."""
+    from kvbm.storage.host import make_host_arena_buffer
+
+    fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
+    rows = make_host_arena_buffer(threads, slot_size, False).numpy()
+    bufs = list(rows)
+    try:
+        if not direct:
+            drop_cache(fd)
+        order = iter(rng.permutation(slots).tolist())  # shared: threads pull the next slot
+
+        def worker(buf: np.ndarray) -> None:
+            for s in order:
+                os.preadv(fd, [buf], s * slot_size)
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(worker, b) for b in bufs]:
+                f.result()
+        read_cpu.append(time.process_time() - c0)
+        return slots * bb / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+
+
 def host_rows(rows: int, bb: int, aligned: bool, rng: np.random.Generator) -> np.ndarray:
     """``rows`` blocks of one host buffer: page-aligned rows (like pinned G2
     memory) or shifted by 64 bytes so that no row is page-aligned."""
@@ -146,7 +194,7 @@ def arena_run(arena: DiskArena, batch: int, aligned: bool, rng: np.random.Genera
     n, bb = arena.num_slots, arena.block_bytes
     src = host_rows(batch, bb, aligned, rng)
     dst = host_rows(batch, bb, aligned, rng)
-    hashes = [(s * 0x9E3779B97F4A7C15 + 1) % (1 << 64) for s in range(n)]
+    hashes = [((s * 0x9E3779B97F4A7C15 + 1) % (1 << 64)).to_bytes(16, "little") for s in range(n)]  # 128-bit
     order = rng.permutation(n).tolist()
     t0 = time.perf_counter()
     for lo in range(0, n, batch):
@@ -163,6 +211,121 @@ def arena_run(arena: DiskArena, batch: int, aligned: bool, rng: np.random.Genera
         assert all(ok), "read failed verification"
     read = n * bb / (time.perf_counter() - t0) / 1e9
     return write, read
+
+
+class ExecutorBench:
+    """G3 through the real transfer executor on CPU: one DiskArena file holding ``n`` blocks
+    stored from a CPU KV cache, loaded back into it in jobs (see (d) in the module doc)."""
+
+    TOKENS = 16
+
+    def __init__(self, workdir: str, size: int, block: int, threads: int, direct: bool) -> None:
+        import torch
+
+        from kvbm.transfer.executor import POOL_BYTES, POOL_ROWS, Blocks, TransferExecutor
+        from kvbm.transfer.layout import describe_kv_caches
+        from kvbm.transfer.media import DiskMedium
+
+        self.torch, self.Blocks = torch, Blocks
+        self.block, self.direct = block, direct
+        self.n = n = size // block
+        # vLLM's CPU backend: per layer [num_blocks, kv heads, tokens, 2 * head dim], bf16.
+        layers = 32 if block >= (1 << 20) else 16
+        per_token_row = block // layers // self.TOKENS // 2  # bf16 elements per (head, token): 2*D*heads
+        head2 = 256 if per_token_row % 256 == 0 else per_token_row
+        heads = per_token_row // head2
+        if layers * heads * self.TOKENS * head2 * 2 != block:
+            raise SystemExit(f"--executor: cannot lay out a {block} B block as a CPU KV cache")
+        gen = torch.Generator().manual_seed(block)
+        self.cache = {f"model.layers.{i}.self_attn": torch.randint(
+            -30000, 30000, (n, heads, self.TOKENS, head2), dtype=torch.int16, generator=gen).view(torch.bfloat16)
+            for i in range(layers)}
+        self.shape = f"{layers} layers x [{n}, {heads}, {self.TOKENS}, {head2}] bf16"
+        layout, views = describe_kv_caches(self.cache, n)
+        assert layout.block_bytes == block
+        self.arena = DiskArena(workdir, n, block, file_tag=f"bench-exec-{block}", io_threads=threads,
+                               disable_o_direct=not direct)
+        self.ex = TransferExecutor(layout, views, media={"G3": DiskMedium(self.arena, delete_on_close=True)})
+        self.pool_rows = max(1, min(POOL_ROWS, POOL_BYTES // block))
+        self.hashes = [(b + 1).to_bytes(16, "little") for b in range(n)]
+        self.slot_of = np.random.default_rng(block).permutation(n).tolist()
+        self.crcs = [self._crc(b) for b in range(n)]
+        self.cpu: dict[tuple[int, bool | None], list[float]] = {}  # process CPU seconds per load round
+        self._job = 0
+        # Store every block once (untimed): G1 block b -> G3 slot slot_of[b].
+        jobs = [(list(range(lo, min(lo + 64, n))),) for lo in range(0, n, 64)]
+        self._run([(self.Blocks("G1", b), self.Blocks("G3", [self.slot_of[i] for i in b],
+                                                       [self.hashes[i] for i in b])) for (b,) in jobs], 64)
+        self.arena.sync()
+
+    def _crc(self, b: int) -> int:
+        crc = 0
+        for t in self.cache.values():
+            crc = zlib.crc32(t[b].contiguous().view(self.torch.uint8).numpy(), crc)
+        return crc
+
+    def _run(self, jobs: list, batch: int) -> None:
+        """Submit ``jobs`` keeping as many in flight as the row pool holds; wait for all; raise
+        if one did not move every block."""
+        window = max(1, self.pool_rows // batch)
+        pending: dict[int, int] = {}  # job id -> blocks
+        todo = iter(jobs)
+        left = len(jobs)
+        while left:
+            while len(pending) < window:
+                job = next(todo, None)
+                if job is None:
+                    break
+                self._job += 1
+                pending[self._job] = len(job[0].ids)
+                self.ex.submit(self._job, *job)
+            done = self.ex.poll()
+            for d in done:
+                if not d.ok or d.moved != pending.pop(d.job_id):
+                    raise SystemExit(f"--executor: job {d.job_id} failed: {d}")
+                left -= 1
+            if not done:
+                time.sleep(0.001)  # vLLM polls once per engine step
+
+    def load(self, batch: int, consecutive: bool, rng: np.random.Generator) -> float:
+        """Load every block in random order, ``batch`` per job; returns GB/s (verified after)."""
+        for t in self.cache.values():
+            t.zero_()
+        if not self.direct:
+            drop_cache(self.arena._fd)
+        order = rng.permutation(self.n).tolist()
+        dst = list(range(self.n)) if consecutive else rng.permutation(self.n).tolist()
+        jobs = [(self.Blocks("G3", [self.slot_of[b] for b in order[lo : lo + batch]],
+                             [self.hashes[b] for b in order[lo : lo + batch]]),
+                 self.Blocks("G1", dst[lo : lo + batch])) for lo in range(0, self.n, batch)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        self._run(jobs, batch)
+        gbs = self.n * self.block / (time.perf_counter() - t0) / 1e9
+        self.cpu.setdefault((batch, consecutive), []).append(time.process_time() - c0)
+        bad = sum(self._crc(d) != self.crcs[b] for b, d in zip(order, dst))
+        if bad:
+            raise SystemExit(f"--executor: {bad} of {self.n} loaded blocks differ from what was stored")
+        self.verified += self.n
+        return gbs
+
+    def arena_reads(self, batch: int, rng: np.random.Generator) -> float:
+        """Every block through ``DiskArena.read_blocks`` alone (read + verify into pool rows, no
+        executor, no scatter), random order, ``batch`` per call: what the CRC costs over raw."""
+        rows = self.ex._pool.buffers(range(batch))
+        order = rng.permutation(self.n).tolist()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for lo in range(0, self.n, batch):
+            part = order[lo : lo + batch]
+            if not all(self.arena.read_blocks([(self.slot_of[b], self.hashes[b], rows[i])
+                                               for i, b in enumerate(part)])):
+                raise SystemExit("--executor: a DiskArena read failed verification")
+        self.cpu.setdefault((batch, None), []).append(time.process_time() - c0)
+        return self.n * self.block / (time.perf_counter() - t0) / 1e9
+
+    verified = 0
+
+    def close(self) -> None:
+        self.ex.close()
 
 
 def cpu_costs(block: int) -> dict[str, float]:
@@ -190,6 +353,9 @@ def main() -> None:
     p.add_argument("--chunk", default="64MiB", help="baseline buffer size")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--disable-o-direct", action="store_true")
+    p.add_argument("--executor", action="store_true",
+                   help="G3 loads through the transfer executor against raw random reads, see (d)")
+    p.add_argument("--load-batches", default="64,256", help="blocks per load job with --executor")
     args = p.parse_args()
 
     parent = args.dir or os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp"
@@ -211,6 +377,9 @@ def main() -> None:
         print(f"I/O        NOTE: O_DIRECT {why}: buffered I/O; the page cache is dropped with "
               f"posix_fadvise before reads (best effort), numbers may include cache effects")
     rng = np.random.default_rng(0)
+    if args.executor:
+        executor_main(workdir, size, blocks, args, direct, rng)
+        return
     variants: dict[str, Callable[[], Result]] = {
         f"baseline sequential {fmt_size(chunk)} I/O": lambda: baseline(
             os.path.join(workdir, "baseline.bin"), size, chunk, direct),
@@ -247,6 +416,56 @@ def main() -> None:
     finally:
         for arena in arenas:
             arena.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def executor_main(workdir: str, size: int, blocks: list[int], args: argparse.Namespace, direct: bool,
+                  rng: np.random.Generator) -> None:
+    """(c) and (d) only: raw random-slot reads against loads through the transfer executor."""
+    batches = [int(b) for b in args.load_batches.split(",")]
+    benches: list[ExecutorBench] = []
+    variants: dict[str, Callable[[], float]] = {}
+    rows: list[tuple[str, str]] = []  # (executor variant, its raw baseline)
+    cpu: dict[str, list[float]] = {}  # process CPU seconds per round (reads only)
+    try:
+        for b in blocks:
+            t0 = time.perf_counter()
+            bench = ExecutorBench(workdir, size, b, args.threads, direct)
+            benches.append(bench)
+            raw = f"raw random {fmt_size(b)} x{args.threads}, same file"
+            cpu[raw] = []
+            variants[raw] = lambda e=bench, c=cpu[raw]: raw_read_file(
+                e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c)
+            print(f"G1 cache   {fmt_size(b)} blocks: {bench.shape}; G3 stored through the executor in "
+                  f"{time.perf_counter() - t0:.1f} s; row pool {bench.pool_rows} rows")
+            name = f"DiskArena read+verify {fmt_size(b)}, {batches[0]}/call"
+            variants[name] = lambda e=bench, n=batches[0]: e.arena_reads(n, rng)
+            cpu[name] = bench.cpu.setdefault((batches[0], None), [])
+            rows.append((name, raw))
+            for batch in batches:
+                for consecutive in (True, False):
+                    name = f"executor {fmt_size(b)}, {batch}/job, G1 {'consec' if consecutive else 'random'}"
+                    variants[name] = lambda e=bench, n=batch, c=consecutive: e.load(n, c, rng)
+                    cpu[name] = bench.cpu.setdefault((batch, consecutive), [])
+                    rows.append((name, raw))
+        results: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.repeat):  # interleaved: drift hits every variant alike
+            for name, fn in variants.items():
+                results[name].append(fn())
+        med = {k: statistics.median(v) for k, v in results.items()}
+        cpu_gib = {k: statistics.median(v) / (size / (1 << 30)) for k, v in cpu.items()}
+        print(f"\n{'':44s} {'read GB/s':>10s} {'raw GB/s':>9s} {'ratio':>6s} {'CPU s/GiB':>10s} {'raw':>5s}")
+        for name, raw in rows:
+            print(f"{name:44s} {med[name]:10.2f} {med[raw]:9.2f} {med[name] / med[raw]:6.2f} "
+                  f"{cpu_gib[name]:10.2f} {cpu_gib[raw]:5.2f}")
+        print("\nall rounds (read GB/s):")
+        for name, runs in results.items():
+            print(f"  {name:44s} " + " ".join(f"{r:.2f}" for r in runs))
+        print(f"\nverified   {sum(e.verified for e in benches)} loaded blocks, every one CRC-equal to what was "
+              f"stored")
+    finally:
+        for bench in benches:
+            bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -166,6 +166,38 @@ def test_a_job_larger_than_the_free_pool_takes_the_staging_path(cache, tmp_path,
     ex.close()
 
 
+@pytest.mark.parametrize("shape", [SHAPE, (2, NUM_BLOCKS, 4, 16)])  # CPU backend; FlashAttention's K/V planes
+def test_the_single_threaded_engine_copies_what_the_torch_engine_copies(shape):
+    """The row pool's engine (``parallel=False``: numpy, an indexed copy per layer for many
+    runs) lands exactly the bytes of the torch engine, both ways, for scattered blocks,
+    consecutive ones, scattered slots and a batch that repeats a block."""
+    from kvbm.transfer.engine import TorchCopyEngine
+
+    gen = torch.Generator().manual_seed(3)
+    base = {f"layer.{i}": torch.randint(-1000, 1000, shape, generator=gen).to(torch.bfloat16) for i in range(LAYERS)}
+    rng = np.random.default_rng(0)
+    scattered = rng.permutation(NUM_BLOCKS)[:12].tolist()
+    jobs = [  # (G1 blocks, host slots)
+        (scattered, list(range(2, 14))),
+        (list(range(5, 17)), list(range(0, 12))),
+        (scattered, rng.permutation(16)[:12].tolist()),
+        ([1, 3, 5, 7, 9, 11, 13, 15, 17, 3], list(range(10))),
+    ]
+    out = []
+    for parallel in (True, False):
+        cache = {k: v.clone() for k, v in base.items()}
+        layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+        arena = HostArena(16, layout.block_bytes, pin=False)
+        engine = TorchCopyEngine(layout, views, arena, parallel=parallel)
+        for key, (blocks, slots) in enumerate(jobs):
+            engine.store(key, blocks, slots)
+            engine.load(key, slots, list(reversed(blocks)))
+        assert all(c.ok for c in engine.poll())
+        out.append((arena.buffer.clone(), [t.clone() for t in cache.values()]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
 def test_a_bad_block_ends_the_landed_prefix_and_is_named(cache, tmp_path):
     ex = executor(cache, tmp_path, host=False)
     ex.submit(1, Blocks("G1", [1, 2, 3]), Blocks("G3", [0, 1, 2], [H(1), H(2), H(3)]))

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from kvbm.storage.host import HostArena
@@ -89,6 +90,12 @@ class _LayeredLoad:
     seconds: float = 0.0
 
 
+#: A single-threaded engine copies a batch of more runs than this with one indexed numpy copy
+#: per layer instead of one copy per run (per-run Python costs ~µs; a 128 KiB block of 16 layers
+#: scattered to random G1 blocks is 16 runs of 8 KiB).
+_INDEXED_RUNS = 8
+
+
 class TorchCopyEngine:
     """Synchronous engine for CPU caches: ``copy_`` over runs of consecutive blocks.
 
@@ -97,13 +104,25 @@ class TorchCopyEngine:
     per layer. Index-based gathers (``index_select`` + ``index_copy_``) go through a
     temporary and move ~1 GB/s here; plain copies of whole rows run at memory speed.
     Layer-wise loads are lazy: layer *i* is copied when it is waited for.
+
+    ``parallel=False``: copies run on the calling thread only (numpy, which releases the GIL)
+    instead of torch's intra-op thread pool, and a batch of many runs is one indexed copy per
+    layer. The row pool between G1 and the block media uses it: its copies run while the
+    medium's I/O threads read and checksum, and torch's OpenMP workers, which spin and must
+    all be scheduled for every ``copy_``, then fight those threads for the cores (on 2 busy
+    cores a 4 MiB ``copy_`` took 2.6 ms instead of 0.1 ms; ``bench/disk.py --executor``).
     """
 
-    def __init__(self, layout: KVLayout, views: list[torch.Tensor], arena: HostArena) -> None:
+    def __init__(self, layout: KVLayout, views: list[torch.Tensor], arena: HostArena, *,
+                 parallel: bool = True) -> None:
         self.layout = layout
         self._device_views = views
         self._host_views = [
             arena.segment(layer.offset, layer.outer, layer.inner_bytes) for layer in layout.layers
+        ]
+        # numpy views of the same bytes (uint8 CPU tensors: no copy) for the single-threaded copies
+        self._np_views = None if parallel else [
+            (device.numpy(), host.numpy()) for device, host in zip(views, self._host_views)
         ]
         self._done: list[Completion] = []
         self._layered: list[_LayeredLoad] = []  # layer-wise loads not complete yet
@@ -131,13 +150,37 @@ class TorchCopyEngine:
             raise IndexError(f"host slot out of range [0, {num_slots})")
         return self._runs(blocks, slots)
 
-    def _copy_layer(self, layer: int, runs: list[tuple[int, int, int]], to_host: bool) -> None:
+    def _copy_layer(self, layer: int, runs: list[tuple[int, int, int]], to_host: bool,
+                    index: tuple[np.ndarray, np.ndarray | slice] | None = None) -> None:
         # device [outer, num_blocks, inner]; host [num_slots, outer, inner]
+        if self._np_views is not None:
+            device_np, host_np = self._np_views[layer]
+            if index is not None:  # many runs: one indexed copy (slots as a slice where consecutive)
+                blocks, slots = index
+                if to_host:
+                    host_np[slots] = device_np[:, blocks].swapaxes(0, 1)
+                else:
+                    device_np[:, blocks] = host_np[slots].swapaxes(0, 1)
+                return
+            for block, slot, n in runs:
+                gpu_np = device_np[:, block : block + n]
+                row_np = host_np[slot : slot + n].swapaxes(0, 1)
+                np.copyto(row_np if to_host else gpu_np, gpu_np if to_host else row_np)
+            return
         device, host = self._device_views[layer], self._host_views[layer]
         for block, slot, n in runs:
             gpu = device[:, block : block + n]
             row = host[slot : slot + n].transpose(0, 1)
             (row if to_host else gpu).copy_(gpu if to_host else row)
+
+    @staticmethod
+    def _index(gpu_blocks: list[int], host_slots: list[int]) -> tuple[np.ndarray, np.ndarray | slice]:
+        """The batch as numpy indices, its slots a slice when consecutive (pool rows mostly are)."""
+        slots = np.asarray(host_slots, dtype=np.int64)
+        first = int(slots[0])
+        if np.array_equal(slots, np.arange(first, first + len(slots))):
+            return np.asarray(gpu_blocks, dtype=np.int64), slice(first, first + len(slots))
+        return np.asarray(gpu_blocks, dtype=np.int64), slots
 
     def store(self, key: int, gpu_blocks: list[int], host_slots: list[int]) -> None:
         self._run("store", key, gpu_blocks, host_slots)
@@ -149,8 +192,13 @@ class TorchCopyEngine:
         start, ok = time.perf_counter(), True
         try:
             runs = self._check(gpu_blocks, host_slots)
+            index = None
+            n = len(gpu_blocks)
+            if self._np_views is not None and len(runs) > _INDEXED_RUNS and len(set(gpu_blocks)) == n == len(
+                    set(host_slots)):  # repeated ids keep the runs' order: last one wins
+                index = self._index(gpu_blocks, host_slots)
             for layer in range(len(self._device_views)):
-                self._copy_layer(layer, runs, to_host=kind == "store")
+                self._copy_layer(layer, runs, to_host=kind == "store", index=index)
         except Exception:  # a failed copy is a miss (store) or a recompute (load), never a crash
             logger.exception("kvbm: %s %s failed; its blocks are not cached / are recomputed", kind, key)
             ok = False

@@ -134,7 +134,8 @@ class _RowPool:
         rows = max(1, min(POOL_ROWS, POOL_BYTES // layout.block_bytes))
         on_gpu = bool(views) and views[0].is_cuda
         self.arena = HostArena.wrap(make_host_arena_buffer(rows, layout.block_bytes, on_gpu))
-        self.engine = make_copy_engine(layout, views, self.arena)
+        # on CPU: copies on the step thread only, leaving the cores to the medium's I/O threads
+        self.engine = make_copy_engine(layout, views, self.arena, cpu_parallel=False)
         self._free = list(range(rows - 1, -1, -1))  # descending: pop() gives the lowest row
 
     def take(self, n: int) -> list[int] | None:
