@@ -23,6 +23,10 @@ class SlotState(Enum):
     READY = 2
 
 
+_PENDING = SlotState.PENDING
+_READY = SlotState.READY
+
+
 @dataclass
 class PoolStats:
     stored: int = 0
@@ -52,15 +56,14 @@ class BlockPool:
         #: Called with a hash that leaves the pool (evicted, or dropped: a failed copy or a bad
         #: slot), so KV events can tell the router (kvbm.runtime.events). O(1) per call.
         self.on_removed: Callable[[BlockHash], None] | None = None
+        # The two lookups the planner makes for every block of every step, bound straight to the
+        # dicts' C methods (no Python frame per call; the dicts are never replaced, only mutated).
+        #: True if the hash is stored or being stored (dedup check).
+        self.contains: Callable[[BlockHash], bool] = self._slot_of.__contains__
+        #: The READY slot of a hash, or None.
+        self.ready_slot: Callable[[BlockHash], int | None] = self._ready.get
 
     # ---- lookups -------------------------------------------------------
-    def contains(self, block_hash: BlockHash) -> bool:
-        """True if the hash is stored or being stored (dedup check)."""
-        return block_hash in self._slot_of
-
-    def ready_slot(self, block_hash: BlockHash) -> int | None:
-        return self._ready.get(block_hash)
-
     def match_prefix(self, hashes: Sequence[BlockHash], start: int = 0, stop: int | None = None) -> list[int]:
         """Slots of the longest run of READY hashes in ``hashes[start:stop]``.
 
@@ -109,6 +112,21 @@ class BlockPool:
         self.version += 1
         if self._refs[slot] == 0:
             self._lru[slot] = None
+
+    def commit_many(self, slots: Sequence[int]) -> None:
+        """:meth:`commit` each of ``slots``, in order (a whole batch in one call)."""
+        state, ready, hash_of, refs, lru = self._state, self._ready, self._hash_of, self._refs, self._lru
+        done = 0
+        for slot in slots:
+            if state[slot] is not _PENDING:
+                continue
+            state[slot] = _READY
+            ready[hash_of[slot]] = slot  # type: ignore[index]
+            done += 1
+            if refs[slot] == 0:
+                lru[slot] = None
+        self.stats.stored += done
+        self.version += done
 
     def drop(self, slot: int) -> None:
         """Forget a slot's content (failed copy, corrupt data). Refs are kept
