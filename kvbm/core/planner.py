@@ -493,9 +493,10 @@ class Planner:
             # so the slots must still hold the hashes; check anyway, cheaply.
             at = first
             for tier, slots in zip(self._tiers, parts):
-                for i, slot in enumerate(slots):
-                    if tier.index.ready_slot(seq.hashes[at + i]) != slot:
-                        raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
+                now = list(map(tier.index.ready_slot, seq.hashes[at : at + len(slots)]))
+                if now != slots:
+                    slot = next((s for s, n in zip(slots, now) if s != n), slots[-1])
+                    raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
                 at += len(slots)
             at = first
             for tier, slots in zip(self._tiers, parts):
@@ -728,7 +729,6 @@ class Planner:
         threshold = dst.spec.filter_threshold
         filt = self.filter if threshold is not None else None
         freqs = filt.frequencies(hashes) if filt is not None else repeat(0)
-        acquire = src.index.acquire
         spill: SpillBatch | None = None
         admitted = rejected = 0
         for block_hash, src_slot, freq in zip(hashes, slots, freqs):
@@ -744,10 +744,14 @@ class Planner:
                 continue
             if spill is None:
                 spill = self._spill_batch(src, dst)
-            acquire((src_slot,))  # the copy reads it: no eviction meanwhile
+                first = len(spill.src_slots)
             spill.src_slots.append(src_slot)
             spill.dst_slots.append(dst_slot)
             spill.hashes.append(block_hash)
+        if spill is not None:
+            # The copies read them: no eviction meanwhile (pinned after the loop, which only
+            # reserves in the tier below).
+            src.index.acquire(spill.src_slots[first:])
         if filt is not None:
             filt.count_decisions(admitted, rejected)
             self.stats.filter_rejections += rejected

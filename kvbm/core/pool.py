@@ -82,14 +82,15 @@ class BlockPool:
         Evicts the least recently used unreferenced READY block when no slot
         is free. A PENDING slot is invisible until :meth:`commit`.
         """
-        if block_hash in self._slot_of:
+        slot_of = self._slot_of
+        if block_hash in slot_of:
             return None
         if self._free:
             slot = self._free.pop()
         elif self._lru:
             slot, _ = self._lru.popitem(last=False)
             old = self._hash_of[slot]
-            del self._slot_of[old]  # type: ignore[arg-type]
+            del slot_of[old]  # type: ignore[arg-type]
             del self._ready[old]  # type: ignore[arg-type]
             self.stats.evicted += 1
             self.version += 1
@@ -97,9 +98,9 @@ class BlockPool:
                 self.on_removed(old)  # type: ignore[arg-type]
         else:
             return None
-        self._slot_of[block_hash] = slot
+        slot_of[block_hash] = slot
         self._hash_of[slot] = block_hash
-        self._state[slot] = SlotState.PENDING
+        self._state[slot] = _PENDING
         return slot
 
     def commit(self, slot: int) -> None:
@@ -173,19 +174,21 @@ class BlockPool:
     # ---- readers -------------------------------------------------------
     def acquire(self, slots: Iterable[int]) -> None:
         """Pin slots for a reader (a load in flight) so they are not evicted."""
+        refs, lru = self._refs, self._lru
         for slot in slots:
-            self._refs[slot] += 1
-            self._lru.pop(slot, None)
+            refs[slot] += 1
+            lru.pop(slot, None)
 
     def release(self, slots: Sequence[int]) -> None:
         """Unpin; slots return to the LRU with the first of a chain most recent."""
+        refs, state, lru = self._refs, self._state, self._lru
         for slot in reversed(slots):
-            self._refs[slot] -= 1
-            if self._refs[slot] > 0:
+            refs[slot] -= 1
+            if refs[slot] > 0:
                 continue
-            if self._state[slot] is SlotState.READY:
-                self._lru[slot] = None  # most recently used
-            elif self._state[slot] is SlotState.FREE and self._hash_of[slot] is None:
+            if state[slot] is _READY:
+                lru[slot] = None  # most recently used
+            elif state[slot] is SlotState.FREE and self._hash_of[slot] is None:
                 self._free.append(slot)
 
     def touch(self, slots: Iterable[int]) -> None:
