@@ -148,7 +148,9 @@ class FrequencyFilter:
                 self._make_room()
             new = 1
         else:
-            new = min((stored - self._offset) * 2, CAP)
+            new = (stored - self._offset) * 2
+            if new > CAP:
+                new = CAP
             bucket = buckets[stored]
             if len(bucket) == 1:
                 del buckets[stored]

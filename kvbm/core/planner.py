@@ -549,8 +549,9 @@ class Planner:
             elif blocks:
                 seq.gpu_blocks.extend(blocks)
             if req.root is not None:
-                n_full = min(num_computed_after_step, len(tokens)) // self.block_size
-                if min(n_full, len(seq.gpu_blocks)) > seq.next_store:
+                computed, n_tokens = num_computed_after_step, len(tokens)
+                n_full = (computed if computed < n_tokens else n_tokens) // self.block_size
+                if (n_full if n_full < len(seq.gpu_blocks) else len(seq.gpu_blocks)) > seq.next_store:
                     self._store(req_id, req, seq, tokens, n_full, volatile=False, lead=True)
             return
         per_group = self._per_group(new_gpu_blocks) if new_gpu_blocks is not None else None
