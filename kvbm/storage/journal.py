@@ -144,12 +144,12 @@ def _records(kind: int, hashes: list[bytes], slots: list[int]) -> bytes:
 
 
 def _valid_entries(hashes: tuple, slots: tuple) -> bool:
-    """Every hash is ``bytes`` of ``HASH_BYTES`` and every slot an ``int`` in ``[0, 2**64)`` (checked with
-    C-level passes; anything else goes record by record, which raises the precise error)."""
+    """Every hash is ``bytes`` of ``HASH_BYTES`` and every slot an ``int`` in ``[0, 2**64)`` (C-level
+    passes; anything else goes record by record, which raises the precise error)."""
     return (
-        all(type(h) is bytes for h in hashes)
+        set(map(type, hashes)) <= {bytes}
         and set(map(len, hashes)) <= {HASH_BYTES}
-        and all(type(s) is int for s in slots)
+        and set(map(type, slots)) <= {int}
         and (not slots or (min(slots) >= 0 and max(slots) < _U64))
     )
 
