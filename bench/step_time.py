@@ -96,9 +96,9 @@ class SyncJournalWriter:
     def __init__(self, journal: DiskJournal) -> None:
         self.journal = journal
 
-    def submit(self, commits: list) -> None:
-        if commits:
-            self.journal.record_stored(commits)
+    def submit(self, hashes: list, slots: list) -> None:
+        if hashes:
+            self.journal.record_stored_columns(hashes, slots)
             self.journal.flush()
 
     def wait_idle(self, timeout: float | None = None) -> bool:

@@ -667,7 +667,7 @@ def test_the_step_thread_never_fsyncs_the_journal(tmp_path, monkeypatch):
     writer = JournalWriter(DiskJournal(str(tmp_path / "w.journal"), identity=ID))
     writer.journal.load()
     for step in range(50):
-        writer.submit(hs([(step, step)]))
+        writer.submit([H(step)], [step])
     assert writer.wait_idle(10)
     assert callers and set(callers) == {"kvbm-journal"}
     writer.close()
@@ -688,11 +688,16 @@ def test_large_batches_pack_byte_for_byte_and_replay(tmp_path):
     path = tmp_path / "g3.journal"
     j = DiskJournal(str(path), identity=ID)
     j.load()
-    entries = [(i * 7919, i) for i in range(n)] + [(5, 3), (1, 10**6)]  # a moved hash, a reused slot
-    j.record_stored(hs(entries))
+    entries = hs([(i * 7919, i) for i in range(n)] + [(5, 3), (1, 10**6)])  # a moved hash, a reused slot
+    j.record_stored_columns([h for h, _ in entries], [s for _, s in entries])
     assert j.flush()
     expected = ints(j.snapshot())
     assert reopen(path) == expected
+    tuples = DiskJournal(str(tmp_path / "tuples.journal"), identity=ID)
+    tuples.load()
+    tuples.record_stored(entries)  # the one-tuple-per-entry API: the same file
+    assert tuples.flush() and (tmp_path / "tuples.journal").read_bytes() == path.read_bytes()
+    tuples.close()
     j.compact()
     assert reopen(path) == expected
     j.close()
@@ -703,6 +708,6 @@ def test_a_bad_entry_in_a_large_batch_raises_as_one_by_one(tmp_path):
     j.load()
     entries = hs([(i, i) for i in range(journal_mod._VECTOR_MIN)]) + [(b"short", 1)]
     with pytest.raises(ValueError, match="is not 16 bytes"):
-        j.record_stored(entries)
-    assert len(j) == journal_mod._VECTOR_MIN  # the entries before it were recorded, as before
+        j.record_stored_columns([h for h, _ in entries], [s for _, s in entries])
+    assert len(j) == journal_mod._VECTOR_MIN  # the entries before it were recorded, as one by one does
     j.close()

@@ -241,8 +241,10 @@ class Planner:
         self._awaiting_release: set[str] = set()
         self._next_batch_id = 0
         self._plan = StepPlan()
-        #: tier -> (hash, slot) committed since the last take, for persistent tiers (the journal).
-        self._committed: dict[str, list[tuple[BlockHash, int]]] = {t.name: [] for t in self.chain if t.persistent}
+        #: tier -> (hashes, slots) committed since the last take, for persistent tiers (the journal): two
+        #: lists, not a tuple per block (tens of thousands a minute for the GC to track and collect).
+        self._committed: dict[str, tuple[list[BlockHash], list[int]]] = {
+            t.name: ([], []) for t in self.chain if t.persistent}
         self.listener: TierListener | None = None
 
     def set_listener(self, listener: TierListener | None) -> None:
@@ -840,7 +842,9 @@ class Planner:
         # eviction takes tails first (a head alone is still a hit).
         tier.index.commit_many(pending.slots[::-1])
         if tier.spec.persistent:
-            self._committed[tier.name].extend(zip(pending.hashes, pending.slots))
+            hashes, slots = self._committed[tier.name]
+            hashes += pending.hashes
+            slots += pending.slots
         if self.listener is not None:
             self.listener.committed(tier.name, pending.hashes)
         if pending.source is not None:
@@ -851,12 +855,13 @@ class Planner:
         if tier.next is not None:
             self._spill_committed(tier, pending.hashes, pending.slots)
 
-    def take_commits(self, tier: str) -> list[tuple[BlockHash, int]]:
-        """(hash, slot) of blocks of a persistent tier made visible since the last call (for its journal)."""
+    def take_commits(self, tier: str) -> tuple[list[BlockHash], list[int]]:
+        """(hashes, slots) of blocks of a persistent tier made visible since the last call (for its
+        journal), in commit order; two empty lists when none."""
         commits = self._committed.get(tier)
-        if not commits:
-            return []
-        self._committed[tier] = []
+        if commits is None or not commits[0]:
+            return [], []
+        self._committed[tier] = ([], [])
         return commits
 
     def restore(self, tier: str, entries: dict[BlockHash, int]) -> int:

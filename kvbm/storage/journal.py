@@ -58,6 +58,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -448,18 +449,27 @@ class DiskJournal:
         whose read fails verification, which costs a miss, not correctness.
         """
         self._ensure_loaded()
-        if not entries:
+        for block_hash, slot in entries:
+            self._append(_STORED, block_hash, slot)
+        self._bound_pending()
+
+    def record_stored_columns(self, hashes: Sequence[BlockHash], slots: Sequence[int]) -> None:
+        """:meth:`record_stored` of ``zip(hashes, slots)``: the leader's commits, as two lists (no
+        tuple per entry for the GC), packed in bulk (see :func:`_records`)."""
+        self._ensure_loaded()
+        if not hashes:
             return
-        hashes, slots = zip(*entries)
+        if len(hashes) != len(slots):
+            raise ValueError(f"journal: {len(hashes)} hashes for {len(slots)} slots")
         if not _valid_entries(hashes, slots):
-            for block_hash, slot in entries:  # raises at the first bad entry, as one by one always did
+            for block_hash, slot in zip(hashes, slots):  # raises at the first bad entry, as one by one did
                 self._append(_STORED, block_hash, slot)
             self._bound_pending()
             return
-        self._pending += _records(_STORED, hashes, slots)  # type: ignore[arg-type]
+        self._pending += _records(_STORED, hashes, slots)
         # The in-memory state, in order (a batch may move a hash or reuse a slot twice).
         slot_of, hash_of = self._slot_of, self._hash_of
-        for block_hash, slot in entries:
+        for block_hash, slot in zip(hashes, slots):
             old = hash_of.pop(slot, None)
             if old is not None and slot_of.get(old) == slot:
                 del slot_of[old]
@@ -611,7 +621,8 @@ class JournalWriter:
 
     def __init__(self, journal: DiskJournal) -> None:
         self.journal = journal
-        self._queue: list[tuple[BlockHash, int]] = []
+        self._hashes: list[BlockHash] = []  # queued commits, as two lists (no tuple per block)
+        self._slots: list[int] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -620,12 +631,13 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._run, name="kvbm-journal", daemon=True)
         self._thread.start()
 
-    def submit(self, commits: list[tuple[BlockHash, int]]) -> None:
-        """Journal these ``(hash, slot)`` commits soon; returns at once."""
-        if not commits:
+    def submit(self, hashes: list[BlockHash], slots: list[int]) -> None:
+        """Journal these commits (block ``hashes[i]`` in ``slots[i]``) soon; returns at once."""
+        if not hashes:
             return
         with self._lock:
-            self._queue.extend(commits)
+            self._hashes += hashes
+            self._slots += slots
             self._idle.clear()
         self._wake.set()
 
@@ -638,15 +650,15 @@ class JournalWriter:
             self._wake.wait()
             self._wake.clear()
             with self._lock:
-                batch, self._queue = self._queue, []
-            if batch:
+                hashes, slots, self._hashes, self._slots = self._hashes, self._slots, [], []
+            if hashes:
                 try:
-                    self.journal.record_stored(batch)
+                    self.journal.record_stored_columns(hashes, slots)
                     self.journal.flush()
                 except Exception:  # never let the writer die: a lost record is a miss after a restart
                     logger.exception("kvbm: writing the disk index %s failed", self.journal.path)
             with self._lock:
-                if not self._queue:
+                if not self._hashes:
                     self._idle.set()
                     if self._closed:
                         return
