@@ -515,13 +515,23 @@ class Planner:
         self._plan.loads.append(op)
         self.stats.matched_tokens += n * self.block_size
         if self.filter is not None:
+            # A hit is a sighting: hot blocks earn the next tier. Each block's spill reads only its
+            # own frequency, so the load's sightings are counted first, in bulk, when no early
+            # decay can come between them (the blocks are distinct: chain positions and groups).
+            runs = []
             for seq, first, parts in sighted:
                 at = first
                 for tier, slots in zip(self._tiers, parts):
-                    if tier.next is not None:
-                        for i, slot in enumerate(slots):  # a hit is a sighting: hot blocks earn the next tier
-                            self._sighted(tier, seq.hashes[at + i], slot)
+                    if tier.next is not None and slots:
+                        runs.append((tier, seq.hashes[at : at + len(slots)], slots))
                     at += len(slots)
+            total = sum(len(slots) for _, _, slots in runs)
+            observed = self.filter.has_room(total)
+            if observed:
+                self.filter.observe_distinct([h for _, hashes, _ in runs for h in hashes])
+            for tier, hashes, slots in runs:
+                for block_hash, slot in zip(hashes, slots):
+                    self._sighted(tier, block_hash, slot, observed)
 
     def on_scheduled(
         self,
@@ -678,11 +688,13 @@ class Planner:
         return False
 
     # ---- spills: tier i → tier i+1 ----------------------------------------
-    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int) -> None:
+    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int, observed: bool = False) -> None:
         """A sighting of a READY block of ``tier``; carry it one tier further down the
-        chain, from the deepest tier already holding it, once that tier's filter admits it."""
+        chain, from the deepest tier already holding it, once that tier's filter admits it.
+        ``observed``: the filter has counted this sighting already (in a batch)."""
         assert self.filter is not None
-        self.filter.observe(block_hash)
+        if not observed:
+            self.filter.observe(block_hash)
         nxt = tier.next
         while nxt is not None and nxt.index.contains(block_hash):
             tier = nxt
