@@ -37,7 +37,11 @@ G3's data file is the workers' (not touched here): the leader's share is the pla
 journal handoff, which is what the step thread pays. "during compaction" is the worst step
 that overlapped a compaction (its start to its end, on whichever thread ran it).
 
-Run: ``PYTHONPATH=$PWD python bench/step_time.py [--steps N] [--seed S] [--json PATH]``.
+``--cpu`` also reports the step thread's CPU time per step (``time.thread_time_ns`` around each
+call, outside the wall-clock bracket): preemption by other processes on a shared machine inflates
+the wall-clock p99, not this.
+
+Run: ``PYTHONPATH=$PWD python bench/step_time.py [--steps N] [--seed S] [--cpu] [--json PATH]``.
 Prints a table; asserts nothing about timings.
 """
 
@@ -96,9 +100,9 @@ class SyncJournalWriter:
     def __init__(self, journal: DiskJournal) -> None:
         self.journal = journal
 
-    def submit(self, commits: list) -> None:
-        if commits:
-            self.journal.record_stored(commits)
+    def submit(self, hashes: list, slots: list) -> None:
+        if hashes:
+            self.journal.record_stored_columns(hashes, slots)
             self.journal.flush()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -124,7 +128,7 @@ class Request:
 class Engine:
     """Just enough of vLLM's scheduler to call the leader as the adapter does."""
 
-    def __init__(self, runtime: LeaderRuntime, seed: int) -> None:
+    def __init__(self, runtime: LeaderRuntime, seed: int, cpu: bool = False) -> None:
         self.rt = runtime
         self.rng = random.Random(seed)
         rng = self.rng
@@ -140,6 +144,10 @@ class Engine:
         self.root = request_root(runtime.engine_root)
         self.prev_plan: StepPlan | None = None
         self.spent_ns = 0
+        #: Also the thread's CPU time in the calls (--cpu): what preemption by other processes
+        #: does not inflate, on a shared machine. Read outside the wall-clock bracket.
+        self.cpu = cpu
+        self.cpu_ns = 0
         self.counts = {"requests": 0, "matched_tokens": 0, "async_loads": 0, "sync_loads": 0}
 
     def _fresh_conversation(self) -> list[int]:
@@ -148,9 +156,13 @@ class Engine:
                                                               for _ in range(rng.randrange(200, 800))]
 
     def _call(self, fn, *args):
+        if self.cpu:
+            cpu = time.thread_time_ns()
         start = time.perf_counter_ns()
         result = fn(*args)
         self.spent_ns += time.perf_counter_ns() - start
+        if self.cpu:
+            self.cpu_ns += time.thread_time_ns() - cpu
         return result
 
     def _grow(self, req: Request, upto_tokens: int) -> list[int]:
@@ -161,7 +173,7 @@ class Engine:
 
     def step(self) -> int:
         """One engine step; returns the nanoseconds the leader's calls took."""
-        self.spent_ns = 0
+        self.spent_ns = self.cpu_ns = 0
         rt = self.rt
         budget = STEP_BUDGET
         new_reqs: list[tuple[Request, int]] = []  # (request, tokens scheduled)
@@ -282,7 +294,7 @@ class Engine:
         return report, finished_recving, released
 
 
-def run_config(name: str, steps: int, seed: int, directory: str) -> dict:
+def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = False) -> dict:
     """One configuration: ``steps`` engine steps of the seeded workload; per-step leader time."""
     with_disk = name != "a"
     persistent = with_disk and name != "g3"
@@ -314,14 +326,16 @@ def run_config(name: str, steps: int, seed: int, directory: str) -> dict:
                     compactions.append((start, time.perf_counter_ns()))
 
             rt.journal.compact = counted_compact  # type: ignore[method-assign]
-        sim = Engine(rt, seed)
+        sim = Engine(rt, seed, cpu)
         gc.collect()
         times = []
+        cpu_times = []
         spans = []
         wall = time.perf_counter()
         for _ in range(steps):
             start = time.perf_counter_ns()
             times.append(sim.step())
+            cpu_times.append(sim.cpu_ns)
             spans.append((start, time.perf_counter_ns()))
         wall = time.perf_counter() - wall
         records = rt.journal.num_records if rt.journal is not None else 0
@@ -338,6 +352,7 @@ def run_config(name: str, steps: int, seed: int, directory: str) -> dict:
         for key, value in saved_consts.items():
             setattr(journal_module, key, value)
     us = sorted(t / 1000 for t in times)
+    cpu_us = sorted(t / 1000 for t in cpu_times)
     during = [times[i] / 1000 for i, (s, e) in enumerate(spans) if any(cs < e and ce > s for cs, ce in compactions)]
     return {
         "config": name, "description": DESCRIPTION[name], "steps": steps, "wall_s": round(wall, 2),
@@ -345,6 +360,7 @@ def run_config(name: str, steps: int, seed: int, directory: str) -> dict:
         "compactions": len(compactions), "journal_records": records,
         "steps_during_compaction": len(during), "max_during_compaction_us": max(during) if during else None,
         "tiers": tiers, **sim.counts,
+        **({"cpu_p50_us": _pct(cpu_us, 50), "cpu_p99_us": _pct(cpu_us, 99)} if cpu else {}),
     }
 
 
@@ -360,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     parser.add_argument("--dir", default=None, help="where the journals go (default: a temp dir under /tmp)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also the step thread's CPU time per step (preemption does not inflate it)")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     unknown = set(names) - set(CONFIGS)
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in names:
-            results.append(run_config(name, args.steps, args.seed, directory))
+            results.append(run_config(name, args.steps, args.seed, directory, args.cpu))
             print(f"  {name}: {results[-1]['wall_s']} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -385,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         r["p99_vs_g3"] = r["p99_us"] / base3 if base3 and r["config"] != "a" else None
         during = f"{r['max_during_compaction_us']:.0f}" if r["max_during_compaction_us"] is not None else "-"
         print(f"{r['config']:<8} {r['description']:<42} {r['steps']:>6} {r['p50_us']:>8.0f} {r['p99_us']:>8.0f} "
-              f"{r['max_us']:>9.0f} {ratio:>6} {ratio3:>6} {r['compactions']:>11} {during:>24}")
+              f"{r['max_us']:>9.0f} {ratio:>6} {ratio3:>6} {r['compactions']:>11} {during:>24}"
+              + (f"   CPU p50 {r['cpu_p50_us']:.0f} p99 {r['cpu_p99_us']:.0f} us" if args.cpu else ""))
     workloads: dict[tuple, list[str]] = {}
     for r in results:
         key = (r["requests"], r["matched_tokens"], r["sync_loads"], r["async_loads"],

@@ -243,3 +243,23 @@ def test_matches_the_reference_rules(clock, seed):
     s = f.stats
     assert (s.decays, s.early_decays, s.forgotten) == (ref.decays, ref.early, ref.forgotten)
     assert s.early_decays > 0 and s.forgotten > 0
+
+
+@pytest.mark.parametrize("max_entries", [1_000, 12])  # room for the batch; a batch that forces early decays
+def test_batched_calls_match_one_by_one(clock, max_entries):
+    """observe_distinct and frequencies()+count_decisions give what observe and should_offload give."""
+    one, many = make(clock, max_entries=max_entries), make(clock, max_entries=max_entries)
+    for f in (one, many):
+        for h in ("a", "b", "a", "c"):
+            f.observe(h)
+    batch = ["a", "d", "b", "e", "f", "g", "h", "i", "j", "k"]
+    for h in batch:
+        one.observe(h)
+    many.observe_distinct(batch)
+    assert one._stored == many._stored and one.stats == many.stats and len(one) == len(many)
+    clock.advance(PERIOD)
+    decisions = [one.should_offload(h, 2) for h in batch]
+    freqs = many.frequencies(batch)
+    many.count_decisions(sum(f >= 2 for f in freqs), sum(f < 2 for f in freqs))
+    assert [f >= 2 for f in freqs] == decisions and one.stats == many.stats
+    assert many.has_room(max_entries - len(many) - 1) and not many.has_room(max_entries - len(many))

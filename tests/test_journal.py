@@ -667,9 +667,47 @@ def test_the_step_thread_never_fsyncs_the_journal(tmp_path, monkeypatch):
     writer = JournalWriter(DiskJournal(str(tmp_path / "w.journal"), identity=ID))
     writer.journal.load()
     for step in range(50):
-        writer.submit(hs([(step, step)]))
+        writer.submit([H(step)], [step])
     assert writer.wait_idle(10)
     assert callers and set(callers) == {"kvbm-journal"}
     writer.close()
     with DiskJournal(str(tmp_path / "w.journal"), identity=ID) as again:
         assert ints(again.load()) == {step: step for step in range(50)}
+
+
+def test_large_batches_pack_byte_for_byte_and_replay(tmp_path):
+    """Batches past _VECTOR_MIN are packed by numpy, in chunks: the same bytes as one record at a
+    time, so a compaction of a large index and a large flush replay exactly."""
+    rng = random.Random(7)
+    n = journal_mod._VECTOR_MIN + 2 * journal_mod._VECTOR_CHUNK + 3  # several chunks and a remainder
+    hashes = [rng.getrandbits(128).to_bytes(16, "little") for _ in range(n)]
+    slots = [rng.getrandbits(64) for _ in range(n)]
+    for kind in (journal_mod._STORED, journal_mod._EVICTED):
+        one_by_one = b"".join(journal_mod._record(kind, h, s) for h, s in zip(hashes, slots))
+        assert journal_mod._records(kind, hashes, slots) == one_by_one
+    path = tmp_path / "g3.journal"
+    j = DiskJournal(str(path), identity=ID)
+    j.load()
+    entries = hs([(i * 7919, i) for i in range(n)] + [(5, 3), (1, 10**6)])  # a moved hash, a reused slot
+    j.record_stored_columns([h for h, _ in entries], [s for _, s in entries])
+    assert j.flush()
+    expected = ints(j.snapshot())
+    assert reopen(path) == expected
+    tuples = DiskJournal(str(tmp_path / "tuples.journal"), identity=ID)
+    tuples.load()
+    tuples.record_stored(entries)  # the one-tuple-per-entry API: the same file
+    assert tuples.flush() and (tmp_path / "tuples.journal").read_bytes() == path.read_bytes()
+    tuples.close()
+    j.compact()
+    assert reopen(path) == expected
+    j.close()
+
+
+def test_a_bad_entry_in_a_large_batch_raises_as_one_by_one(tmp_path):
+    j = DiskJournal(str(tmp_path / "g3.journal"), identity=ID)
+    j.load()
+    entries = hs([(i, i) for i in range(journal_mod._VECTOR_MIN)]) + [(b"short", 1)]
+    with pytest.raises(ValueError, match="is not 16 bytes"):
+        j.record_stored_columns([h for h, _ in entries], [s for _, s in entries])
+    assert len(j) == journal_mod._VECTOR_MIN  # the entries before it were recorded, as one by one does
+    j.close()

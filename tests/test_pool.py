@@ -314,3 +314,15 @@ def test_many_cycles_keep_invariants():
     pool.release(pinned)
     check_invariants(pool)
     assert all(pool.refcount(s) == 0 for s in range(pool.num_slots))
+
+
+def test_commit_many_is_commit_in_order():
+    one, many = BlockPool(8), BlockPool(8)
+    for pool in (one, many):
+        slots = [pool.reserve(bytes([i]) * 16) for i in range(5)]
+        pool.acquire(slots[1:2])  # pinned: committed but kept out of the LRU
+    for slot in reversed(slots):
+        one.commit(slot)
+    many.commit_many(slots[::-1] + [slots[0], 7])  # again, and a FREE slot: ignored as commit() does
+    assert one.lru_order() == many.lru_order() and one.stats == many.stats and one.version == many.version
+    assert all(many.state(s) is SlotState.READY for s in slots)

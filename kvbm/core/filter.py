@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 #: Frequencies saturate here (doubling must not grow unboundedly).
@@ -81,24 +81,6 @@ class FrequencyFilter:
         self.stats = FilterStats()
 
     # ---- decay ---------------------------------------------------------------------
-    def _set(self, block_hash: Hashable, old: int | None, freq: int) -> None:
-        """Move the entry from stored value ``old`` (None: new entry) to ``offset + freq``."""
-        buckets = self._buckets
-        if old is not None:
-            bucket = buckets[old]
-            if len(bucket) == 1:
-                del buckets[old]
-            else:
-                bucket.remove(block_hash)
-        value = self._offset + freq
-        self._stored[block_hash] = value
-        bucket = buckets.get(value)
-        if bucket is None:
-            buckets[value] = {block_hash}
-            heapq.heappush(self._values, value)
-        else:
-            bucket.add(block_hash)
-
     def _lowest(self) -> int | None:
         """The lowest stored value in the table (None if empty)."""
         values = self._values
@@ -121,6 +103,10 @@ class FrequencyFilter:
 
     def _catch_up(self) -> None:
         now = self._clock()
+        if now - self._period_start >= self.decay_period_s:
+            self._catch_up_to(now)
+
+    def _catch_up_to(self, now: float) -> None:
         elapsed = now - self._period_start
         if elapsed < self.decay_period_s:
             return
@@ -146,17 +132,89 @@ class FrequencyFilter:
 
     # ---- API -----------------------------------------------------------------
     def observe(self, block_hash: Hashable) -> int:
-        """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...)."""
-        self._catch_up()
+        """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...).
+
+        Called for every block the scheduler computes or loads, so the decay check and the move
+        between buckets are written out here (one Python frame per sighting, not three)."""
+        now = self._clock()
+        if now - self._period_start >= self.decay_period_s:
+            self._catch_up_to(now)
         self.stats.observed += 1
-        stored = self._stored.get(block_hash)
+        stored_of = self._stored
+        stored = stored_of.get(block_hash)
+        buckets = self._buckets
         if stored is None:
-            self._make_room()
+            if len(stored_of) >= self.max_entries:
+                self._make_room()
             new = 1
         else:
-            new = min((stored - self._offset) * 2, CAP)
-        self._set(block_hash, stored, new)
+            new = (stored - self._offset) * 2
+            if new > CAP:
+                new = CAP
+            bucket = buckets[stored]
+            if len(bucket) == 1:
+                del buckets[stored]
+            else:
+                bucket.remove(block_hash)
+        value = self._offset + new
+        stored_of[block_hash] = value
+        bucket = buckets.get(value)
+        if bucket is None:
+            buckets[value] = {block_hash}
+            heapq.heappush(self._values, value)
+        else:
+            bucket.add(block_hash)
         return new
+
+    def has_room(self, entries: int) -> bool:
+        """True if ``entries`` new entries fit without an early decay: until then the order of
+        sightings of different blocks cannot change any frequency (a caller may batch them)."""
+        return len(self._stored) + entries < self.max_entries
+
+    def observe_distinct(self, hashes: Sequence[Hashable]) -> None:
+        """:meth:`observe` each of ``hashes`` (no repeats), the new ones added in bulk.
+
+        A step stores hundreds of blocks, most seen for the first time: they join the
+        frequency-1 bucket with one ``dict.update`` and one ``set.update``."""
+        if not self.has_room(len(hashes)):
+            for block_hash in hashes:  # an early decay may come between two of them: in order
+                self.observe(block_hash)
+            return
+        now = self._clock()
+        if now - self._period_start >= self.decay_period_s:
+            self._catch_up_to(now)
+        self.stats.observed += len(hashes)
+        stored_of = self._stored
+        buckets = self._buckets
+        offset = self._offset
+        fresh = []
+        for block_hash in hashes:
+            stored = stored_of.get(block_hash)
+            if stored is None:
+                fresh.append(block_hash)
+                continue
+            value = offset + min((stored - offset) * 2, CAP)
+            bucket = buckets[stored]
+            if len(bucket) == 1:
+                del buckets[stored]
+            else:
+                bucket.remove(block_hash)
+            stored_of[block_hash] = value
+            bucket = buckets.get(value)
+            if bucket is None:
+                buckets[value] = {block_hash}
+                heapq.heappush(self._values, value)
+            else:
+                bucket.add(block_hash)
+        if fresh:
+            value = offset + 1
+            stored_of.update(dict.fromkeys(fresh, value))
+            bucket = buckets.get(value)
+            if bucket is None:
+                buckets[value] = set(fresh)
+                heapq.heappush(self._values, value)
+            else:
+                bucket.update(fresh)
 
     def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
@@ -164,10 +222,26 @@ class FrequencyFilter:
         stored = self._stored.get(block_hash)
         return 0 if stored is None else stored - self._offset
 
+    def frequencies(self, hashes: Sequence[Hashable]) -> list[int]:
+        """:meth:`frequency` of each of ``hashes``, one decay check for them all (no stats counted:
+        see :meth:`count_decisions`)."""
+        self._catch_up()
+        offset = self._offset
+        return [0 if stored is None else stored - offset for stored in map(self._stored.get, hashes)]
+
+    def count_decisions(self, admitted: int, rejected: int) -> None:
+        """Count admissions decided from :meth:`frequencies` (as :meth:`should_offload` counts its own)."""
+        self.stats.admitted += admitted
+        self.stats.rejections += rejected
+
     def should_offload(self, block_hash: Hashable, threshold: int | None = None) -> bool:
         """True if the block has been seen often enough to be worth a write to the next tier
         (``threshold``: that tier's, instead of this filter's own)."""
-        ok = self.frequency(block_hash) >= (self.threshold if threshold is None else threshold)
+        now = self._clock()
+        if now - self._period_start >= self.decay_period_s:
+            self._catch_up_to(now)
+        stored = self._stored.get(block_hash)
+        ok = (0 if stored is None else stored - self._offset) >= (self.threshold if threshold is None else threshold)
         if ok:
             self.stats.admitted += 1
         else:

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
+from itertools import repeat
 from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
@@ -218,6 +219,8 @@ class Planner:
         self.drop_last_hit_block = drop_last_hit_block
         #: The group whose parts the cost rule weighs: the first full-attention one.
         self._lead = next((i for i, g in enumerate(self.groups) if not g.windowed), None)
+        #: One full-attention group (most models): on_scheduled's fast path.
+        self._single_full = len(self.groups) == 1 and not self.groups[0].windowed
         self.stats = PlannerStats()
         indexes = indexes or {}
         self._tiers = [_Tier(t, indexes.get(t.name) or BlockPool(t.capacity, t.name),
@@ -238,8 +241,10 @@ class Planner:
         self._awaiting_release: set[str] = set()
         self._next_batch_id = 0
         self._plan = StepPlan()
-        #: tier -> (hash, slot) committed since the last take, for persistent tiers (the journal).
-        self._committed: dict[str, list[tuple[BlockHash, int]]] = {t.name: [] for t in self.chain if t.persistent}
+        #: tier -> (hashes, slots) committed since the last take, for persistent tiers (the journal): two
+        #: lists, not a tuple per block (tens of thousands a minute for the GC to track and collect).
+        self._committed: dict[str, tuple[list[BlockHash], list[int]]] = {
+            t.name: ([], []) for t in self.chain if t.persistent}
         self.listener: TierListener | None = None
 
     def set_listener(self, listener: TierListener | None) -> None:
@@ -490,9 +495,10 @@ class Planner:
             # so the slots must still hold the hashes; check anyway, cheaply.
             at = first
             for tier, slots in zip(self._tiers, parts):
-                for i, slot in enumerate(slots):
-                    if tier.index.ready_slot(seq.hashes[at + i]) != slot:
-                        raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
+                now = list(map(tier.index.ready_slot, seq.hashes[at : at + len(slots)]))
+                if now != slots:
+                    slot = next((s for s, n in zip(slots, now) if s != n), slots[-1])
+                    raise RuntimeError(f"kvbm: {tier.name} slot {slot} changed under a pending load")
                 at += len(slots)
             at = first
             for tier, slots in zip(self._tiers, parts):
@@ -509,13 +515,23 @@ class Planner:
         self._plan.loads.append(op)
         self.stats.matched_tokens += n * self.block_size
         if self.filter is not None:
+            # A hit is a sighting: hot blocks earn the next tier. Each block's spill reads only its
+            # own frequency, so the load's sightings are counted first, in bulk, when no early
+            # decay can come between them (the blocks are distinct: chain positions and groups).
+            runs = []
             for seq, first, parts in sighted:
                 at = first
                 for tier, slots in zip(self._tiers, parts):
-                    if tier.next is not None:
-                        for i, slot in enumerate(slots):  # a hit is a sighting: hot blocks earn the next tier
-                            self._sighted(tier, seq.hashes[at + i], slot)
+                    if tier.next is not None and slots:
+                        runs.append((tier, seq.hashes[at : at + len(slots)], slots))
                     at += len(slots)
+            total = sum(len(slots) for _, _, slots in runs)
+            observed = self.filter.has_room(total)
+            if observed:
+                self.filter.observe_distinct([h for _, hashes, _ in runs for h in hashes])
+            for tier, hashes, slots in runs:
+                for block_hash, slot in zip(hashes, slots):
+                    self._sighted(tier, block_hash, slot, observed)
 
     def on_scheduled(
         self,
@@ -535,6 +551,21 @@ class Planner:
         req = self._requests.get(req_id)
         if req is None:
             return
+        if self._single_full:
+            # One full-attention group (most models): called for every running request every
+            # step, mostly to store nothing (a decode step inside a block), so kept short.
+            (seq,) = req.seqs
+            blocks = self._per_group(new_gpu_blocks)[0] if new_gpu_blocks is not None else ()
+            if replace_blocks:
+                seq.gpu_blocks = list(blocks)
+            elif blocks:
+                seq.gpu_blocks.extend(blocks)
+            if req.root is not None:
+                computed, n_tokens = num_computed_after_step, len(tokens)
+                n_full = (computed if computed < n_tokens else n_tokens) // self.block_size
+                if (n_full if n_full < len(seq.gpu_blocks) else len(seq.gpu_blocks)) > seq.next_store:
+                    self._store(req_id, req, seq, tokens, n_full, volatile=False, lead=True)
+            return
         per_group = self._per_group(new_gpu_blocks) if new_gpu_blocks is not None else None
         for i, seq in enumerate(req.seqs):
             blocks = per_group[i] if per_group is not None else ()
@@ -551,58 +582,85 @@ class Planner:
             if group.windowed:
                 if num_computed_before_step is not None:
                     seq.next_store = max(seq.next_store, num_computed_before_step // self.block_size)
-                self._store(req_id, req, seq, tokens, n_full, volatile=True, lead=i == lead)
-            else:
-                self._store(req_id, req, seq, tokens, n_full, volatile=False, lead=i == lead)
+            elif min(n_full, len(seq.gpu_blocks)) <= seq.next_store:
+                continue  # a decode step inside a block: nothing to store (most calls)
+            self._store(req_id, req, seq, tokens, n_full, volatile=group.windowed, lead=i == lead)
 
     def _store(self, req_id: str, req: _Request, seq: _Seq, tokens: Sequence[int], n_full: int, volatile: bool,
                lead: bool) -> None:
         """Add ``seq``'s blocks up to ``n_full`` that the first tier lacks to this step's store.
         ``lead``: the group whose blocks stand for the request's positions in KV events (one per
-        position: a router matches positions, not groups)."""
+        position: a router matches positions, not groups).
+
+        One pass over the blocks, in order (a reservation may evict a block that a later one
+        would have found, and a sighting may spill): the index's lookups are bound once, and
+        the batch's lists grow by one ``extend`` each at the end."""
         n_full = min(n_full, len(seq.gpu_blocks))
-        if n_full <= seq.next_store:
+        start = seq.next_store
+        if n_full <= start:
             return
         extend_hashes(seq.hashes, tokens, self.block_size, seq.root, n_full * self.block_size)
         first = self._tiers[0]
         index = first.index
         null = self.null_block
-        for b in range(seq.next_store, n_full):
-            gpu = seq.gpu_blocks[b]
+        ready_slot, contains, reserve, touch = index.ready_slot, index.contains, index.reserve, index.touch
+        filt = self.filter
+        sighting = self._sighted if filt is not None else None
+        # Sightings of the blocks stored here go in one batch after the loop when no early decay
+        # can come between them and the sightings of the loop (the loop adds at most one entry
+        # per block): the same frequencies as one by one.
+        batched = filt is not None and filt.has_room(2 * (n_full - start))
+        observe = filt.observe if filt is not None and not batched else None
+        storing = self.listener.storing if self.listener is not None and lead else None
+        hashes, gpu_blocks = seq.hashes, seq.gpu_blocks
+        store: StoreBatch | None = None
+        gpus: list[int] = []
+        slots: list[int] = []
+        stored: list[BlockHash] = []
+        stop = n_full
+        for b in range(start, n_full):
+            gpu = gpu_blocks[b]
             if gpu == null:
                 continue  # vLLM keeps no block here (outside a sliding window)
-            block_hash = seq.hashes[b]
-            ready = index.ready_slot(block_hash)
+            block_hash = hashes[b]
+            ready = ready_slot(block_hash)
             if ready is not None:
                 # Stored already: write once, but keep it as fresh as the blocks
                 # stored after it, or storing this chain's tail could evict its head.
-                index.touch((ready,))
-                if self.filter is not None:
-                    self._sighted(first, block_hash, ready)  # computed again: a sighting
+                touch((ready,))
+                if sighting is not None:
+                    sighting(first, block_hash, ready)  # computed again: a sighting
                 continue
-            if index.contains(block_hash):
+            if contains(block_hash):
                 continue  # being stored by another request
-            slot = index.reserve(block_hash)
+            slot = reserve(block_hash)
             if slot is None:
                 if volatile:
                     continue  # its GPU block may be gone next step: now or never
                 # Every slot is pinned or pending: resume from here next step
                 # (storing later blocks alone would be unreachable by prefix).
-                seq.next_store = b
-                return
-            store = self._plan.store
+                stop = b
+                break
             if store is None:
-                store = self._plan.store = StoreBatch(self._new_batch_id(), first.name, [], [])
-            store.gpu_blocks.append(gpu)
-            store.slots.append(slot)
-            store.hashes.append(block_hash)
+                store = self._plan.store
+                if store is None:  # its batch id is taken here, after any spill decided above
+                    store = self._plan.store = StoreBatch(self._new_batch_id(), first.name, [], [])
+            gpus.append(gpu)
+            slots.append(slot)
+            stored.append(block_hash)
+            if observe is not None:
+                observe(block_hash)
+            if storing is not None:
+                storing(req_id, b, block_hash)
+        if batched and stored:
+            filt.observe_distinct(stored)  # type: ignore[union-attr]
+        if store is not None:
+            store.gpu_blocks += gpus
+            store.slots += slots
+            store.hashes += stored
             store.volatile |= volatile
             req.last_batch = store.batch_id
-            if self.filter is not None:
-                self.filter.observe(block_hash)
-            if self.listener is not None and lead:
-                self.listener.storing(req_id, b, block_hash)
-        seq.next_store = n_full
+        seq.next_store = stop
 
     def on_preempted(self, req_id: str) -> None:
         """vLLM freed the request's GPU blocks; it gets new ones on resume."""
@@ -630,18 +688,22 @@ class Planner:
         return False
 
     # ---- spills: tier i → tier i+1 ----------------------------------------
-    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int) -> None:
+    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int, observed: bool = False) -> None:
         """A sighting of a READY block of ``tier``; carry it one tier further down the
-        chain, from the deepest tier already holding it, once that tier's filter admits it."""
+        chain, from the deepest tier already holding it, once that tier's filter admits it.
+        ``observed``: the filter has counted this sighting already (in a batch)."""
         assert self.filter is not None
-        self.filter.observe(block_hash)
-        while tier.next is not None and tier.next.index.contains(block_hash):
-            tier = tier.next
+        if not observed:
+            self.filter.observe(block_hash)
+        nxt = tier.next
+        while nxt is not None and nxt.index.contains(block_hash):
+            tier = nxt
             ready = tier.index.ready_slot(block_hash)
             if ready is None:
                 return  # still being copied there
             slot = ready
-        if tier.next is not None:
+            nxt = tier.next
+        if nxt is not None:
             self._maybe_spill(tier, block_hash, slot)
 
     def _maybe_spill(self, src: _Tier, block_hash: BlockHash, src_slot: int) -> None:
@@ -656,14 +718,58 @@ class Planner:
         dst_slot = dst.index.reserve(block_hash)
         if dst_slot is None:
             return
-        spill = next((s for s in self._plan.spills if s.dst == dst.name), None)
-        if spill is None:
-            spill = SpillBatch(self._new_batch_id(), src.name, dst.name, [], [], [])
-            self._plan.spills.append(spill)
+        spill = self._spill_batch(src, dst)
         src.index.acquire((src_slot,))  # the copy reads it: no eviction meanwhile
         spill.src_slots.append(src_slot)
         spill.dst_slots.append(dst_slot)
         spill.hashes.append(block_hash)
+
+    def _spill_batch(self, src: _Tier, dst: _Tier) -> SpillBatch:
+        """This step's spill batch into ``dst`` (made on its first block)."""
+        spills = self._plan.spills
+        if spills and spills[-1].dst == dst.name:  # the usual case: the batch of the last spill
+            return spills[-1]
+        spill = next((s for s in spills if s.dst == dst.name), None)
+        if spill is None:
+            spill = SpillBatch(self._new_batch_id(), src.name, dst.name, [], [], [])
+            spills.append(spill)
+        return spill
+
+    def _spill_committed(self, src: _Tier, hashes: list[BlockHash], slots: list[int]) -> None:
+        """:meth:`_maybe_spill` for each block of a batch just committed to ``src``, in order. Nothing
+        here sights a block, so the filter's frequencies are read for the whole batch at once."""
+        dst = src.next
+        assert dst is not None
+        contains, reserve = dst.index.contains, dst.index.reserve
+        threshold = dst.spec.filter_threshold
+        filt = self.filter if threshold is not None else None
+        freqs = filt.frequencies(hashes) if filt is not None else repeat(0)
+        spill: SpillBatch | None = None
+        admitted = rejected = 0
+        for block_hash, src_slot, freq in zip(hashes, slots, freqs):
+            if contains(block_hash):
+                continue
+            if filt is not None:
+                if freq < threshold:  # type: ignore[operator]
+                    rejected += 1
+                    continue
+                admitted += 1
+            dst_slot = reserve(block_hash)
+            if dst_slot is None:
+                continue
+            if spill is None:
+                spill = self._spill_batch(src, dst)
+                first = len(spill.src_slots)
+            spill.src_slots.append(src_slot)
+            spill.dst_slots.append(dst_slot)
+            spill.hashes.append(block_hash)
+        if spill is not None:
+            # The copies read them: no eviction meanwhile (pinned after the loop, which only
+            # reserves in the tier below).
+            src.index.acquire(spill.src_slots[first:])
+        if filt is not None:
+            filt.count_decisions(admitted, rejected)
+            self.stats.filter_rejections += rejected
 
     # ---- per step -------------------------------------------------------
     def _new_batch_id(self) -> int:
@@ -746,10 +852,11 @@ class Planner:
         tier = pending.tier
         # Newest first, so a chain's head is the most recently used and LRU
         # eviction takes tails first (a head alone is still a hit).
-        for slot in reversed(pending.slots):
-            tier.index.commit(slot)
+        tier.index.commit_many(pending.slots[::-1])
         if tier.spec.persistent:
-            self._committed[tier.name].extend(zip(pending.hashes, pending.slots))
+            hashes, slots = self._committed[tier.name]
+            hashes += pending.hashes
+            slots += pending.slots
         if self.listener is not None:
             self.listener.committed(tier.name, pending.hashes)
         if pending.source is not None:
@@ -758,15 +865,15 @@ class Planner:
         else:
             tier.stats.stored_blocks += len(pending.slots)
         if tier.next is not None:
-            for block_hash, slot in zip(pending.hashes, pending.slots):
-                self._maybe_spill(tier, block_hash, slot)
+            self._spill_committed(tier, pending.hashes, pending.slots)
 
-    def take_commits(self, tier: str) -> list[tuple[BlockHash, int]]:
-        """(hash, slot) of blocks of a persistent tier made visible since the last call (for its journal)."""
+    def take_commits(self, tier: str) -> tuple[list[BlockHash], list[int]]:
+        """(hashes, slots) of blocks of a persistent tier made visible since the last call (for its
+        journal), in commit order; two empty lists when none."""
         commits = self._committed.get(tier)
-        if not commits:
-            return []
-        self._committed[tier] = []
+        if commits is None or not commits[0]:
+            return [], []
+        self._committed[tier] = ([], [])
         return commits
 
     def restore(self, tier: str, entries: dict[BlockHash, int]) -> int:

@@ -23,6 +23,10 @@ class SlotState(Enum):
     READY = 2
 
 
+_PENDING = SlotState.PENDING
+_READY = SlotState.READY
+
+
 @dataclass
 class PoolStats:
     stored: int = 0
@@ -52,15 +56,14 @@ class BlockPool:
         #: Called with a hash that leaves the pool (evicted, or dropped: a failed copy or a bad
         #: slot), so KV events can tell the router (kvbm.runtime.events). O(1) per call.
         self.on_removed: Callable[[BlockHash], None] | None = None
+        # The two lookups the planner makes for every block of every step, bound straight to the
+        # dicts' C methods (no Python frame per call; the dicts are never replaced, only mutated).
+        #: True if the hash is stored or being stored (dedup check).
+        self.contains: Callable[[BlockHash], bool] = self._slot_of.__contains__
+        #: The READY slot of a hash, or None.
+        self.ready_slot: Callable[[BlockHash], int | None] = self._ready.get
 
     # ---- lookups -------------------------------------------------------
-    def contains(self, block_hash: BlockHash) -> bool:
-        """True if the hash is stored or being stored (dedup check)."""
-        return block_hash in self._slot_of
-
-    def ready_slot(self, block_hash: BlockHash) -> int | None:
-        return self._ready.get(block_hash)
-
     def match_prefix(self, hashes: Sequence[BlockHash], start: int = 0, stop: int | None = None) -> list[int]:
         """Slots of the longest run of READY hashes in ``hashes[start:stop]``.
 
@@ -79,14 +82,15 @@ class BlockPool:
         Evicts the least recently used unreferenced READY block when no slot
         is free. A PENDING slot is invisible until :meth:`commit`.
         """
-        if block_hash in self._slot_of:
+        slot_of = self._slot_of
+        if block_hash in slot_of:
             return None
         if self._free:
             slot = self._free.pop()
         elif self._lru:
             slot, _ = self._lru.popitem(last=False)
             old = self._hash_of[slot]
-            del self._slot_of[old]  # type: ignore[arg-type]
+            del slot_of[old]  # type: ignore[arg-type]
             del self._ready[old]  # type: ignore[arg-type]
             self.stats.evicted += 1
             self.version += 1
@@ -94,9 +98,9 @@ class BlockPool:
                 self.on_removed(old)  # type: ignore[arg-type]
         else:
             return None
-        self._slot_of[block_hash] = slot
+        slot_of[block_hash] = slot
         self._hash_of[slot] = block_hash
-        self._state[slot] = SlotState.PENDING
+        self._state[slot] = _PENDING
         return slot
 
     def commit(self, slot: int) -> None:
@@ -109,6 +113,21 @@ class BlockPool:
         self.version += 1
         if self._refs[slot] == 0:
             self._lru[slot] = None
+
+    def commit_many(self, slots: Sequence[int]) -> None:
+        """:meth:`commit` each of ``slots``, in order (a whole batch in one call)."""
+        state, ready, hash_of, refs, lru = self._state, self._ready, self._hash_of, self._refs, self._lru
+        done = 0
+        for slot in slots:
+            if state[slot] is not _PENDING:
+                continue
+            state[slot] = _READY
+            ready[hash_of[slot]] = slot  # type: ignore[index]
+            done += 1
+            if refs[slot] == 0:
+                lru[slot] = None
+        self.stats.stored += done
+        self.version += done
 
     def drop(self, slot: int) -> None:
         """Forget a slot's content (failed copy, corrupt data). Refs are kept
@@ -155,19 +174,21 @@ class BlockPool:
     # ---- readers -------------------------------------------------------
     def acquire(self, slots: Iterable[int]) -> None:
         """Pin slots for a reader (a load in flight) so they are not evicted."""
+        refs, lru = self._refs, self._lru
         for slot in slots:
-            self._refs[slot] += 1
-            self._lru.pop(slot, None)
+            refs[slot] += 1
+            lru.pop(slot, None)
 
     def release(self, slots: Sequence[int]) -> None:
         """Unpin; slots return to the LRU with the first of a chain most recent."""
+        refs, state, lru = self._refs, self._state, self._lru
         for slot in reversed(slots):
-            self._refs[slot] -= 1
-            if self._refs[slot] > 0:
+            refs[slot] -= 1
+            if refs[slot] > 0:
                 continue
-            if self._state[slot] is SlotState.READY:
-                self._lru[slot] = None  # most recently used
-            elif self._state[slot] is SlotState.FREE and self._hash_of[slot] is None:
+            if state[slot] is _READY:
+                lru[slot] = None  # most recently used
+            elif state[slot] is SlotState.FREE and self._hash_of[slot] is None:
                 self._free.append(slot)
 
     def touch(self, slots: Iterable[int]) -> None:

@@ -301,7 +301,7 @@ class LeaderRuntime:
                 )
         if self.journal is not None:
             # Journaled on its own thread: the step never waits for fdatasync or a compaction.
-            self.journal_writer.submit(self.planner.take_commits(self._persistent))
+            self.journal_writer.submit(*self.planner.take_commits(self._persistent))
 
     def _maybe_log_summary(self) -> None:
         """One line every log_summary_secs (see config), for users without Prometheus."""

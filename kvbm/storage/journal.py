@@ -56,7 +56,11 @@ import os
 import struct
 import tempfile
 import threading
+import time
 import zlib
+from collections.abc import Sequence
+
+import numpy as np
 
 from kvbm.config import env_var
 from kvbm.core.hashing import HASH_BYTES, BlockHash
@@ -85,9 +89,70 @@ _COMPACT_MIN_RECORDS = 1 << 16
 DEFAULT_MAX_PENDING = 1 << 16
 
 
+#: From this many records on, numpy packs them (its ~100 us of fixed cost per call beats ~0.3 us per
+#: record one by one only past ~1,000: a compaction's rewrite of the index, a backlog of flushes).
+_VECTOR_MIN = 1024
+#: Records packed per numpy pass (~0.3 ms); between passes the writer thread lets the step thread
+#: run (``time.sleep(0)`` drops the GIL), so a compaction of a large index never holds it for long.
+_VECTOR_CHUNK = 2048
+
+
+def _crc_table() -> np.ndarray:
+    """zlib's CRC-32 (reflected, polynomial 0xEDB88320) one byte at a time, as a lookup table."""
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1).astype(np.uint32)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+_HEAD_BYTES = 8  # sync marker, kind, padding: the same for every record of a kind
+
+
 def _record(kind: int, block_hash: BlockHash, slot: int) -> bytes:
     body = _REC.pack(_SYNC, kind, slot, block_hash)
     return body + _CRC.pack(zlib.crc32(body)) + _REC_PAD
+
+
+def _records(kind: int, hashes: list[bytes], slots: list[int]) -> bytes:
+    """``b"".join(_record(kind, h, s) for h, s in zip(hashes, slots))``, byte for byte, but packed
+    and checksummed by numpy over all the records at once (columns, not records: 24 table lookups
+    over arrays instead of a ``zlib.crc32`` call per record). Large inputs go in chunks with the
+    GIL dropped between them. Callers have checked the hashes (bytes of ``HASH_BYTES``) and slots
+    (ints in ``[0, 2**64)``)."""
+    n = len(hashes)
+    if n < _VECTOR_MIN:
+        return b"".join(map(_record, [kind] * n, hashes, slots))
+    head = _REC.pack(_SYNC, kind, 0, _NO_HASH)[:_HEAD_BYTES]
+    seed = zlib.crc32(head) ^ 0xFFFFFFFF  # the CRC register after the constant first 8 bytes
+    out = []
+    for lo in range(0, n, _VECTOR_CHUNK):
+        if lo:
+            time.sleep(0)  # let the step thread take the GIL between chunks
+        part = hashes[lo : lo + _VECTOR_CHUNK]
+        m = len(part)
+        buf = np.zeros((m, _REC_SIZE), dtype=np.uint8)
+        buf[:, :_HEAD_BYTES] = np.frombuffer(head, dtype=np.uint8)
+        buf[:, 8:16] = np.array(slots[lo : lo + _VECTOR_CHUNK], dtype="<u8").view(np.uint8).reshape(m, 8)
+        buf[:, 16:32] = np.frombuffer(b"".join(part), dtype=np.uint8).reshape(m, HASH_BYTES)
+        crc = np.full(m, seed, dtype=np.uint32)
+        for col in range(_HEAD_BYTES, _REC.size):
+            crc = _CRC_TABLE[(crc ^ buf[:, col]) & 0xFF] ^ (crc >> 8)
+        crc ^= np.uint32(0xFFFFFFFF)
+        buf[:, 32:36] = crc.astype("<u4").view(np.uint8).reshape(m, 4)
+        out.append(buf.tobytes())
+    return b"".join(out)
+
+
+def _valid_entries(hashes: tuple, slots: tuple) -> bool:
+    """Every hash is ``bytes`` of ``HASH_BYTES`` and every slot an ``int`` in ``[0, 2**64)`` (C-level
+    passes; anything else goes record by record, which raises the precise error)."""
+    return (
+        set(map(type, hashes)) <= {bytes}
+        and set(map(len, hashes)) <= {HASH_BYTES}
+        and set(map(type, slots)) <= {int}
+        and (not slots or (min(slots) >= 0 and max(slots) < _U64))
+    )
 
 
 def _parse_record(data: bytes, off: int) -> tuple[int, BlockHash, int] | None:
@@ -295,7 +360,7 @@ class DiskJournal:
         return None, end, lost
 
     def _live_records(self) -> bytes:
-        return b"".join(_record(_STORED, h, s) for h, s in self._slot_of.items())
+        return _records(_STORED, list(self._slot_of), list(self._slot_of.values()))
 
     def _start_fresh(self, reason: str | None) -> None:
         """Replace the file with an empty journal under our identity."""
@@ -386,6 +451,33 @@ class DiskJournal:
         self._ensure_loaded()
         for block_hash, slot in entries:
             self._append(_STORED, block_hash, slot)
+        self._bound_pending()
+
+    def record_stored_columns(self, hashes: Sequence[BlockHash], slots: Sequence[int]) -> None:
+        """:meth:`record_stored` of ``zip(hashes, slots)``: the leader's commits, as two lists (no
+        tuple per entry for the GC), packed in bulk (see :func:`_records`)."""
+        self._ensure_loaded()
+        if not hashes:
+            return
+        if len(hashes) != len(slots):
+            raise ValueError(f"journal: {len(hashes)} hashes for {len(slots)} slots")
+        if not _valid_entries(hashes, slots):
+            for block_hash, slot in zip(hashes, slots):  # raises at the first bad entry, as one by one did
+                self._append(_STORED, block_hash, slot)
+            self._bound_pending()
+            return
+        self._pending += _records(_STORED, hashes, slots)
+        # The in-memory state, in order (a batch may move a hash or reuse a slot twice).
+        slot_of, hash_of = self._slot_of, self._hash_of
+        for block_hash, slot in zip(hashes, slots):
+            old = hash_of.pop(slot, None)
+            if old is not None and slot_of.get(old) == slot:
+                del slot_of[old]
+            prev_slot = slot_of.get(block_hash)
+            if prev_slot is not None:
+                hash_of.pop(prev_slot, None)
+            slot_of[block_hash] = slot
+            hash_of[slot] = block_hash
         self._bound_pending()
 
     def record_evicted(self, slots: list[int]) -> None:
@@ -529,7 +621,8 @@ class JournalWriter:
 
     def __init__(self, journal: DiskJournal) -> None:
         self.journal = journal
-        self._queue: list[tuple[BlockHash, int]] = []
+        self._hashes: list[BlockHash] = []  # queued commits, as two lists (no tuple per block)
+        self._slots: list[int] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -538,12 +631,13 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._run, name="kvbm-journal", daemon=True)
         self._thread.start()
 
-    def submit(self, commits: list[tuple[BlockHash, int]]) -> None:
-        """Journal these ``(hash, slot)`` commits soon; returns at once."""
-        if not commits:
+    def submit(self, hashes: list[BlockHash], slots: list[int]) -> None:
+        """Journal these commits (block ``hashes[i]`` in ``slots[i]``) soon; returns at once."""
+        if not hashes:
             return
         with self._lock:
-            self._queue.extend(commits)
+            self._hashes += hashes
+            self._slots += slots
             self._idle.clear()
         self._wake.set()
 
@@ -556,15 +650,15 @@ class JournalWriter:
             self._wake.wait()
             self._wake.clear()
             with self._lock:
-                batch, self._queue = self._queue, []
-            if batch:
+                hashes, slots, self._hashes, self._slots = self._hashes, self._slots, [], []
+            if hashes:
                 try:
-                    self.journal.record_stored(batch)
+                    self.journal.record_stored_columns(hashes, slots)
                     self.journal.flush()
                 except Exception:  # never let the writer die: a lost record is a miss after a restart
                     logger.exception("kvbm: writing the disk index %s failed", self.journal.path)
             with self._lock:
-                if not self._queue:
+                if not self._hashes:
                     self._idle.set()
                     if self._closed:
                         return

@@ -326,6 +326,10 @@ class RemoteIndex:
         self._remember(block_hash, slot)
         self.stats.stored += 1
 
+    def commit_many(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self.commit(slot)
+
     def drop(self, slot: int) -> None:
         """A failed store, or a block that failed its read (evicted by Redis or another server)."""
         block_hash = self._hash_of.pop(slot, None)
