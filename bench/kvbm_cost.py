@@ -2,7 +2,7 @@
 """What kvbm costs when it is not needed: vLLM's own pool holds every prefix, kvbm only stores.
 
     python bench/kvbm_cost.py                      # about 4 minutes on 2 CPU cores
-    python bench/kvbm_cost.py --max-users 12       # more requests, less noise
+    python bench/kvbm_cost.py --repeat 3           # about 12 minutes: the number to quote (docs/fast-hits.md)
 
 vLLM alone against vLLM + kvbm's host tier (G2 only), both with vLLM's KV pool
 large enough for every conversation (``VLLM_CPU_KVCACHE_SPACE``, no
@@ -12,6 +12,8 @@ kvbm never loads: what it adds is its lookups on the scheduler thread and the
 store of each newly computed block into G2. The table is ``kvbm bench
 compare``'s; the ratios (mean, p90, later-turn mean) are against vLLM alone
 and are printed again on the last line. Issue #25's goal: <= 1.03x mean, <= 1.05x p90.
+One pair of runs on a shared 2-core machine moves by several percent on its own;
+``--repeat`` alternates the sides and pools every run's requests into the table.
 """
 
 from __future__ import annotations
