@@ -201,6 +201,11 @@ class WorkerRuntime:
         self.runner.start_step(plan, self._hooks.begin_step(hooks_run(forward_context)))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Before every attention layer of every step (vLLM's hook). With layer-wise loads off (the
+        default on CPU, or turned off once they could not be used) there is nothing to wait for or
+        learn, so return at once: this is kvbm's most frequent call."""
+        if not self._hooks.enabled:
+            return
         index = self._hooks.hooked(layer_name)
         if self._runner is not None:
             self._runner.wait_layer(index)
