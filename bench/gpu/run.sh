@@ -32,6 +32,12 @@ check() {
   python3 -c "import vllm.entrypoints.openai.api_server" && echo "vllm serve imports: ok"
   python3 -m kvbm doctor --cpu-cache-gb 34.36 --disk-cache-gb 20 --disk-cache-dir /tmp/kvbm-g3 2>&1 | tail -n 20
 }
+perf_background() {  # bench/gpu/perf.sh into $work/$1 in its own session; perf-wait waits for it
+  rm -f "$work/perf.done"
+  setsid nohup bash -c "bench/gpu/perf.sh '$work/$1'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
+    > "$work/perf.log" 2>&1 < /dev/null &
+  echo "perf running in the background: $work/perf.log"
+}
 perf_wait() {
   local limit=${1:-540} waited=0
   while [ ! -f "$work/perf.done" ] && [ "$waited" -lt "$limit" ]; do sleep 10; waited=$((waited + 10)); done
@@ -68,18 +74,11 @@ while [ $# -gt 0 ]; do
     transfer)
       stamp transfer | tee -a "$out/transfer.txt"
       python3 bench/transfer.py 2>&1 | tail -n 40 | tee -a "$out/transfer.txt" ;;
-    perf-start)
-      stamp perf-start; rm -f "$work/perf.done"
-      setsid nohup bash -c "bench/gpu/perf.sh '$work/perf'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
-        > "$work/perf.log" 2>&1 < /dev/null &
-      echo "perf running in the background: $work/perf.log" ;;
+    perf-start) stamp perf-start; perf_background perf ;;
     perf-hybrid-start)
-      stamp perf-hybrid-start; rm -f "$work/perf.done"
-      setsid nohup env PRESET=llama8b-swa-shape GPU_BLOCKS=8400 FLOOR_BLOCKS=60000 NO_REUSE= \
-        REUSE="${REUSE:-vllm vllm-offload kvbm-host floor}" \
-        bash -c "bench/gpu/perf.sh '$work/perf-hybrid'; echo \"rc=\$? \$(date -u +%H:%M:%S)\" > '$work/perf.done'" \
-        > "$work/perf.log" 2>&1 < /dev/null &
-      echo "hybrid perf running in the background: $work/perf.log" ;;
+      stamp perf-hybrid-start
+      PRESET=llama8b-swa-shape GPU_BLOCKS=8400 FLOOR_BLOCKS=60000 NO_REUSE= \
+        REUSE="${REUSE:-vllm vllm-offload kvbm-host floor}" perf_background perf-hybrid ;;
     perf-wait)
       limit=540; if [[ ${1:-} =~ ^[0-9]+$ ]]; then limit=$1; shift; fi
       stamp perf-wait; perf_wait "$limit" 2>&1 | tee "$out/perf.txt" ;;

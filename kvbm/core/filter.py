@@ -134,37 +134,39 @@ class FrequencyFilter:
     def observe(self, block_hash: Hashable) -> int:
         """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...).
 
-        Called for every block the scheduler computes or loads, so the decay check and the move
-        between buckets are written out here (one Python frame per sighting, not three)."""
+        Called for every block the scheduler computes or loads, so the decay check is written
+        out here (two Python frames per sighting)."""
         now = self._clock()
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
         self.stats.observed += 1
-        stored_of = self._stored
-        stored = stored_of.get(block_hash)
-        buckets = self._buckets
+        stored = self._stored.get(block_hash)
         if stored is None:
-            if len(stored_of) >= self.max_entries:
+            if len(self._stored) >= self.max_entries:
                 self._make_room()
             new = 1
         else:
-            new = (stored - self._offset) * 2
-            if new > CAP:
-                new = CAP
+            new = min((stored - self._offset) * 2, CAP)
+        self._place(block_hash, stored, self._offset + new)
+        return new
+
+    def _place(self, block_hash: Hashable, stored: int | None, value: int) -> None:
+        """Move ``block_hash`` from the bucket of stored value ``stored`` (None: a new entry)
+        to the bucket of ``value``; a bucket's value joins the heap when the bucket appears."""
+        buckets = self._buckets
+        if stored is not None:
             bucket = buckets[stored]
             if len(bucket) == 1:
                 del buckets[stored]
             else:
                 bucket.remove(block_hash)
-        value = self._offset + new
-        stored_of[block_hash] = value
+        self._stored[block_hash] = value
         bucket = buckets.get(value)
         if bucket is None:
             buckets[value] = {block_hash}
             heapq.heappush(self._values, value)
         else:
             bucket.add(block_hash)
-        return new
 
     def has_room(self, entries: int) -> bool:
         """True if ``entries`` new entries fit without an early decay: until then the order of
@@ -193,19 +195,7 @@ class FrequencyFilter:
             if stored is None:
                 fresh.append(block_hash)
                 continue
-            value = offset + min((stored - offset) * 2, CAP)
-            bucket = buckets[stored]
-            if len(bucket) == 1:
-                del buckets[stored]
-            else:
-                bucket.remove(block_hash)
-            stored_of[block_hash] = value
-            bucket = buckets.get(value)
-            if bucket is None:
-                buckets[value] = {block_hash}
-                heapq.heappush(self._values, value)
-            else:
-                bucket.add(block_hash)
+            self._place(block_hash, stored, offset + min((stored - offset) * 2, CAP))
         if fresh:
             value = offset + 1
             stored_of.update(dict.fromkeys(fresh, value))
