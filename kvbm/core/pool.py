@@ -105,14 +105,7 @@ class BlockPool:
 
     def commit(self, slot: int) -> None:
         """The copy into ``slot`` completed: make it visible and evictable."""
-        if self._state[slot] is not SlotState.PENDING:
-            return
-        self._state[slot] = SlotState.READY
-        self._ready[self._hash_of[slot]] = slot  # type: ignore[index]
-        self.stats.stored += 1
-        self.version += 1
-        if self._refs[slot] == 0:
-            self._lru[slot] = None
+        self.commit_many((slot,))
 
     def commit_many(self, slots: Sequence[int]) -> None:
         """:meth:`commit` each of ``slots``, in order (a whole batch in one call)."""
