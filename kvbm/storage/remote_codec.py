@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import struct
-import zlib
 from hashlib import blake2b
 from typing import Any
 
@@ -26,11 +25,7 @@ import numpy as np
 
 from kvbm.config import KvbmConfig, env_var, read_secret_file
 from kvbm.core.hashing import HASH_BYTES, BlockHash
-
-try:  # ISA-L's CRC-32: the same checksum as zlib's, ~5-10x faster (PCLMUL), so writes keep up with the network
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives identical values, only slower
-    _crc32 = zlib.crc32
+from kvbm.storage.checksum import crc32 as _crc32
 
 __all__ = [
     "FLAG_KEYED", "FORMAT_VERSION", "HEADER_SIZE", "MAC_THREAD_BYTES", "MAGIC", "TAG_SIZE", "ValueCodec",
