@@ -111,6 +111,12 @@ PLANNER_COUNTERS: dict[str, tuple[str | None, str, str]] = {
     "kvbm_failed_onboards": (
         None, "failed_loads", "Requests whose onboard failed in part; vLLM recomputed the rest"),
     "kvbm_failed_offload_blocks": (None, "failed_stores", "Blocks whose offload copy failed (not cached)"),
+    "kvbm_window_store_fences": (
+        None, "window_store_fences",
+        "Steps whose forward pass waited for a store of sliding-window blocks vLLM handed out again"),
+    "kvbm_window_store_fences_skipped": (
+        None, "window_store_fences_skipped",
+        "Steps with a store of sliding-window blocks in flight that did not need to wait for it"),
     "kvbm_bad_disk_blocks": (
         "G3", "bad_blocks", "Disk blocks dropped after a failed read or verification (recomputed, never served)"),
     "kvbm_cost_skipped_host_blocks": (
@@ -362,6 +368,9 @@ class CacheMetrics:
                 parts.append(f"{tier.name} {index.num_used} blocks known to be in Redis")
             elif index is not None:
                 parts.append(f"{tier.name} {index.num_used}/{index.num_slots} used, {index.stats.evicted} evicted")
+        if s.window_store_fences or s.window_store_fences_skipped:
+            parts.append(f"sliding-window stores waited for in {s.window_store_fences} steps, "
+                         f"not needed in {s.window_store_fences_skipped}")
         _, _, errors = self.snapshot()
         if self.remote_store is not None:
             up, remote_errors, _ = self.remote()

@@ -129,3 +129,42 @@ def test_layer_wise_in_step_load_through_the_plan_runner(kind: str, tmp_path) ->
         assert torch.equal(rows[10], rows[5]) and torch.equal(rows[11], rows[6])
     finally:
         runner.close()
+
+
+def test_a_fenced_step_writes_a_stored_block_only_after_the_store_read_it(tmp_path) -> None:
+    """A windowed group's stored block that vLLM hands to another request in the next step
+    (``StepPlan.fence_stores``): that step's forward pass, on its own stream, overwrites the
+    block; the host row must still hold what the store was asked to copy."""
+    from kvbm.core.plan import StepPlan, StoreBatch
+    from kvbm.transfer.runner import PlanRunner
+
+    dim = 1
+    cache = make_cache(SHAPES["flash"])
+    layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+    ex = TransferExecutor(layout, views, host=HostArena(32, layout.block_bytes, pin=True))
+    runner = PlanRunner(ex, {"G2": 32})
+    try:
+        blocks = list(range(32, 64))
+        want = blocks_of(cache, dim, blocks)
+        forward = torch.cuda.Stream()
+        first = StepPlan(store=StoreBatch(1, "G2", blocks, list(range(32))))
+        with torch.cuda.stream(forward):
+            runner.start_step(StepPlan())
+            runner.store(first)
+            runner.start_step(StepPlan(fence_stores=True))
+            for view in views:  # the next step's "attention" writes every stored block
+                view.index_fill_(1, torch.tensor(blocks, device="cuda"), 0)
+        torch.cuda.synchronize()
+        for _ in range(200):
+            runner.results()
+            report = runner.take_report()
+            if report is not None and report.stored:
+                break
+            time.sleep(0.01)
+        assert report is not None and report.stored == {1: 1}
+        ex.submit(10_000, Blocks("G2", list(range(32))), Blocks("G1", blocks))  # load the rows back
+        assert wait(ex)[0].ok
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(blocks_of(cache, dim, blocks), want))
+    finally:
+        runner.close()

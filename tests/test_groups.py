@@ -146,15 +146,57 @@ def test_windows_span_tiers_in_chain_order():
     assert planner.load_sources("r") == {"G2": 7, "G3": 3}
 
 
-def test_stores_skip_null_blocks_and_mark_windowed_batches_volatile():
+def test_stores_skip_null_blocks():
     planner, host, _ = make()
     prompt = toks(4 * BS)
     planner.add_request("r", ROOT)
     planner.on_scheduled("r", prompt, [ids(0, 4), ids(1, 4, nulls=1)], True, 4 * BS, 0)
     store = planner.take_plan().store
-    assert store is not None and store.volatile
+    assert store is not None
     assert NULL not in store.gpu_blocks
     assert len(store.gpu_blocks) == 4 + 3
+
+
+def test_a_step_waits_for_a_windowed_store_only_when_vllm_hands_out_one_of_its_blocks():
+    """vLLM frees a window's older blocks while the request runs and may give them to another
+    request: that step's forward pass must not write one before the store has read it. Steps
+    that allocate none of them (the usual case: freed blocks are handed out last) do not wait;
+    full-attention blocks are never freed under a running request and never fence."""
+    planner, host, _ = make()
+    prompt = toks(4 * BS)
+    planner.add_request("r", ROOT)
+    planner.on_scheduled("r", prompt, [ids(0, 4), ids(1, 4, nulls=1)], True, 4 * BS, 0)
+    plan = planner.take_plan()
+    assert not plan.fence_stores  # nothing was in flight
+    window_blocks = ids(1, 4, nulls=1)[1:]
+    # Next step: another request gets fresh blocks and a full-attention block id of "r": no fence.
+    planner.add_request("q", ROOT)
+    planner.on_alloc("q", [[5000, 1001], [6000, 6001]], 0)
+    planner.on_scheduled("q", toks(2 * BS, 77), [[5000, 1001], [6000, 6001]], True, BS, 0)
+    assert not planner.take_plan().fence_stores
+    # A step that hands out one of the windowed blocks being stored waits (a new request's table)...
+    planner.add_request("p", ROOT)
+    planner.on_scheduled("p", toks(2 * BS, 99), [[7000, 7001], [window_blocks[0], 7002]], True, BS, 0)
+    assert planner.take_plan().fence_stores
+    # ... and so does one that gives it to a running request as a new block.
+    planner.on_scheduled("q", toks(2 * BS, 77), [[], [window_blocks[1]]], False, 2 * BS, BS)
+    assert planner.take_plan().fence_stores
+    assert planner.stats.window_store_fences == 2 and planner.stats.window_store_fences_skipped == 1
+    # Once every store is reported the blocks are free to write: no fence.
+    planner.on_worker_report(stored={batch: 1 for batch in list(planner._pending)})
+    planner.on_scheduled("q", toks(3 * BS, 77), [[], [window_blocks[2]]], False, 3 * BS, 2 * BS)
+    assert not planner.take_plan().fence_stores
+
+
+def test_a_failed_windowed_store_fences_nothing():
+    planner, host, _ = make()
+    planner.add_request("r", ROOT)
+    planner.on_scheduled("r", toks(4 * BS), [ids(0, 4), ids(1, 4, nulls=1)], True, 4 * BS, 0)
+    batch = planner.take_plan().store.batch_id
+    planner.on_worker_report(failed_batches=[batch])
+    planner.add_request("p", ROOT)
+    planner.on_scheduled("p", toks(2 * BS, 99), [[7000, 7001], [ids(1, 4)[2], 7002]], True, BS, 0)
+    assert not planner.take_plan().fence_stores
 
 
 def test_a_windowed_group_stores_only_what_the_step_computed():

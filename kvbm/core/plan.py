@@ -50,9 +50,6 @@ class StoreBatch:
     gpu_blocks: list[int]
     slots: list[int]
     hashes: list[BlockHash] = field(default_factory=list)  # keyed tiers only
-    #: Some blocks belong to a windowed KV-cache group: vLLM may give them to another request
-    #: in the next step, so the copy must have read them before the next forward pass.
-    volatile: bool = False
 
 
 @dataclass
@@ -80,9 +77,14 @@ class StepPlan:
     #: Requests were preempted: their GPU blocks may be reused this step, so
     #: in-flight stores from them must complete before the forward pass.
     drain_stores: bool = False
+    #: vLLM gave a request this step a GPU block of a windowed KV-cache group that an earlier
+    #: store may still be reading (vLLM frees a window's older blocks while the request runs):
+    #: this step's forward pass waits for the stores submitted so far (without blocking the CPU).
+    fence_stores: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.store or self.spills or self.release_after_store or self.drain_stores)
+        return not (self.loads or self.store or self.spills or self.release_after_store or self.drain_stores
+                    or self.fence_stores)
 
 
 @dataclass

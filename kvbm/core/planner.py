@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
@@ -77,6 +77,10 @@ class PlannerStats:
     filter_rejections: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    #: Steps whose forward pass waited for an earlier store of windowed blocks, because vLLM gave
+    #: one of them to a request this step; and steps that did not need to (see ``take_plan``).
+    window_store_fences: int = 0
+    window_store_fences_skipped: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     def tier(self, name: str) -> TierStats:
@@ -238,6 +242,12 @@ class Planner:
         self._requests: dict[str, _Request] = {}
         self._loading: dict[str, _Loading] = {}
         self._pending: dict[int, _PendingBatch] = {}
+        #: Store batches not reported yet -> the windowed groups' GPU blocks they read. vLLM frees
+        #: such blocks while their request runs; a step that allocates one must wait for the store.
+        self._window_stores: dict[int, set[int]] = {}
+        self._step_window_blocks: list[int] = []  # this step's windowed blocks being stored
+        #: GPU block lists vLLM handed out this step, gathered while a windowed store is in flight.
+        self._step_allocated: list[Sequence[int]] = []
         self._awaiting_release: set[str] = set()
         self._next_batch_id = 0
         self._plan = StepPlan()
@@ -452,6 +462,8 @@ class Planner:
         req = self._requests.get(req_id)
         if req is None:
             return
+        if self._window_stores:
+            self._step_allocated.extend(self._per_group(gpu_blocks))
         found, req.candidate = req.candidate, None
         skipped, req.skipped = req.skipped, None
         for tier, n in zip(self._tiers, skipped or ()):
@@ -567,6 +579,8 @@ class Planner:
                     self._store(req_id, req, seq, tokens, n_full, volatile=False, lead=True)
             return
         per_group = self._per_group(new_gpu_blocks) if new_gpu_blocks is not None else None
+        if per_group is not None and self._window_stores:
+            self._step_allocated.extend(per_group)
         for i, seq in enumerate(req.seqs):
             blocks = per_group[i] if per_group is not None else ()
             if replace_blocks:
@@ -658,7 +672,8 @@ class Planner:
             store.gpu_blocks += gpus
             store.slots += slots
             store.hashes += stored
-            store.volatile |= volatile
+            if volatile:
+                self._step_window_blocks += gpus
             req.last_batch = store.batch_id
         seq.next_store = stop
 
@@ -778,6 +793,23 @@ class Planner:
 
     def take_plan(self) -> StepPlan:
         plan, self._plan = self._plan, StepPlan()
+        if self._window_stores:
+            # A windowed group's stored blocks may be freed by vLLM as the window moves on, and
+            # written for another request once it hands them out again: this step's forward pass
+            # waits for the stores still reading them only if vLLM handed one out this step (it
+            # hands out recently freed blocks last, so that is rare). Any earlier store not yet
+            # reported counts as in flight; a block allocated while it is, fences that step.
+            allocated = set(chain.from_iterable(self._step_allocated))
+            if any(not blocks.isdisjoint(allocated) for blocks in self._window_stores.values()):
+                plan.fence_stores = True
+                self.stats.window_store_fences += 1
+            else:
+                self.stats.window_store_fences_skipped += 1
+        self._step_allocated = []
+        if self._step_window_blocks:
+            assert plan.store is not None
+            self._window_stores[plan.store.batch_id] = set(self._step_window_blocks)
+            self._step_window_blocks = []
         if plan.store is not None:
             tier = self._by_name[plan.store.tier]
             self._pending[plan.store.batch_id] = _PendingBatch(tier, plan.store.slots, plan.store.hashes)
@@ -804,6 +836,7 @@ class Planner:
         of workers that completed it in this report; ``bad_slots`` maps a tier to
         slots that failed verification on read."""
         for batch_id in failed_batches:
+            self._window_stores.pop(batch_id, None)
             pending = self._pending.pop(batch_id, None)
             if pending is not None:
                 self.stats.failed_stores += len(pending.slots)
@@ -818,6 +851,7 @@ class Planner:
             pending.reports += reports
             if pending.reports >= self.world_size:
                 del self._pending[batch_id]
+                self._window_stores.pop(batch_id, None)
                 self._commit(pending)
         for name, slots in (bad_slots or {}).items():
             tier = self._by_name.get(name)

@@ -75,8 +75,6 @@ class PlanRunner:
         self._layered_ops: list[LoadOp] = []  # this step's loads that land layer by layer
         #: Steps whose in-step loads landed layer by layer (for tests and logs).
         self.layered_steps = 0
-        #: A store of blocks vLLM may reuse next step is in flight: the next step drains it first.
-        self._volatile_store = False
 
     def check(self, capacities: Mapping[str, int]) -> None:
         """The leader's tier sizes must be this rank's."""
@@ -98,10 +96,10 @@ class PlanRunner:
         into the layout) in this order, and the forward pass calls :meth:`wait_layer` before
         each attention layer; None: the forward pass waits for whole loads."""
         self.end_layers()
-        if self._volatile_store:
-            # The last store read blocks of a sliding-window group, which vLLM frees while the
-            # request runs: this step's forward pass may write them for another request.
-            self._volatile_store = False
+        if plan.fence_stores:
+            # An earlier store read blocks of a sliding-window group, which vLLM frees while the
+            # request runs, and this step gives one of them to another request: its forward pass
+            # (and the loads below) must not write the block before the store has read it.
             self.executor.fence_stores()
         layered = layer_order is not None and any(op.sync for op in plan.loads)
         self._layered_ops = [op for op in plan.loads if op.sync] if layered else []
@@ -177,7 +175,6 @@ class PlanRunner:
             self._report.failed_batches.add(store.batch_id)
             return
         self._inflight_stores.add(store.batch_id)
-        self._volatile_store |= store.volatile
         self._submit(_Job(G1, store.tier, store.batch_id), Blocks(G1, store.gpu_blocks),
                      Blocks(store.tier, store.slots, store.hashes))
 
