@@ -95,6 +95,9 @@ _G3 = {"disk_cache_gb": 0.5}
 CONFIGS: dict[str, tuple[bool, bool, dict | None, dict | None]] = {
     "oracle-eager": (True, True, None, None),
     "oracle-graphs": (False, True, None, None),
+    # The oracle once more: whether vLLM alone gives the same tokens twice in graph mode (where a
+    # kernel's bf16 rounding may follow the batch, a difference here is vLLM's, not kvbm's).
+    "oracle-graphs-again": (False, True, None, None),
     "vllm-small-eager": (True, False, None, None),
     "native-offload-eager": (True, False, None, {
         "kv_connector": "OffloadingConnector", "kv_role": "kv_both",

@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
       cfg=oracle-eager,oracle-graphs,kvbm-host-eager,kvbm-host-graphs
       python3 bench/gpu/correctness.py --preset gpu-swa --out "$work/models-swa" --configs "$cfg" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/swa.txt" 2>&1 &
-      python3 bench/gpu/correctness.py --preset gpu-mla --out "$work/models-mla" --configs "$cfg" \
+      python3 bench/gpu/correctness.py --preset gpu-mla --out "$work/models-mla" --configs "$cfg,oracle-graphs-again" \
         ${KVBM_MODELS_TIMEOUT:+--timeout "$KVBM_MODELS_TIMEOUT"} > "$work/mla.txt" 2>&1 &
       # vLLM raises a Mamba hybrid's block size until an attention page holds a Mamba state (48 tokens here);
       # one-block prefill chunks keep vLLM's chunking (and so the bf16 scan's rounding) alike in every run.
