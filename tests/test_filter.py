@@ -263,3 +263,29 @@ def test_batched_calls_match_one_by_one(clock, max_entries):
     many.count_decisions(sum(f >= 2 for f in freqs), sum(f < 2 for f in freqs))
     assert [f >= 2 for f in freqs] == decisions and one.stats == many.stats
     assert many.has_room(max_entries - len(many) - 1) and not many.has_room(max_entries - len(many))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batches_match_the_reference_rules(clock, seed):
+    """observe_distinct's frequencies, decays (periodic and early) and stats are the reference's
+    one-by-one ones; every entry stays filed once, at a value no higher than its own (the table's
+    memory stays proportional to its entries, however often a block is seen)."""
+    import random
+
+    rng = random.Random(seed)
+    f = make(clock, max_entries=60)
+    ref = _ReferenceFilter(clock, 60)
+    for _ in range(3_000):
+        if rng.random() < 0.01:
+            clock.advance(rng.choice([PERIOD / 2, PERIOD, 3 * PERIOD]))
+        keys = 70 if rng.random() < 0.9 else 400  # mostly blocks seen again since they were filed
+        batch = list(dict.fromkeys(rng.randrange(keys) for _ in range(rng.randrange(1, 12))))
+        assert f.observe_distinct(batch) == [ref.observe(h) for h in batch]
+        assert len(f) == len(ref.freq)
+        filed = [h for value, hashes in f._filed.items() for h in hashes if value <= f._stored[h]]
+        assert sorted(filed) == sorted(f._stored)
+    ref.catch_up()
+    assert {k: f.frequency(k) for k in ref.freq} == ref.freq
+    s = f.stats
+    assert (s.decays, s.early_decays, s.forgotten) == (ref.decays, ref.early, ref.forgotten)
+    assert s.early_decays > 0 and s.decays > s.early_decays

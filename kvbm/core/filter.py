@@ -16,13 +16,20 @@ One table of sightings serves every tier of the chain:
   over size).
 
 Nothing is O(table) per call. A decay step subtracts 1 from every frequency
-at once by raising a common offset (an entry stores ``offset + frequency``);
-entries are grouped by stored value, and a min-heap of those values finds the
-groups that reach 0, so a decay costs O(1) per entry it forgets. This matters once the table is full: a
-full table of mostly hot blocks decays early on nearly every new block, and
-a pass over a million entries each time stalled the scheduler. Decay is
-applied lazily on calls, from the clock. Pure Python; not thread-safe (the
-leader's scheduler thread owns it).
+at once by raising a common offset (an entry stores ``offset + frequency``).
+Entries are filed by value, and a min-heap of the filed values finds those a
+decay reaches. A sighting only rewrites the entry's stored value (one dict
+write: the scheduler thread pays it for every block it stores or loads); the
+entry stays filed where it was, below its value, until a decay reaches that
+filing and files it again at its value, or forgets it if it fell to 0. So a
+decay costs O(1) per entry it forgets or files again, and an entry is filed
+again at most once per sighting (the first decay after a busy period looks at
+every entry first seen in it, not only the forgotten ones: the price of taking
+two set operations per sighting off the scheduler's step). This matters once the table is full: a full
+table of mostly hot blocks decays early on nearly every new block, and a pass
+over a million entries each time stalled the scheduler. Decay is applied
+lazily on calls, from the clock. Pure Python; not thread-safe (the leader's
+scheduler thread owns it).
 """
 
 from __future__ import annotations
@@ -69,11 +76,14 @@ class FrequencyFilter:
         self.decay_period_s = float(decay_period_s)
         self.max_entries = max_entries
         self._clock = clock
-        #: hash -> its stored value, ``offset + frequency`` as of its last change.
+        #: hash -> its stored value, ``offset + frequency`` as of its last sighting.
         self._stored: dict[Hashable, int] = {}
-        #: stored value -> hashes holding it; a decay forgets whole buckets.
-        self._buckets: dict[int, set[Hashable]] = {}
-        #: Min-heap of bucket values (an emptied bucket's value stays until it surfaces).
+        #: value -> hashes filed there. Each entry is filed once, at a value no higher than its stored
+        #: value: a new entry at its own; a sighting raises the stored value and leaves it filed where
+        #: it was (a dict write per sighting, the common case); the decay that reaches a filed value
+        #: forgets the entries that fell to 0 there and files the others again, at their own value.
+        self._filed: dict[int, list[Hashable]] = {}
+        #: Min-heap of the filed values.
         self._values: list[int] = []
         #: Decay steps applied so far.
         self._offset = 0
@@ -81,25 +91,35 @@ class FrequencyFilter:
         self.stats = FilterStats()
 
     # ---- decay ---------------------------------------------------------------------
-    def _lowest(self) -> int | None:
-        """The lowest stored value in the table (None if empty)."""
-        values = self._values
-        while values and values[0] not in self._buckets:
-            heapq.heappop(values)
-        return values[0] if values else None
+    def _file(self, block_hash: Hashable, value: int) -> None:
+        """File ``block_hash`` at ``value`` (a filing's value joins the heap when it appears)."""
+        filed = self._filed.get(value)
+        if filed is None:
+            self._filed[value] = [block_hash]
+            heapq.heappush(self._values, value)
+        else:
+            filed.append(block_hash)
 
     def _decay(self, steps: int) -> None:
-        """Apply ``steps`` decay steps at once: subtract and forget those at <= 0."""
+        """Apply ``steps`` decay steps at once: subtract and forget those at <= 0.
+
+        Only the entries filed at the values it reaches are looked at: O(1) per entry forgotten
+        or filed again, and an entry is filed again at most once per sighting."""
         if steps <= 0:
             return
         self._offset += steps
         self.stats.decays += steps
-        while (lowest := self._lowest()) is not None and lowest <= self._offset:
-            heapq.heappop(self._values)
-            bucket = self._buckets.pop(lowest)
-            for block_hash in bucket:
-                del self._stored[block_hash]
-            self.stats.forgotten += len(bucket)
+        offset, stored_of, values = self._offset, self._stored, self._values
+        forgotten = 0
+        while values and values[0] <= offset:
+            for block_hash in self._filed.pop(heapq.heappop(values)):
+                value = stored_of[block_hash]
+                if value <= offset:
+                    del stored_of[block_hash]
+                    forgotten += 1
+                else:
+                    self._file(block_hash, value)  # seen since it was filed
+        self.stats.forgotten += forgotten
 
     def _catch_up(self) -> None:
         now = self._clock()
@@ -117,17 +137,18 @@ class FrequencyFilter:
     def _make_room(self) -> None:
         """Decay early until a new entry fits (size < max_entries), then restart the period.
 
-        Equivalent to repeating single decay steps until under the bound:
-        entries arrive one at a time, so one must go, and the number of steps
-        is the lowest frequency in the table, which the heap knows.
+        Equivalent to repeating single decay steps until under the bound: entries arrive one at
+        a time, so one must go, and the number of steps is the lowest frequency in the table.
+        The lowest filed value is no higher than that: decaying to it forgets the entries at
+        that frequency, or only files entries again (seen since they were filed) and the next
+        filed value is tried; the steps add up to the lowest frequency.
         """
         if len(self._stored) < self.max_entries:
             return
-        lowest = self._lowest()
-        assert lowest is not None
-        steps = lowest - self._offset
-        self._decay(steps)
-        self.stats.early_decays += steps
+        while len(self._stored) >= self.max_entries:
+            steps = self._values[0] - self._offset
+            self._decay(steps)
+            self.stats.early_decays += steps
         self._period_start = self._clock()
 
     # ---- API -----------------------------------------------------------------
@@ -135,7 +156,7 @@ class FrequencyFilter:
         """Count one sighting of ``block_hash``; returns its new frequency (1, 2, 4, ...).
 
         Called for every block the scheduler computes or loads, so the decay check is written
-        out here (two Python frames per sighting)."""
+        out here (one Python frame per sighting of a known block)."""
         now = self._clock()
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
@@ -144,67 +165,53 @@ class FrequencyFilter:
         if stored is None:
             if len(self._stored) >= self.max_entries:
                 self._make_room()
-            new = 1
-        else:
-            new = min((stored - self._offset) * 2, CAP)
-        self._place(block_hash, stored, self._offset + new)
+            self._stored[block_hash] = self._offset + 1
+            self._file(block_hash, self._offset + 1)
+            return 1
+        new = min((stored - self._offset) * 2, CAP)
+        self._stored[block_hash] = self._offset + new  # it stays filed where it is
         return new
-
-    def _place(self, block_hash: Hashable, stored: int | None, value: int) -> None:
-        """Move ``block_hash`` from the bucket of stored value ``stored`` (None: a new entry)
-        to the bucket of ``value``; a bucket's value joins the heap when the bucket appears."""
-        buckets = self._buckets
-        if stored is not None:
-            bucket = buckets[stored]
-            if len(bucket) == 1:
-                del buckets[stored]
-            else:
-                bucket.remove(block_hash)
-        self._stored[block_hash] = value
-        bucket = buckets.get(value)
-        if bucket is None:
-            buckets[value] = {block_hash}
-            heapq.heappush(self._values, value)
-        else:
-            bucket.add(block_hash)
 
     def has_room(self, entries: int) -> bool:
         """True if ``entries`` new entries fit without an early decay: until then the order of
         sightings of different blocks cannot change any frequency (a caller may batch them)."""
         return len(self._stored) + entries < self.max_entries
 
-    def observe_distinct(self, hashes: Sequence[Hashable]) -> None:
-        """:meth:`observe` each of ``hashes`` (no repeats), the new ones added in bulk.
+    def observe_distinct(self, hashes: Sequence[Hashable]) -> list[int]:
+        """:meth:`observe` each of ``hashes`` (no repeats), the new ones added in bulk; returns
+        their new frequencies, in order (a hit's spills read them).
 
-        A step stores hundreds of blocks, most seen for the first time: they join the
-        frequency-1 bucket with one ``dict.update`` and one ``set.update``."""
+        A step stores hundreds of blocks, many seen for the first time: they are added with one
+        ``dict.update`` and filed with one ``list.extend``."""
         if not self.has_room(len(hashes)):
-            for block_hash in hashes:  # an early decay may come between two of them: in order
-                self.observe(block_hash)
-            return
+            # an early decay may come between two of them: in order
+            return [self.observe(block_hash) for block_hash in hashes]
         now = self._clock()
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
         self.stats.observed += len(hashes)
         stored_of = self._stored
-        buckets = self._buckets
         offset = self._offset
         fresh = []
+        freqs = []
         for block_hash in hashes:
             stored = stored_of.get(block_hash)
             if stored is None:
                 fresh.append(block_hash)
-                continue
-            self._place(block_hash, stored, offset + min((stored - offset) * 2, CAP))
-        if fresh:
-            value = offset + 1
-            stored_of.update(dict.fromkeys(fresh, value))
-            bucket = buckets.get(value)
-            if bucket is None:
-                buckets[value] = set(fresh)
-                heapq.heappush(self._values, value)
+                freqs.append(1)
             else:
-                bucket.update(fresh)
+                freq = min((stored - offset) * 2, CAP)
+                stored_of[block_hash] = offset + freq  # it stays filed where it is
+                freqs.append(freq)
+        if fresh:
+            stored_of.update(dict.fromkeys(fresh, offset + 1))
+            filed = self._filed.get(offset + 1)
+            if filed is None:
+                self._filed[offset + 1] = fresh
+                heapq.heappush(self._values, offset + 1)
+            else:
+                filed += fresh
+        return freqs
 
     def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
