@@ -527,9 +527,9 @@ class Planner:
         self._plan.loads.append(op)
         self.stats.matched_tokens += n * self.block_size
         if self.filter is not None:
-            # A hit is a sighting: hot blocks earn the next tier. Each block's spill reads only its
-            # own frequency, so the load's sightings are counted first, in bulk, when no early
-            # decay can come between them (the blocks are distinct: chain positions and groups).
+            # A hit is a sighting: hot blocks earn the next tier. Each block's spill reads only the
+            # frequency its own sighting returned, so the load's sightings are counted first, in one
+            # batch (the blocks are distinct: chain positions and groups).
             runs = []
             for seq, first, parts in sighted:
                 at = first
@@ -537,13 +537,10 @@ class Planner:
                     if tier.next is not None and slots:
                         runs.append((tier, seq.hashes[at : at + len(slots)], slots))
                     at += len(slots)
-            total = sum(len(slots) for _, _, slots in runs)
-            observed = self.filter.has_room(total)
-            if observed:
-                self.filter.observe_distinct([h for _, hashes, _ in runs for h in hashes])
-            for tier, hashes, slots in runs:
-                for block_hash, slot in zip(hashes, slots):
-                    self._sighted(tier, block_hash, slot, observed)
+            sightings = [(tier, h, slot) for tier, run, slots in runs for h, slot in zip(run, slots)]
+            freqs = self.filter.observe_distinct([h for _, h, _ in sightings])
+            for (tier, block_hash, slot), freq in zip(sightings, freqs):
+                self._sighted(tier, block_hash, slot, freq)
 
     def on_scheduled(
         self,
@@ -620,6 +617,7 @@ class Planner:
         ready_slot, contains, reserve, touch = index.ready_slot, index.contains, index.reserve, index.touch
         filt = self.filter
         sighting = self._sighted if filt is not None else None
+        sight = filt.observe if filt is not None else None
         # Sightings of the blocks stored here go in one batch after the loop when no early decay
         # can come between them and the sightings of the loop (the loop adds at most one entry
         # per block): the same frequencies as one by one.
@@ -643,7 +641,7 @@ class Planner:
                 # stored after it, or storing this chain's tail could evict its head.
                 touch((ready,))
                 if sighting is not None:
-                    sighting(first, block_hash, ready)  # computed again: a sighting
+                    sighting(first, block_hash, ready, sight(block_hash))  # computed again: a sighting
                 continue
             if contains(block_hash):
                 continue  # being stored by another request
@@ -703,39 +701,32 @@ class Planner:
         return False
 
     # ---- spills: tier i → tier i+1 ----------------------------------------
-    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int, observed: bool = False) -> None:
-        """A sighting of a READY block of ``tier``; carry it one tier further down the
-        chain, from the deepest tier already holding it, once that tier's filter admits it.
-        ``observed``: the filter has counted this sighting already (in a batch)."""
+    def _sighted(self, tier: _Tier, block_hash: BlockHash, slot: int, freq: int) -> None:
+        """A sighting of a READY block of ``tier``, counted by the filter (``freq``: the frequency
+        it returned); carry it one tier further down the chain, from the deepest tier already
+        holding it, once that tier's filter admits it."""
         assert self.filter is not None
-        if not observed:
-            self.filter.observe(block_hash)
-        nxt = tier.next
-        while nxt is not None and nxt.index.contains(block_hash):
-            tier = nxt
-            ready = tier.index.ready_slot(block_hash)
-            if ready is None:
+        dst = tier.next
+        while dst is not None and dst.index.contains(block_hash):
+            tier, dst = dst, dst.next
+            slot = tier.index.ready_slot(block_hash)
+            if slot is None:
                 return  # still being copied there
-            slot = ready
-            nxt = tier.next
-        if nxt is not None:
-            self._maybe_spill(tier, block_hash, slot)
-
-    def _maybe_spill(self, src: _Tier, block_hash: BlockHash, src_slot: int) -> None:
-        dst = src.next
-        assert dst is not None
-        if dst.index.contains(block_hash):
+        if dst is None:
             return
         threshold = dst.spec.filter_threshold
-        if threshold is not None and self.filter is not None and not self.filter.should_offload(block_hash, threshold):
-            self.stats.filter_rejections += 1
-            return
+        if threshold is not None:
+            admitted = freq >= threshold
+            self.filter.count_decisions(admitted, not admitted)
+            if not admitted:
+                self.stats.filter_rejections += 1
+                return
         dst_slot = dst.index.reserve(block_hash)
         if dst_slot is None:
             return
-        spill = self._spill_batch(src, dst)
-        src.index.acquire((src_slot,))  # the copy reads it: no eviction meanwhile
-        spill.src_slots.append(src_slot)
+        spill = self._spill_batch(tier, dst)
+        tier.index.acquire((slot,))  # the copy reads it: no eviction meanwhile
+        spill.src_slots.append(slot)
         spill.dst_slots.append(dst_slot)
         spill.hashes.append(block_hash)
 
@@ -751,7 +742,7 @@ class Planner:
         return spill
 
     def _spill_committed(self, src: _Tier, hashes: list[BlockHash], slots: list[int]) -> None:
-        """:meth:`_maybe_spill` for each block of a batch just committed to ``src``, in order. Nothing
+        """:meth:`_sighted`'s spill for each block of a batch just committed to ``src``, in order. Nothing
         here sights a block, so the filter's frequencies are read for the whole batch at once."""
         dst = src.next
         assert dst is not None
