@@ -40,7 +40,7 @@ the forward pass waits per layer (:meth:`TransferExecutor.wait_layer`), and
 :meth:`TransferExecutor.fence` ends them.
 
 Timing: the copy engines time their own copies; a medium's job is timed on
-its thread (a chunked load: from its first chunk's read to its last one's).
+its thread (a chunked load: the union of its chunks' reads).
 ``seconds`` is what a bandwidth metric divides by.
 """
 
@@ -157,7 +157,7 @@ class _RowPool:
         self._rows = list(self.arena.buffer.numpy())  # a numpy view per row, made once (µs each)
 
     def take(self, n: int) -> list[int] | None:
-        """``n`` free rows, or None (the caller takes the unpooled path)."""
+        """``n`` free rows, or None (a store then takes the unpooled path, a load's chunk waits)."""
         if n > len(self._free):
             return None
         return [self._free.pop() for _ in range(n)]
@@ -188,7 +188,6 @@ class _Chunk:
     rows: list[int] = field(default_factory=list)
     future: Future | None = None  # the medium's read, once started
     ok: list[bool] | None = None  # per block, once read
-    scattering: bool = False
 
 
 @dataclass
@@ -527,7 +526,6 @@ class TransferExecutor:
             load.good += good
             key = next(self._keys)
             self._scatters[key] = (load, chunk)
-            chunk.scattering = True
             load.scatters += 1
             self._pool.engine.load(key, chunk.rows, list(load.dst.ids[chunk.start : chunk.start + good]))
         if load.now and not load.reported and load.landed == load.started:
@@ -549,7 +547,7 @@ class TransferExecutor:
                 if not c.ok and (load.scatter_failed_at is None or chunk.start < load.scatter_failed_at):
                     load.scatter_failed_at = chunk.start
                 self._pool.give(chunk.rows)
-                chunk.rows, chunk.scattering = [], False
+                chunk.rows = []
                 load.scatters -= 1
                 self._finish_load(load, done)
                 continue
