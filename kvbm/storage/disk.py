@@ -12,7 +12,9 @@ served another request's KV after a failed disk transfer, and we must not.
 The header's format is :mod:`kvbm.storage.slot_header`.
 
 I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
-the CRC release the GIL). Page-aligned host memory (pinned G2 rows) of
+the CRC release the GIL); a load's blocks are verified by the thread that
+asked for them as their reads land, so that the pool's threads only read
+(see :meth:`DiskArena.read_blocks`). Page-aligned host memory (pinned G2 rows) of
 page-multiple blocks moves directly between memory and file; anything else
 is staged through a per-thread page-aligned buffer, because O_DIRECT needs
 aligned memory. CRC-32 was chosen over faster numpy sums after measuring:
