@@ -27,8 +27,10 @@ posix_fadvise before reads, which is best effort).
     backend lays it out (``[blocks, heads, 16 tokens, 2*head dim]`` bf16 per
     layer; untimed, verified), then loaded back in jobs of ``--load-batches``
     blocks (what vLLM asks for per request), random slot order, through the row
-    pool (read + verify on the medium's thread, scatter into G1 by the pool's
-    copy engine), as many jobs in flight as the pool holds. Destination G1 blocks
+    pool (read by the arena's I/O threads, verified on the medium's threads, which
+    run two jobs at once; scattered into G1 by the pool's copy engine, chunk by
+    chunk), as many jobs in flight as the pool holds (the window this benchmark
+    always used: the executor itself would queue more). Destination G1 blocks
     are either consecutive per job (a fresh allocation) or random (a fragmented
     free list). Each round zeroes G1 first and checks every loaded block's CRC
     against the stored bytes. The ratio is to (c)'s random-slot reads of the
@@ -57,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from kvbm.storage.checksum import crc32
 from kvbm.storage.disk import DiskArena
 from kvbm.tools.disk_probe import probe_disk
 
@@ -329,12 +332,12 @@ class ExecutorBench:
 
 
 def cpu_costs(block: int) -> dict[str, float]:
-    """Single-thread GB/s of the per-block CPU work."""
+    """Single-thread GB/s of the per-block CPU work (the CRC is the arena's: ISA-L's)."""
     a = np.random.default_rng(1).integers(0, 256, block, dtype=np.uint8)
     b = np.empty_like(a)
     reps = max(1, (256 << 20) // block)
     out = {}
-    for name, fn in (("crc32", lambda: zlib.crc32(a)), ("memcpy", lambda: np.copyto(b, a))):
+    for name, fn in (("crc32", lambda: crc32(a)), ("memcpy", lambda: np.copyto(b, a))):
         fn()
         t0 = time.perf_counter()
         for _ in range(reps):

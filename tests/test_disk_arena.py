@@ -311,6 +311,55 @@ def test_truncated_file_is_a_short_read(tmp_path):
         assert arena.read_failures == 2
 
 
+def test_every_miss_in_one_batch_of_page_aligned_rows(tmp_path, caplog):
+    """The read path of pool rows (page-aligned, page-multiple blocks: read straight into the
+    row, verified by the calling thread as reads land) tells each miss apart within one batch,
+    logs each kind once, and serves only the blocks that verify."""
+    rng = np.random.default_rng(11)
+    block = 16384
+    with DiskArena(str(tmp_path), 8, block, file_tag="batch", io_threads=3) as arena:
+        blocks = rand_blocks(rng, 8, block)
+        slots = [0, 1, 2, 3, 4, 5, 7]  # slot 6 is never written
+        assert all(arena.write_blocks([(i, H(100 + i), blocks[i]) for i in slots]))
+        arena.sync()
+        base = arena.payload_offset
+        flip_byte(arena.path, 2 * arena.slot_size + base + 5)  # slot 2: payload
+        flip_byte(arena.path, 3 * arena.slot_size + 30)  # slot 3: header (the hash)
+        os.truncate(arena.path, 7 * arena.slot_size + base + block // 2)  # slot 7: cut short
+        rows = [page_aligned(block) for _ in range(8)]
+        want = [True, True, False, False, False, True, False, False]
+        hashes = [H(100 + i) for i in range(8)]
+        hashes[4] = H(999)  # slot 4 holds another block
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            ok = arena.read_blocks([(i, hashes[i], rows[i]) for i in range(8)])
+        assert ok == want
+        for i in (0, 1, 5):
+            np.testing.assert_array_equal(rows[i], blocks[i])
+        assert (arena.checksum_failures, arena.mismatches, arena.read_failures) == (2, 2, 1)
+        assert arena.blocks_read == 3
+        messages = " ".join(r.getMessage() for r in caplog.records)
+        assert "checksum mismatch" in messages and "corrupt block header" in messages and "short read" in messages
+
+
+def test_io_error_on_the_page_aligned_path_is_a_failure(tmp_path):
+    """The same as below for pool rows (read straight into the row): an OSError of the read is a
+    miss of that block, counted, never an exception."""
+    block = 8192
+    with DiskArena(str(tmp_path / "g3"), 4, block, file_tag="eio2") as arena:
+        assert all(arena.write_blocks([(i, H(i + 1), rand_blocks(np.random.default_rng(i), 1, block)[0])
+                                       for i in range(4)]))
+        dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+        saved = os.dup(arena._fd)
+        os.dup2(dfd, arena._fd)
+        os.close(dfd)
+        try:
+            ok = arena.read_blocks([(i, H(i + 1), page_aligned(block)) for i in range(4)])
+        finally:
+            os.dup2(saved, arena._fd)
+            os.close(saved)
+        assert ok == [False] * 4 and arena.read_failures == 4
+
+
 def test_io_errors_are_failures_not_exceptions(tmp_path, caplog):
     """Reads and writes that the kernel fails (for root too): the arena's fd
     number is made to refer to a directory, so pread/pwrite get EISDIR/EBADF.

@@ -152,7 +152,7 @@ def test_medium_jobs_go_through_the_row_pool_and_give_its_rows_back(cache, tmp_p
     ex.close()
 
 
-def test_a_job_larger_than_the_free_pool_takes_the_staging_path(cache, tmp_path, monkeypatch):
+def test_a_store_larger_than_the_free_pool_takes_the_staging_path(cache, tmp_path, monkeypatch):
     monkeypatch.setattr("kvbm.transfer.executor.POOL_ROWS", 2)
     ex = executor(cache, tmp_path, host=False)
     want = [block(cache, b) for b in (4, 5, 6)]
@@ -160,9 +160,86 @@ def test_a_job_larger_than_the_free_pool_takes_the_staging_path(cache, tmp_path,
     ex.submit(2, Blocks("G1", [6]), Blocks("G3", [2], [H(6)]))  # none left: staged, as before the pool
     assert 2 not in ex._pooled
     assert [d.ok for d in wait(ex, 2)] == [True, True]
-    ex.submit(3, Blocks("G3", [0, 1, 2], [H(4), H(5), H(6)]), Blocks("G1", [24, 25, 26]))  # 3 > 2 rows
+    ex.submit(3, Blocks("G3", [0, 1, 2], [H(4), H(5), H(6)]), Blocks("G1", [24, 25, 26]))  # 3 > 2 rows: chunks
+    assert 3 in ex._loads and not ex._io
     assert wait(ex)[0].moved == 3 and all(same(cache, 24 + i, want[i]) for i in range(3))
-    assert len(ex._pool._free) == 2
+    assert len(ex._pool._free) == 2 and not ex._loads
+    ex.close()
+
+
+def setup_chunks(cache, tmp_path, monkeypatch, rows: int = 4, chunk: int = 2) -> TransferExecutor:
+    """A disk-only executor whose pool has ``rows`` rows and loads in chunks of ``chunk``, with
+    G1 blocks 0..11 stored in G3 slots 0..11."""
+    monkeypatch.setattr("kvbm.transfer.executor.POOL_ROWS", rows)
+    monkeypatch.setattr("kvbm.transfer.executor.LOAD_CHUNK_ROWS", chunk)
+    ex = executor(cache, tmp_path, host=False)
+    for lo in range(0, 12, 2):  # stores of two rows at a time, so that none takes the staging path
+        ids = [lo, lo + 1]
+        ex.submit(lo + 1, Blocks("G1", ids), Blocks("G3", ids, [H(b) for b in ids]))
+        assert wait(ex)[0].ok
+    return ex
+
+
+def test_loads_larger_than_the_pool_stream_through_it_in_chunks(cache, tmp_path, monkeypatch):
+    """Two loads of 9 and 3 blocks through a pool of 4 rows, in chunks of 2: every block lands,
+    in order, and every row is free again; the medium's reads and bytes are counted once."""
+    ex = setup_chunks(cache, tmp_path, monkeypatch)
+    want = [block(cache, b) for b in range(12)]
+    ex.submit(100, Blocks("G3", list(range(9)), [H(b) for b in range(9)]), Blocks("G1", list(range(14, 23))))
+    ex.submit(101, Blocks("G3", [9, 10, 11], [H(9), H(10), H(11)]), Blocks("G1", [23, 24, 25]))
+    assert len(ex._loads[100].chunks) == 5
+    d1, d2 = wait(ex, 2)
+    assert (d1.ok, d1.moved, d1.bad, d1.nbytes) == (True, 9, (), 9 * ex.block_bytes)
+    assert (d2.ok, d2.moved, d2.nbytes) == (True, 3, 3 * ex.block_bytes)
+    assert all(same(cache, 14 + b, want[b]) for b in range(12))
+    assert ex._pool.free == 4 and not ex._loads and not ex._scatters
+    ex.close()
+
+
+def test_a_chunked_load_takes_the_union_of_its_reads_as_seconds():
+    """Two chunks read at once count once; a wait for rows between reads is not the medium's time."""
+    from kvbm.transfer.executor import _PoolLoad
+
+    load = _PoolLoad(1, Blocks("G3", []), Blocks("G1", []), [])
+    load.reads = [(10.0, 12.0), (11.0, 13.0), (20.0, 21.5), (20.5, 21.0)]
+    assert load.seconds() == 4.5
+
+
+def test_a_bad_block_in_a_later_chunk_ends_the_prefix_there(cache, tmp_path, monkeypatch):
+    """Block 5 of a 9-block load (chunk 3 of 5) does not verify: blocks 0..4 land, nothing from
+    block 5 on is scattered, no chunk after it starts, and the pool's rows all come back."""
+    ex = setup_chunks(cache, tmp_path, monkeypatch)
+    want = [block(cache, b) for b in range(5)]
+    untouched = [block(cache, b) for b in range(19, 23)]
+    hashes = [H(b) for b in range(9)]
+    hashes[5] = H(99)  # slot 5 asked for under another hash: a mismatch
+    ex.submit(7, Blocks("G3", list(range(9)), hashes), Blocks("G1", list(range(14, 23))))
+    (done,) = wait(ex)
+    assert (done.ok, done.moved, done.bad) == (False, 5, (5,))
+    assert all(same(cache, 14 + b, want[b]) for b in range(5))
+    assert all(same(cache, 19 + i, untouched[i]) for i in range(4))  # nothing scattered from block 5 on
+    assert ex._loads == {} and ex._pool.free == 4 and not ex._waiting["G3"]
+    assert ex.take_errors() == {"G3": {"mismatch": 1}}
+    ex.close()
+
+
+def test_a_chunk_whose_read_raises_fails_from_there(cache, tmp_path, monkeypatch):
+    ex = setup_chunks(cache, tmp_path, monkeypatch)
+    medium = ex.media["G3"]
+    real = medium.read
+    calls = []
+
+    def read(slots, hashes, rows):
+        calls.append(list(slots))
+        if slots[0] == 4:
+            raise OSError("gone")
+        return real(slots, hashes, rows)
+
+    monkeypatch.setattr(medium, "read", read)
+    ex.submit(3, Blocks("G3", list(range(8)), [H(b) for b in range(8)]), Blocks("G1", list(range(14, 22))))
+    (done,) = wait(ex)
+    assert (done.ok, done.moved, done.bad) == (False, 4, (4, 5))
+    assert ex._pool.free == 4 and not ex._loads
     ex.close()
 
 

@@ -81,6 +81,45 @@ def test_every_move_of_the_chain_on_the_gpu(kind: str, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
+def test_loads_stream_through_a_small_pool_in_chunks_on_the_gpu(kind: str, tmp_path, monkeypatch) -> None:
+    """Loads larger than the row pool (4 rows, chunks of 2): each chunk's scatter is
+    asynchronous on the pool's stream and gives its rows back only when its event says so; every
+    block lands, a bad block ends the prefix, and every row is free again."""
+    monkeypatch.setattr("kvbm.transfer.executor.POOL_ROWS", 4)
+    monkeypatch.setattr("kvbm.transfer.executor.LOAD_CHUNK_ROWS", 2)
+    dim = 1 if kind == "flash" else 0
+    cache = make_cache(SHAPES[kind])
+    layout, views = describe_kv_caches(cache, NUM_BLOCKS)
+    g3 = DiskMedium(DiskArena(str(tmp_path / "g3"), 16, layout.block_bytes, file_tag="gpu"), delete_on_close=True)
+    ex = TransferExecutor(layout, views, media={"G3": g3})
+    try:
+        ids = list(range(12))
+        for lo in range(0, 12, 2):
+            pair = [lo, lo + 1]
+            ex.submit(lo + 1, Blocks("G1", pair), Blocks("G3", pair, [H(b) for b in pair]))
+            assert wait(ex)[0].ok
+        want = blocks_of(cache, dim, ids)
+        ex.submit(100, Blocks("G3", ids[:9], [H(b) for b in ids[:9]]), Blocks("G1", list(range(20, 29))))
+        ex.submit(101, Blocks("G3", ids[9:], [H(b) for b in ids[9:]]), Blocks("G1", [29, 30, 31]))
+        assert [(d.ok, d.moved) for d in wait(ex, 2)] == [(True, 9), (True, 3)]
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(blocks_of(cache, dim, list(range(20, 32))), want))
+        before = blocks_of(cache, dim, list(range(45, 49)))
+        hashes = [H(b) for b in ids[:8]]
+        hashes[5] = H(99)
+        ex.submit(102, Blocks("G3", ids[:8], hashes), Blocks("G1", list(range(40, 48))))
+        (bad,) = wait(ex)
+        assert (bad.ok, bad.moved, bad.bad) == (False, 5, (5,))
+        torch.cuda.synchronize()
+        landed = blocks_of(cache, dim, list(range(40, 45)))
+        assert all(torch.equal(g, w) for g, w in zip(landed, blocks_of(cache, dim, ids[:5])))
+        assert all(torch.equal(g, w) for g, w in zip(blocks_of(cache, dim, list(range(45, 49))), before))
+        assert ex._pool.free == 4 and not ex._loads
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
 def test_layer_wise_in_step_load_through_the_plan_runner(kind: str, tmp_path) -> None:
     """A step's in-step load from G2 and G3 landing layer by layer, each layer waited for on the
     forward pass's stream (not the default one), then the step's store: the bytes of every layer."""

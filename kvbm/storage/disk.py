@@ -12,7 +12,9 @@ served another request's KV after a failed disk transfer, and we must not.
 The header's format is :mod:`kvbm.storage.slot_header`.
 
 I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
-the CRC release the GIL). Page-aligned host memory (pinned G2 rows) of
+the CRC release the GIL); a load's blocks are verified by the thread that
+asked for them as their reads land, so that the pool's threads only read
+(see :meth:`DiskArena.read_blocks`). Page-aligned host memory (pinned G2 rows) of
 page-multiple blocks moves directly between memory and file; anything else
 is staged through a per-thread page-aligned buffer, because O_DIRECT needs
 aligned memory. CRC-32 was chosen over faster numpy sums after measuring:
@@ -41,6 +43,7 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,11 +58,21 @@ from kvbm.storage.checksum import crc32
 from kvbm.storage.disk_faults import FaultHook, FaultInjector
 from kvbm.storage.disk_file import ALIGN, gb, open_data_file, round_up
 from kvbm.storage.files import DiskSetupError, ensure_private_dir, g3_data_path
-from kvbm.storage.slot_header import FORMAT_VERSION, HEADER_SIZE, header_version, pack_header, unpack_header
+from kvbm.storage.slot_header import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    header_version,
+    matching_payload_crc,
+    pack_header,
+    unpack_header,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ALIGN", "HEADER_SIZE", "DiskArena", "DiskSetupError", "FaultInjector", "round_up"]
+
+
+_U8 = np.dtype(np.uint8)
 
 
 def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -298,7 +311,15 @@ class DiskArena:
 
     def _check_items(self, items: list[tuple[int, BlockHash, Any]], op: str) -> None:
         """Cheap checks done before any I/O (buffers are checked by the I/O threads,
-        so that converting them overlaps with other items' I/O)."""
+        so that converting them overlaps with other items' I/O): a whole batch at once in
+        the common case, item by item (for the error that names the item) otherwise."""
+        try:
+            slots = [slot for slot, _, _ in items]
+            if (min(slots) >= 0 and max(slots) < self.num_slots and len(set(slots)) == len(slots)
+                    and all(type(h) is bytes and len(h) == HASH_BYTES for _, h, _ in items)):
+                return
+        except Exception:
+            pass  # the loop below raises the error that names the item
         seen: set[int] = set()
         for slot, block_hash, _ in items:
             self._check_slot(slot)
@@ -363,6 +384,17 @@ class DiskArena:
         ValueError/IndexError only for caller bugs: a bad slot or hash or the
         same slot twice (before any I/O), or a destination of the wrong size
         or read-only (found while the other items are read).
+
+        The I/O threads only read (into the destination where it is page-aligned):
+        the calling thread verifies each block (header, then payload CRC) as its
+        read completes, so the threads go straight on to their next read and
+        ``io_threads`` reads stay in flight while blocks are checked. Verifying on
+        the I/O threads instead left one of the four idle for every CRC (~60 µs of
+        every ~3 ms 2 MiB read) and made the threads queue for the GIL between
+        reads (``bench/disk.py --executor``; docs/architecture.md). Two calls from
+        different threads share the I/O threads: the second call's reads start as
+        the first call's run out, so a caller that overlaps calls (the transfer
+        executor's G3 jobs) keeps the device busy between them.
         """
         self._ensure_open()
         items = list(items)
@@ -370,7 +402,7 @@ class DiskArena:
         if not items:
             return []
         t0 = time.perf_counter()
-        results = self._run(self._read_one, items)
+        results = self._read_all(items)
         elapsed = time.perf_counter() - t0
         ok = [r is None for r in results]
         good = sum(ok)
@@ -387,7 +419,83 @@ class DiskArena:
                 raise r
         return ok
 
+    def _read_all(self, items: list[tuple[int, BlockHash, Any]]) -> list[Any]:
+        """Read every item on the I/O threads and verify each on this thread as it lands.
+
+        Per item: None (verified), a miss kind (str), or the exception of a caller bug."""
+        n = len(items)
+        if n == 1:
+            return [self._verified(items[0], self._read_fast(items[0], self._header_page()))]
+        results: list[Any] = [None] * n
+        landed: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        indices = iter(range(n))  # shared: next() is atomic, threads pull work as they free up
+        read = self._read_fast
+
+        def worker() -> None:
+            page = self._header_page()
+            for i in indices:
+                landed.put((i, read(items[i], page)))
+
+        futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, n))]
+        verified = self._verified
+        for _ in range(n):
+            i, r = landed.get()
+            results[i] = verified(items[i], r)
+        for f in futures:
+            f.result()
+        return results
+
+    def _read_fast(self, item: tuple[int, BlockHash, Any], page: mmap.mmap) -> Any:
+        """One item's read on an I/O thread, with as little Python as it takes (at 128 KiB blocks
+        the per-block Python of all threads together decides how many reads stay in flight:
+        they take turns for the GIL). The common case, a page-aligned uint8 row (pool or host
+        rows) and no fault hook, is read straight into the row and returned as (bytes read or
+        the OSError, header bytes, row) for :meth:`_verified`; anything else goes through
+        :meth:`_read_one` (checked, staged, verified on this thread). Never raises: a caller
+        bug's exception is the item's result."""
+        try:
+            slot, _, dest = item
+            if (type(dest) is np.ndarray and dest.dtype == _U8 and dest.ndim == 1 and dest.size == self.block_bytes
+                    and dest.flags.c_contiguous and dest.flags.writeable and self._fault_hook is None
+                    and (not self._o_direct or self._payload_off == ALIGN
+                         and dest.__array_interface__["data"][0] % ALIGN == 0)):
+                try:
+                    got: Any = os.preadv(self._fd, [memoryview(page)[: self._payload_off], dest],
+                                         slot * self._slot_size)
+                except OSError as e:
+                    got = e
+                return got, page[:HEADER_SIZE], dest
+            return self._read_one(item)
+        except Exception as e:
+            return e
+
+    def _verified(self, item: tuple[int, BlockHash, Any], r: Any) -> Any:
+        """The outcome of :meth:`_read_fast`: a fast read's header and payload checked here (the
+        calling thread, so that the I/O threads go on reading), anything else as it came."""
+        if type(r) is not tuple:
+            return r
+        got, hdr, dst = r
+        if isinstance(got, OSError):
+            return self._failed("read", got)
+        slot, block_hash, _ = item
+        want = self._payload_off + self.block_bytes
+        if got < want:
+            self._log_once(
+                "read", "short", "kvbm: short read from disk cache %s (slot %d: %d of %d bytes; "
+                "file truncated?).", self._path, slot, got, want,
+            )
+            return "short"
+        payload_crc = matching_payload_crc(hdr, payload_offset=self._payload_off, slot=slot, block_hash=block_hash,
+                                           length=self.block_bytes)
+        if payload_crc is None:
+            return self._verify(item, hdr, dst)  # not this block's header: which miss (logged once)
+        if crc32(dst) != payload_crc:
+            return self._payload_mismatch(slot, block_hash)
+        return None
+
     def _read_one(self, item: tuple[int, BlockHash, Any]) -> str | None:
+        """One item read and verified on this thread (what :meth:`_read_fast` does not take:
+        other buffer types, staged reads, fault injection): None or the miss kind."""
         slot, block_hash, dest = item
         dst = _as_u8(dest, writable=True, what=f"destination for slot {slot}")
         if dst.size != self.block_bytes:
@@ -398,15 +506,14 @@ class DiskArena:
         off = self._payload_off
         direct = self._zero_copy(dst)
         if direct:
-            hdr = self._header_page()
+            hdr: Any = self._header_page()
             iov: list[Any] = [memoryview(hdr)[:off], dst]
-            want = off + self.block_bytes
             payload = dst
         else:
             hdr, buf = self._stage()
             iov = [hdr]
-            want = off + self.block_bytes  # the slot's padding may lie past a truncated end
             payload = buf[off : off + self.block_bytes]
+        want = off + self.block_bytes  # the slot's padding may lie past a truncated end
         try:
             n = os.preadv(self._fd, iov, slot * self._slot_size)
         except OSError as e:
@@ -421,6 +528,14 @@ class DiskArena:
             return "short"
         if fault == "corrupt":
             payload[len(payload) // 2] ^= 0xFF
+        r = self._verify(item, hdr, payload)
+        if r is None and not direct:
+            np.copyto(dst, payload)
+        return r
+
+    def _verify(self, item: tuple[int, BlockHash, Any], hdr: Any, payload: np.ndarray) -> str | None:
+        """None if the header names this block and the payload matches its CRC; else the miss kind."""
+        slot, block_hash, _ = item
         version = header_version(hdr)
         if version is None:
             return "mismatch"  # never written (zeros) or not ours
@@ -438,19 +553,20 @@ class DiskArena:
                 self._path, slot,
             )
             return "checksum"
-        if header.payload_offset != off:
+        if header.payload_offset != self._payload_off:
             return "mismatch"
         if header.slot != slot or header.block_hash != block_hash or header.length != self.block_bytes:
             return "mismatch"  # the slot holds another block: the index is stale
         if crc32(payload) != header.payload_crc:
-            self._log_once(
-                "read", "payload-crc", "kvbm: checksum mismatch in disk cache %s (slot %d, block "
-                "%s): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash.hex(),
-            )
-            return "checksum"
-        if not direct:
-            np.copyto(dst, payload)
+            return self._payload_mismatch(slot, block_hash)
         return None
+
+    def _payload_mismatch(self, slot: int, block_hash: BlockHash) -> str:
+        self._log_once(
+            "read", "payload-crc", "kvbm: checksum mismatch in disk cache %s (slot %d, block "
+            "%s): data corrupted or torn write; treated as a miss.", self._path, slot, block_hash.hex(),
+        )
+        return "checksum"
 
     def sync(self) -> None:
         """Make written blocks durable (fdatasync): data, and the extent

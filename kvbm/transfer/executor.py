@@ -12,20 +12,25 @@ from the two tiers:
   into rows of the *row pool* (pinned host rows with a copy engine of their
   own) asynchronously; once the engine reports the gather complete, the medium
   writes the rows on its own thread;
-* a block medium → G1: the medium reads into pool rows on its thread; once
-  polled, the verified prefix is scattered into the GPU blocks by the pool's
-  engine, and the job completes when the scatter did (an in-step load, whose
-  forward pass is ordered after the scatter by :meth:`TransferExecutor.fence`,
-  completes when the scatter is issued). A job the pool has no free rows for
-  takes the old path: fresh pageable rows copied through staging rows on the
-  caller's thread;
+* a block medium → G1: the medium reads into pool rows on its thread(s), in
+  chunks of at most :data:`LOAD_CHUNK_ROWS` rows that take rows as they free up
+  (a load larger than the pool streams through it, and its reads overlap the
+  scatters of its earlier chunks); once polled, the verified prefix of each
+  chunk is scattered into the GPU blocks by the pool's engine, in order, and
+  the job completes when its last scatter did (an in-step load, read whole on
+  the caller's thread and ordered before the forward pass by
+  :meth:`TransferExecutor.fence`, completes when its scatter is issued; one the
+  pool has no free rows for takes the old path: fresh pageable rows copied
+  through staging rows on the caller's thread);
 * the host tier ↔ a block medium (G2 → G3 spills): the medium reads or writes
   the host tier's rows directly (the leader keeps them pinned meanwhile);
 * a block medium → another (G3 → G4): read into fresh rows, then written.
 
 So a new tier is a new :class:`~kvbm.transfer.media.BlockMedium` under a new
-name; nothing here changes. Each medium has one I/O thread (a slow network
-store never waits behind the disk). Jobs report what moved: a load may land
+name; nothing here changes. Each medium has threads of its own (a slow network
+store never waits behind the disk): one, or ``jobs_at_once`` where the medium
+sets it (a disk file: two, so that its I/O threads go on to the next job's reads
+while one job's last reads finish). Jobs report what moved: a load may land
 a verified prefix of its blocks (``moved``) and name the source slots that
 failed verification (``bad``), which the leader drops.
 
@@ -35,16 +40,19 @@ the forward pass waits per layer (:meth:`TransferExecutor.wait_layer`), and
 :meth:`TransferExecutor.fence` ends them.
 
 Timing: the copy engines time their own copies; a medium's job is timed on
-its thread. ``seconds`` is what a bandwidth metric divides by.
+its thread (a chunked load: the union of its chunks' reads).
+``seconds`` is what a bandwidth metric divides by.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,7 +65,8 @@ from kvbm.transfer.media import BlockMedium
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Blocks", "Done", "TransferExecutor", "STAGING_ROWS", "STAGING_BYTES", "POOL_ROWS", "POOL_BYTES"]
+__all__ = ["Blocks", "Done", "TransferExecutor", "STAGING_ROWS", "STAGING_BYTES", "POOL_ROWS", "POOL_BYTES",
+           "LOAD_CHUNK_ROWS", "LOAD_CHUNK_BYTES"]
 
 #: Staging rows between G1 and the block media for jobs the row pool cannot take: at most
 #: this many blocks or bytes.
@@ -66,6 +75,13 @@ STAGING_BYTES = 256 << 20
 #: The row pool between G1 and the block media: at most this many blocks or bytes.
 POOL_ROWS = 4096
 POOL_BYTES = 512 << 20
+#: A load from a block medium into G1 moves through the pool in chunks of at most this many
+#: rows or bytes, each read by one medium call and scattered as soon as it (and every chunk
+#: before it) verified. A 256-block job of 2 MiB blocks once took the whole 512 MiB pool and
+#: read it all before scattering any (0.65-0.71 of raw reads, ``bench/disk.py --executor``);
+#: in chunks its reads overlap its scatters and the next job's reads start as rows free up.
+LOAD_CHUNK_ROWS = 64
+LOAD_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -136,10 +152,12 @@ class _RowPool:
         self.arena = HostArena.wrap(make_host_arena_buffer(rows, layout.block_bytes, on_gpu))
         # on CPU: copies on the step thread only, leaving the cores to the medium's I/O threads
         self.engine = make_copy_engine(layout, views, self.arena, cpu_parallel=False)
+        self.rows = rows
         self._free = list(range(rows - 1, -1, -1))  # descending: pop() gives the lowest row
+        self._rows = list(self.arena.buffer.numpy())  # a numpy view per row, made once (µs each)
 
     def take(self, n: int) -> list[int] | None:
-        """``n`` free rows, or None (the caller takes the unpooled path)."""
+        """``n`` free rows, or None (a store then takes the unpooled path, a load's chunk waits)."""
         if n > len(self._free):
             return None
         return [self._free.pop() for _ in range(n)]
@@ -149,8 +167,12 @@ class _RowPool:
             self._free.extend(rows)
             self._free.sort(reverse=True)
 
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
     def buffers(self, rows: Sequence[int]) -> list:
-        return [self.arena.buffer[row].numpy() for row in rows]
+        return [self._rows[row] for row in rows]
 
     def close(self) -> None:
         self.engine.drain()
@@ -158,18 +180,71 @@ class _RowPool:
 
 
 @dataclass
+class _Chunk:
+    """Part of a pooled load: ``count`` blocks from ``start``, read into ``rows`` by one medium call."""
+
+    start: int
+    count: int
+    rows: list[int] = field(default_factory=list)
+    future: Future | None = None  # the medium's read, once started
+    ok: list[bool] | None = None  # per block, once read
+
+
+@dataclass
+class _PoolLoad:
+    """A load from a medium into G1 through pool rows, chunk by chunk (see the module doc).
+
+    Chunks start in order as rows free up (the job's reads are then in flight), land in order
+    (the verified prefix of each is scattered once every chunk before it verified whole), and
+    the job is done when every chunk started has landed and no scatter is in flight. After a
+    block fails, no further chunk starts and none scatters: vLLM recomputes from that block."""
+
+    job_id: int
+    src: Blocks
+    dst: Blocks
+    chunks: list[_Chunk]
+    now: bool = False
+    started: int = 0  # chunks started (read in flight or done)
+    landed: int = 0  # chunks scattered or dropped, in order
+    good: int = 0  # the verified prefix that was scattered
+    failed: bool = False  # a block of the prefix did not verify: start and scatter no further
+    scatter_failed_at: int | None = None  # the first block of a chunk whose scatter failed
+    verified: int = 0  # blocks read and verified (bytes moved)
+    bad: list[int] = field(default_factory=list)  # source slots that failed
+    reads: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each chunk's read
+    scatters: int = 0  # scatters in flight
+    reported: bool = False  # an in-step load's Done went out when its scatter was issued
+
+    def finished(self) -> bool:
+        return (self.landed == self.started and not self.scatters
+                and (self.failed or self.started == len(self.chunks)))
+
+    def done(self, block_bytes: int) -> Done:
+        moved = self.good if self.scatter_failed_at is None else min(self.good, self.scatter_failed_at)
+        n = len(self.src.ids)
+        return Done(self.job_id, moved == n, self.verified * block_bytes, self.seconds(), moved, tuple(self.bad))
+
+    def seconds(self) -> float:
+        """The time the medium spent reading the load: the union of its chunks' reads (two may
+        overlap; waiting for rows between them is not the medium's time)."""
+        total, end = 0.0, float("-inf")
+        for start, stop in sorted(self.reads):
+            if stop > end:
+                total += stop - max(start, end)
+                end = stop
+        return total
+
+
+@dataclass
 class _PoolJob:
-    """A job between G1 and a medium through pool rows: gather → write, or read → scatter."""
+    """A job from G1 to a medium through pool rows: gather → write."""
 
     job_id: int
     src: Blocks
     dst: Blocks
     rows: list[int]
-    stage: str  # "gather", "write", "read", "scatter"
-    now: bool = False
+    stage: str  # "gather", "write"
     future: Future | None = None
-    result: Done | None = None  # a scatter's outcome, reported when the scatter completes
-    reported: bool = False  # an in-step load's Done went out when its scatter was issued
 
 
 @dataclass
@@ -178,7 +253,7 @@ class _IoJob:
     src: Blocks
     dst: Blocks
     rows: torch.Tensor | None  # fresh host rows of a job from or to G1 (None: the host tier's own rows)
-    future: Future  # -> (per-block ok, seconds)
+    future: Future  # -> (per-block ok, start, end)
 
 
 class TransferExecutor:
@@ -198,9 +273,25 @@ class TransferExecutor:
         self._engine = make_copy_engine(layout, views, host) if host is not None else None
         self._staging = _Staging(layout, views) if self.media else None
         self._pool = _RowPool(layout, views) if self.media else None
-        self._pooled: dict[int, _PoolJob] = {}
-        self._threads = {name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvbm-{name.lower()}")
+        self._pooled: dict[int, _PoolJob] = {}  # G1 -> medium jobs through the pool, by job id
+        self._loads: dict[int, _PoolLoad] = {}  # medium -> G1 jobs through the pool, by job id
+        # per medium: the loads with chunks still to start, in submission order
+        self._waiting: dict[str, collections.deque[_PoolLoad]] = {name: collections.deque() for name in self.media}
+        # chunk reads that finished, appended by the medium's threads (deque.append is atomic): a poll
+        # costs what finished, not what is in flight (the benchmark has 64 jobs in flight at 128 KiB)
+        self._read_done: collections.deque[tuple[_PoolLoad, _Chunk]] = collections.deque()
+        self._scatters: dict[int, tuple[_PoolLoad, _Chunk]] = {}  # the pool engine's key of each scatter
+        self._gathers: dict[int, _PoolJob] = {}  # the pool engine's key of each gather
+        self._keys = itertools.count()  # the pool engine's keys (its own: job ids are the caller's)
+        self._jobs_at_once = {name: max(1, int(getattr(medium, "jobs_at_once", 1)))
+                              for name, medium in self.media.items()}
+        self._threads = {name: ThreadPoolExecutor(max_workers=self._jobs_at_once[name],
+                                                  thread_name_prefix=f"kvbm-{name.lower()}")
                          for name in self.media}
+        self._reading = dict.fromkeys(self.media, 0)  # chunk reads started and not yet collected, per medium
+        # a chunk never needs more rows than the pool has (it would wait for ever)
+        self._chunk_rows = max(1, min(LOAD_CHUNK_ROWS, LOAD_CHUNK_BYTES // self.block_bytes,
+                                      self._pool.rows if self._pool is not None else 1))
         self._engine_jobs: dict[int, int] = {}  # job id -> blocks, for copy-engine jobs
         self._io: list[_IoJob] = []
         self._done: list[Done] = []
@@ -238,11 +329,21 @@ class TransferExecutor:
             else:
                 self._engine.load(job_id, list(src.ids), list(dst.ids))
             return
+        if dst.tier == G1 and self._pool is not None and not now:
+            self._submit_load(_PoolLoad(job_id, src, dst, [
+                _Chunk(start, min(self._chunk_rows, n - start)) for start in range(0, n, self._chunk_rows)]))
+            return
         if G1 in (src.tier, dst.tier) and self._pool is not None:
             pool_rows = self._pool.take(n)
             if pool_rows is not None:
-                self._submit_pooled(_PoolJob(job_id, src, dst, pool_rows, "gather" if src.tier == G1 else "read",
-                                             now=now))
+                if dst.tier == G1:  # an in-step load: one chunk, read here and now
+                    self._submit_load(_PoolLoad(job_id, src, dst, [_Chunk(0, n, pool_rows)], now=True))
+                    return
+                job = self._pooled[job_id] = _PoolJob(job_id, src, dst, pool_rows, "gather")
+                key = next(self._keys)
+                self._gathers[key] = job
+                self._pool.engine.store(key, list(src.ids), pool_rows)
+                self._pool_completions(self._done)  # a synchronous engine (CPU) gathered already: write now
                 return
         rows = None  # host rows of the job: fresh ones unless one side is the host tier
         if self.host_tier not in (src.tier, dst.tier):
@@ -253,29 +354,51 @@ class TransferExecutor:
                 self._done.append(Done(job_id, False))
                 return
         work = self._work(src, dst, rows)
-        thread = self._threads[dst.tier if dst.tier in self.media else src.tier]
-        if now:
-            future: Future = Future()
-            try:
-                future.set_result(work())
-            except Exception as exc:
-                future.set_exception(exc)
-        else:
-            future = thread.submit(work)
-        self._io.append(_IoJob(job_id, src, dst, rows, future))
+        self._io.append(_IoJob(job_id, src, dst, rows, self._run(work, dst.tier if dst.tier in self.media else src.tier,
+                                                                 now)))
 
-    def _submit_pooled(self, job: _PoolJob) -> None:
-        """Start a pooled job: the gather on the pool's engine, or the read on the medium."""
-        assert self._pool is not None
-        self._pooled[job.job_id] = job
-        if job.stage == "gather":
-            self._pool.engine.store(job.job_id, list(job.src.ids), job.rows)
-            self._pool_completions(self._done)  # a synchronous engine (CPU) gathered already: write now
+    def _submit_load(self, load: _PoolLoad) -> None:
+        """Queue a pooled load; its chunks start as rows free up (an in-step one: at once, here)."""
+        if not load.chunks:
+            self._done.append(load.done(self.block_bytes))
             return
-        work = self._work(job.src, job.dst, None, self._pool.buffers(job.rows))
-        job.future = self._run(work, job.src.tier, job.now)
+        self._loads[load.job_id] = load
+        if load.now:
+            self._start_chunk(load, load.chunks[0])
+        else:
+            self._waiting[load.src.tier].append(load)
+            self._start_chunks()
 
-    def _run(self, work: Callable[[], tuple[list[bool], float]], tier: str, now: bool) -> Future:
+    def _start_chunks(self) -> None:
+        """Start the queued chunks of the pooled loads, oldest job first, while rows are free and
+        the medium has fewer than twice as many reads started as it runs jobs at once (so its
+        threads go from one read to the next between two polls, and the rest of the pool stays
+        free for stores and the scatters of what was read)."""
+        assert self._pool is not None
+        for tier, waiting in self._waiting.items():
+            while waiting and self._reading[tier] < 2 * self._jobs_at_once[tier]:
+                load = waiting[0]
+                if load.failed or load.started == len(load.chunks):
+                    waiting.popleft()  # every chunk started, or none will (a block failed)
+                    continue
+                chunk = load.chunks[load.started]
+                rows = self._pool.take(chunk.count)
+                if rows is None:
+                    return  # in order: a later job does not overtake one that waits for rows
+                chunk.rows = rows
+                self._start_chunk(load, chunk)
+
+    def _start_chunk(self, load: _PoolLoad, chunk: _Chunk) -> None:
+        assert self._pool is not None
+        end = chunk.start + chunk.count
+        src = Blocks(load.src.tier, load.src.ids[chunk.start : end], load.src.hashes[chunk.start : end])
+        work = self._work(src, load.dst, None, self._pool.buffers(chunk.rows))
+        load.started += 1
+        self._reading[load.src.tier] += 1
+        chunk.future = self._run(work, load.src.tier, load.now)
+        chunk.future.add_done_callback(lambda _, load=load, chunk=chunk: self._read_done.append((load, chunk)))
+
+    def _run(self, work: Callable[[], tuple[list[bool], float, float]], tier: str, now: bool) -> Future:
         """``work`` on the tier's I/O thread, or here and now."""
         if not now:
             return self._threads[tier].submit(work)
@@ -287,8 +410,9 @@ class TransferExecutor:
         return future
 
     def _work(self, src: Blocks, dst: Blocks, rows: torch.Tensor | None,
-              buffers: list | None = None) -> Callable[[], tuple[list[bool], float]]:
-        """What runs on the medium's thread: read the source medium and/or write the destination."""
+              buffers: list | None = None) -> Callable[[], tuple[list[bool], float, float]]:
+        """What runs on the medium's thread: read the source medium and/or write the destination.
+        Returns per-block success and when it started and ended (``time.perf_counter``)."""
         if buffers is not None:
             pass  # pool rows
         elif rows is not None:
@@ -300,7 +424,7 @@ class TransferExecutor:
         reader = self.media.get(src.tier)
         writer = self.media.get(dst.tier)
 
-        def work() -> tuple[list[bool], float]:
+        def work() -> tuple[list[bool], float, float]:
             start = time.perf_counter()
             ok = [True] * len(buffers)
             if reader is not None:
@@ -310,14 +434,14 @@ class TransferExecutor:
             if writer is not None:
                 # A copy between tiers is stored whole or not at all (the leader commits batches).
                 ok = writer.write(dst.ids, dst.hashes, buffers) if all(ok) else [False] * len(buffers)
-            return ok, time.perf_counter() - start
+            return ok, start, time.perf_counter()
 
         return work
 
     def poll(self) -> list[Done]:
         """Jobs finished since the last poll; never blocks. Scatters finished medium reads into G1."""
         done, self._done = self._done, []
-        if self._pooled:
+        if self._pooled or self._loads:
             self._poll_pool(done)
         if self._engine is not None:
             for c in self._engine.poll():
@@ -333,65 +457,110 @@ class TransferExecutor:
         return done
 
     def _poll_pool(self, done: list[Done]) -> None:
-        """Advance the pooled jobs: engine completions, then finished medium work, then the
-        completions of copies that work started (synchronous on CPU)."""
+        """Advance the pooled jobs: engine completions, finished writes, finished chunk reads
+        (scattered in order), then start the chunks that rows were freed for; then the
+        completions of the copies started here (synchronous on CPU)."""
         assert self._pool is not None
         self._pool_completions(done)
-        started = False
         for job in list(self._pooled.values()):
             if job.future is None or not job.future.done():
                 continue
             n = len(job.src.ids)
-            try:
-                ok, seconds = job.future.result()
-            except Exception:
-                logger.exception("kvbm: %s -> %s transfer failed", job.src.tier, job.dst.tier)
-                ok, seconds = [False] * n, 0.0
+            ok, span = self._outcome(job.future, n, job.src.tier, job.dst.tier)
+            seconds = self._seconds(span)
             job.future = None
-            if job.stage == "write":  # G1 → medium, written
-                self._end(job)
-                done.append(Done(job.job_id, all(ok), sum(ok) * self.block_bytes, seconds, sum(ok)))
-                continue
-            # medium → G1, read: the verified prefix lands; vLLM recomputes from the first block that did not
-            bad = tuple(slot for slot, fine in zip(job.src.ids, ok) if not fine)
-            good = ok.index(False) if False in ok else n
-            result = Done(job.job_id, good == n, sum(ok) * self.block_bytes, seconds, good, bad)
-            self._pool.give(job.rows[good:])
-            job.rows = job.rows[:good]
+            self._end(job)
+            done.append(Done(job.job_id, all(ok), sum(ok) * self.block_bytes, seconds, sum(ok)))
+        landed: dict[int, _PoolLoad] = {}
+        while self._read_done:
+            load, chunk = self._read_done.popleft()
+            self._collect(load, chunk)
+            landed[load.job_id] = load
+        for load in landed.values():
+            self._land(load, done)
+        self._start_chunks()
+        self._pool_completions(done)
+        for load in landed.values():
+            self._finish_load(load, done)
+
+    def _outcome(self, future: Future, n: int, src: str, dst: str) -> tuple[list[bool], tuple[float, float] | None]:
+        """A finished medium call's per-block success and (start, end); all failed and None if it raised."""
+        try:
+            ok, start, end = future.result()
+        except Exception:
+            logger.exception("kvbm: %s -> %s transfer failed", src, dst)
+            return [False] * n, None
+        return ok, (start, end)
+
+    @staticmethod
+    def _seconds(span: tuple[float, float] | None) -> float:
+        return span[1] - span[0] if span is not None else 0.0
+
+    def _collect(self, load: _PoolLoad, chunk: _Chunk) -> None:
+        """A chunk's read finished: its per-block outcome, for :meth:`_land`."""
+        assert chunk.future is not None
+        end = chunk.start + chunk.count
+        chunk.ok, span = self._outcome(chunk.future, chunk.count, load.src.tier, G1)
+        if span is not None:
+            load.reads.append(span)
+        chunk.future = None
+        self._reading[load.src.tier] -= 1
+        load.verified += sum(chunk.ok)
+        load.bad.extend(slot for slot, fine in zip(load.src.ids[chunk.start : end], chunk.ok) if not fine)
+
+    def _land(self, load: _PoolLoad, done: list[Done]) -> None:
+        """Land the load's read chunks in order: each chunk's verified prefix is scattered (none
+        once a block failed) and its other rows go back to the pool."""
+        assert self._pool is not None
+        while load.landed < load.started and load.chunks[load.landed].ok is not None:
+            chunk = load.chunks[load.landed]
+            load.landed += 1
+            assert chunk.ok is not None
+            good = 0 if load.failed else (chunk.ok.index(False) if False in chunk.ok else chunk.count)
+            self._pool.give(chunk.rows[good:])
+            chunk.rows = chunk.rows[:good]
+            if good < chunk.count:
+                load.failed = True  # vLLM recomputes from the first block that did not verify
             if not good:
-                self._end(job)
-                done.append(result)
                 continue
-            job.stage, job.result = "scatter", result
-            self._pool.engine.load(job.job_id, job.rows, list(job.dst.ids[:good]))
-            started = True
-            if job.now:  # the forward pass of this step is ordered after the scatter (fence)
-                job.reported = True
-                done.append(result)
-        if started:
-            self._pool_completions(done)
+            load.good += good
+            key = next(self._keys)
+            self._scatters[key] = (load, chunk)
+            load.scatters += 1
+            self._pool.engine.load(key, chunk.rows, list(load.dst.ids[chunk.start : chunk.start + good]))
+        if load.now and not load.reported and load.landed == load.started:
+            # the forward pass of this step is ordered after the scatter (fence)
+            load.reported = True
+            done.append(load.done(self.block_bytes))
+
+    def _finish_load(self, load: _PoolLoad, done: list[Done]) -> None:
+        """Report the load if it is finished (once: later calls for it do nothing)."""
+        if load.finished() and self._loads.pop(load.job_id, None) is not None and not load.reported:
+            done.append(load.done(self.block_bytes))
 
     def _pool_completions(self, done: list[Done]) -> None:
         assert self._pool is not None
         for c in self._pool.engine.poll():
-            job = self._pooled.get(c.key)
+            scatter = self._scatters.pop(c.key, None)
+            if scatter is not None:  # a chunk scattered: its rows are free again
+                load, chunk = scatter
+                if not c.ok and (load.scatter_failed_at is None or chunk.start < load.scatter_failed_at):
+                    load.scatter_failed_at = chunk.start
+                self._pool.give(chunk.rows)
+                chunk.rows = []
+                load.scatters -= 1
+                self._finish_load(load, done)
+                continue
+            job = self._gathers.pop(c.key, None)
             if job is None:
                 continue
-            if job.stage == "gather":
-                if not c.ok:
-                    self._end(job)
-                    done.append(Done(job.job_id, False))
-                    continue
-                job.stage = "write"
-                job.future = self._run(self._work(job.src, job.dst, None, self._pool.buffers(job.rows)),
-                                       job.dst.tier, False)
+            if not c.ok:  # a gather failed
+                self._end(job)
+                done.append(Done(job.job_id, False))
                 continue
-            # a scatter completed: the rows are free again
-            self._end(job)
-            if not job.reported:
-                assert job.result is not None
-                r = job.result
-                done.append(Done(r.job_id, r.ok and c.ok, r.nbytes, r.seconds, r.moved if c.ok else 0, r.bad))
+            job.stage = "write"
+            job.future = self._run(self._work(job.src, job.dst, None, self._pool.buffers(job.rows)),
+                                   job.dst.tier, False)
 
     def _end(self, job: _PoolJob) -> None:
         assert self._pool is not None
@@ -401,11 +570,8 @@ class TransferExecutor:
 
     def _finish(self, job: _IoJob) -> Done:
         n = len(job.src.ids)
-        try:
-            ok, seconds = job.future.result()
-        except Exception:
-            logger.exception("kvbm: %s -> %s transfer failed", job.src.tier, job.dst.tier)
-            ok, seconds = [False] * n, 0.0
+        ok, span = self._outcome(job.future, n, job.src.tier, job.dst.tier)
+        seconds = self._seconds(span)
         bad = tuple(slot for slot, fine in zip(job.src.ids, ok) if not fine) if job.src.tier in self.media else ()
         nbytes = sum(ok) * self.block_bytes
         if job.dst.tier != G1:
