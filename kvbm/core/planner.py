@@ -462,8 +462,9 @@ class Planner:
         req = self._requests.get(req_id)
         if req is None:
             return
+        per_group = self._per_group(gpu_blocks)
         if self._window_stores:
-            self._step_allocated.extend(self._per_group(gpu_blocks))
+            self._step_allocated.extend(per_group)
         found, req.candidate = req.candidate, None
         skipped, req.skipped = req.skipped, None
         for tier, n in zip(self._tiers, skipped or ()):
@@ -483,7 +484,6 @@ class Planner:
             found, _ = self._match_groups(req, found.tokens, found.start, found.start + n)
             if found.blocks != n:
                 raise RuntimeError(f"kvbm: cannot serve {req_id}'s shortened hit of {n} blocks; please report it")
-        per_group = self._per_group(gpu_blocks)
         start, end = found.start, found.end
         op = LoadOp(req_id, [], sync=self._sync(found))
         loaded: list[tuple[_Tier, list[int]]] = []

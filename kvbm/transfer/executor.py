@@ -154,7 +154,7 @@ class _RowPool:
         self.engine = make_copy_engine(layout, views, self.arena, cpu_parallel=False)
         self.rows = rows
         self._free = list(range(rows - 1, -1, -1))  # descending: pop() gives the lowest row
-        self._rows = list(self.arena.buffer.numpy())  # a numpy view per row, made once (µs each)
+        self._row_views = list(self.arena.buffer.numpy())  # a numpy view per row, made once (µs each)
 
     def take(self, n: int) -> list[int] | None:
         """``n`` free rows, or None (a store then takes the unpooled path, a load's chunk waits)."""
@@ -172,7 +172,7 @@ class _RowPool:
         return len(self._free)
 
     def buffers(self, rows: Sequence[int]) -> list:
-        return [self._rows[row] for row in rows]
+        return [self._row_views[row] for row in rows]
 
     def close(self) -> None:
         self.engine.drain()
