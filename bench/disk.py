@@ -37,10 +37,15 @@ posix_fadvise before reads, which is best effort).
     same block size, here reading the executor's own G3 file (the same bytes, written
     as long before; goal >= 0.9). This mode runs only (c) and (d). CPU s/GiB is the
     process CPU time of the reads (all threads): on busy cores it tells a CPU limit
-    (checksums, copies, per-block Python) from a device one.
+    (checksums, copies, per-block Python) from a device one. ``--slots allocator``
+    instead stores the blocks in consecutive slots, as the pool's free list hands
+    them to a stored batch, and loads prefixes of consecutive blocks (random
+    offsets and order): what DiskArena reads as runs, one preadv per run of
+    slots. It adds a row of raw per-block reads in that same slot order.
 
 Run: ``python bench/disk.py [--dir DIR] [--size-gib 1] [--block-sizes 2MiB,128KiB]
-[--batch 64] [--threads 4] [--repeat 5] [--executor [--load-batches 64,256]]``.
+[--batch 64] [--threads 4] [--repeat 5] [--executor [--load-batches 64,256]
+[--slots random|allocator]]``.
 No GPU; torch only for ``--executor``.
 """
 
@@ -152,11 +157,13 @@ def raw_random(path: str, slots: int, slot_size: int, bb: int, threads: int, dir
 
 
 def raw_read_file(path: str, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
-                  rng: np.random.Generator, read_cpu: list[float]) -> float:
+                  rng: np.random.Generator, read_cpu: list[float], in_order: Callable[[], list[int]] | None = None
+                  ) -> float:
     """(c)'s reads, of an existing file (the executor's own G3 file: the same bytes, as long
-    since written): whole-slot preadv in random slot order, ``threads`` at once, no checksum
-    or copy, into rows of the memory the executor's row pool reads into (huge pages where
-    the kernel gives them: fewer, larger device requests than 4 KiB pages).
+    since written): whole-slot preadv in random slot order (or ``in_order()``'s: the slots of
+    prefix loads), ``threads`` at once, one block per call, no checksum or copy, into rows of
+    the memory the executor's row pool reads into (huge pages where the kernel gives them:
+    fewer, larger device requests than 4 KiB pages).
     Appends the reads' process CPU seconds to ``read_cpu``; returns GB/s."""
     from kvbm.storage.host import make_host_arena_buffer
 
@@ -166,7 +173,7 @@ def raw_read_file(path: str, slots: int, slot_size: int, bb: int, threads: int, 
     try:
         if not direct:
             drop_cache(fd)
-        order = iter(rng.permutation(slots).tolist())  # shared: threads pull the next slot
+        order = iter(in_order() if in_order else rng.permutation(slots).tolist())  # shared: threads pull the next
 
         def worker(buf: np.ndarray) -> None:
             for s in order:
@@ -222,7 +229,7 @@ class ExecutorBench:
 
     TOKENS = 16
 
-    def __init__(self, workdir: str, size: int, block: int, threads: int, direct: bool) -> None:
+    def __init__(self, workdir: str, size: int, block: int, threads: int, direct: bool, slots: str) -> None:
         import torch
 
         from kvbm.transfer.executor import POOL_BYTES, POOL_ROWS, Blocks, TransferExecutor
@@ -251,7 +258,11 @@ class ExecutorBench:
         self.ex = TransferExecutor(layout, views, media={"G3": DiskMedium(self.arena, delete_on_close=True)})
         self.pool_rows = max(1, min(POOL_ROWS, POOL_BYTES // block))
         self.hashes = [(b + 1).to_bytes(16, "little") for b in range(n)]
-        self.slot_of = np.random.default_rng(block).permutation(n).tolist()
+        # random: no two blocks of a load in neighbouring slots (the worst case); allocator: the
+        # pool's free list of a fresh file hands each stored batch consecutive slots, so a prefix
+        # load reads runs of slots (what DiskArena coalesces into one preadv per run)
+        self.prefixes = slots == "allocator"
+        self.slot_of = list(range(n)) if self.prefixes else np.random.default_rng(block).permutation(n).tolist()
         self.crcs = [self._crc(b) for b in range(n)]
         self.cpu: dict[tuple[int, bool | None], list[float]] = {}  # process CPU seconds per load round
         self._job = 0
@@ -296,7 +307,7 @@ class ExecutorBench:
             t.zero_()
         if not self.direct:
             drop_cache(self.arena._fd)
-        order = rng.permutation(self.n).tolist()
+        order = self.order(batch, rng)
         dst = list(range(self.n)) if consecutive else rng.permutation(self.n).tolist()
         jobs = [(self.Blocks("G3", [self.slot_of[b] for b in order[lo : lo + batch]],
                              [self.hashes[b] for b in order[lo : lo + batch]]),
@@ -311,11 +322,21 @@ class ExecutorBench:
         self.verified += self.n
         return gbs
 
+    def order(self, batch: int, rng: np.random.Generator) -> list[int]:
+        """The blocks in load order: random, or with ``--slots allocator`` prefixes of ``batch``
+        consecutive blocks (from a random offset, so loads straddle the stored batches) in random
+        order."""
+        if not self.prefixes:
+            return rng.permutation(self.n).tolist()
+        shift = int(rng.integers(self.n))
+        starts = rng.permutation(range(0, self.n, batch)).tolist()
+        return [(b + shift) % self.n for lo in starts for b in range(lo, min(lo + batch, self.n))]
+
     def arena_reads(self, batch: int, rng: np.random.Generator) -> float:
         """Every block through ``DiskArena.read_blocks`` alone (read + verify into pool rows, no
         executor, no scatter), random order, ``batch`` per call: what the CRC costs over raw."""
         rows = self.ex._pool.buffers(range(batch))
-        order = rng.permutation(self.n).tolist()
+        order = self.order(batch, rng)
         t0, c0 = time.perf_counter(), time.process_time()
         for lo in range(0, self.n, batch):
             part = order[lo : lo + batch]
@@ -359,6 +380,9 @@ def main() -> None:
     p.add_argument("--executor", action="store_true",
                    help="G3 loads through the transfer executor against raw random reads, see (d)")
     p.add_argument("--load-batches", default="64,256", help="blocks per load job with --executor")
+    p.add_argument("--slots", choices=("random", "allocator"), default="random",
+                   help="with --executor: where blocks live in G3 and what a load asks for: random slots and "
+                        "blocks (the worst case), or prefixes in the consecutive slots the pool hands a batch")
     args = p.parse_args()
 
     parent = args.dir or os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp"
@@ -433,12 +457,19 @@ def executor_main(workdir: str, size: int, blocks: list[int], args: argparse.Nam
     try:
         for b in blocks:
             t0 = time.perf_counter()
-            bench = ExecutorBench(workdir, size, b, args.threads, direct)
+            bench = ExecutorBench(workdir, size, b, args.threads, direct, args.slots)
             benches.append(bench)
             raw = f"raw random {fmt_size(b)} x{args.threads}, same file"
             cpu[raw] = []
             variants[raw] = lambda e=bench, c=cpu[raw]: raw_read_file(
                 e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c)
+            if bench.prefixes:  # the same per-block reads in the loads' slot order, for reference
+                name = f"raw prefix order {fmt_size(b)} x{args.threads}"
+                cpu[name] = []
+                variants[name] = lambda e=bench, c=cpu[name]: raw_read_file(
+                    e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c,
+                    lambda: [e.slot_of[x] for x in e.order(batches[0], rng)])
+                rows.append((name, raw))
             print(f"G1 cache   {fmt_size(b)} blocks: {bench.shape}; G3 stored through the executor in "
                   f"{time.perf_counter() - t0:.1f} s; row pool {bench.pool_rows} rows")
             name = f"DiskArena read+verify {fmt_size(b)}, {batches[0]}/call"

@@ -126,6 +126,35 @@ def test_round_trip_random_blocks(tmp_path, io_threads, disable_o_direct, pages)
         assert arena.read_failures == arena.checksum_failures == arena.write_failures == 0
 
 
+def test_consecutive_slots_share_reads_in_any_order(tmp_path, monkeypatch):
+    """Items of consecutive slots (a prefix stored in one batch) are read with one preadv per run,
+    whatever order the load lists them in; a run with a destination the fast path cannot take is
+    read block by block; every block still verifies on its own."""
+    rng = np.random.default_rng(21)
+    block = 8192
+    with DiskArena(str(tmp_path), 40, block, file_tag="runs", io_threads=2) as arena:
+        blocks = rand_blocks(rng, 40, block)
+        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
+        arena.sync()
+        calls: list[int] = []
+        real = os.preadv
+
+        def counting(fd, buffers, offset):
+            calls.append(len(buffers))
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", counting)
+        slots = list(range(20, 4, -1)) + [30, 33, 32, 31]  # one descending run, one shuffled
+        rows = [page_aligned(block) for _ in slots]
+        rows[-1] = unaligned(block)  # slot 31's row takes the staged path: its run goes block by block
+        assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * 20
+        for s, r in zip(slots, rows, strict=True):
+            np.testing.assert_array_equal(r, blocks[s])
+        # slots 5-14 and 15-20 (at most half of the 20 items per read: both threads get one; two iovecs
+        # a slot); 30, 32, 33 one by one (their run holds 31) and 31 staged (one iovec, the whole slot)
+        assert sorted(calls) == [1, 2, 2, 2, 12, 20]
+
+
 def test_accepts_any_contiguous_buffer(tmp_path):
     n = 10_000
     with DiskArena(str(tmp_path), 8, n, file_tag="buf") as arena:
