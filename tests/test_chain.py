@@ -131,6 +131,27 @@ def test_the_third_tier_filter_and_sightings():
     assert p.index("G9").num_used == 2 and p.stats.tier("G9").spilled_blocks == 2
 
 
+def test_a_loaded_block_is_one_sighting_not_two():
+    """A hit is one sighting (in on_alloc); the step that runs the request then finds the loaded
+    blocks READY in G2 but does not count them again: they were loaded, not computed again. A
+    block the same request computes again after a preemption is a sighting."""
+    p = Planner(chain(g9_filter=2), BS)
+    tokens = toks(9)  # 2 blocks
+    complete(p, prefill(p, "a", tokens))
+    p.on_finished("a")
+    hs = hashes(tokens)
+    assert p.filter.frequencies(hs) == [1, 1]
+    p.add_request("b", ROOT)
+    assert p.match("b", tokens, 0) == 2 * BS
+    p.on_alloc("b", [7, 8, 9], 2 * BS)
+    assert p.filter.frequencies(hs) == [2, 2]
+    p.on_scheduled("b", tokens, [7, 8, 9], True, len(tokens))
+    assert p.filter.frequencies(hs) == [2, 2]  # before: [4, 4] (a doubling filter counted the load twice)
+    p.on_preempted("b")
+    p.on_scheduled("b", tokens, [10, 11, 12], True, len(tokens))  # recomputed: a sighting
+    assert p.filter.frequencies(hs) == [4, 4]
+
+
 def test_a_failed_spill_into_the_third_tier_frees_both_ends():
     p = Planner(chain(), BS)
     plan = prefill(p, "a", toks(9))

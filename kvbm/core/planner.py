@@ -135,6 +135,9 @@ class _Seq:
     hashes: list[BlockHash] = field(default_factory=list)
     gpu_blocks: list[int] = field(default_factory=list)
     next_store: int = 0  # first block index not yet considered for storing
+    #: blocks before this were sighted when loaded (``on_alloc``): finding them READY when
+    #: stored is not another sighting (they were loaded, not computed again)
+    sighted_upto: int = 0
 
 
 @dataclass
@@ -503,6 +506,7 @@ class Planner:
                     skip += 1
                 parts, first = _drop(parts, skip), first + skip
             sighted.append((seq, first, parts))
+            seq.sighted_upto = end
             # Scheduling happens between match() and here without any eviction,
             # so the slots must still hold the hashes; check anyway, cheaply.
             at = first
@@ -640,7 +644,7 @@ class Planner:
                 # Stored already: write once, but keep it as fresh as the blocks
                 # stored after it, or storing this chain's tail could evict its head.
                 touch((ready,))
-                if sighting is not None:
+                if sighting is not None and b >= seq.sighted_upto:
                     sighting(first, block_hash, ready, sight(block_hash))  # computed again: a sighting
                 continue
             if contains(block_hash):
@@ -681,7 +685,7 @@ class Planner:
         if req is not None:
             for seq in req.seqs:
                 seq.gpu_blocks = []
-                seq.next_store = 0
+                seq.next_store = seq.sighted_upto = 0
             req.candidate = None
         self._plan.drain_stores = True
 
