@@ -16,20 +16,21 @@ One table of sightings serves every tier of the chain:
   over size).
 
 Nothing is O(table) per call. A decay step subtracts 1 from every frequency
-at once by raising a common offset (an entry stores ``offset + frequency``).
+at once by raising a common offset (an entry stores ``offset + frequency``;
+one stored at or below the offset has frequency 0 and counts as forgotten).
 Entries are filed by value, and a min-heap of the filed values finds those a
-decay reaches. A sighting only rewrites the entry's stored value (one dict
+decay reached. A sighting only rewrites the entry's stored value (one dict
 write: the scheduler thread pays it for every block it stores or loads); the
-entry stays filed where it was, below its value, until a decay reaches that
-filing and files it again at its value, or forgets it if it fell to 0. So a
-decay costs O(1) per entry it forgets or files again, and an entry is filed
-again at most once per sighting (the first decay after a busy period looks at
-every entry first seen in it, not only the forgotten ones: the price of taking
-two set operations per sighting off the scheduler's step). This matters once the table is full: a full
-table of mostly hot blocks decays early on nearly every new block, and a pass
-over a million entries each time stalled the scheduler. Decay is applied
-lazily on calls, from the clock. Pure Python; not thread-safe (the leader's
-scheduler thread owns it).
+entry stays filed where it was, below its value, until the sweep reaches that
+filing and files it again at its value, or drops it if it fell to 0. The sweep
+after a decay looks at most at ``SWEEP_BATCH`` filed entries per batch call
+(:meth:`FrequencyFilter.observe_distinct`, :meth:`FrequencyFilter.frequencies`):
+the first periodic decay after a busy period reaches every entry first seen in
+it, and sweeping a full table of a million entries in one call stalled the
+scheduler for up to ~0.4 s; it is now spread over the following steps. An early
+decay (a full table) sweeps only until one entry is dropped. An entry is filed
+again at most once per sighting. Decay is applied lazily on calls, from the
+clock. Pure Python; not thread-safe (the leader's scheduler thread owns it).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from dataclasses import dataclass
 CAP = 1 << 30
 #: Seen twice (a first sighting counts 1, the next doubles it): the default admission.
 DEFAULT_THRESHOLD = 2
+#: Filed entries one batch call looks at after a decay, at most (~0.4 ms of the scheduler's step).
+SWEEP_BATCH = 1024
 
 
 @dataclass
@@ -52,7 +55,7 @@ class FilterStats:
     rejections: int = 0  # should_offload() -> False
     decays: int = 0  # decay steps applied (periodic + early), a step subtracts 1 from all
     early_decays: int = 0  # decay steps forced by the size bound
-    forgotten: int = 0  # entries dropped by decay
+    forgotten: int = 0  # entries a decay took to 0 (counted when swept, or when seen again first)
 
 
 class FrequencyFilter:
@@ -101,24 +104,36 @@ class FrequencyFilter:
             filed.append(block_hash)
 
     def _decay(self, steps: int) -> None:
-        """Apply ``steps`` decay steps at once: subtract and forget those at <= 0.
-
-        Only the entries filed at the values it reaches are looked at: O(1) per entry forgotten
-        or filed again, and an entry is filed again at most once per sighting."""
+        """Apply ``steps`` decay steps at once: every frequency drops by ``steps`` (O(1); those
+        at <= 0 are forgotten now and dropped from the table by :meth:`_sweep`)."""
         if steps <= 0:
             return
         self._offset += steps
         self.stats.decays += steps
-        offset, stored_of, values = self._offset, self._stored, self._values
+
+    def _sweep(self, budget: int | None) -> None:
+        """Look at up to ``budget`` (None: all) entries filed at values a decay reached: drop
+        those at 0, file the others (seen since they were filed) again at their own value.
+
+        O(1) per entry dropped or filed again; a big filing is taken in parts."""
+        offset, stored_of, values, filed_at = self._offset, self._stored, self._values, self._filed
+        left = budget
         forgotten = 0
-        while values and values[0] <= offset:
-            for block_hash in self._filed.pop(heapq.heappop(values)):
+        while values and values[0] <= offset and (left is None or left > 0):
+            hashes = filed_at[values[0]]
+            take = len(hashes) if left is None else min(len(hashes), left)
+            for _ in range(take):
+                block_hash = hashes.pop()
                 value = stored_of[block_hash]
                 if value <= offset:
                     del stored_of[block_hash]
                     forgotten += 1
                 else:
                     self._file(block_hash, value)  # seen since it was filed
+            if left is not None:
+                left -= take
+            if not hashes:
+                del filed_at[heapq.heappop(values)]
         self.stats.forgotten += forgotten
 
     def _catch_up(self) -> None:
@@ -147,8 +162,10 @@ class FrequencyFilter:
             return
         while len(self._stored) >= self.max_entries:
             steps = self._values[0] - self._offset
-            self._decay(steps)
-            self.stats.early_decays += steps
+            if steps > 0:  # else entries a decay already took to 0 are still in the table: sweep first
+                self._decay(steps)
+                self.stats.early_decays += steps
+            self._sweep(1)
         self._period_start = self._clock()
 
     # ---- API -----------------------------------------------------------------
@@ -167,6 +184,10 @@ class FrequencyFilter:
                 self._make_room()
             self._stored[block_hash] = self._offset + 1
             self._file(block_hash, self._offset + 1)
+            return 1
+        if stored <= self._offset:  # forgotten, not swept yet: still filed, at or below the offset
+            self.stats.forgotten += 1
+            self._stored[block_hash] = self._offset + 1
             return 1
         new = min((stored - self._offset) * 2, CAP)
         self._stored[block_hash] = self._offset + new  # it stays filed where it is
@@ -189,6 +210,7 @@ class FrequencyFilter:
         now = self._clock()
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
+        self._sweep(SWEEP_BATCH)
         self.stats.observed += len(hashes)
         stored_of = self._stored
         offset = self._offset
@@ -198,6 +220,10 @@ class FrequencyFilter:
             stored = stored_of.get(block_hash)
             if stored is None:
                 fresh.append(block_hash)
+                freqs.append(1)
+            elif stored <= offset:  # forgotten, not swept yet: still filed, at or below the offset
+                self.stats.forgotten += 1
+                stored_of[block_hash] = offset + 1
                 freqs.append(1)
             else:
                 freq = min((stored - offset) * 2, CAP)
@@ -217,14 +243,16 @@ class FrequencyFilter:
         """Current frequency (0 if unknown or forgotten)."""
         self._catch_up()
         stored = self._stored.get(block_hash)
-        return 0 if stored is None else stored - self._offset
+        return 0 if stored is None or stored <= self._offset else stored - self._offset
 
     def frequencies(self, hashes: Sequence[Hashable]) -> list[int]:
         """:meth:`frequency` of each of ``hashes``, one decay check for them all (no stats counted:
         see :meth:`count_decisions`)."""
         self._catch_up()
+        self._sweep(SWEEP_BATCH)
         offset = self._offset
-        return [0 if stored is None else stored - offset for stored in map(self._stored.get, hashes)]
+        return [0 if stored is None or stored <= offset else stored - offset
+                for stored in map(self._stored.get, hashes)]
 
     def count_decisions(self, admitted: int, rejected: int) -> None:
         """Count admissions decided from :meth:`frequencies` (as :meth:`should_offload` counts its own)."""
@@ -238,7 +266,8 @@ class FrequencyFilter:
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
         stored = self._stored.get(block_hash)
-        ok = (0 if stored is None else stored - self._offset) >= (self.threshold if threshold is None else threshold)
+        freq = 0 if stored is None or stored <= self._offset else stored - self._offset
+        ok = freq >= (self.threshold if threshold is None else threshold)
         if ok:
             self.stats.admitted += 1
         else:
@@ -246,9 +275,12 @@ class FrequencyFilter:
         return ok
 
     def __len__(self) -> int:
+        """Entries with a frequency above 0 (sweeps what is left to sweep: not for the step)."""
         self._catch_up()
+        self._sweep(None)
         return len(self._stored)
 
     def __contains__(self, block_hash: object) -> bool:
         self._catch_up()
-        return block_hash in self._stored
+        stored = self._stored.get(block_hash)  # type: ignore[call-overload]
+        return stored is not None and stored > self._offset
