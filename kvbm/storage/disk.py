@@ -14,10 +14,11 @@ The header's format is :mod:`kvbm.storage.slot_header`.
 I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
 the CRC release the GIL); a load's blocks are verified by the thread that
 asked for them as their reads land, so that the pool's threads only read
-(see :meth:`DiskArena.read_blocks`); a load's blocks in consecutive slots (a prefix
-stored in one batch) are read with one call per run (:meth:`DiskArena._runs`).
-Page-aligned host memory (pinned G2 rows) of page-multiple blocks moves directly between memory and file; anything else
-is staged through a per-thread page-aligned buffer, because O_DIRECT needs
+(see :meth:`DiskArena.read_blocks`); a load's blocks in consecutive slots (a
+prefix stored in one batch) are read with one call per run (:meth:`DiskArena._runs`).
+Page-aligned host memory (pinned G2 rows) of page-multiple blocks moves
+directly between memory and file; anything else is staged through a
+per-thread page-aligned buffer, because O_DIRECT needs
 aligned memory. CRC-32 was chosen over faster numpy sums after measuring:
 a multiply-accumulate over 64-bit words runs at ~10 GB/s but misses pairs
 of flipped high bits. The CRC is ISA-L's (:mod:`kvbm.storage.checksum`: zlib's
@@ -446,7 +447,10 @@ class DiskArena:
         def worker() -> None:
             pages = self._header_page()
             for run in pending:
-                landed.put(read(items, run, pages))
+                try:
+                    landed.put(read(items, run, pages))
+                except Exception as e:  # never leave the caller waiting for a run: the item's result
+                    landed.put([(i, e) for i in run])
 
         futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, len(runs)))]
         verified = self._verified
