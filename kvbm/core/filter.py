@@ -28,7 +28,7 @@ after a decay looks at most at ``SWEEP_BATCH`` filed entries per batch call
 the first periodic decay after a busy period reaches every entry first seen in
 it, and sweeping a full table of a million entries in one call stalled the
 scheduler for up to ~0.4 s; it is now spread over the following steps. An early
-decay (a full table) sweeps only until one entry is dropped. An entry is filed
+decay (a full table) sweeps, a batch at a time, until an entry is dropped. An entry is filed
 again at most once per sighting. Decay is applied lazily on calls, from the
 clock. Pure Python; not thread-safe (the leader's scheduler thread owns it).
 """
@@ -165,7 +165,7 @@ class FrequencyFilter:
             if steps > 0:  # else entries a decay already took to 0 are still in the table: sweep first
                 self._decay(steps)
                 self.stats.early_decays += steps
-            self._sweep(1)
+            self._sweep(SWEEP_BATCH)  # entries at or below the offset are at 0 already: dropping more is free
         self._period_start = self._clock()
 
     # ---- API -----------------------------------------------------------------
@@ -242,7 +242,10 @@ class FrequencyFilter:
     def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""
         self._catch_up()
-        stored = self._stored.get(block_hash)
+        return self._frequency_of(self._stored.get(block_hash))
+
+    def _frequency_of(self, stored: int | None) -> int:
+        """The frequency of a stored value (0: unknown, or a decay took it to 0 before its sweep)."""
         return 0 if stored is None or stored <= self._offset else stored - self._offset
 
     def frequencies(self, hashes: Sequence[Hashable]) -> list[int]:
@@ -265,9 +268,7 @@ class FrequencyFilter:
         now = self._clock()
         if now - self._period_start >= self.decay_period_s:
             self._catch_up_to(now)
-        stored = self._stored.get(block_hash)
-        freq = 0 if stored is None or stored <= self._offset else stored - self._offset
-        ok = freq >= (self.threshold if threshold is None else threshold)
+        ok = self._frequency_of(self._stored.get(block_hash)) >= (self.threshold if threshold is None else threshold)
         if ok:
             self.stats.admitted += 1
         else:
@@ -282,5 +283,4 @@ class FrequencyFilter:
 
     def __contains__(self, block_hash: object) -> bool:
         self._catch_up()
-        stored = self._stored.get(block_hash)  # type: ignore[call-overload]
-        return stored is not None and stored > self._offset
+        return self._frequency_of(self._stored.get(block_hash)) > 0  # type: ignore[call-overload]
