@@ -37,6 +37,14 @@ G3's data file is the workers' (not touched here): the leader's share is the pla
 journal handoff, which is what the step thread pays. "during compaction" is the worst step
 that overlapped a compaction (its start to its end, on whichever thread ran it).
 
+``--policy`` also reports, per step, the time spent in the spill policy that a second tier adds
+(the filter's sightings and frequencies, and the spill decisions: ``Planner._sighted``,
+``_sighted_run``, ``_spill_committed``, ``FrequencyFilter.observe``/``observe_distinct``; nested
+calls counted once): mean, p50 and its mean over the slowest 1% of steps. The wrappers add a
+little time of their own, so compare the step times of a run without it. ``a`` and ``g3`` run
+different steps (G3's hits shorten prefills, and its asynchronous loads delay requests a step):
+this column is what G3's planning itself costs the step thread.
+
 ``--cpu`` also reports the step thread's CPU time per step (``time.thread_time_ns`` around each
 call, outside the wall-clock bracket): preemption by other processes on a shared machine inflates
 the wall-clock p99, not this.
@@ -123,6 +131,37 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     outputs: int = 0
     loaded_async: int = 0  # matched tokens of an asynchronous load in flight
+
+
+class PolicyClock:
+    """Time spent in the spill policy per step (``--policy``): wraps the planner's and filter's
+    methods on the instances; a call made inside another wrapped call is not counted twice."""
+
+    PLANNER = ("_sighted", "_sighted_run", "_spill_committed")
+    FILTER = ("observe", "observe_distinct")
+
+    def __init__(self, runtime: LeaderRuntime) -> None:
+        self.ns = 0
+        self._depth = 0
+        planner = runtime.planner
+        for owner, names in ((planner, self.PLANNER), (planner.filter, self.FILTER)):
+            if owner is None:
+                continue
+            for name in names:
+                setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ns += time.perf_counter_ns() - start
+                self._depth -= 1
+        return timed
 
 
 class Engine:
@@ -294,7 +333,7 @@ class Engine:
         return report, finished_recving, released
 
 
-def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = False) -> dict:
+def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = False, policy: bool = False) -> dict:
     """One configuration: ``steps`` engine steps of the seeded workload; per-step leader time."""
     with_disk = name != "a"
     persistent = with_disk and name != "g3"
@@ -327,15 +366,21 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
 
             rt.journal.compact = counted_compact  # type: ignore[method-assign]
         sim = Engine(rt, seed, cpu)
+        clock = PolicyClock(rt) if policy else None
         gc.collect()
         times = []
         cpu_times = []
+        policy_times = []
         spans = []
         wall = time.perf_counter()
         for _ in range(steps):
             start = time.perf_counter_ns()
+            if clock is not None:
+                clock.ns = 0
             times.append(sim.step())
             cpu_times.append(sim.cpu_ns)
+            if clock is not None:
+                policy_times.append(clock.ns)
             spans.append((start, time.perf_counter_ns()))
         wall = time.perf_counter() - wall
         records = rt.journal.num_records if rt.journal is not None else 0
@@ -354,6 +399,13 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
     us = sorted(t / 1000 for t in times)
     cpu_us = sorted(t / 1000 for t in cpu_times)
     during = [times[i] / 1000 for i, (s, e) in enumerate(spans) if any(cs < e and ce > s for cs, ce in compactions)]
+    policy_stats = {}
+    if policy:
+        slowest = sorted(range(steps), key=times.__getitem__)[-max(1, steps // 100):]
+        policy_us = sorted(t / 1000 for t in policy_times)
+        policy_stats = {"policy_mean_us": statistics.fmean(policy_us), "policy_p50_us": _pct(policy_us, 50),
+                        "policy_slowest_1pct_us": statistics.fmean(policy_times[i] / 1000 for i in slowest),
+                        "step_slowest_1pct_us": statistics.fmean(times[i] / 1000 for i in slowest)}
     return {
         "config": name, "description": DESCRIPTION[name], "steps": steps, "wall_s": round(wall, 2),
         "p50_us": _pct(us, 50), "p99_us": _pct(us, 99), "max_us": us[-1], "mean_us": statistics.fmean(us),
@@ -361,6 +413,7 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
         "steps_during_compaction": len(during), "max_during_compaction_us": max(during) if during else None,
         "tiers": tiers, **sim.counts,
         **({"cpu_p50_us": _pct(cpu_us, 50), "cpu_p99_us": _pct(cpu_us, 99)} if cpu else {}),
+        **policy_stats,
     }
 
 
@@ -378,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     parser.add_argument("--cpu", action="store_true",
                         help="also the step thread's CPU time per step (preemption does not inflate it)")
+    parser.add_argument("--policy", action="store_true",
+                        help="also the time per step in the spill policy (filter and spill decisions)")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     unknown = set(names) - set(CONFIGS)
@@ -387,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in names:
-            results.append(run_config(name, args.steps, args.seed, directory, args.cpu))
+            results.append(run_config(name, args.steps, args.seed, directory, args.cpu, args.policy))
             print(f"  {name}: {results[-1]['wall_s']} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -404,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         during = f"{r['max_during_compaction_us']:.0f}" if r["max_during_compaction_us"] is not None else "-"
         print(f"{r['config']:<8} {r['description']:<42} {r['steps']:>6} {r['p50_us']:>8.0f} {r['p99_us']:>8.0f} "
               f"{r['max_us']:>9.0f} {ratio:>6} {ratio3:>6} {r['compactions']:>11} {during:>24}"
-              + (f"   CPU p50 {r['cpu_p50_us']:.0f} p99 {r['cpu_p99_us']:.0f} us" if args.cpu else ""))
+              + (f"   CPU p50 {r['cpu_p50_us']:.0f} p99 {r['cpu_p99_us']:.0f} us" if args.cpu else "")
+              + (f"   spill policy mean {r['policy_mean_us']:.0f} p50 {r['policy_p50_us']:.0f} us, "
+                 f"{r['policy_slowest_1pct_us']:.0f} of the slowest 1% steps' {r['step_slowest_1pct_us']:.0f} us"
+                 if args.policy else ""))
     workloads: dict[tuple, list[str]] = {}
     for r in results:
         key = (r["requests"], r["matched_tokens"], r["sync_loads"], r["async_loads"],

@@ -83,3 +83,24 @@ def test_groups_by_spec_class_name():
     assert [g.window_blocks for g in groups] == [None, 3]
     with pytest.raises(ValueError, match=r"group 1 of this model \(l1, l2, l3 and 1 more\) is MambaSpec"):
         kv_groups([FullAttentionSpec(), MambaSpec()], [["l0"], ["l1", "l2", "l3", "l4"]], BS)
+
+
+def test_finished_loads_reach_the_planner_in_the_order_vllm_reported_them():
+    """Releasing a finished load's slots orders the LRU (hence later evictions): in the order vLLM
+    reported the loads, not a set's order, which changes with the interpreter's hash seed."""
+    from kvbm.config import KvbmConfig
+    from kvbm.core.plan import WorkerReport
+    from kvbm.runtime.leader import EngineInfo
+    from kvbm.runtime.sizing import TierPlan, TierSizes
+
+    cfg = KvbmConfig()
+    engine = EngineInfo(block_size=BS, world_size=1, engine_id=None, block_bytes=1024, gpu_blocks=16,
+                        storage_key="k", max_num_batched_tokens=64)
+    runtime = LeaderRuntime(cfg, TierPlan.configured(cfg, TierSizes(8, 0, 1024)), engine, identity="order-test")
+    seen: list[list[str]] = []
+    runtime.apply = lambda report, finished, failed, released: seen.append(list(finished))  # type: ignore[method-assign]
+    report = WorkerReport()
+    report.sync_loaded.update({"r7": 1, "r2": 1, "r30": 1})
+    runtime.workers_reported(report, ["r9", "r1", "r5", "r12"], (), ())
+    runtime.close()
+    assert seen == [["r9", "r1", "r5", "r12", "r7", "r2", "r30"]]

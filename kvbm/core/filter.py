@@ -214,30 +214,35 @@ class FrequencyFilter:
         self.stats.observed += len(hashes)
         stored_of = self._stored
         offset = self._offset
-        fresh = []
-        freqs = []
-        for block_hash in hashes:
-            stored = stored_of.get(block_hash)
-            if stored is None:
-                fresh.append(block_hash)
-                freqs.append(1)
-            elif stored <= offset:  # forgotten, not swept yet: still filed, at or below the offset
-                self.stats.forgotten += 1
-                stored_of[block_hash] = offset + 1
-                freqs.append(1)
-            else:
-                freq = min((stored - offset) * 2, CAP)
-                stored_of[block_hash] = offset + freq  # it stays filed where it is
-                freqs.append(freq)
-        if fresh:
-            stored_of.update(dict.fromkeys(fresh, offset + 1))
-            filed = self._filed.get(offset + 1)
-            if filed is None:
-                self._filed[offset + 1] = fresh
-                heapq.heappush(self._values, offset + 1)
-            else:
-                filed += fresh
+        olds = list(map(stored_of.get, hashes))
+        fresh_count = olds.count(None)
+        if fresh_count == len(olds):  # all seen for the first time (a new prompt's blocks)
+            fresh = list(hashes)
+            self._add_fresh(fresh, offset)
+            return [1] * len(fresh)
+        # In comprehensions, not a loop of branches: a new entry and one a decay took to 0 start
+        # at 1 (the latter is still filed, at or below the offset); a known one doubles. Every
+        # entry's stored value is rewritten in one update; only the new ones are filed.
+        freqs = [1 if old is None or old <= offset else min((old - offset) * 2, CAP) for old in olds]
+        self.stats.forgotten += sum(1 for old in olds if old is not None and old <= offset)
+        stored_of.update(zip(hashes, [offset + freq for freq in freqs]))
+        if fresh_count:
+            self._file_all([block_hash for block_hash, old in zip(hashes, olds) if old is None], offset + 1)
         return freqs
+
+    def _add_fresh(self, fresh: list[Hashable], offset: int) -> None:
+        """Add new entries (frequency 1) in bulk: one ``dict.update``, filed with one ``list.extend``."""
+        self._stored.update(dict.fromkeys(fresh, offset + 1))
+        self._file_all(fresh, offset + 1)
+
+    def _file_all(self, hashes: list[Hashable], value: int) -> None:
+        """:meth:`_file` each of ``hashes`` at ``value`` (the list may become the filing itself)."""
+        filed = self._filed.get(value)
+        if filed is None:
+            self._filed[value] = hashes
+            heapq.heappush(self._values, value)
+        else:
+            filed += hashes
 
     def frequency(self, block_hash: Hashable) -> int:
         """Current frequency (0 if unknown or forgotten)."""

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain
 from operator import attrgetter
 
 from kvbm.core.cost import OnboardCost
@@ -541,10 +541,11 @@ class Planner:
                     if tier.next is not None and slots:
                         runs.append((tier, seq.hashes[at : at + len(slots)], slots))
                     at += len(slots)
-            sightings = [(tier, h, slot) for tier, run, slots in runs for h, slot in zip(run, slots)]
-            freqs = self.filter.observe_distinct([h for _, h, _ in sightings])
-            for (tier, block_hash, slot), freq in zip(sightings, freqs):
-                self._sighted(tier, block_hash, slot, freq)
+            freqs = self.filter.observe_distinct([h for _, run, _ in runs for h in run])
+            at = 0
+            for tier, run, slots in runs:
+                self._sighted_run(tier, run, slots, freqs[at : at + len(run)])
+                at += len(run)
 
     def on_scheduled(
         self,
@@ -622,11 +623,6 @@ class Planner:
         filt = self.filter
         sighting = self._sighted if filt is not None else None
         sight = filt.observe if filt is not None else None
-        # Sightings of the blocks stored here go in one batch after the loop when no early decay
-        # can come between them and the sightings of the loop (the loop adds at most one entry
-        # per block): the same frequencies as one by one.
-        batched = filt is not None and filt.has_room(2 * (n_full - start))
-        observe = filt.observe if filt is not None and not batched else None
         storing = self.listener.storing if self.listener is not None and lead else None
         hashes, gpu_blocks = seq.hashes, seq.gpu_blocks
         store: StoreBatch | None = None
@@ -664,12 +660,8 @@ class Planner:
             gpus.append(gpu)
             slots.append(slot)
             stored.append(block_hash)
-            if observe is not None:
-                observe(block_hash)
             if storing is not None:
                 storing(req_id, b, block_hash)
-        if batched and stored:
-            filt.observe_distinct(stored)  # type: ignore[union-attr]
         if store is not None:
             store.gpu_blocks += gpus
             store.slots += slots
@@ -718,21 +710,20 @@ class Planner:
                 return  # still being copied there
         if dst is None:
             return
-        threshold = dst.spec.filter_threshold
-        if threshold is not None:
-            admitted = freq >= threshold
-            self.filter.count_decisions(admitted, not admitted)
-            if not admitted:
-                self.stats.filter_rejections += 1
-                return
-        dst_slot = dst.index.reserve(block_hash)
-        if dst_slot is None:
+        self._spill_admitted(tier, dst, [block_hash], [slot], [freq])
+
+    def _sighted_run(self, tier: _Tier, hashes: list[BlockHash], slots: list[int], freqs: list[int]) -> None:
+        """:meth:`_sighted` for each block of a run of ``tier``, in order. When the next tier is the
+        last one (G2 -> G3, the usual chain) a block is carried there or is there already: one
+        batch, with no walk down the chain per block."""
+        dst = tier.next
+        if dst is None:
             return
-        spill = self._spill_batch(tier, dst)
-        tier.index.acquire((slot,))  # the copy reads it: no eviction meanwhile
-        spill.src_slots.append(slot)
-        spill.dst_slots.append(dst_slot)
-        spill.hashes.append(block_hash)
+        if dst.next is None:
+            self._spill_admitted(tier, dst, hashes, slots, freqs)
+            return
+        for block_hash, slot, freq in zip(hashes, slots, freqs):
+            self._sighted(tier, block_hash, slot, freq)
 
     def _spill_batch(self, src: _Tier, dst: _Tier) -> SpillBatch:
         """This step's spill batch into ``dst`` (made on its first block)."""
@@ -746,40 +737,60 @@ class Planner:
         return spill
 
     def _spill_committed(self, src: _Tier, hashes: list[BlockHash], slots: list[int]) -> None:
-        """:meth:`_sighted`'s spill for each block of a batch just committed to ``src``, in order. Nothing
-        here sights a block, so the filter's frequencies are read for the whole batch at once."""
+        """The spill of each block of a batch just committed to ``src``, once the next tier's filter
+        admits it. Nothing here sights a block, so the frequencies are read for the whole batch
+        at once."""
         dst = src.next
         assert dst is not None
-        contains, reserve = dst.index.contains, dst.index.reserve
+        filt = self.filter if dst.spec.filter_threshold is not None else None
+        self._spill_admitted(src, dst, hashes, slots, filt.frequencies(hashes) if filt is not None else None)
+
+    def _spill_admitted(self, src: _Tier, dst: _Tier, hashes: Sequence[BlockHash], slots: Sequence[int],
+                        freqs: Sequence[int] | None) -> None:
+        """Spill the READY blocks ``hashes`` (at ``slots`` of ``src``) that ``dst`` lacks and its filter
+        admits (``freqs``: their frequencies; None: an unfiltered tier), in order: a slot reserved in
+        ``dst`` each, the source slots pinned for the copy.
+
+        Most blocks of a busy server are seen once: the filter's rejections are found and counted
+        in C-level passes (against ``dst`` as it was before this call's reservations). The admitted
+        ones go one by one, each looked up in ``dst`` when its turn comes: a reservation may evict
+        a later block of the batch from ``dst``, which then spills again."""
         threshold = dst.spec.filter_threshold
-        filt = self.filter if threshold is not None else None
-        freqs = filt.frequencies(hashes) if filt is not None else repeat(0)
-        spill: SpillBatch | None = None
-        admitted = rejected = 0
-        for block_hash, src_slot, freq in zip(hashes, slots, freqs):
+        contains = dst.index.contains
+        if freqs is None or threshold is None:
+            admitted: Iterable[int] = range(len(hashes))
+        else:
+            admitted = [i for i, freq in enumerate(freqs) if freq >= threshold]
+            if len(admitted) < len(hashes):
+                held = list(map(contains, hashes))
+                rejected = sum(1 for freq, inside in zip(freqs, held) if freq < threshold and not inside)
+                self.filter.count_decisions(0, rejected)  # type: ignore[union-attr]
+                self.stats.filter_rejections += rejected
+        reserve = dst.index.reserve
+        src_slots: list[int] = []
+        dst_slots: list[int] = []
+        spilled: list[BlockHash] = []
+        counted = 0
+        for i in admitted:
+            block_hash = hashes[i]
             if contains(block_hash):
                 continue
-            if filt is not None:
-                if freq < threshold:  # type: ignore[operator]
-                    rejected += 1
-                    continue
-                admitted += 1
+            counted += 1
             dst_slot = reserve(block_hash)
             if dst_slot is None:
-                continue
-            if spill is None:
-                spill = self._spill_batch(src, dst)
-                first = len(spill.src_slots)
-            spill.src_slots.append(src_slot)
-            spill.dst_slots.append(dst_slot)
-            spill.hashes.append(block_hash)
-        if spill is not None:
-            # The copies read them: no eviction meanwhile (pinned after the loop, which only
-            # reserves in the tier below).
-            src.index.acquire(spill.src_slots[first:])
-        if filt is not None:
-            filt.count_decisions(admitted, rejected)
-            self.stats.filter_rejections += rejected
+                continue  # every slot of dst is pinned or pending
+            src_slots.append(slots[i])
+            dst_slots.append(dst_slot)
+            spilled.append(block_hash)
+        if threshold is not None and self.filter is not None:
+            self.filter.count_decisions(counted, 0)
+        if spilled:
+            spill = self._spill_batch(src, dst)
+            spill.src_slots += src_slots
+            spill.dst_slots += dst_slots
+            spill.hashes += spilled
+            # The copies read them: no eviction meanwhile (reservations only touch dst).
+            src.index.acquire(src_slots)
 
     # ---- per step -------------------------------------------------------
     def _new_batch_id(self) -> int:
@@ -806,6 +817,10 @@ class Planner:
             self._window_stores[plan.store.batch_id] = set(self._step_window_blocks)
             self._step_window_blocks = []
         if plan.store is not None:
+            if self.filter is not None:
+                # Computing a block is a sighting: the step's stored blocks are counted here, in one
+                # batch (distinct: a block being stored is not stored again), not per request.
+                self.filter.observe_distinct(plan.store.hashes)
             tier = self._by_name[plan.store.tier]
             self._pending[plan.store.batch_id] = _PendingBatch(tier, plan.store.slots, plan.store.hashes)
             if not tier.spec.keyed:
@@ -943,3 +958,4 @@ def _drop(parts: list[list[int]], n: int) -> list[list[int]]:
         out.append(slots[cut:])
         n -= cut
     return out
+

@@ -263,12 +263,14 @@ class LeaderRuntime:
         report a failed load a step before vLLM reports the load finished on every rank, so
         failures are remembered until the load finishes."""
         self._failed_loads |= report.failed_loads | set(failed_recving)
-        finished = set(finished_recving)
+        # In the order vLLM reported them (a dict, not a set of strings, whose order changes with
+        # the interpreter's hash seed): releasing their slots orders the LRU, hence later evictions.
+        finished = dict.fromkeys(finished_recving)
         for req_id, reports in report.sync_loaded.items():
             count = self._sync_reports.get(req_id, 0) + reports
             if count >= self.world_size:
                 self._sync_reports.pop(req_id, None)
-                finished.add(req_id)
+                finished[req_id] = None
             else:
                 self._sync_reports[req_id] = count
         failed = self._failed_loads.intersection(finished)
