@@ -958,4 +958,3 @@ def _drop(parts: list[list[int]], n: int) -> list[list[int]]:
         out.append(slots[cut:])
         n -= cut
     return out
-
