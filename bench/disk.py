@@ -42,10 +42,18 @@ posix_fadvise before reads, which is best effort).
     them to a stored batch, and loads prefixes of consecutive blocks (random
     offsets and order): what DiskArena reads as runs, one preadv per run of
     slots. It adds a row of raw per-block reads in that same slot order.
+    ``--stores`` adds G3 stores through the executor (G1 -> pool rows -> one
+    ``write_blocks`` call per job, then fdatasync), jobs of ``--load-batches``
+    blocks in the loads' order (with ``--slots allocator`` consecutive slots:
+    what DiskArena writes as runs, one pwritev per run), against raw per-block
+    whole-slot pwrite of the same file (+fdatasync) in random slot order (and,
+    with ``--slots allocator``, in the stores' slot order). The raw writes
+    clobber the file; each round's stores then write every block again before
+    any read.
 
 Run: ``python bench/disk.py [--dir DIR] [--size-gib 1] [--block-sizes 2MiB,128KiB]
 [--batch 64] [--threads 4] [--repeat 5] [--executor [--load-batches 64,256]
-[--slots random|allocator]]``.
+[--slots random|allocator] [--stores]]``.
 No GPU; torch only for ``--executor``.
 """
 
@@ -189,6 +197,38 @@ def raw_read_file(path: str, slots: int, slot_size: int, bb: int, threads: int, 
         os.close(fd)
 
 
+def raw_write_file(path: str, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
+                   rng: np.random.Generator, write_cpu: list[float], in_order: Callable[[], list[int]] | None = None
+                   ) -> float:
+    """(c)'s writes, to an existing file (the executor's own G3 file, clobbered: the stores
+    that follow write it again): whole-slot pwrite in random slot order (or ``in_order()``'s),
+    ``threads`` at once, one block per call, then fdatasync; no checksum or copy, from rows of
+    the memory the executor's row pool writes from. Appends the writes' process CPU seconds to
+    ``write_cpu``; returns GB/s."""
+    from kvbm.storage.host import make_host_arena_buffer
+
+    fd = os.open(path, os.O_WRONLY | (_O_DIRECT if direct else 0))
+    rows = make_host_arena_buffer(threads, slot_size, False).numpy()
+    rows[:] = rng.integers(0, 256, rows.shape, dtype=np.uint8)
+    bufs = list(rows)
+    try:
+        order = iter(in_order() if in_order else rng.permutation(slots).tolist())  # shared: threads pull the next
+
+        def worker(buf: np.ndarray) -> None:
+            for s in order:
+                os.pwritev(fd, [buf], s * slot_size)
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(worker, b) for b in bufs]:
+                f.result()
+        os.fdatasync(fd)
+        write_cpu.append(time.process_time() - c0)
+        return slots * bb / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+
+
 def host_rows(rows: int, bb: int, aligned: bool, rng: np.random.Generator) -> np.ndarray:
     """``rows`` blocks of one host buffer: page-aligned rows (like pinned G2
     memory) or shifted by 64 bytes so that no row is page-aligned."""
@@ -264,7 +304,8 @@ class ExecutorBench:
         self.prefixes = slots == "allocator"
         self.slot_of = list(range(n)) if self.prefixes else np.random.default_rng(block).permutation(n).tolist()
         self.crcs = [self._crc(b) for b in range(n)]
-        self.cpu: dict[tuple[int, bool | None], list[float]] = {}  # process CPU seconds per load round
+        self.g1_of = list(range(n))  # the G1 block that holds block b (loads into random G1 blocks move it)
+        self.cpu: dict[tuple[int, bool | str | None], list[float]] = {}  # process CPU s per round
         self._job = 0
         # Store every block once (untimed): G1 block b -> G3 slot slot_of[b].
         jobs = [(list(range(lo, min(lo + 64, n))),) for lo in range(0, n, 64)]
@@ -316,10 +357,31 @@ class ExecutorBench:
         self._run(jobs, batch)
         gbs = self.n * self.block / (time.perf_counter() - t0) / 1e9
         self.cpu.setdefault((batch, consecutive), []).append(time.process_time() - c0)
+        for b, d in zip(order, dst):
+            self.g1_of[b] = d
         bad = sum(self._crc(d) != self.crcs[b] for b, d in zip(order, dst))
         if bad:
             raise SystemExit(f"--executor: {bad} of {self.n} loaded blocks differ from what was stored")
         self.verified += self.n
+        return gbs
+
+    def store(self, batch: int, rng: np.random.Generator) -> float:
+        """Store every block again (G1 -> G3, the same bytes) in the loads' order, ``batch`` per job,
+        then fdatasync; returns GB/s. Process CPU seconds go to ``cpu[(batch, "store")]``."""
+        if self.g1_of != list(range(self.n)):  # untimed: block b back in G1 block b (a load may have moved it)
+            where = self.torch.tensor(self.g1_of)
+            for t in self.cache.values():
+                t.copy_(t.index_select(0, where))
+            self.g1_of = list(range(self.n))
+        order = self.order(batch, rng)
+        jobs = [(self.Blocks("G1", order[lo : lo + batch]),
+                 self.Blocks("G3", [self.slot_of[b] for b in order[lo : lo + batch]],
+                             [self.hashes[b] for b in order[lo : lo + batch]])) for lo in range(0, self.n, batch)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        self._run(jobs, batch)
+        self.arena.sync()
+        gbs = self.n * self.block / (time.perf_counter() - t0) / 1e9
+        self.cpu.setdefault((batch, "store"), []).append(time.process_time() - c0)
         return gbs
 
     def order(self, batch: int, rng: np.random.Generator) -> list[int]:
@@ -380,6 +442,8 @@ def main() -> None:
     p.add_argument("--executor", action="store_true",
                    help="G3 loads through the transfer executor against raw random reads, see (d)")
     p.add_argument("--load-batches", default="64,256", help="blocks per load job with --executor")
+    p.add_argument("--stores", action="store_true",
+                   help="with --executor: also G3 stores through the executor against raw writes of the same file")
     p.add_argument("--slots", choices=("random", "allocator"), default="random",
                    help="with --executor: where blocks live in G3 and what a load asks for: random slots and "
                         "blocks (the worst case), or prefixes in the consecutive slots the pool hands a batch")
@@ -453,12 +517,30 @@ def executor_main(workdir: str, size: int, blocks: list[int], args: argparse.Nam
     benches: list[ExecutorBench] = []
     variants: dict[str, Callable[[], float]] = {}
     rows: list[tuple[str, str]] = []  # (executor variant, its raw baseline)
-    cpu: dict[str, list[float]] = {}  # process CPU seconds per round (reads only)
+    wrows: list[tuple[str, str]] = []  # the same for stores (--stores)
+    cpu: dict[str, list[float]] = {}  # process CPU seconds per round
     try:
         for b in blocks:
             t0 = time.perf_counter()
             bench = ExecutorBench(workdir, size, b, args.threads, direct, args.slots)
             benches.append(bench)
+            if args.stores:  # first in each round: the raw writes clobber the file, the stores rewrite it
+                wraw = f"raw random write {fmt_size(b)} x{args.threads}, same file"
+                cpu[wraw] = []
+                variants[wraw] = lambda e=bench, c=cpu[wraw]: raw_write_file(
+                    e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c)
+                if bench.prefixes:
+                    name = f"raw write store order {fmt_size(b)} x{args.threads}"
+                    cpu[name] = []
+                    variants[name] = lambda e=bench, c=cpu[name]: raw_write_file(
+                        e.arena.path, e.n, e.arena.slot_size, e.block, args.threads, direct, rng, c,
+                        lambda: [e.slot_of[x] for x in e.order(batches[0], rng)])
+                    wrows.append((name, wraw))
+                for batch in batches:
+                    name = f"executor store {fmt_size(b)}, {batch}/job"
+                    variants[name] = lambda e=bench, n=batch: e.store(n, rng)
+                    cpu[name] = bench.cpu.setdefault((batch, "store"), [])
+                    wrows.append((name, wraw))
             raw = f"raw random {fmt_size(b)} x{args.threads}, same file"
             cpu[raw] = []
             variants[raw] = lambda e=bench, c=cpu[raw]: raw_read_file(
@@ -492,7 +574,12 @@ def executor_main(workdir: str, size: int, blocks: list[int], args: argparse.Nam
         for name, raw in rows:
             print(f"{name:44s} {med[name]:10.2f} {med[raw]:9.2f} {med[name] / med[raw]:6.2f} "
                   f"{cpu_gib[name]:10.2f} {cpu_gib[raw]:5.2f}")
-        print("\nall rounds (read GB/s):")
+        if wrows:
+            print(f"\n{'':44s} {'write GB/s':>10s} {'raw GB/s':>9s} {'ratio':>6s} {'CPU s/GiB':>10s} {'raw':>5s}")
+            for name, raw in wrows:
+                print(f"{name:44s} {med[name]:10.2f} {med[raw]:9.2f} {med[name] / med[raw]:6.2f} "
+                      f"{cpu_gib[name]:10.2f} {cpu_gib[raw]:5.2f}")
+        print("\nall rounds (GB/s):")
         for name, runs in results.items():
             print(f"  {name:44s} " + " ".join(f"{r:.2f}" for r in runs))
         print(f"\nverified   {sum(e.verified for e in benches)} loaded blocks, every one CRC-equal to what was "

@@ -155,6 +155,149 @@ def test_consecutive_slots_share_reads_in_any_order(tmp_path, monkeypatch):
         assert sorted(calls) == [1, 2, 2, 2, 12, 20]
 
 
+def _count_pwritev(monkeypatch, fail=None) -> list[tuple[int, int]]:
+    """Wrap os.pwritev: record (iovecs, offset) per call; ``fail(buffers, offset)`` may return
+    an OSError to raise or a number of leading iovecs to write (a short write) instead."""
+    calls: list[tuple[int, int]] = []
+    real = os.pwritev
+
+    def counting(fd, buffers, offset):
+        calls.append((len(buffers), offset))
+        what = fail(buffers, offset) if fail else None
+        if isinstance(what, OSError):
+            raise what
+        return real(fd, buffers if what is None else list(buffers)[:what], offset)
+
+    monkeypatch.setattr(os, "pwritev", counting)
+    return calls
+
+
+def _all_read_back(arena: DiskArena, blocks: list[np.ndarray], slots: list[int]) -> None:
+    rows = [page_aligned(arena.block_bytes) for _ in slots]
+    assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * len(slots)
+    for s, r in zip(slots, rows, strict=True):
+        np.testing.assert_array_equal(r, blocks[s])
+
+
+def test_consecutive_slots_share_writes_in_any_order(tmp_path, monkeypatch):
+    """Items of consecutive slots (a batch the pool handed consecutive slots) are written with one
+    pwritev per run, whatever order the batch lists them in: each slot's header page, then its
+    payload; every block reads back and verifies on its own."""
+    rng = np.random.default_rng(22)
+    block = 8192
+    with DiskArena(str(tmp_path), 40, block, file_tag="wruns", io_threads=2) as arena:
+        blocks = [page_aligned(block) for _ in range(40)]
+        for b in blocks:
+            b[:] = rng.integers(0, 256, block, dtype=np.uint8)
+        calls = _count_pwritev(monkeypatch)
+        slots = list(range(20, 4, -1)) + [30, 33, 32, 31]  # one descending run, one shuffled
+        assert arena.write_blocks([(s, H(s + 1), blocks[s]) for s in slots]) == [True] * 20
+        # slots 5-14 and 15-20 (at most half of the 20 items per write: both threads get one), 30-33
+        size = arena.slot_size
+        assert sorted(calls) == [(8, 30 * size), (12, 15 * size), (20, 5 * size)]
+        assert (arena.blocks_written, arena.bytes_written, arena.write_failures) == (20, 20 * block, 0)
+        monkeypatch.undo()
+        arena.sync()
+        _all_read_back(arena, blocks, slots)
+        # a shuffled batch of 40: two runs of 20 slots
+        calls = _count_pwritev(monkeypatch)
+        order = rng.permutation(40).tolist()
+        assert arena.write_blocks([(s, H(s + 1), blocks[s]) for s in order]) == [True] * 40
+        assert sorted(calls) == [(40, 0), (40, 20 * size)]
+        monkeypatch.undo()
+        _all_read_back(arena, blocks, order)
+
+
+def test_run_write_with_a_staged_source_goes_block_by_block(tmp_path, monkeypatch):
+    """A run holding a source the zero-copy path cannot take (memory that is not page-aligned
+    under O_DIRECT; with buffered I/O any memory is zero-copy) is written one block at a time."""
+    rng = np.random.default_rng(23)
+    block = 8192
+    with DiskArena(str(tmp_path), 8, block, file_tag="wstaged", io_threads=2) as arena:
+        if not arena.o_direct:
+            pytest.skip("needs O_DIRECT: with buffered I/O every source is zero-copy")
+        blocks = [page_aligned(block) for _ in range(8)]
+        blocks[2] = unaligned(block)
+        for b in blocks:
+            b[:] = rng.integers(0, 256, block, dtype=np.uint8)
+        calls = _count_pwritev(monkeypatch)
+        slots = [3, 1, 0, 2, 5, 4, 6, 7]
+        assert arena.write_blocks([(s, H(s + 1), blocks[s]) for s in slots]) == [True] * 8
+        # run 0-3 holds slot 2's staged row: 0, 1 and 3 alone (two iovecs), 2 staged (one, the
+        # whole slot); run 4-7 in one call
+        assert sorted(n for n, _ in calls) == [1, 2, 2, 2, 8]
+        monkeypatch.undo()
+        _all_read_back(arena, blocks, slots)
+
+
+@pytest.mark.parametrize("bad_slot", [None, 6])
+def test_failed_run_write_is_retried_block_by_block(tmp_path, monkeypatch, caplog, bad_slot):
+    """A run write that fails (EIO) is written again one block at a time: the blocks that then
+    write are stored, and a block that fails again costs only itself (False in the caller's
+    order, counted, logged once)."""
+    rng = np.random.default_rng(24)
+    block = 8192
+    with DiskArena(str(tmp_path), 16, block, file_tag="weio", io_threads=2) as arena:
+        size = arena.slot_size
+        blocks = [page_aligned(block) for _ in range(16)]
+        for b in blocks:
+            b[:] = rng.integers(0, 256, block, dtype=np.uint8)
+
+        def fail(buffers, offset):
+            if len(buffers) > 2 or offset == (bad_slot or -1) * size:
+                return OSError(errno.EIO, "injected")
+            return None
+
+        calls = _count_pwritev(monkeypatch, fail)
+        slots = rng.permutation(16).tolist()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            ok = arena.write_blocks([(s, H(s + 1), blocks[s]) for s in slots])
+        assert ok == [s != bad_slot for s in slots]
+        assert sorted(n for n, _ in calls) == [2] * 16 + [16, 16]  # two runs of 8, then each block
+        assert arena.write_failures == (bad_slot is not None) and arena.blocks_written == 16 - arena.write_failures
+        assert len([r for r in caplog.records if "write failed" in r.getMessage()]) == (bad_slot is not None)
+        monkeypatch.undo()
+        good = [s for s in slots if s != bad_slot]
+        _all_read_back(arena, blocks, good)
+        if bad_slot is not None:
+            assert read_back(arena, bad_slot, bad_slot + 1, aligned=True)[0] is False
+
+
+def test_short_run_write_is_retried_block_by_block(tmp_path, monkeypatch, caplog):
+    """A run write that writes less than the whole run (3 of its 8 iovecs) is logged once and
+    written again one block at a time."""
+    rng = np.random.default_rng(25)
+    block = 8192
+    with DiskArena(str(tmp_path), 8, block, file_tag="wshort", io_threads=1) as arena:
+        blocks = [page_aligned(block) for _ in range(8)]
+        for b in blocks:
+            b[:] = rng.integers(0, 256, block, dtype=np.uint8)
+        calls = _count_pwritev(monkeypatch, lambda buffers, offset: 3 if len(buffers) > 2 else None)
+        slots = [7, 6, 5, 4, 0, 1, 2, 3]
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            assert arena.write_blocks([(s, H(s + 1), blocks[s]) for s in slots]) == [True] * 8
+        assert sorted(n for n, _ in calls) == [2] * 8 + [16]
+        assert arena.write_failures == 0 and arena.blocks_written == 8
+        assert len([r for r in caplog.records if "short write" in r.getMessage()]) == 1
+        monkeypatch.undo()
+        _all_read_back(arena, blocks, slots)
+
+
+def test_write_run_that_raises_is_reported_not_written(tmp_path, monkeypatch):
+    """An I/O thread that raises while writing a run hands its items the exception: the caller
+    gets it instead of waiting or seeing the run as written."""
+    from kvbm.storage import disk as disk_mod
+
+    def broken(_):
+        raise RuntimeError("checksum library gone")
+
+    with DiskArena(str(tmp_path), 8, 8192, file_tag="wraise", io_threads=2) as arena:
+        monkeypatch.setattr(disk_mod, "crc32", broken)
+        with pytest.raises(RuntimeError, match="library gone"):
+            arena.write_blocks([(s, H(s + 1), page_aligned(8192)) for s in range(8)])
+        assert arena.blocks_written == 0
+
+
 def test_accepts_any_contiguous_buffer(tmp_path):
     n = 10_000
     with DiskArena(str(tmp_path), 8, n, file_tag="buf") as arena:

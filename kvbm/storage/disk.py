@@ -15,7 +15,8 @@ I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
 the CRC release the GIL); a load's blocks are verified by the thread that
 asked for them as their reads land, so that the pool's threads only read
 (see :meth:`DiskArena.read_blocks`); a load's blocks in consecutive slots (a
-prefix stored in one batch) are read with one call per run (:meth:`DiskArena._runs`).
+prefix stored in one batch) are read, and a stored batch's (the pool hands it
+consecutive slots) written, with one call per run (:meth:`DiskArena._runs`).
 Page-aligned host memory (pinned G2 rows) of page-multiple blocks moves
 directly between memory and file; anything else is staged through a
 per-thread page-aligned buffer, because O_DIRECT needs
@@ -75,7 +76,7 @@ __all__ = ["ALIGN", "HEADER_SIZE", "DiskArena", "DiskSetupError", "FaultInjector
 
 
 _U8 = np.dtype(np.uint8)
-#: the longest coalesced read (:meth:`DiskArena._runs`): long enough that per-block Python stops
+#: the longest coalesced read or write (:meth:`DiskArena._runs`): long enough that per-block Python stops
 #: mattering at 128 KiB blocks, short enough that a 64-block load still spreads over the I/O threads
 _MAX_RUN_BYTES = 4 << 20
 #: and at most this many slots (two iovecs each; Linux takes 1,024 per call)
@@ -131,8 +132,8 @@ class DiskArena:
         self._slot_size = round_up(self._payload_off + block_bytes)
         self._path = g3_data_path(self.directory, file_tag)
         self._io_threads = io_threads
-        # Reads of consecutive slots share one preadv (see :meth:`_runs`) when slots abut with
-        # no padding (page-multiple blocks: header page, payload, next header page, ...).
+        # Reads and writes of consecutive slots share one preadv/pwritev (see :meth:`_runs`) when
+        # slots abut with no padding (page-multiple blocks: header page, payload, next header page, ...).
         self._run_slots = (max(1, min(_MAX_RUN_SLOTS, _MAX_RUN_BYTES // self._slot_size))
                            if self._slot_size == self._payload_off + block_bytes and fault_hook is None else 1)
         self._fd = -1
@@ -221,7 +222,7 @@ class DiskArena:
 
     def _header_page(self) -> mmap.mmap:
         """This thread's page-aligned header buffers (the zero-copy path): one page per slot of
-        the longest coalesced read; single reads use the first."""
+        the longest coalesced read or write; single reads and writes use the first."""
         page = getattr(self._local, "page", None)
         if page is None:
             page = mmap.mmap(-1, ALIGN * self._run_slots)
@@ -246,28 +247,6 @@ class DiskArena:
     def _check_hash(self, block_hash: BlockHash) -> None:
         if not isinstance(block_hash, bytes) or len(block_hash) != HASH_BYTES:
             raise ValueError(f"block hash {block_hash!r} is not {HASH_BYTES} bytes")
-
-    def _run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Apply ``fn`` to every item over the thread pool, results in order."""
-        n = len(items)
-        if n == 1:
-            return [fn(items[0])]
-        results: list[Any] = [None] * n
-        indices = iter(range(n))  # shared: next() is atomic, threads pull work as they free up
-
-        def worker() -> None:
-            # An exception (a caller bug found while converting an item) becomes
-            # that item's result, so the other items still complete and are counted.
-            for i in indices:
-                try:
-                    results[i] = fn(items[i])
-                except Exception as e:
-                    results[i] = e
-
-        futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, n))]
-        for f in futures:
-            f.result()
-        return results
 
     def _failed(self, op: str, e: OSError) -> str:
         kind = errno.errorcode.get(e.errno or 0, str(e.errno))
@@ -294,7 +273,9 @@ class DiskArena:
 
         ``data`` is ``block_bytes`` of any C-contiguous buffer (bytes, memoryview,
         numpy array, CPU tensor); page-aligned memory (pinned host rows) of a
-        page-multiple block goes to disk without a staging copy. A failed item
+        page-multiple block goes to disk without a staging copy, and items of
+        consecutive slots that do (in any order) with one ``pwritev`` per run
+        (:meth:`_write_run`; a failed run is written again block by block). A failed item
         leaves its slot unreadable (it will not verify), so the caller must
         simply not publish it. Raises ValueError/IndexError only for caller
         bugs: a bad slot or hash or the same slot twice in one batch (before
@@ -307,7 +288,7 @@ class DiskArena:
         if not items:
             return []
         t0 = time.perf_counter()
-        results = self._run(self._write_one, items)
+        results = self._write_all(items)
         elapsed = time.perf_counter() - t0
         ok = [r is None for r in results]
         good = sum(ok)
@@ -348,6 +329,94 @@ class DiskArena:
         if fault not in (None, "error", "corrupt"):
             raise ValueError(f"fault_hook returned {fault!r}; expected None, 'error' or 'corrupt'")
         return fault
+
+    def _write_all(self, items: list[tuple[int, BlockHash, Any]]) -> list[Any]:
+        """Write every item over the I/O threads, a run of consecutive slots per pull (:meth:`_runs`).
+
+        Per item: None (written), a failure kind (str), or the exception of a caller bug (that
+        item's only: the other items are still written and counted)."""
+        if len(items) == 1:
+            return [self._write_one(items[0])]
+        results: list[Any] = [None] * len(items)
+        runs = self._runs(items)
+        pending = iter(runs)  # shared: next() is atomic, threads pull work as they free up
+        write = self._write_run
+
+        def worker() -> None:
+            pages = self._header_page()
+            for run in pending:
+                try:
+                    for i, r in write(items, run, pages):
+                        results[i] = r
+                except Exception as e:  # never report a run that raised as written: the item's result
+                    for i in run:
+                        results[i] = e
+
+        futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, len(runs)))]
+        for f in futures:
+            f.result()
+        return results
+
+    def _write_run(self, items: list[tuple[int, BlockHash, Any]], run: list[int],
+                   pages: mmap.mmap) -> list[tuple[int, Any]]:
+        """One run's writes on an I/O thread: ``(index, outcome)`` per item.
+
+        A run of slots whose sources all take the zero-copy path is one ``pwritev`` (each slot's
+        header, with its own payload CRC, in its own page of ``pages``, then its payload straight
+        from the caller's memory: the slots abut). A failed or short run write is retried block
+        by block, so one bad block costs only itself; so is a run with any other source."""
+        if len(run) > 1:
+            srcs = [self._run_source(items[i][2]) for i in run]
+            if all(src is not None for src in srcs) and self._pwritev_run(items, run, srcs, pages):
+                return [(i, None) for i in run]
+        results: list[tuple[int, Any]] = []
+        for i in run:
+            try:
+                results.append((i, self._write_one(items[i])))
+            except Exception as e:  # a caller bug: this item's result; the run's others are written
+                results.append((i, e))
+        return results
+
+    def _run_source(self, data: Any) -> np.ndarray | None:
+        """``data`` as the payload iovec of a run write, or None where :meth:`_write_one` must take
+        it (memory O_DIRECT cannot write from, or a caller bug it reports)."""
+        try:
+            src = _as_u8(data, writable=False, what="data")
+        except Exception:
+            return None
+        return src if src.size == self.block_bytes and self._zero_copy(src) else None
+
+    def _pwritev_run(self, items: list[tuple[int, BlockHash, Any]], run: list[int], srcs: list[np.ndarray],
+                     pages: mmap.mmap) -> bool:
+        """Write a run of consecutive slots with one ``pwritev``; False if it failed or was short
+        (the caller then writes the run block by block, which logs what still fails)."""
+        size = self._slot_size
+        first = items[run[0]][0]
+        view = memoryview(pages)
+        iov: list[Any] = []
+        try:
+            for j, (i, src) in enumerate(zip(run, srcs)):
+                page = view[j * ALIGN : (j + 1) * ALIGN]  # the whole header page (payload offset ALIGN)
+                self._pack_header(page, items[i][0], items[i][1], crc32(src))
+                iov.append(page)
+                iov.append(src)
+            want = len(run) * size
+            try:
+                got = os.pwritev(self._fd, iov, first * size)
+            except OSError as e:
+                logger.debug("kvbm: write of slots %d-%d to %s failed (%s); writing them one by one",
+                             first, first + len(run) - 1, self._path, e)
+                return False
+        finally:
+            iov.clear()
+            view.release()
+        if got != want:
+            self._log_once(
+                "write", "short", "kvbm: short write to disk cache %s (slots %d-%d: %d of %d bytes; "
+                "writing them one by one).", self._path, first, first + len(run) - 1, got, want,
+            )
+            return False
+        return True
 
     def _write_one(self, item: tuple[int, BlockHash, Any]) -> str | None:
         slot, block_hash, data = item
@@ -462,8 +531,9 @@ class DiskArena:
         return results
 
     def _runs(self, items: list[tuple[int, BlockHash, Any]]) -> list[list[int]]:
-        """Item indices grouped into reads: items of consecutive slots (in any order) share one
-        ``preadv`` of up to ``_run_slots`` slots, split so that every I/O thread gets one.
+        """Item indices grouped into reads or writes: items of consecutive slots (in any order)
+        share one ``preadv``/``pwritev`` of up to ``_run_slots`` slots, split so that every I/O
+        thread gets one.
 
         A request's prefix was usually stored in one batch, and the pool hands a batch
         consecutive slots, so a load is mostly runs. At 128 KiB blocks the per-block Python of
