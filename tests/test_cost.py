@@ -74,3 +74,20 @@ def test_an_unmeasured_slow_tier_is_probed_with_a_few_blocks_only():
     assert cost.choose([("G2", 10), ("G3", 8)]) == [10, 8]
     forced = OnboardCost(policy="always", block_size=BS, block_bytes=BB, probe_blocks={"G3": 2})
     assert forced.choose([("G3", 8)]) == [8]
+
+
+def test_a_losing_tier_is_measured_again_now_and_then():
+    """One slow sample (a stalled or cold first load) must not keep a fast tier unused for good:
+    every reprobe_every-th loss loads a probe's worth, and a fast measurement brings it back."""
+    cost = OnboardCost(block_size=BS, block_bytes=BB, probe_blocks={"G3": 3}, reprobe_every=4)
+    cost.observe_step(16_000, 1.0)
+    cost.observe_load("G2", 0.01e9, 1.0)  # the first, cold load: 10 MB/s
+    cost.observe_load("G3", 0.01e9, 1.0)
+    got = [cost.choose([("G2", 10)]) for _ in range(8)]
+    assert got == [[0], [0], [0], [2], [0], [0], [0], [2]]  # G2 has no probe size: REPROBE_BLOCKS
+    assert [cost.choose([("G3", 10)]) for _ in range(4)] == [[0], [0], [0], [3]]
+    for _ in range(20):  # what the probes measured: host memory is fast after all
+        cost.observe_load("G2", 50e9, 1.0)
+    assert cost.choose([("G2", 10), ("G3", 5)]) == [10, 0]
+    never = OnboardCost(policy="never", block_size=BS, block_bytes=BB, reprobe_every=1)
+    assert never.choose([("G2", 10)]) == [0]

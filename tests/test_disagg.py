@@ -203,6 +203,9 @@ class Deployment:
             "NIXL_PORT_BASE": str(free_port_block(n, 8)), "KVBM_PORT_BASE": str(free_port_block(10 * n + 3)),
             "KVBM_METRICS_PORT_BASE": str(free_port_block(n)),
             "WORKER_ARGS": " ".join(ENGINE), "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "64",
+            # The hit counts below need every match loaded: the load-or-recompute rule decides from
+            # timings, which a loaded 2-core host makes anything (tests/test_cost.py covers it).
+            "DYN_KVBM_ONBOARD_POLICY": "always",
             "LOG_DIR": str(self.log_dir), "STOP_TIMEOUT": "15",
             # Only a refused connection takes a worker down here: on a loaded 2-core host a busy
             # worker can miss health checks for a long time (hangs are covered by test_disagg_router).

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+#: Blocks a losing tier with no ``probe_blocks`` of its own loads when it is measured again.
+REPROBE_BLOCKS = 2
 #: ``onboard_policy`` values (see config).
 POLICIES = ("cost", "always", "never")
 
@@ -52,6 +54,14 @@ class OnboardCost:
     the tiers after it) — enough to time a read; a disk that turns out to
     crawl then cost a block or two of one request, not every block of many.
     Tiers not named there (host memory) are loaded whole from the start.
+
+    ``reprobe_every`` keeps a losing tier's measurement current: a tier that
+    loses is no longer loaded, so nothing would measure it again, and one slow
+    sample (a load stalled behind a GC pause or a busy disk, or the first,
+    cold load of a process) would keep a fast tier unused for good. Every
+    ``reprobe_every``-th match that a tier loses loads a probe's worth of it
+    anyway (its ``probe_blocks``, else ``REPROBE_BLOCKS``), and the next
+    decisions use what that load measured.
     """
 
     policy: str = "cost"
@@ -64,6 +74,8 @@ class OnboardCost:
     bandwidth: dict[str, Rate] = field(default_factory=dict)
     extra_seconds: dict[str, float] = field(default_factory=dict)
     probe_blocks: dict[str, int] = field(default_factory=dict)
+    reprobe_every: int = 32
+    _losses: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -100,13 +112,29 @@ class OnboardCost:
         chosen: list[int] = []
         stop = False
         for tier, blocks in parts:
-            take = 0 if stop or (blocks > 0 and not self.worth_loading(tier, blocks)) else blocks
+            if stop or blocks <= 0:
+                take = 0
+            elif self.worth_loading(tier, blocks):
+                take = blocks
+            else:
+                take = self._reprobe(tier, blocks)
             probe = self.probe_blocks.get(tier)
             if self.policy == "cost" and probe is not None and take > probe and not self.measured(tier):
                 take = probe
             stop = stop or take < blocks
             chosen.append(take)
         return chosen
+
+    def _reprobe(self, tier: str, blocks: int) -> int:
+        """Blocks of a losing ``tier`` to load anyway: a probe's worth on every ``reprobe_every``-th
+        loss (policy "cost" only), else none."""
+        if self.policy != "cost":
+            return 0
+        losses = self._losses.get(tier, 0) + 1
+        self._losses[tier] = losses
+        if losses % self.reprobe_every:
+            return 0
+        return min(blocks, self.probe_blocks.get(tier, REPROBE_BLOCKS))
 
     def describe(self) -> str:
         rates = ", ".join(f"{tier} {r.value / 1e9:.2f} GB/s" for tier, r in sorted(self.bandwidth.items())
