@@ -173,28 +173,7 @@ def raw_read_file(path: str, slots: int, slot_size: int, bb: int, threads: int, 
     the memory the executor's row pool reads into (huge pages where the kernel gives them:
     fewer, larger device requests than 4 KiB pages).
     Appends the reads' process CPU seconds to ``read_cpu``; returns GB/s."""
-    from kvbm.storage.host import make_host_arena_buffer
-
-    fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
-    rows = make_host_arena_buffer(threads, slot_size, False).numpy()
-    bufs = list(rows)
-    try:
-        if not direct:
-            drop_cache(fd)
-        order = iter(in_order() if in_order else rng.permutation(slots).tolist())  # shared: threads pull the next
-
-        def worker(buf: np.ndarray) -> None:
-            for s in order:
-                os.preadv(fd, [buf], s * slot_size)
-
-        t0, c0 = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(worker, b) for b in bufs]:
-                f.result()
-        read_cpu.append(time.process_time() - c0)
-        return slots * bb / (time.perf_counter() - t0) / 1e9
-    finally:
-        os.close(fd)
+    return _raw_slots(path, False, slots, slot_size, bb, threads, direct, rng, read_cpu, in_order)
 
 
 def raw_write_file(path: str, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
@@ -205,25 +184,36 @@ def raw_write_file(path: str, slots: int, slot_size: int, bb: int, threads: int,
     ``threads`` at once, one block per call, then fdatasync; no checksum or copy, from rows of
     the memory the executor's row pool writes from. Appends the writes' process CPU seconds to
     ``write_cpu``; returns GB/s."""
+    return _raw_slots(path, True, slots, slot_size, bb, threads, direct, rng, write_cpu, in_order)
+
+
+def _raw_slots(path: str, write: bool, slots: int, slot_size: int, bb: int, threads: int, direct: bool,
+               rng: np.random.Generator, cpu: list[float], in_order: Callable[[], list[int]] | None) -> float:
+    """:func:`raw_read_file` or :func:`raw_write_file`: one whole-slot ``preadv``/``pwritev`` per
+    slot from ``threads`` threads pulling the next slot of one shared order."""
     from kvbm.storage.host import make_host_arena_buffer
 
-    fd = os.open(path, os.O_WRONLY | (_O_DIRECT if direct else 0))
+    fd = os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | (_O_DIRECT if direct else 0))
     rows = make_host_arena_buffer(threads, slot_size, False).numpy()
-    rows[:] = rng.integers(0, 256, rows.shape, dtype=np.uint8)
-    bufs = list(rows)
+    if write:
+        rows[:] = rng.integers(0, 256, rows.shape, dtype=np.uint8)
+    io = os.pwritev if write else os.preadv
     try:
+        if not direct and not write:
+            drop_cache(fd)
         order = iter(in_order() if in_order else rng.permutation(slots).tolist())  # shared: threads pull the next
 
         def worker(buf: np.ndarray) -> None:
             for s in order:
-                os.pwritev(fd, [buf], s * slot_size)
+                io(fd, [buf], s * slot_size)
 
         t0, c0 = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(worker, b) for b in bufs]:
+            for f in [pool.submit(worker, b) for b in list(rows)]:
                 f.result()
-        os.fdatasync(fd)
-        write_cpu.append(time.process_time() - c0)
+        if write:
+            os.fdatasync(fd)
+        cpu.append(time.process_time() - c0)
         return slots * bb / (time.perf_counter() - t0) / 1e9
     finally:
         os.close(fd)

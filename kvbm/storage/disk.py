@@ -49,7 +49,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -338,23 +338,9 @@ class DiskArena:
         if len(items) == 1:
             return [self._write_one(items[0])]
         results: list[Any] = [None] * len(items)
-        runs = self._runs(items)
-        pending = iter(runs)  # shared: next() is atomic, threads pull work as they free up
-        write = self._write_run
-
-        def worker() -> None:
-            pages = self._header_page()
-            for run in pending:
-                try:
-                    for i, r in write(items, run, pages):
-                        results[i] = r
-                except Exception as e:  # never report a run that raised as written: the item's result
-                    for i in run:
-                        results[i] = e
-
-        futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, len(runs)))]
-        for f in futures:
-            f.result()
+        for landed in self._each_run(items, self._write_run):
+            for i, r in landed:
+                results[i] = r
         return results
 
     def _write_run(self, items: list[tuple[int, BlockHash, Any]], run: list[int],
@@ -508,27 +494,38 @@ class DiskArena:
         if n == 1:
             return [self._verified(items[0], self._read_fast(items[0], self._header_page()))]
         results: list[Any] = [None] * n
+        verified = self._verified
+        for landed in self._each_run(items, self._read_run):
+            for i, r in landed:
+                results[i] = verified(items[i], r)
+        return results
+
+    def _each_run(self, items: list[tuple[int, BlockHash, Any]],
+                  fn: Callable[[list[tuple[int, BlockHash, Any]], list[int], mmap.mmap], list[tuple[int, Any]]]
+                  ) -> Iterator[list[tuple[int, Any]]]:
+        """``fn(items, run, pages)`` for every run of ``items`` (:meth:`_runs`) on the I/O threads,
+        each thread with its own header pages; yields each run's ``(index, outcome)`` list as it
+        lands, so the caller works (verifies) while the others are still read. A run that raises
+        gives its items the exception: the caller is never left waiting for it."""
         runs = self._runs(items)
         landed: queue.SimpleQueue[list[tuple[int, Any]]] = queue.SimpleQueue()
         pending = iter(runs)  # shared: next() is atomic, threads pull work as they free up
-        read = self._read_run
 
         def worker() -> None:
             pages = self._header_page()
             for run in pending:
                 try:
-                    landed.put(read(items, run, pages))
-                except Exception as e:  # never leave the caller waiting for a run: the item's result
+                    landed.put(fn(items, run, pages))
+                except Exception as e:
                     landed.put([(i, e) for i in run])
 
         futures = [self._pool.submit(worker) for _ in range(min(self._io_threads, len(runs)))]
-        verified = self._verified
-        for _ in range(len(runs)):
-            for i, r in landed.get():
-                results[i] = verified(items[i], r)
-        for f in futures:
-            f.result()
-        return results
+        try:
+            for _ in range(len(runs)):
+                yield landed.get()
+        finally:
+            for f in futures:
+                f.result()
 
     def _runs(self, items: list[tuple[int, BlockHash, Any]]) -> list[list[int]]:
         """Item indices grouped into reads or writes: items of consecutive slots (in any order)
