@@ -483,13 +483,17 @@ def test_truncated_file_is_a_short_read(tmp_path):
         assert arena.read_failures == 2
 
 
-def test_every_miss_in_one_batch_of_page_aligned_rows(tmp_path, caplog):
+@pytest.mark.parametrize("native_aio", [True, False], ids=["aio", "threads"])
+def test_every_miss_in_one_batch_of_page_aligned_rows(tmp_path, caplog, native_aio):
     """The read path of pool rows (page-aligned, page-multiple blocks: read straight into the
-    row, verified by the calling thread as reads land) tells each miss apart within one batch,
-    logs each kind once, and serves only the blocks that verify."""
+    row, verified by the calling thread as reads land; through native AIO or the I/O threads)
+    tells each miss apart within one batch, logs each kind once, and serves only the blocks that
+    verify."""
     rng = np.random.default_rng(11)
     block = 16384
-    with DiskArena(str(tmp_path), 8, block, file_tag="batch", io_threads=3) as arena:
+    with DiskArena(str(tmp_path), 8, block, file_tag="batch", io_threads=3, native_aio=native_aio) as arena:
+        if native_aio and not arena.native_aio:
+            pytest.skip("no native AIO with O_DIRECT on this filesystem")
         blocks = rand_blocks(rng, 8, block)
         slots = [0, 1, 2, 3, 4, 5, 7]  # slot 6 is never written
         assert all(arena.write_blocks([(i, H(100 + i), blocks[i]) for i in slots]))
@@ -511,6 +515,76 @@ def test_every_miss_in_one_batch_of_page_aligned_rows(tmp_path, caplog):
         assert arena.blocks_read == 3
         messages = " ".join(r.getMessage() for r in caplog.records)
         assert "checksum mismatch" in messages and "corrupt block header" in messages and "short read" in messages
+
+
+def _aio_arena(tmp_path, slots: int, block: int, **kw) -> DiskArena:
+    arena = DiskArena(str(tmp_path / "g3"), slots, block, file_tag="aio", **kw)
+    if not arena.native_aio:
+        arena.close()
+        pytest.skip("no native AIO with O_DIRECT on this filesystem")
+    return arena
+
+
+def test_pool_row_loads_go_through_native_aio(tmp_path, monkeypatch):
+    """With O_DIRECT, a load of page-aligned rows is one submission: no ``os.preadv`` and no I/O
+    thread, runs of consecutive slots one request each, more requests than a context's depth
+    submitted in waves; each block verified on its own and equal to what was stored."""
+    import kvbm.storage.disk as disk_mod
+    from kvbm.storage.aio import AioContext
+
+    monkeypatch.setattr(disk_mod, "_AIO_DEPTH", 3)  # contexts made from here on hold 3 reads
+    rng = np.random.default_rng(5)
+    block = 8192
+    with _aio_arena(tmp_path, 64, block, io_threads=2) as arena:
+        blocks = rand_blocks(rng, 64, block)
+        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
+        arena.sync()
+        arena._aio_free.get_nowait()  # drop the first context (depth 128): the next is made at depth 3
+        requests: list[int] = []
+        real = AioContext.preadv
+
+        def counting(self, fd, offsets, *rest):
+            requests.append(len(offsets))
+            return real(self, fd, offsets, *rest)
+
+        monkeypatch.setattr(AioContext, "preadv", counting)
+        monkeypatch.setattr(os, "preadv", lambda *a: pytest.fail("os.preadv called on the AIO path"))
+        slots = [40, 7, 12, 13, 14, 11, 60, 3, 61, 25]  # 11-14 and 60-61 are runs
+        rows = [page_aligned(block) for _ in slots]
+        assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * 10
+        for s, r in zip(slots, rows, strict=True):
+            np.testing.assert_array_equal(r, blocks[s])
+        # runs capped at ceil(10 / io_threads) = 5 slots: 3, 7, 11-14, 25, 40, 60-61
+        assert requests == [6] and arena.blocks_read == 10
+
+
+def test_failed_aio_read_is_retried_block_by_block(tmp_path, monkeypatch):
+    """A run whose AIO read fails (or that the kernel refused) is read again one block at a time
+    with ``os.preadv``: one bad request costs no block that can still be read."""
+    from kvbm.storage.aio import AioContext
+
+    rng = np.random.default_rng(6)
+    block = 8192
+    with _aio_arena(tmp_path, 16, block, io_threads=1) as arena:
+        blocks = rand_blocks(rng, 16, block)
+        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
+        arena.sync()
+        real = AioContext.preadv
+
+        def failing_first(self, fd, offsets, iovecs, first, counts, done):
+            def report(reqs, res):
+                res = res.copy()
+                res[reqs == 0] = -errno.EIO  # the run of slots 2-5 (the lowest slots come first)
+                done(reqs, res)
+            return real(self, fd, offsets, iovecs, first, counts, report)
+
+        monkeypatch.setattr(AioContext, "preadv", failing_first)
+        slots = [9, 2, 3, 4, 5]
+        rows = [page_aligned(block) for _ in slots]
+        assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * 5
+        for s, r in zip(slots, rows, strict=True):
+            np.testing.assert_array_equal(r, blocks[s])
+        assert arena.read_failures == 0
 
 
 def test_io_error_on_the_page_aligned_path_is_a_failure(tmp_path):

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.core.hashing import HASH_BYTES, BlockHash
+from kvbm.storage.aio import IOVEC, AioContext
 from kvbm.storage.buffers import as_u8 as _as_u8
 from kvbm.storage.checksum import crc32
 from kvbm.storage.disk_faults import FaultHook, FaultInjector
@@ -81,6 +82,8 @@ _U8 = np.dtype(np.uint8)
 _MAX_RUN_BYTES = 4 << 20
 #: and at most this many slots (two iovecs each; Linux takes 1,024 per call)
 _MAX_RUN_SLOTS = 256
+#: reads one native-AIO context keeps in flight (a 256-block load is submitted in waves)
+_AIO_DEPTH = 128
 
 
 def _aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -110,6 +113,7 @@ class DiskArena:
         io_threads: int = 4,
         fallocate: Callable[[int, int, int], Any] = os.posix_fallocate,
         fault_hook: FaultHook | None = None,
+        native_aio: bool = True,
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"DiskArena: num_slots must be > 0, got {num_slots}")
@@ -165,10 +169,25 @@ class DiskArena:
             disable_o_direct=disable_o_direct, fallocate=fallocate, zerofill_fallback=zerofill_fallback,
         )
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-g3-io")
+        # Loads of page-aligned rows go through native AIO where it works (kvbm.storage.aio): one
+        # context per concurrent caller, taken from and given back to this free list.
+        self._aio_free: queue.SimpleQueue[tuple[AioContext, mmap.mmap]] = queue.SimpleQueue()
+        self._aio_all: list[AioContext] = []
+        self._aio = False
+        reads = f"{io_threads} I/O threads"
+        if native_aio and self._o_direct and self._payload_off == ALIGN and fault_hook is None:
+            ctx, why = AioContext.open(_AIO_DEPTH)
+            if ctx is None:
+                reads += f" (native AIO: {why})"
+            else:
+                self._aio = True
+                self._aio_all.append(ctx)
+                self._aio_free.put((ctx, mmap.mmap(-1, ALIGN * 64)))
+                reads = "native AIO"
         logger.info(
-            "kvbm: disk cache (G3) ready: %s, %d slots x %d B (block %d B) = %s, %s, in %.2f s",
+            "kvbm: disk cache (G3) ready: %s, %d slots x %d B (block %d B) = %s, %s, loads through %s, in %.2f s",
             self._path, num_slots, self._slot_size, block_bytes, gb(total),
-            "O_DIRECT" if self._o_direct else "buffered I/O", time.monotonic() - start,
+            "O_DIRECT" if self._o_direct else "buffered I/O", reads, time.monotonic() - start,
         )
 
     # ---- properties ------------------------------------------------------
@@ -190,6 +209,12 @@ class DiskArena:
     def o_direct(self) -> bool:
         """True if I/O bypasses the page cache (O_DIRECT)."""
         return self._o_direct
+
+    @property
+    def native_aio(self) -> bool:
+        """True if loads of page-aligned rows go through native AIO (:mod:`kvbm.storage.aio`),
+        False if through the I/O threads (no O_DIRECT, a fault hook, or no ``io_setup``)."""
+        return self._aio
 
     @property
     def file_size(self) -> int:
@@ -487,17 +512,84 @@ class DiskArena:
         return ok
 
     def _read_all(self, items: list[tuple[int, BlockHash, Any]]) -> list[Any]:
-        """Read every item on the I/O threads and verify each on this thread as it lands.
+        """Read every item and verify each on this thread as it lands: through native AIO where
+        it works and every destination is a zero-copy row, else on the I/O threads.
 
         Per item: None (verified), a miss kind (str), or the exception of a caller bug."""
         n = len(items)
         if n == 1:
             return [self._verified(items[0], self._read_fast(items[0], self._header_page()))]
+        if self._aio:
+            addresses = [self._row_address(dest) for _, _, dest in items]
+            if min(addresses) >= 0:
+                taken = self._take_aio(n)
+                if taken is not None:
+                    try:
+                        return self._read_all_aio(items, addresses, *taken)
+                    finally:
+                        self._aio_free.put(taken)
         results: list[Any] = [None] * n
         verified = self._verified
         for landed in self._each_run(items, self._read_run):
             for i, r in landed:
                 results[i] = verified(items[i], r)
+        return results
+
+    def _take_aio(self, n: int) -> tuple[AioContext, mmap.mmap] | None:
+        """A free AIO context (a new one if every context is busy with another caller's load) with
+        header pages for ``n`` slots; None if the kernel will not give another (threads then)."""
+        try:
+            ctx, pages = self._aio_free.get_nowait()
+        except queue.Empty:
+            ctx, why = AioContext.open(_AIO_DEPTH)
+            if ctx is None:
+                self._log_once("read", "aio", "kvbm: disk cache %s: no further native AIO context (%s); "
+                               "loads that find every context busy use the I/O threads.", self._path, why)
+                return None
+            with self._lock:
+                self._aio_all.append(ctx)
+            pages = mmap.mmap(-1, ALIGN * 64)
+        if len(pages) < ALIGN * n:
+            pages.close()
+            pages = mmap.mmap(-1, ALIGN * n)
+        return ctx, pages
+
+    def _read_all_aio(self, items: list[tuple[int, BlockHash, Any]], addresses: list[int], ctx: AioContext,
+                      pages: mmap.mmap) -> list[Any]:
+        """:meth:`_read_all` through native AIO: each run (:meth:`_runs`) one ``preadv`` request,
+        every slot's header into its own page of ``pages`` and its payload straight into its row,
+        the whole load submitted at once; each run is verified here as its read completes. A run
+        whose read fails (or that the kernel refused) is read again block by block, so one bad
+        sector costs only its block."""
+        runs = self._runs(items)
+        order = [i for run in runs for i in run]  # item at position p: header page p, iovecs 2p and 2p+1
+        n, off, size = len(order), self._payload_off, self._slot_size
+        iovecs = np.empty((2 * n, 2), dtype=IOVEC)
+        page0 = np.frombuffer(pages, dtype=np.uint8).ctypes.data
+        iovecs[0::2, 0] = page0 + np.arange(n, dtype=np.uint64) * ALIGN
+        iovecs[0::2, 1] = off
+        iovecs[1::2, 0] = [addresses[i] for i in order]
+        iovecs[1::2, 1] = self.block_bytes
+        lengths = np.array([len(run) for run in runs], dtype=np.int64)
+        first = np.cumsum(lengths) - lengths
+        offsets = np.array([items[run[0]][0] for run in runs], dtype=np.int64) * size
+        results: list[Any] = [None] * len(items)
+        verified, first_of = self._verified, first.tolist()
+
+        def done(requests: np.ndarray, got: np.ndarray) -> None:
+            for r, g in zip(requests.tolist(), got.tolist()):
+                run, p = runs[r], first_of[r]
+                if g < 0:
+                    page = self._header_page()
+                    for i in run:
+                        results[i] = verified(items[i], self._read_fast(items[i], page))
+                    continue
+                for j, i in enumerate(run):
+                    at = (p + j) * ALIGN
+                    results[i] = verified(items[i], (min(size, max(0, g - j * size)), pages[at : at + HEADER_SIZE],
+                                                     items[i][2]))
+
+        ctx.preadv(self._fd, offsets, iovecs, 2 * first, 2 * lengths, done)
         return results
 
     def _each_run(self, items: list[tuple[int, BlockHash, Any]],
@@ -583,12 +675,19 @@ class DiskArena:
         return [(i, read(items[i], pages)) for i in run]
 
     def _direct_row(self, dest: Any) -> bool:
-        """Is ``dest`` a row the fast path reads straight into (a page-aligned uint8 row of one
-        block, as pool and host rows are) with no fault hook?"""
-        return (type(dest) is np.ndarray and dest.dtype == _U8 and dest.ndim == 1 and dest.size == self.block_bytes
-                and dest.flags.c_contiguous and dest.flags.writeable and self._fault_hook is None
-                and (not self._o_direct or self._payload_off == ALIGN
-                     and dest.__array_interface__["data"][0] % ALIGN == 0))
+        """Is ``dest`` a row the fast path reads straight into? (See :meth:`_row_address`.)"""
+        return self._row_address(dest) >= 0
+
+    def _row_address(self, dest: Any) -> int:
+        """The address of ``dest`` if it is a row the fast path reads straight into (a page-aligned
+        uint8 row of one block, as pool and host rows are) with no fault hook; else -1."""
+        if not (type(dest) is np.ndarray and dest.dtype == _U8 and dest.ndim == 1 and dest.size == self.block_bytes
+                and dest.flags.c_contiguous and dest.flags.writeable and self._fault_hook is None):
+            return -1
+        address: int = dest.__array_interface__["data"][0]
+        if self._o_direct and (self._payload_off != ALIGN or address % ALIGN):
+            return -1
+        return address
 
     def _read_fast(self, item: tuple[int, BlockHash, Any], page: mmap.mmap) -> Any:
         """One item's read on an I/O thread, with as little Python as it takes (at 128 KiB blocks
@@ -729,6 +828,8 @@ class DiskArena:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
+        for ctx in getattr(self, "_aio_all", ()):
+            ctx.close()
         if self._fd >= 0:
             os.close(self._fd)  # also drops the flock
             self._fd = -1
