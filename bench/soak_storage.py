@@ -84,7 +84,7 @@ def _accounting(llm) -> dict:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    planner = scheduler.connector._leader.planner
+    planner = scheduler.connector._leader.runtime.inspect_planner()
     books: dict = {"busy": planner.busy, "tracked_requests": planner.num_tracked_requests(),
                    "vllm_requests": len(scheduler.requests), "pending_batches": len(planner._pending),
                    "loading": len(planner._loading)}
@@ -111,7 +111,7 @@ def _stalled(llm) -> dict:
     vLLM's scheduler never promoted: the head of its KV-holding queue could not
     allocate its remaining tokens and nothing was running to free blocks."""
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    planner = scheduler.connector._leader.planner if scheduler.connector is not None else None
+    planner = scheduler.connector._leader.runtime.inspect_planner() if scheduler.connector is not None else None
     return {
         "requests": {rid: str(r.status) for rid, r in scheduler.requests.items()},
         "finished_recving": sorted(getattr(scheduler, "finished_recving_kv_req_ids", ())),

@@ -21,7 +21,12 @@ asynchronous loads, reports its in-step loads, and frees requests held for their
 Configurations:
 
 * ``a``: G2 only.
-* ``g3``: G2 + G3 without persistence (no journal): what G3's planning alone costs.
+* ``g3``: G2 + G3 without persistence (no journal): what G3's planning alone costs. The spill
+  policy runs on the leader's policy thread, started as each plan leaves (``end_step``) and
+  waited for by the next call: with ``--forward-ms 0`` it never overlaps anything and every
+  step waits for it (compare with a modelled forward pass).
+* ``g3-inline``: as ``g3`` with the spill policy decided inside the calls that cause it
+  (``LeaderRuntime(policy_thread=False)``, the behaviour before the policy thread).
 * ``b``: G2 + G3 with persistence (``disk_persist=True``): the journal lives in a temporary
   directory on the real disk (``--dir``) and is written by ``JournalWriter`` on its thread.
 * ``c``: as ``b``, with the journal compacting often: this script lowers
@@ -43,13 +48,19 @@ that overlapped a compaction (its start to its end, on whichever thread ran it).
 calls counted once): mean, p50 and its mean over the slowest 1% of steps. The wrappers add a
 little time of their own, so compare the step times of a run without it. ``a`` and ``g3`` run
 different steps (G3's hits shorten prefills, and its asynchronous loads delay requests a step):
-this column is what G3's planning itself costs the step thread.
+this column is what G3's planning itself costs (on the policy thread where it runs there).
+
+``--forward-ms F`` models the forward pass: after each plan the engine thread sleeps F ms (the
+GIL released, as while it waits for a GPU), the time the policy thread has. It then also reports
+the engine thread's whole step outside the forward pass (this script's own scheduling included),
+where a policy thread holding the GIL when the engine thread comes back would show.
 
 ``--cpu`` also reports the step thread's CPU time per step (``time.thread_time_ns`` around each
 call, outside the wall-clock bracket): preemption by other processes on a shared machine inflates
 the wall-clock p99, not this.
 
-Run: ``PYTHONPATH=$PWD python bench/step_time.py [--steps N] [--seed S] [--cpu] [--json PATH]``.
+Run: ``PYTHONPATH=$PWD python bench/step_time.py [--steps N] [--seed S] [--cpu] [--forward-ms F]
+[--json PATH]``.
 Prints a table; asserts nothing about timings.
 """
 
@@ -91,10 +102,11 @@ DISK_BLOCKS = 16384
 GPU_BLOCKS = 1 << 20  # vLLM's pool never runs out here: no preemption in this workload
 IDENTITY = "bench-step-time"
 COMPACT_OFTEN = {"_COMPACT_MIN_RECORDS": 1024, "_COMPACT_RATIO": 1.05}
-CONFIGS = ("a", "g3", "b", "c", "b-sync", "c-sync")
+CONFIGS = ("a", "g3", "g3-inline", "b", "c", "b-sync", "c-sync")
 DESCRIPTION = {
     "a": "G2 only",
     "g3": "G2+G3, no persistence (no journal)",
+    "g3-inline": "as g3, spill policy inside the calls (before)",
     "b": "G2+G3 persistent, journal thread",
     "c": "as b, compacting often",
     "b-sync": "G2+G3 persistent, flush on step (before)",
@@ -168,8 +180,9 @@ class PolicyClock:
 class Engine:
     """Just enough of vLLM's scheduler to call the leader as the adapter does."""
 
-    def __init__(self, runtime: LeaderRuntime, seed: int, cpu: bool = False) -> None:
+    def __init__(self, runtime: LeaderRuntime, seed: int, cpu: bool = False, forward_s: float = 0.0) -> None:
         self.rt = runtime
+        self.forward_s = forward_s
         self.rng = random.Random(seed)
         rng = self.rng
         self.systems = [[rng.randrange(1, 32000) for _ in range(SYSTEM_TOKENS)] for _ in range(SYSTEM_PROMPTS)]
@@ -271,7 +284,9 @@ class Engine:
         for req, new, n in cached:
             self._call(rt.scheduled, req.req_id, req.tokens, [new] if new else None, False, req.num_computed, n)
         plan = self._call(rt.end_step)
-        # The forward pass.
+        # The forward pass: the engine's thread waits for the GPU (--forward-ms, GIL released).
+        if self.forward_s:
+            time.sleep(self.forward_s)
         finished: list[Request] = []
         for req, n in [(r, n) for r, n in new_reqs] + [(r, n) for r, _, n in cached]:
             req.num_computed += n
@@ -334,10 +349,11 @@ class Engine:
         return report, finished_recving, released
 
 
-def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = False, policy: bool = False) -> dict:
+def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = False, policy: bool = False,
+               forward_ms: float = 0.0) -> dict:
     """One configuration: ``steps`` engine steps of the seeded workload; per-step leader time."""
     with_disk = name != "a"
-    persistent = with_disk and name != "g3"
+    persistent = with_disk and not name.startswith("g3")
     sync = name.endswith("-sync")
     compact_often = name.startswith("c")
     cache_dir = os.path.join(directory, name)
@@ -351,7 +367,8 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
     try:
         if sync:
             leader_module.JournalWriter = SyncJournalWriter  # type: ignore[misc,assignment]
-        rt = LeaderRuntime(cfg, TierPlan.configured(cfg, sizes), engine_info, identity=IDENTITY)
+        rt = LeaderRuntime(cfg, TierPlan.configured(cfg, sizes), engine_info, identity=IDENTITY,
+                           policy_thread=not name.endswith("-inline"))
         if compact_often:
             for key, value in COMPACT_OFTEN.items():
                 setattr(journal_module, key, value)
@@ -366,7 +383,7 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
                     compactions.append((start, time.perf_counter_ns()))
 
             rt.journal.compact = counted_compact  # type: ignore[method-assign]
-        sim = Engine(rt, seed, cpu)
+        sim = Engine(rt, seed, cpu, forward_ms / 1000)
         clock = PolicyClock(rt) if policy else None
         gc.collect()
         times = []
@@ -388,6 +405,7 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
         if rt.journal is not None:
             rt.journal_writer.wait_idle(60)
             records = rt.journal.num_records
+        rt.settle()
         stats = rt.planner.stats
         tiers = {tier.name: {"stored": stats.tier(tier.name).stored_blocks,
                              "spilled": stats.tier(tier.name).spilled_blocks,
@@ -398,6 +416,9 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
         for key, value in saved_consts.items():
             setattr(journal_module, key, value)
     us = sorted(t / 1000 for t in times)
+    # The engine thread's whole step outside the forward pass (the script's own scheduling
+    # included): what a thread of kvbm's taking the GIL at the wrong moment would add.
+    outside_us = sorted((e - s) / 1000 - forward_ms * 1000 for s, e in spans)
     cpu_us = sorted(t / 1000 for t in cpu_times)
     during = [times[i] / 1000 for i, (s, e) in enumerate(spans) if any(cs < e and ce > s for cs, ce in compactions)]
     policy_stats = {}
@@ -411,6 +432,8 @@ def run_config(name: str, steps: int, seed: int, directory: str, cpu: bool = Fal
         "config": name, "description": DESCRIPTION[name], "steps": steps, "wall_s": round(wall, 2),
         "p50_us": _pct(us, 50), "p99_us": _pct(us, 99), "max_us": us[-1], "mean_us": statistics.fmean(us),
         "compactions": len(compactions), "journal_records": records,
+        "outside_forward_p50_us": _pct(outside_us, 50), "outside_forward_p99_us": _pct(outside_us, 99),
+        "outside_forward_mean_us": statistics.fmean(outside_us),
         "steps_during_compaction": len(during), "max_during_compaction_us": max(during) if during else None,
         "tiers": tiers, **sim.counts,
         **({"cpu_p50_us": _pct(cpu_us, 50), "cpu_p99_us": _pct(cpu_us, 99)} if cpu else {}),
@@ -432,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     parser.add_argument("--cpu", action="store_true",
                         help="also the step thread's CPU time per step (preemption does not inflate it)")
+    parser.add_argument("--forward-ms", type=float, default=0.0,
+                        help="model a forward pass: the engine thread sleeps this long after each plan")
     parser.add_argument("--policy", action="store_true",
                         help="also the time per step in the spill policy (filter and spill decisions)")
     args = parser.parse_args(argv)
@@ -443,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in names:
-            results.append(run_config(name, args.steps, args.seed, directory, args.cpu, args.policy))
+            results.append(run_config(name, args.steps, args.seed, directory, args.cpu, args.policy,
+                                      args.forward_ms))
             print(f"  {name}: {results[-1]['wall_s']} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -461,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<8} {r['description']:<42} {r['steps']:>6} {r['p50_us']:>8.0f} {r['p99_us']:>8.0f} "
               f"{r['max_us']:>9.0f} {ratio:>6} {ratio3:>6} {r['compactions']:>11} {during:>24}"
               + (f"   CPU p50 {r['cpu_p50_us']:.0f} p99 {r['cpu_p99_us']:.0f} us" if args.cpu else "")
+              + (f"   whole step outside the forward pass: mean {r['outside_forward_mean_us']:.0f} "
+                 f"p99 {r['outside_forward_p99_us']:.0f} us" if args.forward_ms else "")
               + (f"   spill policy mean {r['policy_mean_us']:.0f} p50 {r['policy_p50_us']:.0f} us, "
                  f"{r['policy_slowest_1pct_us']:.0f} of the slowest 1% steps' {r['step_slowest_1pct_us']:.0f} us"
                  if args.policy else ""))

@@ -40,7 +40,7 @@ def _kvbm_state(llm) -> dict:
     connector = scheduler.connector
     if connector is None or not hasattr(connector, "_leader"):
         return {"preemptions": getattr(scheduler, "_kvbm_test_preemptions", 0)}
-    planner = connector._leader.planner
+    planner = connector._leader.runtime.inspect_planner()
     pools = [p for p in (planner.host, planner.disk) if p is not None]
     refs = sum(pool.refcount(s) for pool in pools for s in range(pool.num_slots))
     remote = connector._leader.runtime.remote
@@ -206,7 +206,7 @@ def _damage_disk(llm, phase: dict) -> dict:
     disk = _worker_disk(llm)
     if disk is None:
         return {}
-    pool = llm.llm_engine.engine_core.engine_core.scheduler.connector._leader.planner.disk
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.connector._leader.runtime.inspect_planner().disk
     slots = [s for s in range(pool.num_slots) if pool.state(s).name == "READY"]
     if phase["how"] == "flip":
         with open(disk.path, "r+b") as f:

@@ -27,7 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from itertools import chain
@@ -42,6 +42,10 @@ from kvbm.core.pool import BlockPool
 from kvbm.core.tiers import Tier, TierIndex, TierListener, check_chain
 
 logger = logging.getLogger(__name__)
+
+#: Blocks per piece of deferred spill policy (:meth:`Planner.run_deferred` pauses between pieces):
+#: ~100-200 µs of Python each, the longest the engine's thread may wait for the GIL back.
+_DEFERRED_PIECE = 64
 
 __all__ = ["Planner", "PlannerStats", "TierStats", "LoadOp", "LoadPart", "StoreBatch", "SpillBatch", "StepPlan",
            "WorkerReport"]
@@ -259,6 +263,11 @@ class Planner:
         self._committed: dict[str, tuple[list[BlockHash], list[int]]] = {
             t.name: ([], []) for t in self.chain if t.persistent}
         self.listener: TierListener | None = None
+        #: The spill policy (the filter's sightings, spill decisions) queued rather than run inside
+        #: the call that causes it, for :meth:`run_deferred`: the leader runs it on a thread of its
+        #: own while the engine runs the step (kvbm.runtime.leader). Off: decided at once.
+        self.defer_policy = False
+        self._deferred: list[tuple[Callable[..., None], tuple]] = []
 
     def set_listener(self, listener: TierListener | None) -> None:
         """Report blocks entering and leaving tiers to ``listener`` (KV events); None stops."""
@@ -541,11 +550,24 @@ class Planner:
                     if tier.next is not None and slots:
                         runs.append((tier, seq.hashes[at : at + len(slots)], slots))
                     at += len(slots)
-            freqs = self.filter.observe_distinct([h for _, run, _ in runs for h in run])
-            at = 0
-            for tier, run, slots in runs:
-                self._sighted_run(tier, run, slots, freqs[at : at + len(run)])
-                at += len(run)
+            if self.defer_policy:
+                self._deferred.append((self._sight_runs, (runs,)))
+            else:
+                self._sight_runs(runs)
+
+    def _sight_runs(self, runs: list[tuple[_Tier, list[BlockHash], list[int]]]) -> None:
+        """A hit's sightings: ``(tier, hashes, slots)`` runs of the blocks it loads, counted in one
+        batch, then each run carried on (:meth:`_sighted_run`)."""
+        assert self.filter is not None
+        freqs = self.filter.observe_distinct([h for _, run, _ in runs for h in run])
+        at = 0
+        for tier, run, slots in runs:
+            n = len(run)
+            run_freqs = freqs[at : at + n]
+            at += n
+            if self.defer_policy:
+                run, slots, run_freqs = _still_ready(tier.index, run, slots, run_freqs)
+            self._sighted_run(tier, run, slots, run_freqs)
 
     def on_scheduled(
         self,
@@ -745,6 +767,16 @@ class Planner:
         filt = self.filter if dst.spec.filter_threshold is not None else None
         self._spill_admitted(src, dst, hashes, slots, filt.frequencies(hashes) if filt is not None else None)
 
+    def _spill_committed_later(self, src: _Tier, hashes: list[BlockHash], slots: list[int]) -> None:
+        """:meth:`_spill_committed` for the deferred policy: the batch was pinned when it committed
+        (so that the step's own stores could not evict it before this decision); the spills pin
+        their sources again, and the commit's pins go. A block dropped meanwhile (a bad slot) is not
+        spilled."""
+        kept, kept_slots, _ = _still_ready(src.index, hashes, slots)
+        if kept:
+            self._spill_committed(src, kept, kept_slots)
+        src.index.release(slots)
+
     def _spill_admitted(self, src: _Tier, dst: _Tier, hashes: Sequence[BlockHash], slots: Sequence[int],
                         freqs: Sequence[int] | None) -> None:
         """Spill the READY blocks ``hashes`` (at ``slots`` of ``src``) that ``dst`` lacks and its filter
@@ -792,6 +824,28 @@ class Planner:
             # The copies read them: no eviction meanwhile (reservations only touch dst).
             src.index.acquire(src_slots)
 
+    # ---- the deferred spill policy ----------------------------------------
+    @property
+    def has_deferred(self) -> bool:
+        """Spill-policy work is queued (:attr:`defer_policy`) for :meth:`run_deferred`."""
+        return bool(self._deferred)
+
+    def run_deferred(self, pause: Callable[[], None] | None = None) -> None:
+        """Run the queued spill policy, in the order it was queued: its spills join the plan being
+        built (the next :meth:`take_plan`), a step later than :attr:`defer_policy` off would put
+        them. A committed batch stays pinned until its decision; a block that left its slot
+        meanwhile (dropped as bad; a hit's block evicted) is not carried on.
+
+        Not thread-safe against the planner's other methods: the caller runs it while nothing
+        else calls the planner (kvbm.runtime.leader waits for it before every other call).
+        ``pause`` is called between pieces of work (the leader's thread hands the GIL back to
+        the engine's thread there)."""
+        work, self._deferred = self._deferred, []
+        for fn, args in work:
+            fn(*args)
+            if pause is not None:
+                pause()
+
     # ---- per step -------------------------------------------------------
     def _new_batch_id(self) -> int:
         self._next_batch_id += 1
@@ -820,7 +874,10 @@ class Planner:
             if self.filter is not None:
                 # Computing a block is a sighting: the step's stored blocks are counted here, in one
                 # batch (distinct: a block being stored is not stored again), not per request.
-                self.filter.observe_distinct(plan.store.hashes)
+                if self.defer_policy:
+                    self._deferred.append((self.filter.observe_distinct, (plan.store.hashes,)))
+                else:
+                    self.filter.observe_distinct(plan.store.hashes)
             tier = self._by_name[plan.store.tier]
             self._pending[plan.store.batch_id] = _PendingBatch(tier, plan.store.slots, plan.store.hashes)
             if not tier.spec.keyed:
@@ -862,7 +919,12 @@ class Planner:
             if pending.reports >= self.world_size:
                 del self._pending[batch_id]
                 self._window_stores.pop(batch_id, None)
-                self._commit(pending)
+                if self.defer_policy and pending.source is not None:
+                    # A spill's commit goes with the policy: its blocks are still visible in the tier
+                    # above (pinned there until this commit), so a step's delay costs no hit.
+                    self._deferred.append((self._commit, (pending,)))
+                else:
+                    self._commit(pending)
         for name, slots in (bad_slots or {}).items():
             tier = self._by_name.get(name)
             bad = set(slots)
@@ -909,7 +971,14 @@ class Planner:
         else:
             tier.stats.stored_blocks += len(pending.slots)
         if tier.next is not None:
-            self._spill_committed(tier, pending.hashes, pending.slots)
+            if self.defer_policy:  # pinned until decided; in pieces (the policy's thread pauses between them)
+                hashes, slots = pending.hashes, pending.slots
+                tier.index.acquire(slots)
+                self._deferred.extend((self._spill_committed_later, (tier, hashes[i : i + _DEFERRED_PIECE],
+                                                                     slots[i : i + _DEFERRED_PIECE]))
+                                      for i in range(0, len(hashes), _DEFERRED_PIECE))
+            else:
+                self._spill_committed(tier, pending.hashes, pending.slots)
 
     def take_commits(self, tier: str) -> tuple[list[BlockHash], list[int]]:
         """(hashes, slots) of blocks of a persistent tier made visible since the last call (for its
@@ -939,6 +1008,18 @@ class Planner:
 
     def num_tracked_requests(self) -> int:
         return len(self._requests)
+
+
+def _still_ready(index: TierIndex, hashes: list[BlockHash], slots: list[int], extra: list[int] | None = None
+                 ) -> tuple[list[BlockHash], list[int], list[int] | None]:
+    """``hashes``/``slots`` (and ``extra``, per block) without the blocks no longer READY at their
+    slot: the deferred policy (:meth:`Planner.run_deferred`) decides after other calls ran."""
+    now = list(map(index.ready_slot, hashes))
+    if now == slots:
+        return hashes, slots, extra
+    kept = [i for i, (s, n) in enumerate(zip(slots, now)) if s == n]
+    return ([hashes[i] for i in kept], [slots[i] for i in kept],
+            None if extra is None else [extra[i] for i in kept])
 
 
 def _take(parts: list[list[int]], n: int) -> list[list[int]]:

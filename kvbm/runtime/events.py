@@ -250,6 +250,7 @@ class EngineEvents:
                         for stored, cls in ((True, schema.stored), (False, schema.removed))}
         self.tiers = TierEventRecorder(chain, block_size, lambda req_id: request_blocks(requests.get(req_id)),
                                        schema.convert, loose_blocks)
+        self._settle: Callable[[], None] = lambda: None  # the leader's LeaderRuntime.settle, once attached
 
     @classmethod
     def attach(cls, vllm_config: Any, runtime: LeaderRuntime, requests: Mapping[str, Any],
@@ -264,12 +265,15 @@ class EngineEvents:
             logger.warning("kvbm: not publishing KV events for its tiers (this vLLM lacks %s)", exc)
             return None
         runtime.attach_tier_listener(recorder.tiers)
+        recorder._settle = runtime.settle
         logger.info("kvbm: publishing KV events for %s",
                     ", ".join(f"{t.name} (medium {recorder.tiers.mediums[t.name]})" for t in runtime.chain))
         return recorder
 
     def take_events(self) -> list[Any]:
-        """The engine's events since the last call, oldest first (vLLM's scheduler publishes them with G1's)."""
+        """The engine's events since the last call, oldest first (vLLM's scheduler publishes them with G1's),
+        once the leader's spill policy (whose reservations evict) is done."""
+        self._settle()
         return [self._struct(event) for event in self.tiers.take_events()]
 
     def _struct(self, event: TierEvent) -> Any:

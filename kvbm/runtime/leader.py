@@ -14,6 +14,8 @@ turns vLLM's objects into ids and calls this object.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,60 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["EngineInfo", "LeaderRuntime"]
+
+#: Between pieces of the deferred spill policy the policy thread sleeps this long: long enough
+#: that an engine thread waiting for the GIL (back from its forward pass) wakes and takes it,
+#: instead of waiting for CPython's 5 ms switch interval.
+_POLICY_PAUSE_S = 20e-6
+
+
+class PolicyThread:
+    """Runs ``run(pause)`` on a thread of its own when :meth:`start`ed; :meth:`wait` blocks until
+    it is done (and raises what it raised). The hand-over costs the step a lock and a queue put,
+    not a Future and an executor's bookkeeping (~50 µs a step with ``ThreadPoolExecutor``)."""
+
+    def __init__(self, run: Callable[[Callable[[], None]], None]) -> None:
+        self._run = run
+        self._todo: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._running = threading.Lock()  # held from start() until the run is over
+        self._started = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kvbm-spill-policy", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        pause = self._pause
+        while self._todo.get():
+            try:
+                self._run(pause)
+            except BaseException as e:  # handed to the engine's thread by wait()
+                self._error = e
+            finally:
+                self._running.release()
+
+    @staticmethod
+    def _pause() -> None:
+        time.sleep(_POLICY_PAUSE_S)
+
+    def start(self) -> None:
+        self._running.acquire()
+        self._started = True
+        self._todo.put(True)
+
+    def wait(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._running.acquire()
+        self._running.release()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self.wait()
+        self._todo.put(False)
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -73,6 +129,8 @@ class LeaderRuntime:
     remote: RemoteStore | None = None
     #: G4's index: its lookups run on a thread of their own, waited for at most LOOKUP_WAIT_S a step.
     remote_index: RemoteIndex | None = None
+    #: The spill policy's thread (see __init__) and its job for the step in flight; None: none.
+    _policy: PolicyThread | None = None
 
     @classmethod
     def boot(cls, config: KvbmConfig, engine: EngineInfo, identity_of: Callable[[Sequence[WorkerLayout]], str],
@@ -87,9 +145,12 @@ class LeaderRuntime:
                                  chain_of=chain_of).start().wait()
         return cls(config, joined.plan, engine, identity=identity_of(joined.workers))
 
-    def __init__(self, config: KvbmConfig, plan: TierPlan, engine: EngineInfo, *, identity: str) -> None:
+    def __init__(self, config: KvbmConfig, plan: TierPlan, engine: EngineInfo, *, identity: str,
+                 policy_thread: bool = True) -> None:
         """``plan``: the chain every rank allocated; ``identity``: what must match to reuse
-        persistent or shared blocks (kvbm.runtime.identity.model_identity)."""
+        persistent or shared blocks (kvbm.runtime.identity.model_identity). ``policy_thread``:
+        run the spill policy on a thread of its own while the engine runs each step (see
+        :meth:`settle`); False decides spills inside the calls that cause them."""
         block_size, world_size, block_bytes = engine.block_size, engine.world_size, engine.block_bytes
         self.engine = engine
         self.data_parallel_rank = engine.data_parallel_rank
@@ -114,6 +175,14 @@ class LeaderRuntime:
             indexes=indexes, groups=engine.groups, null_block=engine.null_block,
             drop_last_hit_block=engine.drop_last_hit_block,
         )
+        # The spill policy (filter sightings, spill decisions: per block, ~100 µs a step on average
+        # and milliseconds on a step that commits or hits hundreds of blocks) runs on its own thread,
+        # started when a step's plan is handed out, i.e. while the engine runs the forward pass,
+        # and waited for before any other call: the planner never sees two threads at once, and
+        # its plans are the same whatever the timing (the spills join the next step's plan).
+        if policy_thread and len(self.chain) > 1:
+            self._policy = PolicyThread(lambda pause: self.planner.run_deferred(pause))
+            self.planner.defer_policy = True
         self.capacities = {tier.name: tier.capacity for tier in self.chain}
         self._shared = {tier.name for tier in self.chain if tier.shared}
         self.engine_root = engine_root(identity)
@@ -150,15 +219,32 @@ class LeaderRuntime:
         logger.info("kvbm: reusing %d %s blocks from %s", restored, self._persistent, journal.path)
         return journal
 
+    def settle(self) -> None:
+        """Wait for the spill policy of the last step (usually done: it ran during the forward
+        pass). Every method that reads or changes the planner calls this first; so does anyone
+        inspecting :attr:`planner` from outside (tests, tools)."""
+        if self._policy is not None:
+            self._policy.wait()
+
+    def inspect_planner(self) -> Planner:
+        """The planner, for tests and tools that look at its state (everything else goes through
+        this object's methods), with the spill policy of every step so far decided: as it would
+        be with the policy decided inside the calls."""
+        self.settle()
+        self.planner.run_deferred()
+        return self.planner
+
     # ---- request lifecycle (the adapter's only door to the planner) ----------
     def add_request(self, req_id: str, root: BlockHash | None) -> None:
         """Track a request whose chain starts at ``root`` (None: never cached, e.g. prompt embeddings)."""
+        self.settle()
         self.planner.add_request(req_id, root)
 
     def allocated(self, req_id: str, gpu_blocks: Sequence[int] | Sequence[Sequence[int]],
                   num_external_tokens: int) -> None:
         """vLLM allocated the request's GPU blocks (one list per KV-cache group); the matched
         ``num_external_tokens`` are loaded into them."""
+        self.settle()
         self.planner.on_alloc(req_id, gpu_blocks, num_external_tokens)
         if self.trace is not None:
             sources = self.planner.load_sources(req_id)
@@ -167,14 +253,17 @@ class LeaderRuntime:
     def scheduled(self, req_id: str, tokens: Sequence[int], new_gpu_blocks: Sequence | None, resumed: bool,
                   num_computed_before: int, num_scheduled: int) -> None:
         """The request runs this step (``resumed``: its GPU blocks were replaced): store what it fills."""
+        self.settle()
         self.planner.on_scheduled(req_id, tokens, new_gpu_blocks, resumed, num_computed_before + num_scheduled,
                                   num_computed_before)
 
     def preempted(self, req_id: str) -> None:
+        self.settle()
         self.planner.on_preempted(req_id)
 
     def finished(self, req_id: str, prompt_tokens: int, output_tokens: int) -> bool:
         """The request finished; True: vLLM must keep its GPU blocks until its stores are reported."""
+        self.settle()
         if self.trace is not None:
             self.trace.finished(req_id, prompt_tokens, output_tokens, self.planner.request_hashes(req_id))
         return self.planner.on_finished(req_id)
@@ -182,6 +271,7 @@ class LeaderRuntime:
     def load_media(self, req_id: str) -> dict[str, int]:
         """Blocks of the request's in-flight load per medium (HOST, DISK, REMOTE, ...), chain order;
         empty when it has none."""
+        self.settle()
         loaded = self.planner.load_sources(req_id)
         media: dict[str, int] = {}
         for tier in self.chain:
@@ -208,17 +298,20 @@ class LeaderRuntime:
     def attach_tier_listener(self, listener: TierListener | None) -> None:
         """Tell ``listener`` of blocks entering and leaving the tiers (:mod:`kvbm.runtime.events`);
         None detaches it. The runtime's :attr:`chain` and :attr:`block_size` describe them."""
+        self.settle()
         self.planner.set_listener(listener)
 
     @property
     def busy(self) -> bool:
         """Copies are in flight that need more engine steps to be reported."""
+        self.settle()
         return self.planner.busy
 
     def match(self, req_id: str, tokens: Sequence[int], num_computed: int) -> tuple[int | None, bool]:
         """(tokens the chain can load beyond ``num_computed``, whether the load is asynchronous),
         as vLLM asks it; the time it took goes to the lookup histogram. ``(None, False)``: not
         known yet (G4's lookup is still out): vLLM skips the request this step and asks again."""
+        self.settle()
         start = time.perf_counter()
         matched = self.planner.match(req_id, tokens, num_computed)
         self.metrics.observe_lookup(time.perf_counter() - start)
@@ -231,6 +324,7 @@ class LeaderRuntime:
         """The engine's prefill rate, for the load-or-recompute rule: the time from one step's
         scheduling to the next one's, over the tokens the first computed (vLLM steps back to
         back while it has work; an idle gap after a step only lowers one sample of an EWMA)."""
+        self.settle()
         if self.remote_index is not None:
             self.remote_index.begin_step()  # the next scheduler step may wait for G4 again
         now = time.perf_counter()
@@ -249,10 +343,15 @@ class LeaderRuntime:
                 cost.extra_seconds[tier.name] = typical
 
     def end_step(self) -> StepPlan:
-        """The step's plan for the workers (after every scheduled request was fed to the planner)."""
+        """The step's plan for the workers (after every scheduled request was fed to the planner);
+        the step's spill policy starts on its thread as the plan leaves."""
+        self.settle()
         self.metrics.on_step()
         self._maybe_log_summary()
-        return self.planner.take_plan()
+        plan = self.planner.take_plan()
+        if self._policy is not None and self.planner.has_deferred:
+            self._policy.start()
+        return plan
 
     def workers_reported(self, report: WorkerReport, finished_recving: Iterable[str],
                          failed_recving: Iterable[str], released: Iterable[str]) -> None:
@@ -280,6 +379,7 @@ class LeaderRuntime:
     def apply(self, report: WorkerReport, finished_loads: Iterable[str], failed_loads: Iterable[str],
               released: Iterable[str]) -> None:
         """What the workers did (their reports merged), and which loads finished (and failed)."""
+        self.settle()
         self.planner.on_worker_report(report.stored, report.failed_batches, finished_loads, failed_loads, released,
                                       report.bad_slots)
         self.metrics.on_worker_report(report.transfer_bytes, report.transfer_seconds, report.errors,
@@ -317,6 +417,15 @@ class LeaderRuntime:
         logger.info("kvbm: %s", self.metrics.summary())
 
     def close(self) -> None:
+        if self._policy is not None:
+            try:
+                self.settle()
+                self.planner.run_deferred()  # the last spills' commits: a persistent tier journals them below
+                if self.journal is not None:
+                    self.journal_writer.submit(*self.planner.take_commits(self._persistent))
+            finally:
+                self._policy.close()
+                self._policy = None
         if self.trace is not None:
             self.trace.close()
             self.trace = None

@@ -65,7 +65,6 @@ class KvbmLeader:
                                   kv_layout="|".join(w.layout for w in workers))
 
         self.runtime = LeaderRuntime.boot(config, engine, identity_of)
-        self.planner = self.runtime.planner  # for tests and tools that inspect it; calls go through the runtime
         self._requests: dict[str, Request] = {}
         self._lora = LoraKeys(config.blocks_outlive_process)
         # KV events for G2/G3/G4 (a KV-aware router's view of this worker); None unless vLLM publishes events.
