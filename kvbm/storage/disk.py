@@ -11,10 +11,15 @@ kvbm format) is reported as a miss and never served: the reference system once
 served another request's KV after a failed disk transfer, and we must not.
 The header's format is :mod:`kvbm.storage.slot_header`.
 
-I/O goes through a small thread pool (``os.pwritev``/``os.preadv`` and
-the CRC release the GIL); a load's blocks are verified by the thread that
-asked for them as their reads land, so that the pool's threads only read
-(see :meth:`DiskArena.read_blocks`); a load's blocks in consecutive slots (a
+Loads of page-aligned rows (pool and G2 rows) with O_DIRECT go through Linux
+native AIO (:mod:`kvbm.storage.aio`): the whole load submitted in one call,
+each block verified by the calling thread as its read completes, no I/O
+thread and no GIL round trip per block. Everything else (writes, other
+memory, buffered I/O, a kernel that refuses ``io_setup``) goes through a
+small thread pool (``os.pwritev``/``os.preadv`` and the CRC release the
+GIL); there too a load's blocks are verified by the thread that asked for
+them as their reads land, so that the pool's threads only read (see
+:meth:`DiskArena.read_blocks`); a load's blocks in consecutive slots (a
 prefix stored in one batch) are read, and a stored batch's (the pool hands it
 consecutive slots) written, with one call per run (:meth:`DiskArena._runs`).
 Page-aligned host memory (pinned G2 rows) of page-multiple blocks moves
