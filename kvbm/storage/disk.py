@@ -491,7 +491,9 @@ class DiskArena:
         reads (``bench/disk.py --executor``; docs/architecture.md). Two calls from
         different threads share the I/O threads: the second call's reads start as
         the first call's run out, so a caller that overlaps calls (the transfer
-        executor's G3 jobs) keeps the device busy between them.
+        executor's G3 jobs) keeps the device busy between them. Loads of zero-copy rows go
+        through native AIO instead where it works (:meth:`_read_all_aio`): the same checks, on
+        the same thread, with every read of the load in flight at once.
         """
         self._ensure_open()
         items = list(items)
