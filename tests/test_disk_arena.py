@@ -517,12 +517,16 @@ def test_every_miss_in_one_batch_of_page_aligned_rows(tmp_path, caplog, native_a
         assert "checksum mismatch" in messages and "corrupt block header" in messages and "short read" in messages
 
 
-def _aio_arena(tmp_path, slots: int, block: int, **kw) -> DiskArena:
+def _aio_arena(tmp_path, slots: int, block: int, seed: int, **kw) -> tuple[DiskArena, list[np.ndarray]]:
+    """An arena whose loads go through native AIO, every slot written (block ``i`` in slot ``i``)."""
     arena = DiskArena(str(tmp_path / "g3"), slots, block, file_tag="aio", **kw)
     if not arena.native_aio:
         arena.close()
         pytest.skip("no native AIO with O_DIRECT on this filesystem")
-    return arena
+    blocks = rand_blocks(np.random.default_rng(seed), slots, block)
+    assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
+    arena.sync()
+    return arena, blocks
 
 
 def test_pool_row_loads_go_through_native_aio(tmp_path, monkeypatch):
@@ -533,12 +537,8 @@ def test_pool_row_loads_go_through_native_aio(tmp_path, monkeypatch):
     from kvbm.storage.aio import AioContext
 
     monkeypatch.setattr(disk_mod, "_AIO_DEPTH", 3)  # contexts made from here on hold 3 reads
-    rng = np.random.default_rng(5)
-    block = 8192
-    with _aio_arena(tmp_path, 64, block, io_threads=2) as arena:
-        blocks = rand_blocks(rng, 64, block)
-        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
-        arena.sync()
+    arena, blocks = _aio_arena(tmp_path, 64, 8192, seed=5, io_threads=2)
+    with arena:
         arena._aio_free.get_nowait()  # drop the first context (depth 128): the next is made at depth 3
         requests: list[int] = []
         real = AioContext.preadv
@@ -549,11 +549,7 @@ def test_pool_row_loads_go_through_native_aio(tmp_path, monkeypatch):
 
         monkeypatch.setattr(AioContext, "preadv", counting)
         monkeypatch.setattr(os, "preadv", lambda *a: pytest.fail("os.preadv called on the AIO path"))
-        slots = [40, 7, 12, 13, 14, 11, 60, 3, 61, 25]  # 11-14 and 60-61 are runs
-        rows = [page_aligned(block) for _ in slots]
-        assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * 10
-        for s, r in zip(slots, rows, strict=True):
-            np.testing.assert_array_equal(r, blocks[s])
+        _all_read_back(arena, blocks, [40, 7, 12, 13, 14, 11, 60, 3, 61, 25])  # 11-14 and 60-61 are runs
         # runs capped at ceil(10 / io_threads) = 5 slots: 3, 7, 11-14, 25, 40, 60-61
         assert requests == [6] and arena.blocks_read == 10
 
@@ -563,12 +559,8 @@ def test_failed_aio_read_is_retried_block_by_block(tmp_path, monkeypatch):
     with ``os.preadv``: one bad request costs no block that can still be read."""
     from kvbm.storage.aio import AioContext
 
-    rng = np.random.default_rng(6)
-    block = 8192
-    with _aio_arena(tmp_path, 16, block, io_threads=1) as arena:
-        blocks = rand_blocks(rng, 16, block)
-        assert all(arena.write_blocks([(i, H(i + 1), b) for i, b in enumerate(blocks)]))
-        arena.sync()
+    arena, blocks = _aio_arena(tmp_path, 16, 8192, seed=6, io_threads=1)
+    with arena:
         real = AioContext.preadv
 
         def failing_first(self, fd, offsets, iovecs, first, counts, done):
@@ -579,11 +571,11 @@ def test_failed_aio_read_is_retried_block_by_block(tmp_path, monkeypatch):
             return real(self, fd, offsets, iovecs, first, counts, report)
 
         monkeypatch.setattr(AioContext, "preadv", failing_first)
-        slots = [9, 2, 3, 4, 5]
-        rows = [page_aligned(block) for _ in slots]
-        assert arena.read_blocks([(s, H(s + 1), r) for s, r in zip(slots, rows, strict=True)]) == [True] * 5
-        for s, r in zip(slots, rows, strict=True):
-            np.testing.assert_array_equal(r, blocks[s])
+        reread: list[int] = []
+        real_preadv = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reread.append(off) or real_preadv(fd, bufs, off))
+        _all_read_back(arena, blocks, [9, 2, 3, 4, 5])
+        assert reread == [s * arena.slot_size for s in (2, 3, 4, 5)]  # the failed run, block by block
         assert arena.read_failures == 0
 
 
